@@ -1,0 +1,120 @@
+"""Public ops of SPEC §6, each with ``backend="auto" | "eager" | "triton" | "cpp"``.
+
+``eager`` is the plain-PyTorch reference (:mod:`distreward.ops.reference`). ``auto`` picks the
+fused path for the tensor's device: the Triton kernels for CUDA tensors, the C++ extension for
+CPU log-prob gathers, and the reference otherwise.
+"""
+import torch
+
+from distreward.ops import reference
+from distreward.ops import validation as check
+
+LOSS_KINDS = ("bt_mean", "bt_kl", "dpl")
+BACKENDS = ("auto", "eager", "triton", "cpp")
+
+
+def bin_centers(num_bins: int = 10, low: float = 0.0, high: float = 1.0, device=None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Bin centers ``linspace(low, high, num_bins)`` [K]."""
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
+        raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
+    if not float(low) < float(high):
+        raise ValueError(f"low must be below high, got low={low}, high={high}")
+    return torch.linspace(float(low), float(high), num_bins, device=device, dtype=dtype)
+
+
+def _pick(backend: str, device: torch.device, available: tuple) -> str:
+    """Resolve ``backend`` to one of ``available`` (eager always is); raise on anything else."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and "triton" in available:
+            return "triton"
+        if device.type == "cpu" and "cpp" in available:
+            return "cpp"
+        return "eager"
+    if backend not in ("eager",) + available:
+        raise ValueError(f"backend {backend!r} is not available for this op (choose from eager, {', '.join(available)})")
+    return backend
+
+
+def _centers_for(logits: torch.Tensor, centers):
+    centers = bin_centers(logits.shape[-1], device=logits.device) if centers is None else centers
+    check.check_centers(centers, logits.shape[-1], logits.device)
+    return centers
+
+
+def dist_moments(logits: torch.Tensor, centers=None, backend: str = "auto"):
+    """logits [N, K] (fp32/bf16/fp16) -> (mean [N], std [N]) fp32 of softmax(logits) over ``centers`` [K]."""
+    check.check_logits("logits", logits)
+    centers = _centers_for(logits, centers)
+    if _pick(backend, logits.device, ("triton",)) == "triton":
+        from distreward.kernels.dist_head import triton_dist_moments
+        return triton_dist_moments(logits, centers)
+    return reference.dist_moments(logits, centers)
+
+
+def gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float = 0.1, centers=None,
+                backend: str = "auto") -> torch.Tensor:
+    """logits [N, K], target [N] in [0, 1] -> KL(q || softmax(logits)) [N] fp32, q = Gaussian(target, sigma)."""
+    check.check_logits("logits", logits)
+    check.check_target("target", target, logits.shape[0], logits.device)
+    check.check_positive("sigma", sigma)
+    centers = _centers_for(logits, centers)
+    if _pick(backend, logits.device, ("triton",)) == "triton":
+        from distreward.kernels.dist_head import triton_gaussian_kl
+        return triton_gaussian_kl(logits, target, sigma, centers)
+    return reference.gaussian_kl(logits, target, sigma, centers)
+
+
+def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target_chosen=None, target_rejected=None,
+              kind: str = "bt_kl", sigma: float = 0.1, score_weight: float = 1.0, centers=None,
+              backend: str = "auto") -> torch.Tensor:
+    """Mean SPEC §3 loss over N pairs: logits [N, K] each, targets [N] each in [0, 1] -> scalar fp32.
+
+    ``kind`` is "bt_mean" (targets unused), "bt_kl" (default) or "dpl".
+    """
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"kind must be one of {LOSS_KINDS}, got {kind!r}")
+    check.check_logits("logits_chosen", logits_chosen)
+    check.check_logits("logits_rejected", logits_rejected)
+    if logits_chosen.shape != logits_rejected.shape:
+        raise ValueError(f"logits_chosen {tuple(logits_chosen.shape)} and logits_rejected "
+                         f"{tuple(logits_rejected.shape)} must have the same shape")
+    if logits_chosen.device != logits_rejected.device:
+        raise ValueError("logits_chosen and logits_rejected must be on the same device")
+    if logits_chosen.shape[0] == 0:
+        raise ValueError("pair_loss needs at least one pair (logits have 0 rows)")
+    check.check_positive("sigma", sigma)
+    check.check_positive("score_weight", score_weight, allow_zero=True)
+    rows, device = logits_chosen.shape[0], logits_chosen.device
+    if kind != "bt_mean":
+        check.check_target("target_chosen", target_chosen, rows, device)
+        check.check_target("target_rejected", target_rejected, rows, device)
+    centers = _centers_for(logits_chosen, centers)
+    if _pick(backend, device, ("triton",)) == "triton":
+        from distreward.kernels.dist_head import triton_pair_loss
+        return triton_pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected,
+                                kind, sigma, score_weight, centers)
+    return reference.pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected,
+                               kind, sigma, score_weight, centers)
+
+
+def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None, backend: str = "auto") -> torch.Tensor:
+    """logits [B, T, V] (fp32/bf16/fp16), ids [B, T] int64, mask [B, T] or None -> log-probs [B, T] fp32.
+
+    ``logp[b, t] = logits[b, t, ids[b, t]] - logsumexp(logits[b, t])``; 0 (and no gradient) where mask is 0.
+    """
+    mask = check.check_gather_inputs(logits, ids, mask)
+    chosen = _pick(backend, logits.device, ("cpp", "triton"))
+    if chosen == "cpp":
+        from distreward.ops.logprobs import cpp_gather_logprobs
+        return cpp_gather_logprobs(logits, ids, mask)
+    if chosen == "triton":
+        from distreward.kernels.logprobs import triton_gather_logprobs
+        return triton_gather_logprobs(logits, ids, mask)
+    return reference.gather_logprobs(logits, ids, mask)
+
+
+__all__ = ["bin_centers", "dist_moments", "gaussian_kl", "pair_loss", "gather_logprobs", "reference",
+           "LOSS_KINDS", "BACKENDS"]

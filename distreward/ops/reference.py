@@ -1,0 +1,85 @@
+"""Plain-PyTorch reference implementations of SPEC §1-4 (the ``eager`` backend).
+
+Every function computes in float32 (float64 stays float64) whatever the input dtype, in
+log-sum-exp form, so it is stable for logits of any magnitude. The fused backends are tested
+against these.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (for gradcheck); everything else is computed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt with value and gradient 0 where ``x`` is 0 (a one-hot distribution has std 0)."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def dist_moments(logits: torch.Tensor, centers: torch.Tensor):
+    """logits [N, K], centers [K] -> (mean [N], std [N]) of softmax(logits) over the centers."""
+    z = logits.to(compute_dtype(logits))
+    c = centers.to(z.dtype)
+    p = torch.softmax(z, dim=-1)
+    mean = (p * c).sum(-1)
+    var = (p * (c - mean.unsqueeze(-1)).square()).sum(-1)
+    return mean, safe_sqrt(var)
+
+
+def gaussian_log_labels(target: torch.Tensor, sigma: float, centers: torch.Tensor) -> torch.Tensor:
+    """target [N] -> log q [N, K], the discretised Gaussian N(target, sigma^2) over the centers."""
+    c = centers.to(compute_dtype(target))
+    scores = -(c - target.to(c.dtype).unsqueeze(-1)).square() / (2.0 * sigma * sigma)
+    return torch.log_softmax(scores, dim=-1)
+
+
+def gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float, centers: torch.Tensor) -> torch.Tensor:
+    """KL(q || softmax(logits)) [N] for Gaussian labels q around ``target`` [N]; q_k = 0 terms count 0."""
+    log_p = torch.log_softmax(logits.to(compute_dtype(logits)), dim=-1)
+    log_q = gaussian_log_labels(target, sigma, centers).to(log_p.dtype)
+    q = log_q.exp()
+    terms = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q))
+    return terms.sum(-1)
+
+
+def dpl_log_prob(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor) -> torch.Tensor:
+    """log( sum_{i>j} p_c,i p_r,j + 0.5 sum_i p_c,i p_r,i ) [N], in log-sum-exp form."""
+    dtype = compute_dtype(logits_chosen)
+    log_pc = torch.log_softmax(logits_chosen.to(dtype), dim=-1)
+    log_pr = torch.log_softmax(logits_rejected.to(dtype), dim=-1)
+    k = log_pc.shape[-1]
+    weight = torch.tril(torch.ones(k, k, dtype=dtype, device=log_pc.device), diagonal=-1)
+    weight += 0.5 * torch.eye(k, dtype=dtype, device=log_pc.device)
+    joint = log_pc.unsqueeze(-1) + log_pr.unsqueeze(-2) + weight.log()
+    return torch.logsumexp(joint.flatten(-2), dim=-1)
+
+
+def pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected,
+              kind: str = "bt_kl", sigma: float = 0.1, score_weight: float = 1.0, centers=None) -> torch.Tensor:
+    """Mean over N pairs of the SPEC §3 loss ``kind`` ("bt_mean", "bt_kl" or "dpl"); scalar fp32."""
+    if kind == "dpl":
+        pref = -dpl_log_prob(logits_chosen, logits_rejected)
+    else:
+        mean_c, _ = dist_moments(logits_chosen, centers)
+        mean_r, _ = dist_moments(logits_rejected, centers)
+        pref = F.softplus(mean_r - mean_c)  # = -log sigmoid(E_c - E_r)
+    if kind == "bt_mean" or score_weight == 0:
+        return pref.mean()
+    score = 0.5 * (gaussian_kl(logits_chosen, target_chosen, sigma, centers)
+                   + gaussian_kl(logits_rejected, target_rejected, sigma, centers))
+    return (pref + score_weight * score).mean()
+
+
+def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None) -> torch.Tensor:
+    """logits [B, T, V], ids [B, T] -> log softmax(logits)[b, t, ids[b, t]] [B, T] fp32; 0 where mask is False."""
+    dtype = compute_dtype(logits)
+    if mask is None:
+        log_probs = torch.log_softmax(logits.to(dtype), dim=-1)
+        return log_probs.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+    out = torch.zeros(ids.shape, dtype=dtype, device=logits.device)
+    rows = torch.log_softmax(logits[mask].to(dtype), dim=-1)  # only live rows: masked rows may be all -inf
+    out = out.index_put((mask,), rows.gather(-1, ids[mask].long().unsqueeze(-1)).squeeze(-1))
+    return out

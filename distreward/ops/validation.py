@@ -1,0 +1,87 @@
+"""Input checks shared by every backend of :mod:`distreward.ops` (SPEC §6).
+
+Each check raises ``ValueError`` (``IndexError`` for token ids) naming the argument, so a bad call
+fails loudly before any kernel runs instead of returning a silently wrong number.
+"""
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_float(name: str, x, ndim: int) -> None:
+    """``x`` must be a floating tensor with ``ndim`` dimensions and no NaN or +inf."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if x.numel() and bool(torch.isnan(x).any() | torch.isposinf(x).any()):
+        raise ValueError(f"{name} contains NaN or +inf")
+
+
+def check_logits(name: str, logits, ndim: int = 2) -> None:
+    """Bin logits ``[N, K]`` (K >= 2)."""
+    check_float(name, logits, ndim)
+    if logits.shape[-1] < 2:
+        raise ValueError(f"{name} must have at least 2 bins in its last dimension, got {logits.shape[-1]}")
+
+
+def check_centers(centers, num_bins: int, device) -> None:
+    """Bin centers ``[K]``, finite, on the logits' device."""
+    check_float("centers", centers, 1)
+    if centers.shape[0] != num_bins:
+        raise ValueError(f"centers has {centers.shape[0]} entries but the logits have {num_bins} bins")
+    if not bool(torch.isfinite(centers).all()):
+        raise ValueError("centers must be finite")
+    if centers.device != device:
+        raise ValueError(f"centers is on {centers.device} but the logits are on {device}")
+
+
+def check_target(name: str, target, rows: int, device) -> None:
+    """Targets ``[N]`` in [0, 1] on the logits' device."""
+    check_float(name, target, 1)
+    if target.shape[0] != rows:
+        raise ValueError(f"{name} has {target.shape[0]} entries but the logits have {rows} rows")
+    if target.device != device:
+        raise ValueError(f"{name} is on {target.device} but the logits are on {device}")
+    if target.numel() and bool(((target < 0) | (target > 1)).any()):
+        raise ValueError(f"{name} must lie in [0, 1]")
+
+
+def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    """A finite scalar setting such as ``sigma`` (> 0) or ``score_weight`` (>= 0)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def check_gather_inputs(logits, ids, mask):
+    """Validate ``gather_logprobs`` inputs; returns ``mask`` as a bool tensor ``[B, T]`` or None."""
+    check_float("logits", logits, 3)
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"ids must be an int64 (or int32) tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
+    if tuple(ids.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"ids has shape {tuple(ids.shape)} but logits [B, T, V] has {tuple(logits.shape)}")
+    if ids.device != logits.device:
+        raise ValueError(f"ids is on {ids.device} but logits are on {logits.device}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape):
+            raise ValueError(f"mask must be a tensor of shape {tuple(ids.shape)}")
+        if mask.device != logits.device:
+            raise ValueError(f"mask is on {mask.device} but logits are on {logits.device}")
+        if mask.dtype != torch.bool:
+            if mask.is_floating_point() and bool(torch.isnan(mask).any()):
+                raise ValueError("mask contains NaN")
+            mask = mask != 0
+    vocab = logits.shape[-1]
+    live = ids if mask is None else ids[mask]
+    bad = (live < 0) | (live >= vocab)
+    if live.numel() and bool(bad.any()):
+        position = (ids if mask is None else torch.where(mask, ids, 0))
+        b, t = [int(i) for i in torch.nonzero((position < 0) | (position >= vocab))[0]]
+        raise IndexError(f"ids[{b}, {t}] = {int(ids[b, t])} is outside the vocabulary [0, {vocab})")
+    return mask
