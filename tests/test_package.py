@@ -1,0 +1,22 @@
+"""The installed package: the C++ extension imports and the Triton kernels ship inside distreward."""
+import importlib.metadata
+
+import torch
+
+import distreward
+
+
+def test_cpp_extension_imports_and_computes_a_log_prob():
+    from distreward import _C
+
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0]]])
+    out = _C.gather_logprobs_forward(logits, torch.tensor([[2]]), torch.tensor([[True]]))
+    torch.testing.assert_close(out, torch.log(torch.tensor([[0.25]])))
+
+
+def test_kernels_ship_inside_the_package_not_as_a_top_level_module():
+    import distreward.kernels
+
+    assert distreward.kernels.__name__ == "distreward.kernels"
+    top_level = importlib.metadata.distribution("distreward").read_text("top_level.txt").split()
+    assert top_level == ["distreward"]
