@@ -1,0 +1,118 @@
+"""Total reward and baselines of SPEC §5: uncertainty shaping and the REINFORCE baseline.
+
+Shaping turns the reward model's mean ``r``, its std ``sd`` and the per-sequence KL to the
+reference into the total reward ``R``; a baseline ``b`` turns ``R`` into the advantage ``R - b``.
+Baselines are small stateful objects (``state_dict`` / ``load_state_dict``) so a checkpoint
+restores them, and take the batch mean as an argument so that, under data parallelism, the
+trainer can pass the mean over all ranks and the EMA stays identical on every rank.
+"""
+import torch
+
+SHAPINGS = ("none", "std_penalty", "std_scale")
+BASELINES = ("ema", "rloo", "batch")
+
+
+def shape_rewards(reward: torch.Tensor, std: torch.Tensor, kl: torch.Tensor, shaping: str = "std_scale",
+                  beta: float = 0.05, alpha: float = 0.5) -> torch.Tensor:
+    """Total reward R [N] from reward-model mean ``reward`` [N], std ``std`` [N] and KL ``kl`` [N].
+
+    - ``none``:        ``R = r - beta * kl``
+    - ``std_penalty``: ``R = r - beta * kl - alpha * sd``   (hypothesis 2.1)
+    - ``std_scale``:   ``R = (r - beta * kl) / (sd + 1)``   (hypothesis 2.2)
+    """
+    if shaping not in SHAPINGS:
+        raise ValueError(f"shaping must be one of {SHAPINGS}, got {shaping!r}")
+    if not reward.shape == std.shape == kl.shape or reward.dim() != 1:
+        raise ValueError(f"reward, std and kl must be 1-D of the same length, got {tuple(reward.shape)}, "
+                         f"{tuple(std.shape)} and {tuple(kl.shape)}")
+    if beta < 0 or alpha < 0:
+        raise ValueError(f"beta and alpha must be >= 0, got beta={beta}, alpha={alpha}")
+    penalised = reward - beta * kl
+    if shaping == "std_penalty":
+        return penalised - alpha * std
+    if shaping == "std_scale":
+        return penalised / (std + 1.0)
+    return penalised
+
+
+class Baseline:
+    """``b [N] = baseline(rewards [N], batch_mean)``; ``batch_mean`` is the mean of R over the global batch."""
+
+    def __call__(self, rewards: torch.Tensor, batch_mean: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class EMABaseline(Baseline):
+    """Exponential moving average of the batch-mean reward, ``b_t = decay * b_{t-1} + (1 - decay) * mean_t``.
+
+    A batch is compared with the average *before* it is folded in; the first batch starts the
+    average at its own mean (so its advantages are ``R - mean``, not ``R - 0``).
+    """
+
+    def __init__(self, decay: float = 0.9):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.value = None
+
+    def __call__(self, rewards: torch.Tensor, batch_mean: torch.Tensor) -> torch.Tensor:
+        batch_mean = float(batch_mean)
+        baseline = batch_mean if self.value is None else self.value
+        self.value = self.decay * baseline + (1.0 - self.decay) * batch_mean
+        return torch.full_like(rewards, baseline)
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+class RLOOBaseline(Baseline):
+    """Leave-one-out mean over the k samples of each prompt: ``b_i = (sum_j R_j - R_i) / (k - 1)``.
+
+    ``rewards`` [P * k] holds the k samples of a prompt next to each other.
+    """
+
+    def __init__(self, samples_per_prompt: int):
+        if samples_per_prompt < 2:
+            raise ValueError(f"the rloo baseline needs samples_per_prompt >= 2, got {samples_per_prompt}")
+        self.k = samples_per_prompt
+
+    def __call__(self, rewards: torch.Tensor, batch_mean: torch.Tensor) -> torch.Tensor:
+        if rewards.numel() % self.k:
+            raise ValueError(f"{rewards.numel()} rewards do not split into groups of {self.k} samples per prompt")
+        groups = rewards.view(-1, self.k)
+        return ((groups.sum(-1, keepdim=True) - groups) / (self.k - 1)).view(-1)
+
+
+class BatchMeanBaseline(Baseline):
+    """The mean reward of the (global) batch."""
+
+    def __call__(self, rewards: torch.Tensor, batch_mean: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(rewards, float(batch_mean))
+
+
+def make_baseline(kind: str, samples_per_prompt: int = 1, ema_decay: float = 0.9) -> Baseline:
+    """The baseline ``kind`` ("ema", "rloo" or "batch")."""
+    if kind == "ema":
+        return EMABaseline(ema_decay)
+    if kind == "rloo":
+        return RLOOBaseline(samples_per_prompt)
+    if kind == "batch":
+        return BatchMeanBaseline()
+    raise ValueError(f"baseline must be one of {BASELINES}, got {kind!r}")
+
+
+def policy_loss(advantages: torch.Tensor, sequence_logprobs: torch.Tensor) -> torch.Tensor:
+    """REINFORCE loss ``mean_i -(R_i - b_i) * sum_t log pi(y_i,t)``: advantages [N] (held constant), log-probs [N]."""
+    if advantages.shape != sequence_logprobs.shape or advantages.dim() != 1:
+        raise ValueError(f"advantages {tuple(advantages.shape)} and sequence_logprobs "
+                         f"{tuple(sequence_logprobs.shape)} must be 1-D of the same length")
+    return -(advantages.detach() * sequence_logprobs).mean()
