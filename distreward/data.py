@@ -1,0 +1,194 @@
+"""Preference data in the ``esfrankel17/HelpSteer2_binarized`` schema, tokenised for training (SPEC §2).
+
+Accepted rows: ``prompt`` (a string, or a list of chat messages), ``chosen`` / ``rejected`` (either
+a list of ``{role, content}`` messages whose last turn is the assistant's answer, or the answer as a
+plain string) and two scores, named ``score_chosen`` / ``score_rejected`` or ``chosen_rating`` /
+``rejected_rating``. The source is ``"embedded"`` (the generated task of
+:mod:`distreward.synthetic`), a local ``.jsonl`` / ``.json`` / ``.parquet`` file, or a hub id.
+Scores map to ``mu = (s - score_min) / (score_max - score_min)`` in [0, 1]; a score outside the
+range is an error, not a silent clip.
+"""
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+
+from distreward import synthetic
+
+EMBEDDED = "embedded"
+SCORE_KEYS = (("score_chosen", "score_rejected"), ("chosen_rating", "rejected_rating"))
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+IGNORE_INDEX = -100
+
+
+def load_raw_preferences(name_or_path: str, split: str = "train", num_pairs: int = 4000, seed: int = 0) -> Dataset:
+    """The untokenised rows: the embedded task (``num_pairs`` pairs, by ``seed``), a local file, or a hub split."""
+    if name_or_path == EMBEDDED:
+        return synthetic.make_preference_dataset(num_pairs, seed)
+    extension = os.path.splitext(name_or_path)[1].lower()
+    if os.path.isfile(name_or_path):
+        if extension not in LOCAL_FORMATS:
+            raise ValueError(f"{name_or_path}: a local data file must be .jsonl, .json or .parquet")
+        return load_dataset(LOCAL_FORMATS[extension], data_files=name_or_path, split="train")
+    if extension in LOCAL_FORMATS:
+        raise ValueError(f"data file {name_or_path} does not exist")
+    return load_dataset(name_or_path, split=split)
+
+
+def score_columns(column_names) -> tuple:
+    """The (chosen, rejected) score column names present, or ValueError naming what is missing."""
+    missing = [name for name in ("prompt", "chosen", "rejected") if name not in column_names]
+    keys = next((pair for pair in SCORE_KEYS if set(pair) <= set(column_names)), None)
+    if missing or keys is None:
+        wanted = missing + ([] if keys else ["score_chosen/score_rejected (or chosen_rating/rejected_rating)"])
+        raise ValueError(f"preference data lacks column(s) {', '.join(wanted)}; found {', '.join(column_names)}")
+    return keys
+
+
+def check_score_range(dataset: Dataset, keys: tuple, score_min: float, score_max: float) -> None:
+    """ValueError when a score is missing or lies outside [score_min, score_max]."""
+    if not score_min < score_max:
+        raise ValueError(f"score_min must be below score_max, got {score_min} and {score_max}")
+    for key in keys:
+        scores = torch.tensor([float("nan") if s is None else s for s in dataset[key]], dtype=torch.float64)
+        if bool(scores.isnan().any()):
+            raise ValueError(f"column {key} has missing scores")
+        low, high = scores.min().item(), scores.max().item()
+        if low < score_min or high > score_max:
+            raise ValueError(f"column {key} has scores in [{low:g}, {high:g}], outside the range "
+                             f"[{score_min:g}, {score_max:g}]: set --score_min / --score_max to the data's range")
+
+
+def to_messages(prompt, answer) -> list:
+    """One side of a pair as chat messages ``[..., {"role": "assistant", "content": answer}]``."""
+    if isinstance(answer, list):
+        if not answer or answer[-1].get("role") != "assistant":
+            raise ValueError("a chosen/rejected message list must end with the assistant's answer")
+        return answer
+    history = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    return history + [{"role": "assistant", "content": answer}]
+
+
+def render(tokenizer, messages: list) -> tuple:
+    """(prompt text ready for generation, answer text) with the tokenizer's chat template, if it has one."""
+    if tokenizer.chat_template:
+        prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+        if not full_text.startswith(prompt_text):
+            raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
+        return prompt_text, full_text[len(prompt_text):]
+    prompt_text = "\n".join(message["content"] for message in messages[:-1]) + "\n"
+    return prompt_text, messages[-1]["content"] + (tokenizer.eos_token or "")
+
+
+def encode(tokenizer, messages: list) -> tuple:
+    """(prompt ids, answer ids) of a conversation, without extra special tokens."""
+    prompt_text, answer_text = render(tokenizer, messages)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    return prompt_ids, tokenizer(answer_text, add_special_tokens=False)["input_ids"]
+
+
+def split_held_out(dataset: Dataset, eval_fraction: float, seed: int) -> DatasetDict:
+    """A seeded ``train`` / ``test`` split (HelpSteer2_binarized has no test split)."""
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction must lie in (0, 1), got {eval_fraction}")
+    return dataset.train_test_split(test_size=eval_fraction, seed=seed)
+
+
+def load_preference_data(tokenizer, name_or_path: str = EMBEDDED, split: str = "train", num_pairs: int = 4000,
+                         score_min: float = 0.0, score_max: float = 4.0, eval_fraction: float = 0.1,
+                         max_length: int = 256, seed: int = 0) -> DatasetDict:
+    """Tokenised ``train`` / ``test`` pairs for the reward model.
+
+    Each row holds ``input_ids_chosen`` / ``input_ids_rejected`` (chat-templated prompt + answer),
+    ``target_chosen`` / ``target_rejected`` (scores mapped to [0, 1]) and, for the embedded task,
+    ``kind``. Pairs longer than ``max_length`` tokens are dropped.
+    """
+    raw = load_raw_preferences(name_or_path, split, num_pairs, seed)
+    keys = score_columns(raw.column_names)
+    check_score_range(raw, keys, score_min, score_max)
+    span = score_max - score_min
+
+    def tokenize(row):
+        encoded = {}
+        for side, score_key in zip(("chosen", "rejected"), keys):
+            prompt_ids, answer_ids = encode(tokenizer, to_messages(row["prompt"], row[side]))
+            encoded[f"input_ids_{side}"] = prompt_ids + answer_ids
+            encoded[f"target_{side}"] = (row[score_key] - score_min) / span
+        return encoded
+
+    kept = [name for name in ("kind",) if name in raw.column_names]
+    tokenized = raw.map(tokenize, remove_columns=[c for c in raw.column_names if c not in kept])
+    tokenized = tokenized.filter(lambda row: max(len(row["input_ids_chosen"]), len(row["input_ids_rejected"]))
+                                 <= max_length)
+    if len(tokenized) < 2:
+        raise ValueError(f"fewer than 2 pairs fit in max_length={max_length} tokens")
+    return split_held_out(tokenized, eval_fraction, seed)
+
+
+def load_sft_data(tokenizer, name_or_path: str = EMBEDDED, split: str = "train", num_pairs: int = 4000,
+                  max_length: int = 256, seed: int = 0) -> Dataset:
+    """The chosen conversations tokenised for SFT: ``input_ids`` and ``labels`` (prompt tokens -100)."""
+    raw = load_raw_preferences(name_or_path, split, num_pairs, seed)
+    score_columns(raw.column_names)
+
+    def tokenize(row):
+        prompt_ids, answer_ids = encode(tokenizer, to_messages(row["prompt"], row["chosen"]))
+        return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
+
+    tokenized = raw.map(tokenize, remove_columns=raw.column_names)
+    tokenized = tokenized.filter(lambda row: len(row["input_ids"]) <= max_length)
+    if len(tokenized) == 0:
+        raise ValueError(f"no conversation fits in max_length={max_length} tokens")
+    return tokenized
+
+
+def pad(sequences: list, value: int, length: Optional[int] = None) -> torch.Tensor:
+    """Right-pad lists of ids to ``length`` (default: the longest) -> int64 [len(sequences), length]."""
+    length = length or max(len(sequence) for sequence in sequences)
+    out = torch.full((len(sequences), length), value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        out[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    return out
+
+
+def attention_mask_for(sequences: list, length: int) -> torch.Tensor:
+    """1 on real tokens, 0 on padding -> int64 [len(sequences), length]."""
+    return pad([[1] * len(sequence) for sequence in sequences], 0, length)
+
+
+@dataclass
+class PreferenceCollator:
+    """Pads a list of tokenised pairs to one length (both sides alike, so they can share a forward).
+
+    Returns ``input_ids_chosen`` / ``input_ids_rejected`` and their ``attention_mask_*`` [B, T] int64,
+    ``target_chosen`` / ``target_rejected`` [B] fp32.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, rows: list) -> dict:
+        chosen = [row["input_ids_chosen"] for row in rows]
+        rejected = [row["input_ids_rejected"] for row in rows]
+        length = max(len(sequence) for sequence in chosen + rejected)
+        batch = {}
+        for side, sequences in (("chosen", chosen), ("rejected", rejected)):
+            batch[f"input_ids_{side}"] = pad(sequences, self.pad_token_id, length)
+            batch[f"attention_mask_{side}"] = attention_mask_for(sequences, length)
+            batch[f"target_{side}"] = torch.tensor([row[f"target_{side}"] for row in rows], dtype=torch.float32)
+        return batch
+
+
+@dataclass
+class CompletionCollator:
+    """Pads SFT rows: ``input_ids`` / ``attention_mask`` / ``labels`` [B, T] int64 (labels padded with -100)."""
+
+    pad_token_id: int
+
+    def __call__(self, rows: list) -> dict:
+        ids = [row["input_ids"] for row in rows]
+        length = max(len(sequence) for sequence in ids)
+        return {"input_ids": pad(ids, self.pad_token_id, length), "attention_mask": attention_mask_for(ids, length),
+                "labels": pad([row["labels"] for row in rows], IGNORE_INDEX, length)}

@@ -1,0 +1,114 @@
+"""The distributional reward model of SPEC §1: a causal-LM backbone and a K-bin softmax head.
+
+Saved by :meth:`DistributionalRewardModel.save_pretrained` as ``model.safetensors`` (backbone and
+head weights) and ``reward_model_config.json`` (head settings and the backbone's config), so the
+``config.json`` of a run directory stays the run's own settings; the trainer saves the tokenizer
+beside them.
+"""
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from distreward import ops
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "reward_model_config.json"
+
+
+@dataclass
+class RewardOutput(ModelOutput):
+    """``logits`` [B, K] fp32, and the distribution's ``mean`` (the reward E) and ``std`` [B] fp32."""
+
+    logits: Optional[torch.Tensor] = None
+    mean: Optional[torch.Tensor] = None
+    std: Optional[torch.Tensor] = None
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """attention_mask [B, T] -> index [B] of each row's last real token (right or left padding).
+
+    Read from the mask, never from the first pad id: SmolLM2's pad token is its EOS.
+    """
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    if not bool(attention_mask.bool().any(-1).all()):
+        raise ValueError("attention_mask has a row with no real token")
+    return (positions * attention_mask.bool()).argmax(-1)
+
+
+def base_model_of(model: PreTrainedModel) -> PreTrainedModel:
+    """The transformer body of a causal LM (``model.model`` for Llama); the model itself otherwise."""
+    return model.base_model if isinstance(model, PreTrainedModel) else model
+
+
+class DistributionalRewardModel(nn.Module):
+    """Backbone + ``nn.Linear(hidden_size, num_bins)`` on the hidden state of the last real token.
+
+    ``forward(input_ids [B, T], attention_mask [B, T]) -> RewardOutput`` with the K-bin logits and
+    the mean / std of ``softmax(logits)`` over ``bin_centers(num_bins, low, high)``.
+    """
+
+    def __init__(self, backbone: PreTrainedModel, num_bins: int = 10, low: float = 0.0, high: float = 1.0,
+                 moments_backend: str = "auto"):
+        super().__init__()
+        self.backbone = base_model_of(backbone)
+        self.num_bins, self.low, self.high = num_bins, float(low), float(high)
+        self.moments_backend = moments_backend
+        self.head = nn.Linear(self.backbone.config.hidden_size, num_bins)
+        nn.init.normal_(self.head.weight, std=1.0 / (self.backbone.config.hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("centers", ops.bin_centers(num_bins, low, high), persistent=False)
+
+    @classmethod
+    def from_backbone(cls, backbone_or_path, num_bins: int = 10, low: float = 0.0, high: float = 1.0,
+                      torch_dtype: Optional[torch.dtype] = None, **kwargs) -> "DistributionalRewardModel":
+        """A fresh head on a backbone: a loaded model, or a hub id / local directory of a causal LM."""
+        if isinstance(backbone_or_path, (str, os.PathLike)):
+            backbone_or_path = AutoModel.from_pretrained(backbone_or_path, dtype=torch_dtype)
+        return cls(backbone_or_path, num_bins=num_bins, low=low, high=high, **kwargs)
+
+    @property
+    def config(self):
+        """The backbone's config (``hidden_size``, ``pad_token_id``, ...)."""
+        return self.backbone.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> RewardOutput:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        last_hidden = hidden[rows, last_token_index(attention_mask)]  # [B, H]
+        logits = self.head(last_hidden.to(self.head.weight.dtype)).float()
+        mean, std = ops.dist_moments(logits, self.centers.to(logits.device), backend=self.moments_backend)
+        return RewardOutput(logits=logits, mean=mean, std=std)
+
+    def head_config(self) -> dict:
+        return {"num_bins": self.num_bins, "low": self.low, "high": self.high,
+                "backbone_config": self.backbone.config.to_dict()}
+
+    def save_pretrained(self, save_directory) -> None:
+        """Write ``model.safetensors`` and ``reward_model_config.json`` into ``save_directory``."""
+        os.makedirs(save_directory, exist_ok=True)
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as handle:
+            json.dump(self.head_config(), handle, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, directory, torch_dtype: Optional[torch.dtype] = None,
+                        **kwargs) -> "DistributionalRewardModel":
+        """Load a model written by :meth:`save_pretrained` (``kwargs``: e.g. ``moments_backend``)."""
+        config_path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(config_path):
+            raise ValueError(f"{directory} holds no {CONFIG_NAME}: not a saved DistributionalRewardModel")
+        with open(config_path) as handle:
+            settings = json.load(handle)
+        backbone_settings = dict(settings.pop("backbone_config"))
+        backbone_config = AutoConfig.for_model(backbone_settings.pop("model_type"), **backbone_settings)
+        model = cls(AutoModel.from_config(backbone_config), **settings, **kwargs)
+        model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME)))
+        return model.to(torch_dtype) if torch_dtype is not None else model

@@ -1,0 +1,279 @@
+"""Loop machinery shared by the trainers: settings, accelerator, checkpoints, resume, metrics.
+
+A run directory (``output_dir``) holds ``config.json`` (the run's settings), ``metrics.jsonl`` (one
+JSON object a logged step), ``checkpoint-{step}/`` folders and, at the end, the trained model in
+``save_pretrained`` form with its tokenizer. A checkpoint is :meth:`accelerate.Accelerator.save_state`
+with the model written by its own ``save_pretrained`` (safetensors) instead of accelerate's
+state-dict file, plus ``trainer_state.json`` (optimizer step and micro-batch count), so
+``--resume`` continues exactly where a killed run stopped: same weights, optimizer and scheduler
+state, RNG state and position in the seeded data order.
+"""
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+RUN_CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.jsonl"
+TRAINER_STATE_NAME = "trainer_state.json"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
+
+
+@dataclass
+class TrainingConfig:
+    """Settings every trainer shares (the stage configs subclass it, as TRL's configs subclass TrainingArguments)."""
+
+    output_dir: str = field(default="runs/train", metadata={"help": "Directory for config.json, metrics.jsonl, "
+                                                                    "checkpoints and the final model."})
+    seed: int = field(default=0, metadata={"help": "Seed for the model head, data order and every RNG."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Examples per micro-batch per process."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training data "
+                                                                   "(ignored when --max_steps > 0)."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run; -1 derives them from "
+                                                         "--num_train_epochs."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name: "
+                                                                       "linear, cosine, constant, ..."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of the steps spent on linear warm-up."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 turns clipping off."})
+    logging_steps: int = field(default=10, metadata={"help": "Write a metrics.jsonl line every this many steps."})
+    save_steps: int = field(default=100, metadata={"help": "Save a checkpoint-{step}/ every this many steps."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints to keep (older ones are deleted)."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in --output_dir "
+                                                          "(a fresh start otherwise, which deletes old checkpoints)."})
+    mixed_precision: str = field(default="auto", metadata={"help": "Autocast dtype: auto (bf16 on a GPU that "
+                                                                   "has it, else no), no, bf16 or fp16."})
+
+    def validate(self) -> None:
+        """Raise ValueError, one line, on a setting that cannot work."""
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("set --max_steps > 0 or --num_train_epochs > 0")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
+            raise ValueError(f"--mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands: optimizer steps taken and micro-batches consumed."""
+
+    global_step: int = 0
+    micro_step: int = 0
+
+
+def save_run_config(config, output_dir: str, filename: str = RUN_CONFIG_NAME) -> None:
+    """Write a config dataclass as JSON."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, filename), "w") as handle:
+        json.dump(asdict(config), handle, indent=2)
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to ``output_dir/metrics.jsonl`` (main process only).
+
+    ``resume_step`` keeps the lines of an earlier run up to that step and drops the rest (the steps a
+    killed run logged after its last checkpoint are run again); 0 starts an empty file.
+    """
+
+    def __init__(self, output_dir: str, enabled: bool = True, resume_step: int = 0):
+        self.path = os.path.join(output_dir, METRICS_NAME)
+        self.enabled = enabled
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        kept = []
+        if resume_step > 0 and os.path.exists(self.path):
+            with open(self.path) as handle:
+                kept = [line for line in handle if json.loads(line).get("step", 0) <= resume_step]
+        with open(self.path, "w") as handle:
+            handle.writelines(kept)
+
+    def log(self, step: int, **metrics) -> None:
+        """Write ``{"step": step, **metrics}`` (tensors become Python numbers)."""
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def resolve_mixed_precision(mixed_precision: str) -> str:
+    """``auto`` -> ``bf16`` on a CUDA device that supports it, else ``no``."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def load_pretrained_weights(model: torch.nn.Module, directory: str) -> None:
+    """Load ``directory/model.safetensors`` into ``model``; only tied parameters may be absent from the file."""
+    state = load_file(os.path.join(directory, "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    current = model.state_dict()
+    loaded = {current[name].data_ptr() for name in state}
+    untied = [name for name in missing if current[name].data_ptr() not in loaded]
+    if untied or unexpected:
+        raise ValueError(f"checkpoint {directory} does not match the model: missing {untied}, unexpected {unexpected}")
+
+
+def make_accelerator(config: TrainingConfig) -> Accelerator:
+    """An Accelerator for ``config`` (seeded data order, gradient accumulation, autocast), seeded.
+
+    Its ``save_state`` / ``load_state`` store each prepared model with ``save_pretrained``
+    (safetensors); works single-process on CPU and under ``accelerate launch`` / ``torchrun``.
+    """
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=resolve_mixed_precision(config.mixed_precision),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+    )
+
+    def save_models(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                accelerator.unwrap_model(model).save_pretrained(output_dir)
+        weights.clear()  # accelerate then writes optimizer, scheduler and RNG state only
+
+    def load_models(models, input_dir):
+        while models:
+            load_pretrained_weights(accelerator.unwrap_model(models.pop()), input_dir)
+
+    accelerator.register_save_state_pre_hook(save_models)
+    accelerator.register_load_state_pre_hook(load_models)
+    set_seed(config.seed)
+    return accelerator
+
+
+def list_checkpoints(output_dir: str) -> list:
+    """``checkpoint-{step}`` folders in ``output_dir``, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = sorted(int(m[1]) for name in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(name)))
+    return [os.path.join(output_dir, f"checkpoint-{step}") for step in steps]
+
+
+def save_checkpoint(accelerator: Accelerator, state: TrainerState, output_dir: str, tokenizer=None,
+                    save_total_limit: int = 0) -> str:
+    """Save model, optimizer, scheduler, RNG and ``state`` to ``output_dir/checkpoint-{step}``; returns it.
+
+    Keeps the newest ``save_total_limit`` checkpoints when it is > 0.
+    """
+    path = os.path.join(output_dir, f"checkpoint-{state.global_step}")
+    accelerator.save_state(path)
+    if accelerator.is_main_process:
+        with open(os.path.join(path, TRAINER_STATE_NAME), "w") as handle:
+            json.dump(asdict(state), handle)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+        for stale in list_checkpoints(output_dir)[:-save_total_limit] if save_total_limit > 0 else []:
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def load_checkpoint(accelerator: Accelerator, path: str) -> TrainerState:
+    """Restore everything :func:`save_checkpoint` wrote (into the prepared objects); returns the state."""
+    accelerator.load_state(path)
+    with open(os.path.join(path, TRAINER_STATE_NAME)) as handle:
+        return TrainerState(**json.load(handle))
+
+
+def start_or_resume(accelerator: Accelerator, config: TrainingConfig) -> TrainerState:
+    """With ``config.resume``, load the latest checkpoint (a fresh state if there is none); without it,
+    delete checkpoints an earlier run left in ``output_dir`` so a later resume cannot pick them up."""
+    checkpoints = list_checkpoints(config.output_dir)
+    if config.resume and checkpoints:
+        accelerator.print(f"resuming from {checkpoints[-1]}")
+        return load_checkpoint(accelerator, checkpoints[-1])
+    if config.resume:
+        accelerator.print(f"no checkpoint in {config.output_dir}: starting from scratch")
+    elif accelerator.is_main_process:
+        for stale in checkpoints:
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    return TrainerState()
+
+
+def total_optimizer_steps(config: TrainingConfig, batches_per_epoch: int) -> int:
+    """``max_steps`` when set, else ``num_train_epochs`` passes of ``batches_per_epoch`` micro-batches."""
+    if config.max_steps > 0:
+        return config.max_steps
+    return max(1, math.ceil(config.num_train_epochs * math.ceil(batches_per_epoch / config.gradient_accumulation_steps)))
+
+
+def train_loop(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module, dataloader,
+               compute_loss: Callable, tokenizer=None, description: str = "train") -> torch.nn.Module:
+    """Train ``model`` with AdamW on ``dataloader``; returns the unwrapped trained model.
+
+    ``compute_loss(model, batch) -> (loss, metrics)``: a scalar loss tensor and a dict of detached
+    scalar tensors to log (averaged over the micro-batches since the last logged step and over
+    processes). Handles gradient
+    accumulation, clipping, the LR schedule, tqdm, ``metrics.jsonl``, checkpoints every
+    ``save_steps`` and ``config.resume``. The caller saves the final model.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    if len(dataloader) == 0:
+        raise ValueError("the training data is empty (fewer examples than one batch)")
+    total = total_optimizer_steps(config, len(dataloader))
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
+                              num_warmup_steps=int(config.warmup_ratio * total) * accelerator.num_processes,
+                              num_training_steps=total * accelerator.num_processes)
+    scheduler = accelerator.prepare(scheduler)
+    state = start_or_resume(accelerator, config)
+    logger = MetricsLogger(config.output_dir, accelerator.is_main_process, resume_step=state.global_step)
+    progress = tqdm(total=total, initial=state.global_step, desc=description, disable=not accelerator.is_main_process)
+    model.train()
+    window = {}
+    while state.global_step < total:
+        epoch, done_in_epoch = divmod(state.micro_step, len(dataloader))
+        dataloader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(dataloader, done_in_epoch) if done_in_epoch else dataloader
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss, metrics = compute_loss(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            state.micro_step += 1
+            for name, value in {"loss": loss.detach(), **metrics}.items():
+                window.setdefault(name, []).append(value.float())
+            if not accelerator.sync_gradients:
+                continue
+            state.global_step += 1
+            progress.update(1)
+            if state.global_step % config.logging_steps == 0 or state.global_step == total:
+                means = {name: accelerator.reduce(torch.stack(values).mean(), "mean").item()
+                         for name, values in window.items()}
+                logger.log(state.global_step, epoch=state.micro_step / len(dataloader),
+                           lr=scheduler.get_last_lr()[0], **means)
+                progress.set_postfix(loss=f"{means['loss']:.4f}")
+                window = {}
+            if state.global_step % config.save_steps == 0 and state.global_step < total:
+                save_checkpoint(accelerator, state, config.output_dir, tokenizer, config.save_total_limit)
+            if state.global_step >= total:
+                break
+    progress.close()
+    accelerator.wait_for_everyone()
+    return accelerator.unwrap_model(model)
