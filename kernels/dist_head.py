@@ -1,0 +1,339 @@
+"""Fused Triton kernels for the distributional reward head (SPEC §1-3).
+
+Each program takes ``BLOCK_N`` rows of ``[N, K]`` logits (any strides) and keeps them in registers,
+K padded to ``BLOCK_K`` (a power of two, 2 <= K <= 64) with masks. Per row it computes softmax in
+log-sum-exp form, the mean E and std of the bin centers, the Gaussian label distribution q around
+the target, KL(q || p), and the pair losses of SPEC §3. Math is float32 (float64 for float64
+logits) whatever the input dtype; outputs are float32 (float64), gradients come in the logits'
+dtype.
+
+- ``_row_forward_kernel`` / ``_row_backward_kernel``: ``dist_moments`` and ``gaussian_kl``, whose
+  backward recomputes the softmax from the logits instead of saving ``[N, K]`` temporaries.
+- ``_pair_loss_kernel``: ``pair_loss``, whose forward also writes the gradient of the mean loss
+  with respect to both rows (as Liger-Kernel's cross-entropy does); backward only rescales it.
+"""
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from distreward.ops.reference import compute_dtype
+
+MAX_BINS = 64
+_LOG_HALF = tl.constexpr(-0.6931471805599453)
+
+
+@triton.jit
+def _load_logits(ptr, rows, row_mask, stride_row, stride_bin, bins, bin_mask, ACC: tl.constexpr):
+    """A [BLOCK_N, BLOCK_K] tile in the ACC dtype: padded bins are -inf, rows past N are 0 (uniform)."""
+    z = tl.load(ptr + rows[:, None] * stride_row + bins[None, :] * stride_bin,
+                mask=row_mask[:, None] & bin_mask[None, :], other=0.0).to(ACC)
+    return tl.where(bin_mask[None, :], z, float("-inf"))
+
+
+@triton.jit
+def _log_softmax(z):
+    """Row-wise (log p, p) of a [BLOCK_N, BLOCK_K] tile; -inf entries get p = 0."""
+    shifted = z - tl.max(z, axis=1)[:, None]
+    unnormalised = tl.exp(shifted)
+    total = tl.sum(unnormalised, axis=1)[:, None]
+    return shifted - tl.log(total), unnormalised / total
+
+
+@triton.jit
+def _moments(p, centers):
+    """Mean and variance [BLOCK_N] of the centers under p, and the deviations c - mean [BLOCK_N, BLOCK_K]."""
+    mean = tl.sum(p * centers[None, :], axis=1)
+    deviation = centers[None, :] - mean[:, None]
+    return mean, tl.sum(p * deviation * deviation, axis=1), deviation
+
+
+@triton.jit
+def _gaussian_labels(target, sigma, centers, bin_mask):
+    """(log q, q) [BLOCK_N, BLOCK_K]: the Gaussian N(target, sigma^2) discretised over the centers."""
+    distance = centers[None, :] - target[:, None]
+    scores = tl.where(bin_mask[None, :], -distance * distance / (2.0 * sigma * sigma), float("-inf"))
+    return _log_softmax(scores)
+
+
+@triton.jit
+def _kl(log_q, q, log_p):
+    """KL(q || p) [BLOCK_N]; bins with q = 0 (padding included) count 0."""
+    positive = q > 0
+    return tl.sum(q * (tl.where(positive, log_q, 0.0) - tl.where(positive, log_p, 0.0)), axis=1)
+
+
+@triton.jit
+def _dpl_log_prob(log_pc, log_pr, BLOCK_K: tl.constexpr):
+    """log P(chosen beats rejected) [BLOCK_N] and its gradients w.r.t. log pc and log pr [BLOCK_N, BLOCK_K].
+
+    ``log P = logsumexp_ij (log pc_i + log pr_j + log w_ij)`` with w_ij = 1 for i > j, 1/2 for i = j
+    and 0 for i < j, over a [BLOCK_N, BLOCK_K, BLOCK_K] tile; the gradients are the two marginals
+    of the responsibilities ``softmax_ij(...)``.
+    """
+    i = tl.arange(0, BLOCK_K)[:, None]
+    j = tl.arange(0, BLOCK_K)[None, :]
+    log_w = tl.where(i > j, 0.0, tl.where(i == j, _LOG_HALF, float("-inf")))
+    joint = log_pc[:, :, None] + log_pr[:, None, :] + log_w[None, :, :]
+    peak = tl.max(tl.max(joint, axis=2), axis=1)
+    unnormalised = tl.exp(joint - peak[:, None, None])
+    total = tl.sum(tl.sum(unnormalised, axis=2), axis=1)
+    responsibility = unnormalised / total[:, None, None]
+    return peak + tl.log(total), tl.sum(responsibility, axis=2), tl.sum(responsibility, axis=1)
+
+
+@triton.jit
+def _row_forward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_target, centers_ptr,
+                        mean_ptr, std_ptr, kl_ptr, n_rows, n_bins, sigma,
+                        WITH_MOMENTS: tl.constexpr, WITH_KL: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """mean, std [N] (WITH_MOMENTS) and/or KL(q || p) [N] (WITH_KL) of BLOCK_N rows."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    bins = tl.arange(0, BLOCK_K)
+    bin_mask = bins < n_bins
+    centers = tl.load(centers_ptr + bins, mask=bin_mask, other=0.0).to(ACC)
+    log_p, p = _log_softmax(_load_logits(logits_ptr, rows, row_mask, stride_row, stride_bin, bins, bin_mask, ACC))
+    if WITH_MOMENTS:
+        mean, var, _ = _moments(p, centers)
+        tl.store(mean_ptr + rows, mean, mask=row_mask)
+        tl.store(std_ptr + rows, tl.sqrt(var), mask=row_mask)
+    if WITH_KL:
+        target = tl.load(target_ptr + rows * stride_target, mask=row_mask, other=0.0).to(ACC)
+        log_q, q = _gaussian_labels(target, sigma, centers, bin_mask)
+        tl.store(kl_ptr + rows, _kl(log_q, q, log_p), mask=row_mask)
+
+
+@triton.jit
+def _row_backward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_target, centers_ptr,
+                         grad_mean_ptr, stride_grad_mean, grad_std_ptr, stride_grad_std, grad_kl_ptr, stride_grad_kl,
+                         grad_logits_ptr, n_rows, n_bins, sigma,
+                         WITH_MOMENTS: tl.constexpr, WITH_KL: tl.constexpr, ACC: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """d(loss)/d(logits) [N, K] (contiguous) from the gradients of mean, std and/or KL [N]."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    bins = tl.arange(0, BLOCK_K)
+    bin_mask = bins < n_bins
+    centers = tl.load(centers_ptr + bins, mask=bin_mask, other=0.0).to(ACC)
+    _, p = _log_softmax(_load_logits(logits_ptr, rows, row_mask, stride_row, stride_bin, bins, bin_mask, ACC))
+    grad = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
+    if WITH_MOMENTS:
+        _, var, deviation = _moments(p, centers)
+        grad_mean = tl.load(grad_mean_ptr + rows * stride_grad_mean, mask=row_mask, other=0.0).to(ACC)
+        grad_std = tl.load(grad_std_ptr + rows * stride_grad_std, mask=row_mask, other=0.0).to(ACC)
+        std = tl.sqrt(var)
+        # std = 0 (a one-hot p) passes no gradient, as reference.safe_sqrt does.
+        grad_var = tl.where(std > 0, grad_std / (2.0 * tl.where(std > 0, std, 1.0)), 0.0)
+        grad += p * (grad_mean[:, None] * deviation + grad_var[:, None] * (deviation * deviation - var[:, None]))
+    if WITH_KL:
+        grad_kl = tl.load(grad_kl_ptr + rows * stride_grad_kl, mask=row_mask, other=0.0).to(ACC)
+        target = tl.load(target_ptr + rows * stride_target, mask=row_mask, other=0.0).to(ACC)
+        _, q = _gaussian_labels(target, sigma, centers, bin_mask)
+        grad += grad_kl[:, None] * (p - q)
+    tl.store(grad_logits_ptr + rows[:, None] * n_bins + bins[None, :], grad.to(grad_logits_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & bin_mask[None, :])
+
+
+@triton.jit
+def _pair_loss_kernel(chosen_ptr, stride_chosen_row, stride_chosen_bin, rejected_ptr, stride_rejected_row,
+                      stride_rejected_bin, target_chosen_ptr, stride_target_chosen, target_rejected_ptr,
+                      stride_target_rejected, centers_ptr, grad_chosen_ptr, grad_rejected_ptr, partial_loss_ptr,
+                      n_rows, n_bins, sigma, score_weight, grad_scale,
+                      DPL: tl.constexpr, WITH_KL: tl.constexpr, WITH_GRAD: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Sum of the SPEC §3 pair loss over BLOCK_N pairs into ``partial_loss[pid]``; with WITH_GRAD,
+    ``grad_scale`` times its gradient w.r.t. both rows into the contiguous [N, K] grads."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    bins = tl.arange(0, BLOCK_K)
+    bin_mask = bins < n_bins
+    log_pc, pc = _log_softmax(_load_logits(chosen_ptr, rows, row_mask, stride_chosen_row, stride_chosen_bin,
+                                           bins, bin_mask, ACC))
+    log_pr, pr = _log_softmax(_load_logits(rejected_ptr, rows, row_mask, stride_rejected_row, stride_rejected_bin,
+                                           bins, bin_mask, ACC))
+    centers = tl.load(centers_ptr + bins, mask=bin_mask, other=0.0).to(ACC)
+    if DPL:
+        log_prob, grad_log_pc, grad_log_pr = _dpl_log_prob(log_pc, log_pr, BLOCK_K)
+        loss = -log_prob
+        grad_chosen = pc - grad_log_pc
+        grad_rejected = pr - grad_log_pr
+    else:
+        mean_c, _, deviation_c = _moments(pc, centers)
+        mean_r, _, deviation_r = _moments(pr, centers)
+        margin = mean_r - mean_c
+        loss = tl.maximum(margin, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(margin)))  # softplus = -log sigmoid(E_c - E_r)
+        slope = tl.sigmoid(margin)[:, None]
+        grad_chosen = -slope * pc * deviation_c
+        grad_rejected = slope * pr * deviation_r
+    if WITH_KL:
+        target_c = tl.load(target_chosen_ptr + rows * stride_target_chosen, mask=row_mask, other=0.0).to(ACC)
+        target_r = tl.load(target_rejected_ptr + rows * stride_target_rejected, mask=row_mask, other=0.0).to(ACC)
+        log_qc, qc = _gaussian_labels(target_c, sigma, centers, bin_mask)
+        log_qr, qr = _gaussian_labels(target_r, sigma, centers, bin_mask)
+        half_weight = 0.5 * score_weight
+        loss += half_weight * (_kl(log_qc, qc, log_pc) + _kl(log_qr, qr, log_pr))
+        grad_chosen += half_weight * (pc - qc)
+        grad_rejected += half_weight * (pr - qr)
+    tl.store(partial_loss_ptr + tl.program_id(0), tl.sum(tl.where(row_mask, loss, 0.0), axis=0))
+    if WITH_GRAD:
+        offsets = rows[:, None] * n_bins + bins[None, :]
+        mask = row_mask[:, None] & bin_mask[None, :]
+        tl.store(grad_chosen_ptr + offsets, (grad_scale * grad_chosen).to(grad_chosen_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_rejected_ptr + offsets, (grad_scale * grad_rejected).to(grad_rejected_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+def _launch_settings(logits: torch.Tensor, tile_per_row: int):
+    """(BLOCK_N, num_warps, grid) for rows of ``tile_per_row`` register elements.
+
+    On a GPU a program holds about 4k elements (8k for the DPL K x K tile); the CPU interpreter
+    costs ~1 ms per program, so there a program takes up to 2^20 elements.
+    """
+    n_rows = logits.shape[0]
+    budget = (1 << 20) if logits.device.type == "cpu" else max(4096, tile_per_row)
+    block_n = max(1, min(triton.next_power_of_2(n_rows), budget // tile_per_row))
+    num_warps = 8 if block_n * tile_per_row > 4096 else 4
+    return block_n, num_warps, (triton.cdiv(n_rows, block_n),)
+
+
+def _check_launchable(logits: torch.Tensor) -> int:
+    """Raise ValueError unless the kernels can run on ``logits`` [N, K]; returns BLOCK_K."""
+    n_bins = logits.shape[-1]
+    if n_bins > MAX_BINS:
+        raise ValueError(f"logits has {n_bins} bins; backend='triton' supports 2 to {MAX_BINS} (use backend='eager')")
+    if logits.device.type != "cuda" and not isinstance(_pair_loss_kernel, InterpretedFunction):
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got logits on {logits.device}")
+    return triton.next_power_of_2(n_bins)
+
+
+def _acc_dtype(logits: torch.Tensor):
+    return tl.float64 if compute_dtype(logits) == torch.float64 else tl.float32
+
+
+def _stride(x, dim=0):
+    """Stride of an optional tensor argument (0 for None, whose pointer the kernel never reads)."""
+    return 0 if x is None else x.stride(dim)
+
+
+def _new_row_stat(logits):
+    """An uninitialised [N] output in the compute dtype (float32, float64 for float64 logits)."""
+    return torch.empty(logits.shape[0], dtype=compute_dtype(logits), device=logits.device)
+
+
+def _row_forward(logits, centers, target=None, sigma=1.0):
+    """(mean, std, None) [N] when ``target`` is None, else (None, None, KL [N]); float32 (float64)."""
+    block_k = _check_launchable(logits)
+    with_kl = target is not None
+    mean, std, kl = (None, None, _new_row_stat(logits)) if with_kl else (_new_row_stat(logits), _new_row_stat(logits), None)
+    if logits.shape[0]:
+        block_n, num_warps, grid = _launch_settings(logits, block_k)
+        _row_forward_kernel[grid](
+            logits, logits.stride(0), logits.stride(1), target, _stride(target), centers.contiguous(), mean, std, kl,
+            logits.shape[0], logits.shape[1], float(sigma), WITH_MOMENTS=not with_kl, WITH_KL=with_kl,
+            ACC=_acc_dtype(logits), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    return mean, std, kl
+
+
+def _row_backward(logits, centers, grad_mean=None, grad_std=None, target=None, sigma=1.0, grad_kl=None):
+    """d/d(logits) [N, K] in the logits' dtype, from the gradients of (mean, std) or of KL [N]."""
+    block_k = _check_launchable(logits)
+    with_kl = grad_kl is not None
+    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if logits.shape[0]:
+        block_n, num_warps, grid = _launch_settings(logits, block_k)
+        _row_backward_kernel[grid](
+            logits, logits.stride(0), logits.stride(1), target, _stride(target), centers.contiguous(),
+            grad_mean, _stride(grad_mean), grad_std, _stride(grad_std), grad_kl, _stride(grad_kl), grad_logits,
+            logits.shape[0], logits.shape[1], float(sigma), WITH_MOMENTS=not with_kl, WITH_KL=with_kl,
+            ACC=_acc_dtype(logits), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    return grad_logits
+
+
+class DistMomentsFunction(torch.autograd.Function):
+    """(mean, std) [N] of softmax(logits [N, K]) over the centers; backward recomputes the softmax."""
+
+    @staticmethod
+    def forward(ctx, logits, centers):
+        mean, std, _ = _row_forward(logits, centers)
+        ctx.save_for_backward(logits, centers)
+        return mean, std
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_mean, grad_std):
+        logits, centers = ctx.saved_tensors
+        return _row_backward(logits, centers, grad_mean=grad_mean, grad_std=grad_std), None
+
+
+class GaussianKLFunction(torch.autograd.Function):
+    """KL(q || softmax(logits)) [N] for Gaussian labels q(target, sigma); backward is grad * (p - q)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, sigma, centers):
+        _, _, kl = _row_forward(logits, centers, target, sigma)
+        ctx.save_for_backward(logits, target, centers)
+        ctx.sigma = sigma
+        return kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_kl):
+        logits, target, centers = ctx.saved_tensors
+        return _row_backward(logits, centers, target=target, sigma=ctx.sigma, grad_kl=grad_kl), None, None, None
+
+
+class PairLossFunction(torch.autograd.Function):
+    """Mean SPEC §3 pair loss; the forward kernel writes the gradients, backward scales them by grad_output."""
+
+    @staticmethod
+    def forward(ctx, logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight,
+                centers, with_grad):
+        block_k = _check_launchable(logits_chosen)
+        n_rows, n_bins = logits_chosen.shape
+        dpl, with_kl = kind == "dpl", kind != "bt_mean" and score_weight != 0
+        block_n, num_warps, grid = _launch_settings(logits_chosen, block_k * block_k if dpl else block_k)
+        partial_loss = torch.empty(grid[0], dtype=compute_dtype(logits_chosen), device=logits_chosen.device)
+        grads = [torch.empty(z.shape, dtype=z.dtype, device=z.device) if with_grad else None
+                 for z in (logits_chosen, logits_rejected)]
+        if not with_kl:
+            target_chosen = target_rejected = None
+        _pair_loss_kernel[grid](
+            logits_chosen, logits_chosen.stride(0), logits_chosen.stride(1),
+            logits_rejected, logits_rejected.stride(0), logits_rejected.stride(1),
+            target_chosen, _stride(target_chosen), target_rejected, _stride(target_rejected),
+            centers.contiguous(), grads[0], grads[1], partial_loss,
+            n_rows, n_bins, float(sigma), float(score_weight), 1.0 / n_rows,
+            DPL=dpl, WITH_KL=with_kl, WITH_GRAD=with_grad, ACC=_acc_dtype(logits_chosen),
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+        if with_grad:
+            ctx.save_for_backward(*grads)
+        return partial_loss.sum() / n_rows
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        grad_chosen, grad_rejected = ctx.saved_tensors
+        if bool(grad_output.ne(1)):  # the usual loss.backward() passes 1: skip two [N, K] passes
+            grad_chosen = grad_chosen * grad_output.to(grad_chosen.dtype)
+            grad_rejected = grad_rejected * grad_output.to(grad_rejected.dtype)
+        return grad_chosen, grad_rejected, None, None, None, None, None, None, None
+
+
+def triton_dist_moments(logits: torch.Tensor, centers: torch.Tensor):
+    """logits [N, K] (fp32/bf16/fp16/fp64, 2 <= K <= 64), centers [K] -> (mean [N], std [N]) fp32 (fp64)."""
+    return DistMomentsFunction.apply(logits, centers)
+
+
+def triton_gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float, centers: torch.Tensor):
+    """logits [N, K], target [N] in [0, 1] -> KL(q || softmax(logits)) [N] fp32 (fp64), q = Gaussian(target, sigma)."""
+    return GaussianKLFunction.apply(logits, target, sigma, centers)
+
+
+def triton_pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight,
+                     centers):
+    """Mean over N pairs of the SPEC §3 loss ``kind`` ("bt_mean", "bt_kl", "dpl"): logits [N, K] each,
+    targets [N] each (None for "bt_mean") -> scalar fp32 (fp64). Inputs are validated by ``ops.pair_loss``."""
+    with_grad = torch.is_grad_enabled() and (logits_chosen.requires_grad or logits_rejected.requires_grad)
+    return PairLossFunction.apply(logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma,
+                                  score_weight, centers, with_grad)
