@@ -1,0 +1,153 @@
+"""Held-out evaluation of a distributional reward model (SPEC §7) and the H1.1 vs H1.2 comparison.
+
+:func:`predict` runs the model over tokenised pairs; :func:`reward_metrics` turns the predictions
+into ``eval.json``'s numbers; :func:`plot_runs` draws, per run, the predicted distributions of a few
+answers and the histogram of the predicted std. ``python -m distreward.evaluation RUN_DIR RUN_DIR``
+compares finished ``rm`` runs side by side (a markdown table and one PNG).
+"""
+import argparse
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from distreward import ops
+from distreward.data import PreferenceCollator
+
+PREDICTIONS_NAME = "predictions.safetensors"
+METRIC_NAMES = ("pairwise_accuracy", "mean_std", "std_error_spearman", "label_kl")
+
+
+@torch.no_grad()
+def predict(model, dataset, pad_token_id: int, batch_size: int = 64, device=None) -> dict:
+    """Logits of both sides of every pair: ``logits_chosen`` / ``logits_rejected`` [N, K] fp32,
+    ``target_chosen`` / ``target_rejected`` [N] fp32 (labels mu in [0, 1])."""
+    device = device or next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=PreferenceCollator(pad_token_id))
+    was_training = model.training
+    model.eval()
+    parts = {key: [] for key in ("logits_chosen", "logits_rejected", "target_chosen", "target_rejected")}
+    for batch in loader:
+        for side in ("chosen", "rejected"):
+            output = model(batch[f"input_ids_{side}"].to(device), batch[f"attention_mask_{side}"].to(device))
+            parts[f"logits_{side}"].append(output.logits.float().cpu())
+            parts[f"target_{side}"].append(batch[f"target_{side}"])
+    model.train(was_training)
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """values [N] -> ranks [N] (0-based, float64), tied values sharing their mean rank."""
+    ranks = torch.empty(values.shape[0], dtype=torch.float64)
+    ranks[values.argsort()] = torch.arange(values.shape[0], dtype=torch.float64)
+    _, groups = torch.unique(values, return_inverse=True)
+    sums = torch.zeros(int(groups.max()) + 1, dtype=torch.float64).index_add_(0, groups, ranks)
+    return (sums / torch.bincount(groups).double())[groups]
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman rank correlation of two [N] tensors; NaN when either is constant."""
+    rx, ry = average_ranks(x.flatten()), average_ranks(y.flatten())
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = (rx.square().sum() * ry.square().sum()).sqrt()
+    return float((rx * ry).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def reward_metrics(predictions: dict, sigma: float = 0.1) -> dict:
+    """SPEC §7 numbers from :func:`predict`'s output.
+
+    ``pairwise_accuracy``: share of pairs with E_chosen > E_rejected (a tie counts half);
+    ``mean_std``: mean predicted std over all answers; ``std_error_spearman``: Spearman between
+    the predicted std and |E - mu| over all answers; ``label_kl``: mean KL(q || p) against the
+    Gaussian labels of width ``sigma``.
+    """
+    mean_c, _ = ops.dist_moments(predictions["logits_chosen"])
+    mean_r, _ = ops.dist_moments(predictions["logits_rejected"])
+    logits = torch.cat([predictions["logits_chosen"], predictions["logits_rejected"]])
+    targets = torch.cat([predictions["target_chosen"], predictions["target_rejected"]])
+    mean, std = ops.dist_moments(logits)
+    wins = (mean_c > mean_r).float() + 0.5 * (mean_c == mean_r).float()
+    return {
+        "pairwise_accuracy": wins.mean().item(),
+        "mean_std": std.mean().item(),
+        "std_error_spearman": spearman(std, (mean - targets).abs()),
+        "label_kl": ops.gaussian_kl(logits, targets, sigma).mean().item(),
+        "num_pairs": int(mean_c.shape[0]),
+    }
+
+
+def metrics_by_group(predictions: dict, groups: list, sigma: float = 0.1) -> dict:
+    """:func:`reward_metrics` for each value of ``groups`` (one label per pair, e.g. the prompt kind)."""
+    result = {}
+    for name in sorted(set(groups)):
+        rows = torch.tensor([group == name for group in groups])
+        result[name] = reward_metrics({key: value[rows] for key, value in predictions.items()}, sigma)
+    return result
+
+
+def save_predictions(predictions: dict, output_dir: str) -> None:
+    save_file({key: value.contiguous() for key, value in predictions.items()},
+              os.path.join(output_dir, PREDICTIONS_NAME))
+
+
+def plot_runs(runs: dict, path: str, num_examples: int = 4) -> None:
+    """One row per run (name -> predictions): the predicted distributions of the first ``num_examples``
+    chosen answers with their label mu, and the histogram of the predicted std over all answers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(runs), 2, figsize=(11, 3.2 * len(runs)), squeeze=False)
+    for row, (name, predictions) in enumerate(runs.items()):
+        logits = predictions["logits_chosen"][:num_examples]
+        centers = ops.bin_centers(logits.shape[-1])
+        width = 0.8 / (len(logits) * (logits.shape[-1] - 1))
+        for index, (probs, mu) in enumerate(zip(logits.softmax(-1), predictions["target_chosen"][:num_examples])):
+            bars = axes[row, 0].bar(centers + (index - (len(logits) - 1) / 2) * width, probs, width=width,
+                                    label=f"answer {index} (mu={mu:.2f})")
+            axes[row, 0].axvline(float(mu), color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
+        axes[row, 0].set(title=f"{name}: predicted distributions", xlabel="reward bin", ylabel="probability")
+        axes[row, 0].legend(fontsize=7)
+        _, std = ops.dist_moments(torch.cat([predictions["logits_chosen"], predictions["logits_rejected"]]))
+        axes[row, 1].hist(std.numpy(), bins=30, range=(0.0, 0.5))
+        axes[row, 1].set(title=f"{name}: predicted std (mean {std.mean():.3f})", xlabel="std", ylabel="answers")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def markdown_table(metrics: dict) -> str:
+    """Markdown table, one row per run (name -> :func:`reward_metrics` output)."""
+    lines = ["| run | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{values[key]:.3f}" for key in METRIC_NAMES) + " |"
+              for name, values in metrics.items()]
+    return "\n".join(lines)
+
+
+def compare_runs(run_dirs: list, output_path: str) -> str:
+    """Side-by-side PNG of finished ``rm`` runs (named by their loss_kind) and their metrics table."""
+    runs, metrics = {}, {}
+    for run_dir in run_dirs:
+        with open(os.path.join(run_dir, "config.json")) as handle:
+            name = f"{json.load(handle)['loss_kind']} ({os.path.basename(os.path.normpath(run_dir))})"
+        with open(os.path.join(run_dir, "eval.json")) as handle:
+            metrics[name] = json.load(handle)
+        runs[name] = load_file(os.path.join(run_dir, PREDICTIONS_NAME))
+    plot_runs(runs, output_path)
+    return markdown_table(metrics)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m distreward.evaluation",
+                                     description="Compare finished reward-model runs (e.g. bt_mean vs bt_kl).")
+    parser.add_argument("run_dirs", nargs="+", help="output_dir of each `python -m distreward.train rm` run")
+    parser.add_argument("--output", default="rm_comparison.png", help="path of the side-by-side PNG")
+    args = parser.parse_args(argv)
+    print(compare_runs(args.run_dirs, args.output))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Stage ``rm``: train the distributional reward model on preference pairs and evaluate it (SPEC §1-3, §7).
+
+``loss_kind`` picks the objective: ``bt_mean`` (hypothesis 1.1, Bradley-Terry on the means only),
+``bt_kl`` (hypothesis 1.2, the default: Bradley-Terry plus KL to Gaussian score labels) or ``dpl``.
+
+Backbone: ``--model_name_or_path`` (default ``runs/sft``, the ``sft`` stage's output). When that
+default directory does not exist, a freshly initialised embedded tiny Llama is used instead and a
+line says so; any other path or hub id that fails to load is an error.
+
+Outputs in ``output_dir``: ``config.json`` (these settings), ``metrics.jsonl``,
+``checkpoint-{step}/``, the model (``model.safetensors`` + ``reward_model_config.json``, see
+:class:`~distreward.modeling.DistributionalRewardModel`) and its tokenizer, ``eval.json`` (held-out
+metrics, per prompt kind too for the embedded task), ``predictions.safetensors`` and
+``distributions.png``.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
+
+from distreward import evaluation, ops
+from distreward.data import EMBEDDED, PreferenceCollator, load_preference_data
+from distreward.modeling import DistributionalRewardModel
+from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
+from distreward.trainer_utils import TrainingConfig, make_accelerator, save_run_config, train_loop
+
+DEFAULT_BACKBONE = "runs/sft"
+
+
+@dataclass
+class RewardConfig(TrainingConfig):
+    """Settings of the ``rm`` stage (the shared training flags come from TrainingConfig)."""
+
+    output_dir: str = field(default="runs/rm", metadata={"help": "Where the reward model, eval.json, "
+                                                                 "metrics.jsonl and checkpoints go."})
+    model_name_or_path: str = field(default=DEFAULT_BACKBONE, metadata={
+        "help": "Backbone: a causal LM directory (default: the sft stage's output; if that default is "
+                "missing, a fresh embedded tiny Llama), 'embedded' for a fresh tiny Llama, or a hub id "
+                "such as HuggingFaceTB/SmolLM2-135M-Instruct."})
+    dataset_name: str = field(default=EMBEDDED, metadata={
+        "help": "'embedded' (the generated task), a local .jsonl/.parquet file or a hub id "
+                "(e.g. esfrankel17/HelpSteer2_binarized) in the HelpSteer2_binarized schema."})
+    dataset_split: str = field(default="average_rating_split", metadata={
+        "help": "Split to load from a hub data set (ignored for 'embedded' and local files)."})
+    num_pairs: int = field(default=4000, metadata={"help": "Pairs of the embedded task to generate."})
+    eval_fraction: float = field(default=0.1, metadata={"help": "Seeded share of pairs held out for eval.json."})
+    score_min: float = field(default=0.0, metadata={"help": "Lowest possible score (HelpSteer2 average_rating: 0)."})
+    score_max: float = field(default=4.0, metadata={"help": "Highest possible score (HelpSteer2 average_rating: 4)."})
+    max_length: int = field(default=256, metadata={"help": "Pairs with a side longer than this many tokens "
+                                                           "are dropped."})
+    num_bins: int = field(default=10, metadata={"help": "Bins K of the reward distribution over [0, 1]."})
+    loss_kind: str = field(default="bt_kl", metadata={
+        "help": "bt_mean (H1.1: Bradley-Terry on E), bt_kl (H1.2: + KL to Gaussian labels) or dpl."})
+    sigma: float = field(default=0.1, metadata={"help": "Width of the Gaussian label distribution."})
+    score_weight: float = field(default=1.0, metadata={"help": "Weight of the KL term (bt_kl, dpl)."})
+    ops_backend: str = field(default="auto", metadata={"help": "distreward.ops backend: auto, eager or triton."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate (use ~1e-5 for SmolLM2)."})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "Passes over the training pairs "
+                                                                   "(ignored when --max_steps > 0)."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Pairs per batch in evaluation."})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss_kind not in ops.LOSS_KINDS:
+            raise ValueError(f"--loss_kind must be one of {', '.join(ops.LOSS_KINDS)}, got {self.loss_kind!r}")
+        if self.ops_backend not in ("auto", "eager", "triton"):
+            raise ValueError(f"--ops_backend must be auto, eager or triton, got {self.ops_backend!r}")
+        if self.num_bins < 2:
+            raise ValueError(f"--num_bins must be >= 2, got {self.num_bins}")
+        if not self.sigma > 0 or self.score_weight < 0:
+            raise ValueError(f"--sigma must be > 0 and --score_weight >= 0, got {self.sigma} and {self.score_weight}")
+
+
+def load_backbone(config: RewardConfig, print_fn=print):
+    """(reward model with a fresh head, tokenizer) for ``config.model_name_or_path`` (see module doc)."""
+    path = config.model_name_or_path
+    if path == DEFAULT_BACKBONE and not os.path.isdir(path):
+        print_fn(f"{DEFAULT_BACKBONE} not found: using a freshly initialised embedded tiny Llama as the backbone "
+                 f"(run `python -m distreward.train sft` first for an SFT-initialised one)")
+        path = EMBEDDED
+    if path == EMBEDDED:
+        tokenizer = build_tiny_tokenizer()
+        backbone = build_tiny_policy(tokenizer, seed=config.seed)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        backbone = path
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = DistributionalRewardModel.from_backbone(backbone, num_bins=config.num_bins,
+                                                    moments_backend=config.ops_backend)
+    return model, tokenizer
+
+
+def pair_loss_fn(config: RewardConfig):
+    """``compute_loss(model, batch) -> (loss, metrics)`` for :func:`train_loop`: both sides in one forward."""
+
+    def compute_loss(model, batch):
+        output = model(torch.cat([batch["input_ids_chosen"], batch["input_ids_rejected"]]),
+                       torch.cat([batch["attention_mask_chosen"], batch["attention_mask_rejected"]]))
+        logits_chosen, logits_rejected = output.logits.chunk(2)
+        loss = ops.pair_loss(logits_chosen, logits_rejected, batch["target_chosen"], batch["target_rejected"],
+                             kind=config.loss_kind, sigma=config.sigma, score_weight=config.score_weight,
+                             centers=model.centers if hasattr(model, "centers") else None,
+                             backend=config.ops_backend)
+        mean_chosen, mean_rejected = output.mean.detach().chunk(2)
+        return loss, {"accuracy": (mean_chosen > mean_rejected).float().mean(), "mean_std": output.std.detach().mean()}
+
+    return compute_loss
+
+
+def run_reward_training(config: RewardConfig):
+    """Train, save and evaluate the reward model; returns the trained model (eval.json's numbers are printed)."""
+    config.validate()
+    accelerator = make_accelerator(config)
+    model, tokenizer = load_backbone(config, accelerator.print)
+    data = load_preference_data(tokenizer, config.dataset_name, config.dataset_split, config.num_pairs,
+                                config.score_min, config.score_max, config.eval_fraction, config.max_length,
+                                config.seed)
+    if accelerator.is_main_process:
+        save_run_config(config, config.output_dir)
+    loader = DataLoader(data["train"], batch_size=config.per_device_train_batch_size, shuffle=True,
+                        collate_fn=PreferenceCollator(tokenizer.pad_token_id))
+    model = train_loop(config, accelerator, model, loader, pair_loss_fn(config), tokenizer,
+                       description=f"rm ({config.loss_kind})")
+    if accelerator.is_main_process:
+        model.save_pretrained(config.output_dir)
+        tokenizer.save_pretrained(config.output_dir)
+        evaluate_and_report(model, tokenizer, data["test"], config, accelerator.print)
+    accelerator.wait_for_everyone()
+    return model
+
+
+def evaluate_and_report(model, tokenizer, held_out, config: RewardConfig, print_fn=print) -> dict:
+    """Write ``eval.json``, ``predictions.safetensors`` and ``distributions.png`` for ``held_out`` pairs."""
+    predictions = evaluation.predict(model, held_out, tokenizer.pad_token_id, config.per_device_eval_batch_size)
+    report = evaluation.reward_metrics(predictions, config.sigma)
+    if "kind" in held_out.column_names:
+        report["by_kind"] = evaluation.metrics_by_group(predictions, held_out["kind"], config.sigma)
+    with open(os.path.join(config.output_dir, "eval.json"), "w") as handle:
+        json.dump(report, handle, indent=2)
+    evaluation.save_predictions(predictions, config.output_dir)
+    evaluation.plot_runs({config.loss_kind: predictions}, os.path.join(config.output_dir, "distributions.png"))
+    print_fn("held-out: " + ", ".join(f"{key} {report[key]:.3f}" for key in evaluation.METRIC_NAMES))
+    return report

@@ -1,0 +1,117 @@
+"""Stage ``sft``: supervised warm-up of the policy on the chosen answers (loss on answer tokens only).
+
+With the defaults it trains the embedded tiny Llama (:mod:`distreward.tiny`) on the generated task
+(:mod:`distreward.synthetic`) in about a minute on a laptop CPU, so the reward model and REINFORCE
+start from a real SFT model. ``--model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct
+--dataset_name esfrankel17/HelpSteer2_binarized`` runs the same recipe on the hub defaults.
+
+Outputs in ``output_dir``: the policy and tokenizer in ``save_pretrained`` form (so
+``AutoModelForCausalLM.from_pretrained(output_dir)`` loads it; its ``config.json`` is the model's,
+so the run's settings go to ``sft_config.json``), ``metrics.jsonl``, ``checkpoint-{step}/`` and, for
+the embedded task, ``eval.json`` with the ground-truth score of greedy answers to held-out prompts.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distreward import synthetic
+from distreward.data import EMBEDDED, CompletionCollator, load_sft_data
+from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
+from distreward.trainer_utils import TrainingConfig, make_accelerator, save_run_config, train_loop
+
+RUN_CONFIG_NAME = "sft_config.json"
+
+
+@dataclass
+class SFTConfig(TrainingConfig):
+    """Settings of the ``sft`` stage (the shared training flags come from TrainingConfig)."""
+
+    output_dir: str = field(default="runs/sft", metadata={"help": "Where the SFT policy, tokenizer, "
+                                                                  "metrics.jsonl and checkpoints go."})
+    model_name_or_path: str = field(default=EMBEDDED, metadata={
+        "help": "Policy to fine-tune: 'embedded' builds the tiny offline Llama, otherwise a hub id "
+                "(e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or a local directory."})
+    dataset_name: str = field(default=EMBEDDED, metadata={
+        "help": "'embedded' (the generated task), a local .jsonl/.parquet file or a hub id "
+                "(e.g. esfrankel17/HelpSteer2_binarized) in the HelpSteer2_binarized schema."})
+    dataset_split: str = field(default="average_rating_split", metadata={
+        "help": "Split to load from a hub data set (ignored for 'embedded' and local files)."})
+    num_pairs: int = field(default=4000, metadata={"help": "Pairs of the embedded task to generate."})
+    max_length: int = field(default=256, metadata={"help": "Conversations longer than this many tokens are dropped."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (use ~2e-5 for SmolLM2)."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the chosen answers "
+                                                                   "(ignored when --max_steps > 0)."})
+    num_eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts answered greedily for "
+                                                                "eval.json (embedded task only; 0 skips it)."})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_pairs < 1:
+            raise ValueError(f"--num_pairs must be >= 1, got {self.num_pairs}")
+
+
+def load_policy(model_name_or_path: str, seed: int):
+    """(policy, tokenizer): the embedded tiny pair, or a causal LM and its tokenizer from the hub / disk."""
+    if model_name_or_path == EMBEDDED:
+        tokenizer = build_tiny_tokenizer()
+        return build_tiny_policy(tokenizer, seed=seed), tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(model_name_or_path), tokenizer
+
+
+@torch.no_grad()
+def greedy_answers(policy, tokenizer, prompts: list, max_new_tokens: int = 16) -> list:
+    """Greedy answers (decoded text without special tokens) of ``policy`` to user ``prompts``."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True) for prompt in prompts]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.device)
+    tokenizer.padding_side = "right"
+    policy.eval()
+    output = policy.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def evaluate_policy(policy, tokenizer, num_prompts: int, seed: int) -> dict:
+    """Mean ground-truth score (0-4) of greedy answers to ``num_prompts`` fresh prompts of the embedded task."""
+    prompts = synthetic.make_prompts(num_prompts, seed=seed + 1)
+    answers = greedy_answers(policy, tokenizer, prompts)
+    scores = [synthetic.score_response(prompt, answer) for prompt, answer in zip(prompts, answers)]
+    return {"ground_truth": {"mean": sum(scores) / len(scores)}, "num_prompts": num_prompts,
+            "examples": [{"prompt": p, "answer": a} for p, a in list(zip(prompts, answers))[:8]]}
+
+
+def sft_loss(model, batch):
+    """Causal-LM cross-entropy on the answer tokens (labels are -100 elsewhere)."""
+    return model(**batch).loss, {}
+
+
+def run_sft(config: SFTConfig):
+    """Fine-tune the policy on the chosen answers; save it with its tokenizer to ``config.output_dir``."""
+    config.validate()
+    accelerator = make_accelerator(config)
+    policy, tokenizer = load_policy(config.model_name_or_path, config.seed)
+    data = load_sft_data(tokenizer, config.dataset_name, config.dataset_split, config.num_pairs,
+                         config.max_length, config.seed)
+    if accelerator.is_main_process:
+        save_run_config(config, config.output_dir, RUN_CONFIG_NAME)
+    loader = DataLoader(data, batch_size=config.per_device_train_batch_size, shuffle=True,
+                        collate_fn=CompletionCollator(tokenizer.pad_token_id))
+    policy = train_loop(config, accelerator, policy, loader, sft_loss, tokenizer, description="sft")
+    if accelerator.is_main_process:
+        policy.save_pretrained(config.output_dir)
+        tokenizer.save_pretrained(config.output_dir)
+        if config.dataset_name == EMBEDDED and config.num_eval_prompts > 0:
+            report = evaluate_policy(policy, tokenizer, config.num_eval_prompts, config.seed)
+            with open(os.path.join(config.output_dir, "eval.json"), "w") as handle:
+                json.dump(report, handle, indent=2)
+            accelerator.print(f"SFT policy: mean ground-truth score {report['ground_truth']['mean']:.2f} / 4")
+    accelerator.wait_for_everyone()
+    return policy
