@@ -1,30 +1,30 @@
-"""``backend="cpp"`` of :func:`distreward.ops.gather_logprobs`: the fused C++ gather as an autograd Function."""
+"""``backend="cpp"`` of :func:`distreward.ops.gather_logprobs`: the fused C++ gather (``csrc/logprobs.cpp``)
+as an autograd Function. Neither direction materialises a ``[B, T, V]`` tensor besides the gradient itself."""
 import torch
 
 from distreward import _C
 
 
 class CppGatherLogprobs(torch.autograd.Function):
-    """logits [B, T, V], ids [B, T] int64, mask [B, T] bool -> log-probs [B, T] fp32."""
+    """logits [B, T, V] (CPU, any strides), ids [B, T] int64, mask [B, T] bool -> log-probs [B, T] fp32
+    (fp64 for fp64 logits). Saves the per-row logsumexp [B, T] so the backward is a single pass."""
 
     @staticmethod
     def forward(ctx, logits, ids, mask):
-        out = _C.gather_logprobs_forward(logits, ids, mask)
-        ctx.save_for_backward(logits, ids, mask)
-        return out
+        logp, lse = _C.gather_logprobs_forward(logits, ids, mask)
+        ctx.save_for_backward(logits, ids, mask, lse)
+        ctx.mark_non_differentiable(lse)
+        return logp
 
     @staticmethod
-    def backward(ctx, grad_out):
-        logits, ids, mask = ctx.saved_tensors
-        probs = torch.softmax(logits.float(), dim=-1)
-        grad = -probs
-        grad.scatter_add_(-1, ids.unsqueeze(-1), torch.ones_like(ids, dtype=grad.dtype).unsqueeze(-1))
-        grad *= (grad_out * mask).unsqueeze(-1)
-        return grad.to(logits.dtype), None, None
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp):
+        logits, ids, mask, lse = ctx.saved_tensors
+        return _C.gather_logprobs_backward(grad_logp, logits, ids, mask, lse), None, None
 
 
 def cpp_gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None) -> torch.Tensor:
-    """Validated inputs -> log-probs [B, T] fp32 via the C++ extension."""
+    """Validated inputs (``mask`` bool [B, T] or None) -> log-probs [B, T] via the C++ extension."""
     if mask is None:
         mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
     return CppGatherLogprobs.apply(logits, ids.long(), mask)

@@ -1,0 +1,117 @@
+"""Fused Triton rollout log-prob gather (SPEC §4), the CUDA path of ``ops.gather_logprobs``.
+
+One program per row of ``[B, T, V]`` logits (any strides). The forward streams the row in
+``BLOCK_V`` chunks with an online max / sum-exp, so each logit is read once, and writes
+``logp = L[y] - logsumexp(L)`` and the row's logsumexp ``[B, T]``; the backward streams the row
+once more and writes ``grad * (onehot(y) - softmax(L))`` in the logits' dtype. Masked rows read
+nothing and get 0. Math is float32 (float64 for float64 logits) whatever the input dtype.
+"""
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from distreward.ops.reference import compute_dtype
+
+# Logits one program holds per step: 4096 keeps a GPU's registers; the CPU interpreter costs ~1 ms a
+# step, so it takes the whole row (up to 2^16) at once.
+GPU_BLOCK_V = 4096
+INTERPRETER_BLOCK_V = 1 << 16
+
+
+@triton.jit
+def _row_start(row, steps, stride_b, stride_t):
+    """Offset of row ``row`` (= b * T + t) of the logits."""
+    return (row // steps).to(tl.int64) * stride_b + (row % steps).to(tl.int64) * stride_t
+
+
+@triton.jit
+def _forward_kernel(logits_ptr, stride_b, stride_t, stride_v, ids_ptr, mask_ptr, logp_ptr, lse_ptr, steps, vocab,
+                    ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    live = tl.load(mask_ptr + row) != 0
+    row_ptr = logits_ptr + _row_start(row, steps, stride_b, stride_t)
+    running_max = tl.full((), float("-inf"), ACC)
+    total = tl.zeros((), ACC)
+    for start in range(0, tl.where(live, vocab, 0), BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=cols < vocab, other=float("-inf")).to(ACC)
+        new_max = tl.maximum(running_max, tl.max(x, axis=0))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row of -inf so far adds 0, not NaN
+        total = total * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
+        running_max = new_max
+    lse = running_max + tl.log(tl.where(live, total, 1.0))
+    token = tl.load(ids_ptr + row)
+    in_vocab = live & (token >= 0) & (token < vocab)  # ids are validated by the caller; never read outside
+    picked = tl.load(row_ptr + token * stride_v, mask=in_vocab, other=float("nan")).to(ACC)
+    tl.store(logp_ptr + row, tl.where(live, picked - lse, 0.0))
+    tl.store(lse_ptr + row, tl.where(live, lse, 0.0))
+
+
+@triton.jit
+def _backward_kernel(logits_ptr, stride_b, stride_t, stride_v, ids_ptr, mask_ptr, lse_ptr, grad_logp_ptr,
+                     stride_grad, grad_ptr, steps, vocab, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    live = tl.load(mask_ptr + row) != 0
+    row_ptr = logits_ptr + _row_start(row, steps, stride_b, stride_t)
+    grad_row_ptr = grad_ptr + row.to(tl.int64) * vocab
+    token = tl.load(ids_ptr + row)
+    lse = tl.load(lse_ptr + row).to(ACC)
+    g = tl.load(grad_logp_ptr + row * stride_grad).to(ACC)
+    for start in range(0, vocab, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < vocab
+        x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=in_row & live, other=float("-inf")).to(ACC)
+        grad = g * (tl.where(cols == token, 1.0, 0.0) - tl.exp(x - lse))
+        tl.store(grad_row_ptr + cols, tl.where(live, grad, 0.0).to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+def _launch_settings(logits: torch.Tensor):
+    """(ACC, BLOCK_V, num_warps) for ``logits`` [B, T, V]; raise ValueError where no kernel can run."""
+    if logits.device.type != "cuda" and not isinstance(_forward_kernel, InterpretedFunction):
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got logits on {logits.device}")
+    limit = GPU_BLOCK_V if logits.device.type == "cuda" else INTERPRETER_BLOCK_V
+    block_v = min(triton.next_power_of_2(logits.shape[-1]), limit)
+    acc = tl.float64 if compute_dtype(logits) == torch.float64 else tl.float32
+    return acc, block_v, 8 if block_v >= 2048 else 4
+
+
+class TritonGatherLogprobs(torch.autograd.Function):
+    """logits [B, T, V], ids [B, T] int64, mask [B, T] bool -> log-probs [B, T] fp32 (fp64 for fp64 logits).
+    Saves the per-row logsumexp [B, T] so the backward is one pass over the logits."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, mask):
+        acc, block_v, num_warps = _launch_settings(logits)
+        ids, mask = ids.contiguous(), mask.contiguous()
+        logp = torch.empty(ids.shape, dtype=compute_dtype(logits), device=logits.device)
+        lse = torch.empty_like(logp)
+        if logp.numel():
+            _forward_kernel[(logp.numel(),)](
+                logits, logits.stride(0), logits.stride(1), logits.stride(2), ids, mask, logp, lse,
+                logits.shape[1], logits.shape[2], ACC=acc, BLOCK_V=block_v, num_warps=num_warps)
+        ctx.save_for_backward(logits, ids, mask, lse)
+        ctx.mark_non_differentiable(lse)
+        return logp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp):
+        logits, ids, mask, lse = ctx.saved_tensors
+        acc, block_v, num_warps = _launch_settings(logits)
+        grad_logp = grad_logp.reshape(-1)
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        if lse.numel():
+            _backward_kernel[(lse.numel(),)](
+                logits, logits.stride(0), logits.stride(1), logits.stride(2), ids, mask, lse, grad_logp,
+                grad_logp.stride(0), grad, logits.shape[1], logits.shape[2], ACC=acc, BLOCK_V=block_v,
+                num_warps=num_warps)
+        return grad, None, None
+
+
+def triton_gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None) -> torch.Tensor:
+    """Validated logits [B, T, V] (fp32/bf16/fp16/fp64), ids [B, T], mask [B, T] bool or None
+    -> log-probs [B, T] fp32 (fp64), 0 where mask is False."""
+    if mask is None:
+        mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    return TritonGatherLogprobs.apply(logits, ids.long(), mask)

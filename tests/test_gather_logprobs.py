@@ -1,0 +1,221 @@
+"""The fused rollout log-prob gathers (``backend="cpp"``: csrc/logprobs.cpp, ``backend="triton"``:
+kernels/logprobs.py) against the eager reference: values and gradients over V, odd B and T, dtypes,
+logit magnitudes, -inf logits, memory layouts and masks; float64 gradchecks; what autograd saves; bad
+ids and shapes, through ``ops.gather_logprobs`` and straight into the extension. CI runs the Triton
+kernels on the CPU with TRITON_INTERPRET=1."""
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from distreward import _C, ops
+from distreward.ops.logprobs import CppGatherLogprobs
+
+triton_logprobs = pytest.importorskip("distreward.kernels.logprobs")
+
+CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+DEVICES = {"cpp": "cpu", "triton": "cuda" if CUDA else "cpu"}
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
+
+
+@dataclass
+class Case:
+    batch: int
+    steps: int
+    vocab: int
+    dtype: torch.dtype
+    scale: float  # logits ~ scale * N(0, 1)
+    layout: str  # "contiguous", "strided" (every other vocab entry), "transposed" ([T, B, V].transpose) or "expanded"
+    mask: str  # "none", "full" (all ones) or "partial" (about 1/3 zeros, masked rows all -inf)
+    neg_inf: bool = False  # -inf logits inside live rows, the first chunk of some rows entirely
+
+    def __str__(self):
+        return (f"B{self.batch}-T{self.steps}-V{self.vocab}-{str(self.dtype)[6:]}-x{self.scale:g}-{self.layout}"
+                f"-mask_{self.mask}{'-neginf' if self.neg_inf else ''}")
+
+
+CASES = [
+    Case(3, 5, 2, torch.float32, 1.0, "contiguous", "partial"),
+    Case(3, 7, 1000, torch.float16, 30.0, "transposed", "none"),
+    Case(3, 5, 1000, torch.bfloat16, 1e4, "strided", "partial", neg_inf=True),
+    Case(5, 3, 1000, torch.float32, 1e4, "expanded", "full"),
+    Case(3, 5, 5000, torch.float32, 3.0, "contiguous", "partial", neg_inf=True),
+    Case(3, 5, 49152, torch.float32, 1e4, "transposed", "partial"),
+    Case(3, 3, 49152, torch.bfloat16, 3.0, "contiguous", "full", neg_inf=True),
+    Case(1, 5, 49152, torch.float16, 1.0, "strided", "partial"),
+]
+
+
+def make_inputs(case: Case, device: str, generator: torch.Generator):
+    """(logits [B, T, V] in ``case.layout`` requiring grad, ids [B, T] int64, mask [B, T] bool or None)."""
+    b, t, v = case.batch, case.steps, case.vocab
+    values = torch.randn(b, t, v, generator=generator) * case.scale
+    ids = torch.randint(0, v, (b, t), generator=generator)
+    mask = None if case.mask == "none" else torch.ones(b, t, dtype=torch.bool)
+    if case.mask == "partial":
+        mask[:, ::3] = False
+        mask[-1, -1] = True
+        values[~mask] = float("-inf")  # masked rows never count, even when they hold no distribution
+        ids[0, 0] = -1  # masked out-of-vocabulary id: must be ignored, never read
+    if case.neg_inf:
+        values[:, :, : v // 2] = float("-inf")  # half the vocabulary filtered out (top-k / top-p style)
+        values[:, :, 0] = 0.0  # and an all -inf stretch that starts after the first entry
+        ids = torch.where(ids < v // 2, ids + v // 2, ids)
+    if case.layout == "strided":
+        storage = torch.zeros(b, t, 2 * v, dtype=case.dtype)
+        storage[..., ::2] = values.to(case.dtype)
+        logits = storage[..., ::2]
+    elif case.layout == "transposed":
+        logits = values.transpose(0, 1).contiguous().to(case.dtype).transpose(0, 1)
+    elif case.layout == "expanded":
+        values[1:] = values[0]
+        ids[1:] = ids[0]
+        logits = values[:1].to(case.dtype).expand(b, t, v)
+    else:
+        logits = values.to(case.dtype)
+    assert logits.is_contiguous() == (case.layout == "contiguous")
+    logits = logits.to(device).detach().requires_grad_(True)
+    return logits, ids.to(device), None if mask is None else mask.to(device)
+
+
+def assert_grads_close(actual: torch.Tensor, expected: torch.Tensor):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    rtol = GRAD_RTOL[expected.dtype]
+    atol = rtol * float(expected.abs().max()) + 1e-30
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_eager(case, backend):
+    g = torch.Generator().manual_seed(case.batch * case.steps + case.vocab)
+    logits, ids, mask = make_inputs(case, DEVICES[backend], g)
+    expected = ops.gather_logprobs(logits, ids, mask, backend="eager")
+    actual = ops.gather_logprobs(logits, ids, mask, backend=backend)
+    assert actual.dtype == torch.float32 and actual.shape == (case.batch, case.steps)
+    # Both sides compute in fp32 from the same values; |logp| reaches ~2 * scale.
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    if mask is not None:
+        assert bool((actual[~mask] == 0).all())
+    upstream = torch.randn(case.batch, case.steps, generator=g).to(logits.device)
+    (grad,) = torch.autograd.grad(expected, logits, upstream)
+    (fused_grad,) = torch.autograd.grad(actual, logits, upstream)
+    assert_grads_close(fused_grad, grad)
+    if mask is not None:
+        assert bool((fused_grad.expand(logits.shape)[~mask] == 0).all())
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_rows_spanning_many_chunks(backend, monkeypatch):
+    """Triton's online max / sum-exp merges across chunks too (the C++ one does at V > 2048 above)."""
+    monkeypatch.setattr(triton_logprobs, "INTERPRETER_BLOCK_V", 256)
+    case = Case(2, 3, 1000, torch.float32, 10.0, "contiguous", "partial", neg_inf=True)
+    logits, ids, mask = make_inputs(case, DEVICES[backend], torch.Generator().manual_seed(3))
+    logits.data[0, 1, 600:] += 50.0  # the running max rises in a later chunk
+    expected = ops.gather_logprobs(logits, ids, mask, backend="eager")
+    torch.testing.assert_close(ops.gather_logprobs(logits, ids, mask, backend=backend), expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_gradcheck_float64(backend, layout):
+    case = Case(2, 3, 7, torch.float64, 2.0, layout, "partial")
+    logits, ids, mask = make_inputs(case, DEVICES[backend], torch.Generator().manual_seed(5))
+    logits.data[~mask] = 0.0  # finite differences need finite masked rows
+    assert torch.autograd.gradcheck(lambda x: ops.gather_logprobs(x, ids, mask, backend=backend), (logits,))
+    assert ops.gather_logprobs(logits, ids, mask, backend=backend).dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_autograd_saves_no_vocab_sized_tensor(backend):
+    """Besides the logits themselves, only [B, T] tensors are kept for backward."""
+    logits, ids, mask = make_inputs(Case(3, 5, 1000, torch.float32, 1.0, "contiguous", "partial"),
+                                    DEVICES[backend], torch.Generator().manual_seed(7))
+    out = ops.gather_logprobs(logits, ids, mask, backend=backend)
+    saved = out.grad_fn.saved_tensors
+    assert any(s.data_ptr() == logits.data_ptr() for s in saved)
+    assert all(s.data_ptr() == logits.data_ptr() or s.numel() == 3 * 5 for s in saved)
+
+
+def test_auto_uses_the_cpp_extension_on_cpu():
+    logits = torch.randn(2, 3, 11, requires_grad=True)
+    out = ops.gather_logprobs(logits, torch.randint(0, 11, (2, 3)), backend="auto")
+    assert type(out.grad_fn).__name__ == CppGatherLogprobs.__name__ + "Backward"
+
+
+def test_cpp_many_rows_in_parallel_and_empty_batches():
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(64, 33, 300, generator=g)
+    ids = torch.randint(0, 300, (64, 33), generator=g)
+    mask = torch.rand(64, 33, generator=g) > 0.5
+    expected = ops.gather_logprobs(logits, ids, mask, backend="eager")
+    torch.testing.assert_close(ops.gather_logprobs(logits, ids, mask, backend="cpp"), expected)
+    empty = ops.gather_logprobs(torch.randn(0, 4, 9), torch.zeros(0, 4, dtype=torch.long), backend="cpp")
+    assert empty.shape == (0, 4)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_int32_ids_and_numeric_masks(backend):
+    device = DEVICES[backend]
+    logits = torch.randn(2, 3, 11, device=device)
+    ids = torch.randint(0, 11, (2, 3), device=device)
+    mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], device=device)
+    expected = ops.gather_logprobs(logits, ids, mask.bool(), backend="eager")
+    torch.testing.assert_close(ops.gather_logprobs(logits, ids.int(), mask, backend=backend), expected)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_bad_ids_name_the_position(backend):
+    device = DEVICES[backend]
+    logits = torch.randn(2, 3, 11, device=device)
+    ids = torch.zeros(2, 3, dtype=torch.long, device=device)
+    ids[1, 2] = 11
+    with pytest.raises(IndexError, match=r"ids\[1, 2\] = 11"):
+        ops.gather_logprobs(logits, ids, backend=backend)
+    ids[1, 2] = -1
+    with pytest.raises(IndexError, match=r"ids\[1, 2\] = -1"):
+        ops.gather_logprobs(logits, ids, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_bad_shapes_and_dtypes_raise_value_error(backend):
+    device = DEVICES[backend]
+    logits, ids = torch.randn(2, 3, 11, device=device), torch.zeros(2, 3, dtype=torch.long, device=device)
+    bad_calls = {
+        "logits": (torch.randn(6, 11, device=device), ids, None),
+        "ids has shape": (logits, ids[:, :2], None),
+        "ids must be": (logits, ids.float(), None),
+        "mask must be": (logits, ids, torch.ones(3, 2, dtype=torch.bool, device=device)),
+        "NaN": (torch.full((2, 3, 11), float("nan"), device=device), ids, None),
+    }
+    for message, args in bad_calls.items():
+        with pytest.raises(ValueError, match=message):
+            ops.gather_logprobs(*args, backend=backend)
+
+
+def test_extension_rechecks_its_inputs():
+    """Called directly, the C++ functions raise instead of reading outside the logits."""
+    logits = torch.randn(2, 3, 11)
+    ids, mask = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)
+    lse = torch.zeros(2, 3)
+    ids[0, 1] = 11
+    with pytest.raises(IndexError, match=r"ids\[0, 1\] = 11"):
+        _C.gather_logprobs_forward(logits, ids, mask)
+    with pytest.raises(IndexError, match=r"ids\[0, 1\] = 11"):
+        _C.gather_logprobs_backward(torch.ones(2, 3), logits, ids, mask, lse)
+    mask[0, 1] = False  # a masked bad id is never read
+    assert float(_C.gather_logprobs_forward(logits, ids, mask)[0][0, 1]) == 0.0
+    bad_calls = [
+        (logits, ids.int(), mask),
+        (logits, ids.float(), mask),
+        (logits, ids[:, :2], mask),
+        (logits, ids, mask.float()),
+        (logits[0], ids, mask),
+        (torch.randn(2, 3, 0), ids, mask),
+    ]
+    for args in bad_calls:
+        with pytest.raises(RuntimeError):
+            _C.gather_logprobs_forward(*args)
+    with pytest.raises(RuntimeError):
+        _C.gather_logprobs_backward(torch.ones(2, 3), logits, ids, mask, lse.double())
