@@ -20,7 +20,25 @@ from triton.runtime.interpreter import InterpretedFunction
 from distreward.ops.reference import compute_dtype
 
 MAX_BINS = 64
+# Register elements one program holds: ~4k on a GPU; the CPU interpreter costs ~1 ms per program, so 2^20 there.
+GPU_TILE_ELEMENTS = 4096
+INTERPRETER_TILE_ELEMENTS = 1 << 20
 _LOG_HALF = tl.constexpr(-0.6931471805599453)
+
+
+@triton.jit
+def _program_tile(centers_ptr, n_rows, n_bins, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's row indices and mask [BLOCK_N], bin indices and mask [BLOCK_K], and centers [BLOCK_K] in ACC."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bins = tl.arange(0, BLOCK_K)
+    bin_mask = bins < n_bins
+    return rows, rows < n_rows, bins, bin_mask, tl.load(centers_ptr + bins, mask=bin_mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _load_row_values(ptr, stride, rows, row_mask, ACC: tl.constexpr):
+    """One value per row [BLOCK_N] (a target or an upstream gradient) in ACC."""
+    return tl.load(ptr + rows * stride, mask=row_mask, other=0.0).to(ACC)
 
 
 @triton.jit
@@ -88,18 +106,14 @@ def _row_forward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_t
                         WITH_MOMENTS: tl.constexpr, WITH_KL: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """mean, std [N] (WITH_MOMENTS) and/or KL(q || p) [N] (WITH_KL) of BLOCK_N rows."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < n_rows
-    bins = tl.arange(0, BLOCK_K)
-    bin_mask = bins < n_bins
-    centers = tl.load(centers_ptr + bins, mask=bin_mask, other=0.0).to(ACC)
+    rows, row_mask, bins, bin_mask, centers = _program_tile(centers_ptr, n_rows, n_bins, ACC, BLOCK_N, BLOCK_K)
     log_p, p = _log_softmax(_load_logits(logits_ptr, rows, row_mask, stride_row, stride_bin, bins, bin_mask, ACC))
     if WITH_MOMENTS:
         mean, var, _ = _moments(p, centers)
         tl.store(mean_ptr + rows, mean, mask=row_mask)
         tl.store(std_ptr + rows, tl.sqrt(var), mask=row_mask)
     if WITH_KL:
-        target = tl.load(target_ptr + rows * stride_target, mask=row_mask, other=0.0).to(ACC)
+        target = _load_row_values(target_ptr, stride_target, rows, row_mask, ACC)
         log_q, q = _gaussian_labels(target, sigma, centers, bin_mask)
         tl.store(kl_ptr + rows, _kl(log_q, q, log_p), mask=row_mask)
 
@@ -111,24 +125,20 @@ def _row_backward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_
                          WITH_MOMENTS: tl.constexpr, WITH_KL: tl.constexpr, ACC: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """d(loss)/d(logits) [N, K] (contiguous) from the gradients of mean, std and/or KL [N]."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < n_rows
-    bins = tl.arange(0, BLOCK_K)
-    bin_mask = bins < n_bins
-    centers = tl.load(centers_ptr + bins, mask=bin_mask, other=0.0).to(ACC)
+    rows, row_mask, bins, bin_mask, centers = _program_tile(centers_ptr, n_rows, n_bins, ACC, BLOCK_N, BLOCK_K)
     _, p = _log_softmax(_load_logits(logits_ptr, rows, row_mask, stride_row, stride_bin, bins, bin_mask, ACC))
     grad = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
     if WITH_MOMENTS:
         _, var, deviation = _moments(p, centers)
-        grad_mean = tl.load(grad_mean_ptr + rows * stride_grad_mean, mask=row_mask, other=0.0).to(ACC)
-        grad_std = tl.load(grad_std_ptr + rows * stride_grad_std, mask=row_mask, other=0.0).to(ACC)
+        grad_mean = _load_row_values(grad_mean_ptr, stride_grad_mean, rows, row_mask, ACC)
+        grad_std = _load_row_values(grad_std_ptr, stride_grad_std, rows, row_mask, ACC)
         std = tl.sqrt(var)
         # std = 0 (a one-hot p) passes no gradient, as reference.safe_sqrt does.
         grad_var = tl.where(std > 0, grad_std / (2.0 * tl.where(std > 0, std, 1.0)), 0.0)
         grad += p * (grad_mean[:, None] * deviation + grad_var[:, None] * (deviation * deviation - var[:, None]))
     if WITH_KL:
-        grad_kl = tl.load(grad_kl_ptr + rows * stride_grad_kl, mask=row_mask, other=0.0).to(ACC)
-        target = tl.load(target_ptr + rows * stride_target, mask=row_mask, other=0.0).to(ACC)
+        grad_kl = _load_row_values(grad_kl_ptr, stride_grad_kl, rows, row_mask, ACC)
+        target = _load_row_values(target_ptr, stride_target, rows, row_mask, ACC)
         _, q = _gaussian_labels(target, sigma, centers, bin_mask)
         grad += grad_kl[:, None] * (p - q)
     tl.store(grad_logits_ptr + rows[:, None] * n_bins + bins[None, :], grad.to(grad_logits_ptr.dtype.element_ty),
@@ -144,15 +154,11 @@ def _pair_loss_kernel(chosen_ptr, stride_chosen_row, stride_chosen_bin, rejected
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Sum of the SPEC §3 pair loss over BLOCK_N pairs into ``partial_loss[pid]``; with WITH_GRAD,
     ``grad_scale`` times its gradient w.r.t. both rows into the contiguous [N, K] grads."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < n_rows
-    bins = tl.arange(0, BLOCK_K)
-    bin_mask = bins < n_bins
+    rows, row_mask, bins, bin_mask, centers = _program_tile(centers_ptr, n_rows, n_bins, ACC, BLOCK_N, BLOCK_K)
     log_pc, pc = _log_softmax(_load_logits(chosen_ptr, rows, row_mask, stride_chosen_row, stride_chosen_bin,
                                            bins, bin_mask, ACC))
     log_pr, pr = _log_softmax(_load_logits(rejected_ptr, rows, row_mask, stride_rejected_row, stride_rejected_bin,
                                            bins, bin_mask, ACC))
-    centers = tl.load(centers_ptr + bins, mask=bin_mask, other=0.0).to(ACC)
     if DPL:
         log_prob, grad_log_pc, grad_log_pr = _dpl_log_prob(log_pc, log_pr, BLOCK_K)
         loss = -log_prob
@@ -167,8 +173,8 @@ def _pair_loss_kernel(chosen_ptr, stride_chosen_row, stride_chosen_bin, rejected
         grad_chosen = -slope * pc * deviation_c
         grad_rejected = slope * pr * deviation_r
     if WITH_KL:
-        target_c = tl.load(target_chosen_ptr + rows * stride_target_chosen, mask=row_mask, other=0.0).to(ACC)
-        target_r = tl.load(target_rejected_ptr + rows * stride_target_rejected, mask=row_mask, other=0.0).to(ACC)
+        target_c = _load_row_values(target_chosen_ptr, stride_target_chosen, rows, row_mask, ACC)
+        target_r = _load_row_values(target_rejected_ptr, stride_target_rejected, rows, row_mask, ACC)
         log_qc, qc = _gaussian_labels(target_c, sigma, centers, bin_mask)
         log_qr, qr = _gaussian_labels(target_r, sigma, centers, bin_mask)
         half_weight = 0.5 * score_weight
@@ -185,15 +191,11 @@ def _pair_loss_kernel(chosen_ptr, stride_chosen_row, stride_chosen_bin, rejected
 
 
 def _launch_settings(logits: torch.Tensor, tile_per_row: int):
-    """(BLOCK_N, num_warps, grid) for rows of ``tile_per_row`` register elements.
-
-    On a GPU a program holds about 4k elements (8k for the DPL K x K tile); the CPU interpreter
-    costs ~1 ms per program, so there a program takes up to 2^20 elements.
-    """
+    """(BLOCK_N, num_warps, grid): as many rows of ``tile_per_row`` register elements as the tile budget holds."""
     n_rows = logits.shape[0]
-    budget = (1 << 20) if logits.device.type == "cpu" else max(4096, tile_per_row)
+    budget = INTERPRETER_TILE_ELEMENTS if logits.device.type == "cpu" else GPU_TILE_ELEMENTS
     block_n = max(1, min(triton.next_power_of_2(n_rows), budget // tile_per_row))
-    num_warps = 8 if block_n * tile_per_row > 4096 else 4
+    num_warps = 8 if block_n * tile_per_row > GPU_TILE_ELEMENTS else 4
     return block_n, num_warps, (triton.cdiv(n_rows, block_n),)
 
 
@@ -225,7 +227,10 @@ def _row_forward(logits, centers, target=None, sigma=1.0):
     """(mean, std, None) [N] when ``target`` is None, else (None, None, KL [N]); float32 (float64)."""
     block_k = _check_launchable(logits)
     with_kl = target is not None
-    mean, std, kl = (None, None, _new_row_stat(logits)) if with_kl else (_new_row_stat(logits), _new_row_stat(logits), None)
+    if with_kl:
+        mean, std, kl = None, None, _new_row_stat(logits)
+    else:
+        mean, std, kl = _new_row_stat(logits), _new_row_stat(logits), None
     if logits.shape[0]:
         block_n, num_warps, grid = _launch_settings(logits, block_k)
         _row_forward_kernel[grid](
