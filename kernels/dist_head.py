@@ -149,11 +149,11 @@ def _row_backward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_
 def _pair_loss_kernel(chosen_ptr, stride_chosen_row, stride_chosen_bin, rejected_ptr, stride_rejected_row,
                       stride_rejected_bin, target_chosen_ptr, stride_target_chosen, target_rejected_ptr,
                       stride_target_rejected, centers_ptr, grad_chosen_ptr, grad_rejected_ptr, partial_loss_ptr,
-                      n_rows, n_bins, sigma, score_weight, grad_scale,
+                      n_rows, n_bins, sigma, score_weight, inv_n_rows,
                       DPL: tl.constexpr, WITH_KL: tl.constexpr, WITH_GRAD: tl.constexpr, ACC: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Sum of the SPEC §3 pair loss over BLOCK_N pairs into ``partial_loss[pid]``; with WITH_GRAD,
-    ``grad_scale`` times its gradient w.r.t. both rows into the contiguous [N, K] grads."""
+    """This program's share of the mean SPEC §3 pair loss (its BLOCK_N pairs' sum / N) into
+    ``partial_loss[pid]``; with WITH_GRAD, the mean's gradients w.r.t. both rows into the contiguous [N, K] grads."""
     rows, row_mask, bins, bin_mask, centers = _program_tile(centers_ptr, n_rows, n_bins, ACC, BLOCK_N, BLOCK_K)
     log_pc, pc = _log_softmax(_load_logits(chosen_ptr, rows, row_mask, stride_chosen_row, stride_chosen_bin,
                                            bins, bin_mask, ACC))
@@ -181,12 +181,12 @@ def _pair_loss_kernel(chosen_ptr, stride_chosen_row, stride_chosen_bin, rejected
         loss += half_weight * (_kl(log_qc, qc, log_pc) + _kl(log_qr, qr, log_pr))
         grad_chosen += half_weight * (pc - qc)
         grad_rejected += half_weight * (pr - qr)
-    tl.store(partial_loss_ptr + tl.program_id(0), tl.sum(tl.where(row_mask, loss, 0.0), axis=0))
+    tl.store(partial_loss_ptr + tl.program_id(0), tl.sum(tl.where(row_mask, loss, 0.0), axis=0) * inv_n_rows)
     if WITH_GRAD:
         offsets = rows[:, None] * n_bins + bins[None, :]
         mask = row_mask[:, None] & bin_mask[None, :]
-        tl.store(grad_chosen_ptr + offsets, (grad_scale * grad_chosen).to(grad_chosen_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_rejected_ptr + offsets, (grad_scale * grad_rejected).to(grad_rejected_ptr.dtype.element_ty),
+        tl.store(grad_chosen_ptr + offsets, (inv_n_rows * grad_chosen).to(grad_chosen_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_rejected_ptr + offsets, (inv_n_rows * grad_rejected).to(grad_rejected_ptr.dtype.element_ty),
                  mask=mask)
 
 
@@ -313,11 +313,13 @@ class PairLossFunction(torch.autograd.Function):
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
         if with_grad:
             ctx.save_for_backward(*grads)
-        return partial_loss.sum() / n_rows
+        return partial_loss.sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
+        if not ctx.saved_tensors:  # neither logits required a gradient (only centers or targets did: they get none)
+            return (None,) * 9
         grad_chosen, grad_rejected = ctx.saved_tensors
         if bool(grad_output.ne(1)):  # the usual loss.backward() passes 1: skip two [N, K] passes
             grad_chosen = grad_chosen * grad_output.to(grad_chosen.dtype)
