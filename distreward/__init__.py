@@ -1,6 +1,7 @@
 """distreward: RLHF with a distributional reward model (SPEC: ../shared/SPEC.md)."""
 from distreward import ops
+from distreward.sequence import sequence_logprobs
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "__version__"]
+__all__ = ["ops", "sequence_logprobs", "__version__"]

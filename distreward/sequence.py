@@ -1,0 +1,86 @@
+"""Per-token log-probs of sampled responses under a causal LM, without its full ``[B, T, V]`` logits.
+
+REINFORCE needs ``log pi(y_t)`` of every response token for the policy (with gradients) and the
+frozen reference (SPEC §4-5). :func:`sequence_logprobs` runs the model's trunk once, keeps the
+hidden states of the positions that predict a response token, and applies the LM head and the
+fused gather (:func:`distreward.ops.gather_logprobs`) ``chunk_size`` positions per row at a time.
+With gradients on, each chunk is checkpointed: its logits are recomputed in backward instead of
+kept, so at most one chunk's logits (and their gradient) exist at any moment.
+"""
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from distreward import ops
+
+
+def _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size) -> None:
+    if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
+        raise ValueError(f"model must be a causal LM with an output embedding (LM head), got {type(model).__name__}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError(f"input_ids must be an integer tensor [B, T], got {getattr(input_ids, 'shape', input_ids)!r}")
+    for name, mask in (("attention_mask", attention_mask), ("response_mask", response_mask)):
+        if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
+            raise ValueError(f"{name} must be a tensor of input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {getattr(mask, 'shape', mask)!r}")
+        if mask.device != input_ids.device:
+            raise ValueError(f"{name} is on {mask.device} but input_ids are on {input_ids.device}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The hidden states [B, T, H] that ``model``'s LM head reads: from its base model (``model.model``,
+    ``model.transformer``, ...), or from a full forward's ``output_hidden_states`` if it has none."""
+    trunk = model.base_model
+    if trunk is not model:
+        return trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                 output_hidden_states=True).hidden_states[-1]
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """``model``'s logits for ``hidden`` [..., H]: its output embedding, then the final logit
+    soft-capping of models that have one (Gemma 2 / 3 ``config.final_logit_softcapping``)."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                      chunk_size: int = 256) -> torch.Tensor:
+    """Per-token log-probs of ``input_ids`` under ``model``, on the response tokens only.
+
+    Args:
+        model: a ``transformers`` causal LM (anything with ``get_output_embeddings()``).
+        input_ids: [B, T] prompt + response token ids (int64).
+        attention_mask: [B, T], 1 on real tokens, 0 on padding (left or right).
+        response_mask: [B, T], true on the response tokens to score.
+        chunk_size: positions per row whose logits are computed at once; peak extra memory is about
+            ``B * chunk_size * V`` logits (twice that in backward) instead of ``B * T * V``.
+
+    Returns:
+        [B, T] float32 (float64 for a float64 model): ``out[b, t] = log pi(input_ids[b, t] | input_ids[b, :t])``
+        where ``response_mask[b, t]`` is true and t >= 1, else 0. Differentiable w.r.t. the model's parameters.
+    """
+    _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size)
+    batch, steps = input_ids.shape
+    hidden = final_hidden_states(model, input_ids, attention_mask)
+    scored = torch.zeros_like(input_ids, dtype=torch.bool)
+    scored[:, 1:] = response_mask[:, 1:].bool()
+    # Position t - 1 predicts token t: keep only the hidden states that predict a scored token.
+    predictors = hidden[:, :-1][scored[:, 1:]]  # [N, H]
+    targets = input_ids[scored]  # [N]
+
+    def chunk_logprobs(chunk_hidden: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
+        logits = head_logits(model, chunk_hidden).unsqueeze(0)  # [1, n, V]
+        return ops.gather_logprobs(logits, chunk_targets.unsqueeze(0)).squeeze(0)
+
+    rows = batch * chunk_size
+    pieces = []
+    for start in range(0, predictors.shape[0], rows):
+        args = (predictors[start:start + rows], targets[start:start + rows])
+        pieces.append(checkpoint(chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
+                      else chunk_logprobs(*args))
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logprobs = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=dtype)
+    return torch.zeros(batch, steps, dtype=dtype, device=hidden.device).masked_scatter(scored, logprobs)
