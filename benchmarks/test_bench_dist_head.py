@@ -3,7 +3,8 @@
 ``pair_loss`` forward ("fwd", no autograd) and forward+backward ("fwd_bwd") over N = 1k to 4M pairs of
 K = 10 logits. Each benchmark records its time (pytest-benchmark), peak memory beyond the inputs and
 achieved GB/s (bytes that must move / median time) in ``extra_info``; ``test_issue_targets`` checks
-issue 3's targets. The ops are called below their input validation, which costs every backend the same.
+issue 3's targets and ``test_fused_tile_size`` sweeps the kernel's rows per program. The ops are
+called below their input validation, which costs every backend the same.
 
     pytest benchmarks/test_bench_dist_head.py --benchmark-group-by=group \
         --benchmark-columns=median,iqr,rounds --benchmark-json=dist_head.json
@@ -90,3 +91,12 @@ def test_issue_targets(card_bandwidth):
     achieved = bytes_moved(1 << 22, torch.float32, True) / seconds
     assert achieved >= 0.8 * card_bandwidth, (f"N = 4M: {achieved / 1e9:.0f} GB/s is {achieved / card_bandwidth:.0%} "
                                               f"of the card's {card_bandwidth / 1e9:.0f} GB/s")
+
+
+@pytest.mark.parametrize("tile_elements", [512, 1024, 2048, 4096, 8192])
+def test_fused_tile_size(gpu_benchmark, monkeypatch, tile_elements):
+    """bt_kl fwd+bwd at N = 4M, fp32, for several rows-per-program budgets (dist_head.GPU_TILE_ELEMENTS)."""
+    monkeypatch.setattr(dist_head, "GPU_TILE_ELEMENTS", tile_elements)
+    step = make_step(fused, 1 << 22, torch.float32, "bt_kl", True)
+    group = "fused pair_loss bt_kl float32 fwd_bwd N=4194304 by tile elements"
+    gpu_benchmark(step, bytes_moved(1 << 22, torch.float32, True), group)

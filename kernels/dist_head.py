@@ -20,8 +20,9 @@ from triton.runtime.interpreter import InterpretedFunction
 from distreward.ops.reference import compute_dtype
 
 MAX_BINS = 64
-# Register elements one program holds: ~4k on a GPU; the CPU interpreter costs ~1 ms per program, so 2^20 there.
-GPU_TILE_ELEMENTS = 4096
+# Elements of one [BLOCK_N, BLOCK_K] tile (each kernel keeps ~8 of them live): 2k on a GPU (16 a thread at 4 warps);
+# the CPU interpreter costs ~1 ms per program, so 2^20 there.
+GPU_TILE_ELEMENTS = 2048
 INTERPRETER_TILE_ELEMENTS = 1 << 20
 _LOG_HALF = tl.constexpr(-0.6931471805599453)
 
