@@ -103,12 +103,13 @@ def plot_runs(runs: dict, path: str, num_examples: int = 4) -> None:
     figure, axes = plt.subplots(len(runs), 2, figsize=(11, 3.2 * len(runs)), squeeze=False)
     for row, (name, predictions) in enumerate(runs.items()):
         logits = predictions["logits_chosen"][:num_examples]
-        centers = ops.bin_centers(logits.shape[-1])
+        centers = ops.bin_centers(logits.shape[-1]).numpy()
         width = 0.8 / (len(logits) * (logits.shape[-1] - 1))
-        for index, (probs, mu) in enumerate(zip(logits.softmax(-1), predictions["target_chosen"][:num_examples])):
+        labels = predictions["target_chosen"][:num_examples].tolist()
+        for index, (probs, mu) in enumerate(zip(logits.softmax(-1).numpy(), labels)):
             bars = axes[row, 0].bar(centers + (index - (len(logits) - 1) / 2) * width, probs, width=width,
                                     label=f"answer {index} (mu={mu:.2f})")
-            axes[row, 0].axvline(float(mu), color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
+            axes[row, 0].axvline(mu, color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
         axes[row, 0].set(title=f"{name}: predicted distributions", xlabel="reward bin", ylabel="probability")
         axes[row, 0].legend(fontsize=7)
         _, std = ops.dist_moments(torch.cat([predictions["logits_chosen"], predictions["logits_rejected"]]))

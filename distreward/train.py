@@ -46,7 +46,10 @@ def main(argv=None) -> int:
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(getattr(module, config_name), prog=f"python -m distreward.train {stage}")
-    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        print(f"error: unknown argument(s) for stage {stage!r}: {' '.join(unknown)} (see --help)", file=sys.stderr)
+        return 2
     try:
         getattr(module, run_name)(config)
     except ValueError as error:  # bad settings or data: one clear line, no traceback

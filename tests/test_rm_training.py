@@ -1,0 +1,133 @@
+"""Reward-model training steps, exact resume after a kill, metrics.jsonl, and the held-out metrics."""
+import json
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+from torch.utils.data import DataLoader
+
+from distreward import ops
+from distreward.data import PreferenceCollator, load_preference_data
+from distreward.evaluation import average_ranks, markdown_table, metrics_by_group, reward_metrics, spearman
+from distreward.modeling import DistributionalRewardModel
+from distreward.rm_trainer import RewardConfig, pair_loss_fn
+from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
+from distreward.trainer_utils import list_checkpoints, make_accelerator, train_loop
+
+SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def pairs(tokenizer):
+    return load_preference_data(tokenizer, num_pairs=50, eval_fraction=0.2, seed=0)["train"]  # 40 pairs
+
+
+class Killed(Exception):
+    """Stands in for the process being killed mid-run."""
+
+
+def train(config, tokenizer, pairs, kill_at_micro_step=None):
+    """train_loop on a fresh small reward model (same seed every time); returns the trained model."""
+    accelerator = make_accelerator(config)
+    model = DistributionalRewardModel.from_backbone(build_tiny_policy(tokenizer, seed=0, **SMALL))
+    loader = DataLoader(pairs, batch_size=config.per_device_train_batch_size, shuffle=True,
+                        collate_fn=PreferenceCollator(tokenizer.pad_token_id))
+    compute_loss, calls = pair_loss_fn(config), []
+
+    def maybe_killed(model, batch):
+        calls.append(batch["input_ids_chosen"])
+        if len(calls) == kill_at_micro_step:
+            raise Killed
+        return compute_loss(model, batch)
+
+    return train_loop(config, accelerator, model, loader, maybe_killed, tokenizer)
+
+
+def config_for(tmp_path, name, **overrides):
+    settings = dict(output_dir=str(tmp_path / name), max_steps=8, per_device_train_batch_size=8, logging_steps=1,
+                    save_steps=3, learning_rate=3e-3, seed=0)
+    return RewardConfig(**{**settings, **overrides})
+
+
+def read_metrics(output_dir):
+    with open(f"{output_dir}/metrics.jsonl") as handle:
+        return [json.loads(line) for line in handle]
+
+
+@pytest.mark.parametrize("loss_kind", ops.LOSS_KINDS)
+def test_training_steps_lower_the_loss(tmp_path, tokenizer, pairs, loss_kind):
+    config = config_for(tmp_path, loss_kind, loss_kind=loss_kind, max_steps=15, learning_rate=1e-2, save_steps=100)
+    train(config, tokenizer, pairs)
+    losses = [record["loss"] for record in read_metrics(config.output_dir)]
+    assert len(losses) == 15 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, tokenizer, pairs):
+    # 40 pairs / 8 = 5 micro-batches an epoch, 2 per step: 3 steps an epoch (the last one short). The kill
+    # comes at micro-batch 9 (inside step 5); checkpoint-4 sits two micro-batches into the second epoch,
+    # so the resumed run skips into an epoch and then crosses an epoch boundary.
+    options = dict(gradient_accumulation_steps=2, max_steps=8, save_steps=2)
+    straight = train(config_for(tmp_path, "straight", **options), tokenizer, pairs)
+    killed = config_for(tmp_path, "killed", **options)
+    with pytest.raises(Killed):
+        train(killed, tokenizer, pairs, kill_at_micro_step=9)
+    assert [path.rsplit("-", 1)[1] for path in list_checkpoints(killed.output_dir)] == ["2", "4"]
+    killed.resume = True
+    resumed = train(killed, tokenizer, pairs)
+    for (name, expected), actual in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=name)
+    assert read_metrics(killed.output_dir) == read_metrics(tmp_path / "straight")
+
+
+def test_a_fresh_run_deletes_old_checkpoints_and_keeps_the_newest(tmp_path, tokenizer, pairs):
+    config = config_for(tmp_path, "run", max_steps=7, save_steps=2, save_total_limit=2)
+    train(config, tokenizer, pairs)
+    assert [path.rsplit("-", 1)[1] for path in list_checkpoints(config.output_dir)] == ["4", "6"]
+    config.max_steps, config.save_steps = 2, 5
+    train(config, tokenizer, pairs)  # not --resume: a new run must not leave checkpoint-6 to be resumed
+    assert list_checkpoints(config.output_dir) == []
+    assert [record["step"] for record in read_metrics(config.output_dir)] == [1, 2]
+
+
+# --- held-out metrics -----------------------------------------------------------------------------------
+
+def logits_with_means(means, sharpness=20.0):
+    """[N, 10] logits whose distributions peak at ``means``."""
+    centers = ops.bin_centers(10)
+    return -sharpness * (centers - torch.tensor(means).unsqueeze(-1)).square() * 10
+
+
+def test_reward_metrics_on_hand_made_predictions():
+    predictions = {
+        "logits_chosen": logits_with_means([0.9, 0.8, 0.2, 0.5]),
+        "logits_rejected": logits_with_means([0.1, 0.3, 0.6, 0.5]),
+        "target_chosen": torch.tensor([0.9, 0.8, 0.7, 0.5]),
+        "target_rejected": torch.tensor([0.1, 0.3, 0.2, 0.5]),
+    }
+    metrics = reward_metrics(predictions, sigma=0.1)
+    assert metrics["pairwise_accuracy"] == pytest.approx((1 + 1 + 0 + 0.5) / 4)  # the tie counts half
+    logits = torch.cat([predictions["logits_chosen"], predictions["logits_rejected"]])
+    targets = torch.cat([predictions["target_chosen"], predictions["target_rejected"]])
+    mean, std = ops.dist_moments(logits)
+    assert metrics["mean_std"] == pytest.approx(std.mean().item())
+    assert metrics["label_kl"] == pytest.approx(ops.gaussian_kl(logits, targets, 0.1).mean().item())
+    expected = spearmanr(std.numpy(), (mean - targets).abs().numpy()).statistic
+    assert metrics["std_error_spearman"] == pytest.approx(expected)
+    by_kind = metrics_by_group(predictions, ["a", "a", "b", "b"])
+    assert by_kind["a"]["pairwise_accuracy"] == 1.0 and by_kind["b"]["pairwise_accuracy"] == 0.25
+    assert "| x | 0.625 |" in markdown_table({"x": metrics})
+
+
+def test_spearman_handles_ties_like_scipy():
+    torch.manual_seed(0)
+    x = torch.randint(0, 5, (40,)).float()
+    y = x + torch.randint(0, 3, (40,)).float()
+    assert spearman(x, y) == pytest.approx(spearmanr(x.numpy(), y.numpy()).statistic)
+    assert average_ranks(torch.tensor([3.0, 1.0, 3.0])).tolist() == [1.5, 0.0, 1.5]
+    assert spearman(torch.ones(5), torch.arange(5.0)) != spearman(torch.ones(5), torch.arange(5.0))  # NaN
