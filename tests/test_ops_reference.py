@@ -250,3 +250,9 @@ def test_bad_ids_at_masked_positions_are_ignored():
     mask = torch.tensor([[1, 0], [1, 1]])
     out = ops.gather_logprobs(torch.randn(2, 2, 5), ids, mask, backend="eager")
     assert out[0, 1] == 0
+
+
+def test_auto_keeps_rows_wider_than_the_fused_head_on_eager(monkeypatch):
+    monkeypatch.setattr(ops, "_pick", lambda *args: "triton")  # as if the tensors were on CUDA
+    assert ops._dist_backend("auto", torch.zeros(1, ops.TRITON_MAX_BINS + 1)) == "eager"
+    assert ops._dist_backend("auto", torch.zeros(1, ops.TRITON_MAX_BINS)) == "triton"

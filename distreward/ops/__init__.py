@@ -11,6 +11,7 @@ from distreward.ops import validation as check
 
 LOSS_KINDS = ("bt_mean", "bt_kl", "dpl")
 BACKENDS = ("auto", "eager", "triton", "cpp")
+TRITON_MAX_BINS = 64  # the fused head keeps a row of K logits in registers (kernels/dist_head.py MAX_BINS)
 
 
 def bin_centers(num_bins: int = 10, low: float = 0.0, high: float = 1.0, device=None,
@@ -38,6 +39,13 @@ def _pick(backend: str, device: torch.device, available: tuple) -> str:
     return backend
 
 
+def _dist_backend(backend: str, logits: torch.Tensor) -> str:
+    """The backend of a bin op; ``auto`` keeps rows of more than TRITON_MAX_BINS bins on eager."""
+    if backend == "auto" and logits.shape[-1] > TRITON_MAX_BINS:
+        return "eager"
+    return _pick(backend, logits.device, ("triton",))
+
+
 def _centers_for(logits: torch.Tensor, centers):
     centers = bin_centers(logits.shape[-1], device=logits.device) if centers is None else centers
     check.check_centers(centers, logits.shape[-1], logits.device)
@@ -48,7 +56,7 @@ def dist_moments(logits: torch.Tensor, centers=None, backend: str = "auto"):
     """logits [N, K] (fp32/bf16/fp16) -> (mean [N], std [N]) fp32 of softmax(logits) over ``centers`` [K]."""
     check.check_logits("logits", logits)
     centers = _centers_for(logits, centers)
-    if _pick(backend, logits.device, ("triton",)) == "triton":
+    if _dist_backend(backend, logits) == "triton":
         from distreward.kernels.dist_head import triton_dist_moments
         return triton_dist_moments(logits, centers)
     return reference.dist_moments(logits, centers)
@@ -61,7 +69,7 @@ def gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float = 0.1, 
     check.check_target("target", target, logits.shape[0], logits.device)
     check.check_positive("sigma", sigma)
     centers = _centers_for(logits, centers)
-    if _pick(backend, logits.device, ("triton",)) == "triton":
+    if _dist_backend(backend, logits) == "triton":
         from distreward.kernels.dist_head import triton_gaussian_kl
         return triton_gaussian_kl(logits, target, sigma, centers)
     return reference.gaussian_kl(logits, target, sigma, centers)
@@ -92,7 +100,7 @@ def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target
         check.check_target("target_chosen", target_chosen, rows, device)
         check.check_target("target_rejected", target_rejected, rows, device)
     centers = _centers_for(logits_chosen, centers)
-    if _pick(backend, device, ("triton",)) == "triton":
+    if _dist_backend(backend, logits_chosen) == "triton":
         from distreward.kernels.dist_head import triton_pair_loss
         return triton_pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected,
                                 kind, sigma, score_weight, centers)
