@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from distreward.ops import TRITON_MAX_BINS as MAX_BINS
 from distreward.ops.reference import compute_dtype
 
-MAX_BINS = 64
 # Elements of one [BLOCK_N, BLOCK_K] tile (each kernel keeps ~8 of them live): 2k on a GPU (16 a thread at 4 warps);
 # the CPU interpreter costs ~1 ms per program, so 2^20 there.
 GPU_TILE_ELEMENTS = 2048

@@ -11,7 +11,7 @@ from distreward.ops import validation as check
 
 LOSS_KINDS = ("bt_mean", "bt_kl", "dpl")
 BACKENDS = ("auto", "eager", "triton", "cpp")
-TRITON_MAX_BINS = 64  # the fused head keeps a row of K logits in registers (kernels/dist_head.py MAX_BINS)
+TRITON_MAX_BINS = 64  # the fused Triton head (kernels/dist_head.py) keeps a row of K logits in registers
 
 
 def bin_centers(num_bins: int = 10, low: float = 0.0, high: float = 1.0, device=None,
