@@ -71,6 +71,18 @@ DISTREWARD_INLINE acc_t sum_exp(const acc_t* x, int64_t n, acc_t shift) {
   return s;
 }
 
+// Writes x to *dst in the logits' dtype as plain integer / float stores, so store loops vectorise
+// (assigning a c10::BFloat16 / c10::Half object does not). bf16 rounds to nearest even, like c10.
+DISTREWARD_INLINE void store_as(float x, float* dst) { *dst = x; }
+DISTREWARD_INLINE void store_as(double x, double* dst) { *dst = x; }
+DISTREWARD_INLINE void store_as(float x, c10::Half* dst) { dst->x = c10::Half(x).x; }
+DISTREWARD_INLINE void store_as(float x, c10::BFloat16* dst) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  dst->x = x != x ? uint16_t{0x7FC0} : rounded;
+}
+
 // Logits [start, start + n) of a row as a contiguous acc_t array: the row itself when it already is
 // one, else a converted (and de-strided) copy in `buf`.
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
@@ -118,10 +130,10 @@ DISTREWARD_SIMD_CLONES void row_grad(const scalar_t* row, int64_t stride, int64_
     const acc_t* x = load_chunk(row, stride, start, n, buf);
     scalar_t* dst = grad_row + start;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(-g * exp_nonpositive(x[i] - lse));
+    for (int64_t i = 0; i < n; ++i) store_as(-g * exp_nonpositive(x[i] - lse), dst + i);
   }
   const acc_t picked = static_cast<acc_t>(row[id * stride]);
-  grad_row[id] = static_cast<scalar_t>(g - g * exp_nonpositive(picked - lse));
+  store_as(g - g * exp_nonpositive(picked - lse), grad_row + id);
 }
 
 // Shapes, dtypes and devices the kernels rely on; ids at live positions must lie in [0, V).
@@ -218,7 +230,7 @@ torch::Tensor gather_logprobs_backward(torch::Tensor grad_logp, const torch::Ten
       if (live[r]) {
         row_grad(row, stride_v, vocab, row_lse[r], g[r], id[r], grad_row);
       } else {
-        std::fill(grad_row, grad_row + vocab, scalar_t(0));
+        std::memset(grad_row, 0, vocab * sizeof(scalar_t));  // all-zero bits: +0 in every float dtype
       }
     });
   });
