@@ -9,18 +9,38 @@ Scores map to ``mu = (s - score_min) / (score_max - score_min)`` in [0, 1]; a sc
 range is an error, not a silent clip.
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 
 from distreward import synthetic
+from distreward.trainer_utils import TrainingConfig
 
 EMBEDDED = "embedded"
 SCORE_KEYS = (("score_chosen", "score_rejected"), ("chosen_rating", "rejected_rating"))
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 IGNORE_INDEX = -100
+
+
+@dataclass
+class PreferenceTrainingConfig(TrainingConfig):
+    """Training settings plus where the preference pairs come from (shared by the sft and rm stages)."""
+
+    dataset_name: str = field(default=EMBEDDED, metadata={
+        "help": "'embedded' (the generated task), a local .jsonl/.parquet file or a hub id "
+                "(e.g. esfrankel17/HelpSteer2_binarized) in the HelpSteer2_binarized schema."})
+    dataset_split: str = field(default="average_rating_split", metadata={
+        "help": "Split to load from a hub data set (ignored for 'embedded' and local files)."})
+    num_pairs: int = field(default=4000, metadata={"help": "Pairs of the embedded task to generate."})
+    max_length: int = field(default=256, metadata={"help": "Conversations (a pair's sides) longer than this "
+                                                           "many tokens are dropped."})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_pairs < 1 or self.max_length < 1:
+            raise ValueError(f"--num_pairs and --max_length must be >= 1, got {self.num_pairs} and {self.max_length}")
 
 
 def load_raw_preferences(name_or_path: str, split: str = "train", num_pairs: int = 4000, seed: int = 0) -> Dataset:

@@ -22,17 +22,17 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
 from distreward import evaluation, ops
-from distreward.data import EMBEDDED, PreferenceCollator, load_preference_data
+from distreward.data import EMBEDDED, PreferenceCollator, PreferenceTrainingConfig, load_preference_data
 from distreward.modeling import DistributionalRewardModel
 from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
-from distreward.trainer_utils import TrainingConfig, make_accelerator, save_run_config, train_loop
+from distreward.trainer_utils import make_accelerator, save_run_config, train_loop
 
 DEFAULT_BACKBONE = "runs/sft"
 
 
 @dataclass
-class RewardConfig(TrainingConfig):
-    """Settings of the ``rm`` stage (the shared training flags come from TrainingConfig)."""
+class RewardConfig(PreferenceTrainingConfig):
+    """Settings of the ``rm`` stage (shared training and data flags come from PreferenceTrainingConfig)."""
 
     output_dir: str = field(default="runs/rm", metadata={"help": "Where the reward model, eval.json, "
                                                                  "metrics.jsonl and checkpoints go."})
@@ -40,17 +40,9 @@ class RewardConfig(TrainingConfig):
         "help": "Backbone: a causal LM directory (default: the sft stage's output; if that default is "
                 "missing, a fresh embedded tiny Llama), 'embedded' for a fresh tiny Llama, or a hub id "
                 "such as HuggingFaceTB/SmolLM2-135M-Instruct."})
-    dataset_name: str = field(default=EMBEDDED, metadata={
-        "help": "'embedded' (the generated task), a local .jsonl/.parquet file or a hub id "
-                "(e.g. esfrankel17/HelpSteer2_binarized) in the HelpSteer2_binarized schema."})
-    dataset_split: str = field(default="average_rating_split", metadata={
-        "help": "Split to load from a hub data set (ignored for 'embedded' and local files)."})
-    num_pairs: int = field(default=4000, metadata={"help": "Pairs of the embedded task to generate."})
     eval_fraction: float = field(default=0.1, metadata={"help": "Seeded share of pairs held out for eval.json."})
     score_min: float = field(default=0.0, metadata={"help": "Lowest possible score (HelpSteer2 average_rating: 0)."})
     score_max: float = field(default=4.0, metadata={"help": "Highest possible score (HelpSteer2 average_rating: 4)."})
-    max_length: int = field(default=256, metadata={"help": "Pairs with a side longer than this many tokens "
-                                                           "are dropped."})
     num_bins: int = field(default=10, metadata={"help": "Bins K of the reward distribution over [0, 1]."})
     loss_kind: str = field(default="bt_kl", metadata={
         "help": "bt_mean (H1.1: Bradley-Terry on E), bt_kl (H1.2: + KL to Gaussian labels) or dpl."})
@@ -103,8 +95,7 @@ def pair_loss_fn(config: RewardConfig):
         logits_chosen, logits_rejected = output.logits.chunk(2)
         loss = ops.pair_loss(logits_chosen, logits_rejected, batch["target_chosen"], batch["target_rejected"],
                              kind=config.loss_kind, sigma=config.sigma, score_weight=config.score_weight,
-                             centers=model.centers if hasattr(model, "centers") else None,
-                             backend=config.ops_backend)
+                             backend=config.ops_backend)  # bins linspace(0, 1, K), as the model's
         mean_chosen, mean_rejected = output.mean.detach().chunk(2)
         return loss, {"accuracy": (mean_chosen > mean_rejected).float().mean(), "mean_std": output.std.detach().mean()}
 

@@ -19,39 +19,27 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distreward import synthetic
-from distreward.data import EMBEDDED, CompletionCollator, load_sft_data
+from distreward.data import EMBEDDED, CompletionCollator, PreferenceTrainingConfig, load_sft_data
 from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
-from distreward.trainer_utils import TrainingConfig, make_accelerator, save_run_config, train_loop
+from distreward.trainer_utils import make_accelerator, save_run_config, train_loop
 
 RUN_CONFIG_NAME = "sft_config.json"
 
 
 @dataclass
-class SFTConfig(TrainingConfig):
-    """Settings of the ``sft`` stage (the shared training flags come from TrainingConfig)."""
+class SFTConfig(PreferenceTrainingConfig):
+    """Settings of the ``sft`` stage (shared training and data flags come from PreferenceTrainingConfig)."""
 
     output_dir: str = field(default="runs/sft", metadata={"help": "Where the SFT policy, tokenizer, "
                                                                   "metrics.jsonl and checkpoints go."})
     model_name_or_path: str = field(default=EMBEDDED, metadata={
         "help": "Policy to fine-tune: 'embedded' builds the tiny offline Llama, otherwise a hub id "
                 "(e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or a local directory."})
-    dataset_name: str = field(default=EMBEDDED, metadata={
-        "help": "'embedded' (the generated task), a local .jsonl/.parquet file or a hub id "
-                "(e.g. esfrankel17/HelpSteer2_binarized) in the HelpSteer2_binarized schema."})
-    dataset_split: str = field(default="average_rating_split", metadata={
-        "help": "Split to load from a hub data set (ignored for 'embedded' and local files)."})
-    num_pairs: int = field(default=4000, metadata={"help": "Pairs of the embedded task to generate."})
-    max_length: int = field(default=256, metadata={"help": "Conversations longer than this many tokens are dropped."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (use ~2e-5 for SmolLM2)."})
     num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the chosen answers "
                                                                    "(ignored when --max_steps > 0)."})
     num_eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts answered greedily for "
                                                                 "eval.json (embedded task only; 0 skips it)."})
-
-    def validate(self) -> None:
-        super().validate()
-        if self.num_pairs < 1:
-            raise ValueError(f"--num_pairs must be >= 1, got {self.num_pairs}")
 
 
 def load_policy(model_name_or_path: str, seed: int):
@@ -70,9 +58,9 @@ def greedy_answers(policy, tokenizer, prompts: list, max_new_tokens: int = 16) -
     """Greedy answers (decoded text without special tokens) of ``policy`` to user ``prompts``."""
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                            add_generation_prompt=True) for prompt in prompts]
-    tokenizer.padding_side = "left"
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues every row's end
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.device)
-    tokenizer.padding_side = "right"
+    tokenizer.padding_side = padding_side
     policy.eval()
     output = policy.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
