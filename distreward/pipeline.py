@@ -1,0 +1,149 @@
+"""Stage ``pipeline`` (the default of ``python -m distreward.train``): the whole embedded pipeline.
+
+SFT warm-up of the tiny policy -> distributional reward model on its backbone -> REINFORCE with the
+shaped reward -> evaluation of the SFT and the trained policy on the same held-out prompts. Each
+stage writes to its own sub-directory of ``output_dir`` (``sft/``, ``rm/``, ``rl/``); the pipeline
+adds ``report.json`` (SPEC §7), ``reward_histogram.png`` (reward-model mean of SFT vs trained
+responses) and ``training_curves.png`` (REINFORCE metrics by step), and prints the write-up's table.
+"""
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from distreward import ops
+from distreward.reinforce import EVAL_NAME, EVAL_SAMPLES_NAME, ReinforceConfig, format_report, run_reinforce
+from distreward.rewards import BASELINES, SHAPINGS
+from distreward.rm_trainer import RewardConfig, run_reward_training
+from distreward.sft import SFTConfig, run_sft
+from distreward.trainer_utils import METRICS_NAME, save_run_config
+
+REPORT_NAME = "report.json"
+HISTOGRAM_NAME = "reward_histogram.png"
+CURVES_NAME = "training_curves.png"
+CURVES = (("reward", "reward-model mean E"), ("reward_sd", "reward-model std"), ("kl", "KL to reference"),
+          ("ground_truth", "ground-truth score (0-4)"))
+
+
+@dataclass
+class PipelineConfig:
+    """Settings of the whole pipeline; everything else takes the stage's own default."""
+
+    output_dir: str = field(default="runs/pipeline", metadata={"help": "Root directory: sft/, rm/ and rl/ "
+                                                                       "sub-directories, report.json, plots."})
+    seed: int = field(default=0, metadata={"help": "Seed of every stage (data, initialisation, sampling)."})
+    num_pairs: int = field(default=4000, metadata={"help": "Preference pairs of the embedded task (SFT and RM)."})
+    sft_epochs: float = field(default=3.0, metadata={"help": "SFT passes over the chosen answers."})
+    rm_epochs: float = field(default=2.0, metadata={"help": "Reward-model passes over the training pairs."})
+    loss_kind: str = field(default="bt_kl", metadata={"help": "Reward-model loss: bt_mean, bt_kl or dpl."})
+    rl_steps: int = field(default=ReinforceConfig.max_steps, metadata={"help": "REINFORCE optimizer steps."})
+    shaping: str = field(default=ReinforceConfig.shaping, metadata={
+        "help": "Reward shaping: none, std_penalty (H2.1) or std_scale (H2.2)."})
+    baseline: str = field(default=ReinforceConfig.baseline, metadata={"help": "REINFORCE baseline: ema, rloo or batch."})
+    beta: float = field(default=ReinforceConfig.beta, metadata={"help": "Weight of the KL to the reference."})
+    alpha: float = field(default=ReinforceConfig.alpha, metadata={"help": "Weight of the std penalty (std_penalty)."})
+    num_eval_prompts: int = field(default=ReinforceConfig.num_eval_prompts, metadata={
+        "help": "Held-out prompts on which the SFT and the trained policy are compared."})
+    reuse_finished_stages: bool = field(default=False, metadata={
+        "help": "Skip a stage whose finished output is already in its sub-directory."})
+
+    def validate(self) -> None:
+        if self.loss_kind not in ops.LOSS_KINDS:
+            raise ValueError(f"--loss_kind must be one of {', '.join(ops.LOSS_KINDS)}, got {self.loss_kind!r}")
+        if self.shaping not in SHAPINGS:
+            raise ValueError(f"--shaping must be one of {', '.join(SHAPINGS)}, got {self.shaping!r}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"--baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+
+
+def stage_configs(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str) -> tuple:
+    """(SFTConfig, RewardConfig, ReinforceConfig) of a pipeline run with the given stage directories."""
+    sft = SFTConfig(output_dir=sft_dir, seed=config.seed, num_pairs=config.num_pairs,
+                    num_train_epochs=config.sft_epochs)
+    rm = RewardConfig(output_dir=rm_dir, model_name_or_path=sft_dir, seed=config.seed, num_pairs=config.num_pairs,
+                      num_train_epochs=config.rm_epochs, loss_kind=config.loss_kind)
+    rl = ReinforceConfig(output_dir=rl_dir, policy_path=sft_dir, reward_model_path=rm_dir, seed=config.seed,
+                         max_steps=config.rl_steps, shaping=config.shaping, baseline=config.baseline,
+                         beta=config.beta, alpha=config.alpha, num_eval_prompts=config.num_eval_prompts)
+    return sft, rm, rl
+
+
+def run_stages(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str) -> dict:
+    """SFT -> RM -> REINFORCE into the given directories; returns the REINFORCE ``eval.json`` report.
+
+    With ``reuse_finished_stages``, a stage whose final output exists is not run again (how the
+    experiment grid shares one SFT policy and one reward model between several REINFORCE runs).
+    """
+    config.validate()
+    sft, rm, rl = stage_configs(config, sft_dir, rm_dir, rl_dir)
+    # (settings, run function, the file a finished run leaves last)
+    stages = ((sft, run_sft, "model.safetensors"), (rm, run_reward_training, EVAL_NAME), (rl, run_reinforce, EVAL_NAME))
+    for stage_config, run, last_output in stages:
+        done = os.path.isfile(os.path.join(stage_config.output_dir, last_output))
+        if not (config.reuse_finished_stages and done):
+            run(stage_config)
+    with open(os.path.join(rl_dir, EVAL_NAME)) as handle:
+        return json.load(handle)
+
+
+def read_jsonl(path: str) -> list:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def plot_reward_histograms(samples: list, path: str) -> None:
+    """Histogram of the reward-model mean E of the SFT vs the trained policy's held-out responses."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name in ("sft", "trained"):
+        rewards = [sample["reward"] for sample in samples if sample["policy"] == name]
+        axis.hist(rewards, bins=20, range=(0, 1), alpha=0.6, label=f"{name} (mean {sum(rewards) / len(rewards):.3f})")
+    axis.set_xlabel("reward-model mean E")
+    axis.set_ylabel("responses")
+    axis.set_title("Held-out rewards: SFT vs trained policy")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_training_curves(metrics: list, path: str) -> None:
+    """REINFORCE metrics (reward, std, KL, ground truth) against the optimizer step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [(key, title) for key, title in CURVES if key in metrics[0]]
+    figure, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2), squeeze=False)
+    steps = [record["step"] for record in metrics]
+    for axis, (key, title) in zip(axes[0], curves):
+        axis.plot(steps, [record[key] for record in metrics])
+        axis.set_title(title)
+        axis.set_xlabel("step")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run_pipeline(config: PipelineConfig) -> dict:
+    """Run every stage, write ``report.json`` and the plots, print the SFT vs trained table; returns the report."""
+    start = time.perf_counter()
+    config.validate()
+    save_run_config(config, config.output_dir)
+    stage_dirs = [os.path.join(config.output_dir, name) for name in ("sft", "rm", "rl")]
+    report = run_stages(config, *stage_dirs)
+    rl_dir = stage_dirs[-1]
+    with open(os.path.join(config.output_dir, REPORT_NAME), "w") as handle:
+        json.dump(report, handle, indent=2)
+    plot_reward_histograms(read_jsonl(os.path.join(rl_dir, EVAL_SAMPLES_NAME)),
+                           os.path.join(config.output_dir, HISTOGRAM_NAME))
+    plot_training_curves(read_jsonl(os.path.join(rl_dir, METRICS_NAME)), os.path.join(config.output_dir, CURVES_NAME))
+    print(f"\nSFT vs trained policy on {config.num_eval_prompts} held-out prompts "
+          f"(shaping {config.shaping}, RM loss {config.loss_kind}):")
+    print(format_report(report))
+    print(f"\npipeline finished in {time.perf_counter() - start:.0f} s; report: "
+          f"{os.path.join(config.output_dir, REPORT_NAME)}")
+    return report

@@ -1,0 +1,264 @@
+"""Stage ``rl``: REINFORCE with the uncertainty-shaped distributional reward (SPEC §5, §7).
+
+Each optimizer step samples ``samples_per_prompt`` responses to a batch of prompts from the policy,
+scores them with the distributional reward model (mean ``r`` and std ``sd``) and the per-sequence KL
+to the frozen SFT reference, shapes the total reward ``R`` (:func:`distreward.rewards.shape_rewards`),
+subtracts a baseline and minimises ``-(R - b) * sum_t log pi(y_t)``. The loop (accelerate, gradient
+clipping, tqdm, ``metrics.jsonl``, checkpoints, ``--resume``) is :func:`distreward.trainer_utils.train_loop`;
+the baseline's state travels in the checkpoints.
+
+Outputs in ``output_dir``: ``config.json`` (these settings), ``metrics.jsonl``, ``checkpoint-{step}/``,
+``policy/`` (the trained policy and tokenizer, ``save_pretrained`` form), ``eval.json`` (SPEC §7:
+the SFT and the trained policy on the same held-out prompts) and ``eval_samples.jsonl`` (every
+evaluated response with its scores).
+"""
+import json
+import os
+import random
+from dataclasses import dataclass, field
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distreward import synthetic
+from distreward.data import EMBEDDED, load_raw_preferences
+from distreward.modeling import CONFIG_NAME as REWARD_MODEL_CONFIG_NAME
+from distreward.modeling import DistributionalRewardModel
+from distreward.rewards import BASELINES, SHAPINGS, make_baseline, policy_loss, shape_rewards
+from distreward.rollout import RolloutScorer, generate_rollouts, token_logprobs
+from distreward.trainer_utils import TrainingConfig, make_accelerator, save_run_config, train_loop
+
+POLICY_DIR = "policy"
+EVAL_NAME = "eval.json"
+EVAL_SAMPLES_NAME = "eval_samples.jsonl"
+HELD_OUT_SEED_OFFSET = 7919  # eval prompts come from a different stream than the training prompts
+
+
+@dataclass
+class ReinforceConfig(TrainingConfig):
+    """Settings of the ``rl`` stage (shared training flags from TrainingConfig; a batch is prompts per step)."""
+
+    output_dir: str = field(default="runs/rl", metadata={"help": "Where config.json, metrics.jsonl, checkpoints, "
+                                                                 "policy/ and eval.json go."})
+    policy_path: str = field(default="runs/sft", metadata={
+        "help": "The SFT policy (a save_pretrained directory with its tokenizer): the starting point and the "
+                "frozen reference of the KL term."})
+    reward_model_path: str = field(default="runs/rm", metadata={"help": "The rm stage's output directory."})
+    dataset_name: str = field(default=EMBEDDED, metadata={
+        "help": "Prompt source: 'embedded' (the generated task, with a ground-truth scorer), or a local "
+                ".jsonl/.parquet file / hub id with a 'prompt' column (no ground truth)."})
+    dataset_split: str = field(default="average_rating_split", metadata={
+        "help": "Split to load from a hub data set (ignored for 'embedded' and local files)."})
+    num_train_prompts: int = field(default=512, metadata={"help": "Training prompts (the embedded task's are "
+                                                                  "generated; others are capped at this)."})
+    num_eval_prompts: int = field(default=96, metadata={"help": "Held-out prompts for eval.json (none of them "
+                                                                "is a training prompt)."})
+    samples_per_prompt: int = field(default=4, metadata={"help": "Responses sampled per prompt (>= 2 for rloo)."})
+    max_new_tokens: int = field(default=12, metadata={"help": "Longest response, in tokens."})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Sampling temperature (the loss uses the untempered policy, so keep 1.0 for unbiased gradients)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    shaping: str = field(default="std_scale", metadata={
+        "help": "Total reward: none (r - beta kl), std_penalty (H2.1: - alpha sd) or std_scale "
+                "(H2.2: (r - beta kl) / (sd + 1))."})
+    beta: float = field(default=0.02, metadata={"help": "Weight of the KL to the reference."})
+    alpha: float = field(default=0.5, metadata={"help": "Weight of the std penalty (std_penalty only)."})
+    baseline: str = field(default="ema", metadata={"help": "Baseline: ema, rloo (leave-one-out over the "
+                                                           "samples of a prompt) or batch (batch mean)."})
+    ema_decay: float = field(default=0.9, metadata={"help": "Decay of the ema baseline."})
+    eval_samples_per_prompt: int = field(default=2, metadata={"help": "Responses sampled per held-out prompt."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Held-out prompts per generation batch."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (use ~1e-6 for SmolLM2)."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Prompts per step per process."})
+    max_steps: int = field(default=60, metadata={"help": "Optimizer steps (-1: --num_train_epochs passes over "
+                                                         "the training prompts)."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Share of the steps spent on linear warm-up."})
+    logging_steps: int = field(default=1, metadata={"help": "Write a metrics.jsonl line every this many steps."})
+    save_steps: int = field(default=20, metadata={"help": "Save a checkpoint-{step}/ every this many steps."})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.shaping not in SHAPINGS:
+            raise ValueError(f"--shaping must be one of {', '.join(SHAPINGS)}, got {self.shaping!r}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"--baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        if self.baseline == "rloo" and self.samples_per_prompt < 2:
+            raise ValueError(f"--baseline rloo needs --samples_per_prompt >= 2, got {self.samples_per_prompt}")
+        for name in ("num_train_prompts", "num_eval_prompts", "samples_per_prompt", "max_new_tokens",
+                     "eval_samples_per_prompt", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.beta < 0 or self.alpha < 0:
+            raise ValueError(f"--beta and --alpha must be >= 0, got {self.beta} and {self.alpha}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema_decay must lie in [0, 1), got {self.ema_decay}")
+
+
+def load_prompts(config: ReinforceConfig):
+    """(train prompts, held-out prompts, ground-truth scorer or None).
+
+    The embedded task draws held-out prompts from another seed and drops any that is a training
+    prompt (the three fixed "ambiguous" prompts excepted: that kind has no others). Other sources
+    take the unique ``prompt`` values, shuffled by seed, the first ``num_eval_prompts`` held out.
+    """
+    if config.dataset_name == EMBEDDED:
+        train = synthetic.make_prompts(config.num_train_prompts, seed=config.seed)
+        seen = set(train)
+        candidates = synthetic.make_prompts(20 * config.num_eval_prompts, seed=config.seed + HELD_OUT_SEED_OFFSET)
+        held_out = [prompt for prompt in candidates
+                    if prompt not in seen or synthetic.prompt_kind(prompt) == "ambiguous"][:config.num_eval_prompts]
+        return train, held_out, synthetic.score_response
+    raw = load_raw_preferences(config.dataset_name, config.dataset_split)
+    if "prompt" not in raw.column_names:
+        raise ValueError(f"{config.dataset_name} has no 'prompt' column; found {', '.join(raw.column_names)}")
+    unique = list({json.dumps(prompt): prompt for prompt in raw["prompt"]}.values())
+    random.Random(config.seed).shuffle(unique)
+    held_out, train = unique[:config.num_eval_prompts], unique[config.num_eval_prompts:][:config.num_train_prompts]
+    if not train:
+        raise ValueError(f"{config.dataset_name} has {len(unique)} unique prompts: none left to train on after "
+                         f"holding out --num_eval_prompts {config.num_eval_prompts}")
+    return train, held_out, None
+
+
+class ReinforceTrainer:
+    """REINFORCE on ``train_prompts``: :meth:`compute_loss` is one rollout-and-update micro-batch of
+    :func:`~distreward.trainer_utils.train_loop`; :meth:`evaluate` scores a policy on held-out prompts."""
+
+    def __init__(self, config: ReinforceConfig, policy, tokenizer, scorer: RolloutScorer, train_prompts: list):
+        config.validate()
+        self.config, self.policy, self.tokenizer, self.scorer = config, policy, tokenizer, scorer
+        self.accelerator = make_accelerator(config)
+        scorer.reference.to(self.accelerator.device)
+        scorer.reward_model.to(self.accelerator.device)
+        self.baseline = make_baseline(config.baseline, config.samples_per_prompt, config.ema_decay)
+        self.accelerator.register_for_checkpointing(self.baseline)
+        # Its own generator: starting an epoch must not draw from the global RNG that sampling uses,
+        # or a resumed run (which starts its epoch afresh) would sample differently from an unbroken one.
+        self.dataloader = DataLoader(train_prompts, batch_size=config.per_device_train_batch_size, shuffle=True,
+                                     drop_last=True, collate_fn=list,
+                                     generator=torch.Generator().manual_seed(config.seed))
+
+    def train(self):
+        """Run the configured steps (resuming if asked); returns the unwrapped trained policy."""
+        self.policy = train_loop(self.config, self.accelerator, self.policy, self.dataloader, self.compute_loss,
+                                 self.tokenizer, description=f"rl ({self.config.shaping}, {self.config.baseline})")
+        return self.policy
+
+    def compute_loss(self, model, prompts: list):
+        """Sample, score and shape one batch of prompts -> (REINFORCE loss, detached metrics)."""
+        config = self.config
+        rollout = generate_rollouts(self.accelerator.unwrap_model(model), self.tokenizer, prompts,
+                                    config.samples_per_prompt, config.max_new_tokens, config.temperature, config.top_p)
+        rollout = rollout.to(self.accelerator.device)
+        logprobs = token_logprobs(model, rollout)
+        scores = self.scorer.score(rollout, logprobs)
+        total = shape_rewards(scores.reward, scores.std, scores.kl, config.shaping, config.beta, config.alpha)
+        baseline = self.baseline(total, self.accelerator.reduce(total.mean(), "mean"))
+        loss = policy_loss(total - baseline, logprobs.sum(-1))
+        metrics = {"reward": scores.reward.mean(), "reward_sd": scores.std.mean(), "kl": scores.kl.mean(),
+                   "total_reward": total.mean(), "baseline": baseline.mean(),
+                   "response_length": rollout.response_mask.sum(-1).float().mean()}
+        if scores.ground_truth is not None:
+            metrics["ground_truth"] = scores.ground_truth.mean()
+        return loss, metrics
+
+    @torch.no_grad()
+    def evaluate(self, policy, prompts: list):
+        """(SPEC §7 summary, per-sample records) of ``policy`` on ``prompts``.
+
+        Sampling is seeded by ``config.seed`` (and leaves the training RNG alone), so two policies
+        evaluated in turn see the same prompts and the same random stream.
+        """
+        config = self.config
+        policy = self.accelerator.unwrap_model(policy)
+        scores, records = [], []
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            for start in range(0, len(prompts), config.eval_batch_size):
+                rollout = generate_rollouts(policy, self.tokenizer, prompts[start:start + config.eval_batch_size],
+                                            config.eval_samples_per_prompt, config.max_new_tokens,
+                                            config.temperature, config.top_p)
+                rollout = rollout.to(self.accelerator.device)
+                batch = self.scorer.score(rollout, token_logprobs(policy, rollout))
+                scores.append(batch)
+                records += batch.records(rollout)
+        return summarize(scores), records
+
+
+def summarize(scores: list) -> dict:
+    """SPEC §7 numbers over a list of :class:`~distreward.rollout.RolloutScores`."""
+    reward = torch.cat([s.reward for s in scores]).cpu()
+    summary = {"reward": {"min": reward.min().item(), "max": reward.max().item(), "mean": reward.mean().item(),
+                          "std": reward.std(correction=0).item()},
+               "mean_sd": torch.cat([s.std for s in scores]).mean().item(),
+               "kl_to_ref": torch.cat([s.kl for s in scores]).mean().item()}
+    if scores[0].ground_truth is not None:
+        summary["ground_truth"] = {"mean": torch.cat([s.ground_truth for s in scores]).mean().item()}
+    return summary
+
+
+def format_report(report: dict) -> str:
+    """The write-up's table, SFT vs trained: reward min / max / mean, mean sd, KL, ground truth."""
+    columns = [("reward min", lambda r: r["reward"]["min"]), ("reward max", lambda r: r["reward"]["max"]),
+               ("reward mean", lambda r: r["reward"]["mean"]), ("mean sd", lambda r: r["mean_sd"]),
+               ("KL to ref", lambda r: r["kl_to_ref"])]
+    if "ground_truth" in report["sft"]:
+        columns.append(("ground truth (0-4)", lambda r: r["ground_truth"]["mean"]))
+    lines = ["| policy | " + " | ".join(name for name, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for name in ("sft", "trained"):
+        lines.append(f"| {name} | " + " | ".join(f"{value(report[name]):.3f}" for _, value in columns) + " |")
+    return "\n".join(lines)
+
+
+def load_reward_model(path: str, fallback_tokenizer):
+    """(DistributionalRewardModel, its tokenizer: the one saved beside it, else ``fallback_tokenizer``)."""
+    if not os.path.isfile(os.path.join(path, REWARD_MODEL_CONFIG_NAME)):
+        raise ValueError(f"no reward model in {path}: run `python -m distreward.train rm` first or set "
+                         f"--reward_model_path")
+    has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+    return (DistributionalRewardModel.from_pretrained(path),
+            AutoTokenizer.from_pretrained(path) if has_tokenizer else fallback_tokenizer)
+
+
+def load_policy_and_reference(path: str):
+    """(policy, frozen reference copy, tokenizer) from an SFT output directory."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"no policy in {path}: run `python -m distreward.train sft` first or set --policy_path")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path), tokenizer
+
+
+def write_jsonl(path: str, records: list) -> None:
+    with open(path, "w") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+
+
+def run_reinforce(config: ReinforceConfig) -> dict:
+    """Train the policy with REINFORCE, save it to ``output_dir/policy`` and write ``eval.json``; returns it."""
+    config.validate()
+    policy, reference, tokenizer = load_policy_and_reference(config.policy_path)
+    reward_model, reward_tokenizer = load_reward_model(config.reward_model_path, tokenizer)
+    train_prompts, eval_prompts, ground_truth = load_prompts(config)
+    scorer = RolloutScorer(reference, reward_model, reward_tokenizer, ground_truth)
+    trainer = ReinforceTrainer(config, policy, tokenizer, scorer, train_prompts)
+    accelerator = trainer.accelerator
+    if accelerator.is_main_process:
+        save_run_config(config, config.output_dir)
+    policy = trainer.train()
+    report, samples = {}, []
+    for name, model in (("sft", reference), ("trained", policy)):
+        report[name], records = trainer.evaluate(model, eval_prompts)
+        samples += [{"policy": name, **record} for record in records]
+    if accelerator.is_main_process:
+        policy.save_pretrained(os.path.join(config.output_dir, POLICY_DIR))
+        tokenizer.save_pretrained(os.path.join(config.output_dir, POLICY_DIR))
+        with open(os.path.join(config.output_dir, EVAL_NAME), "w") as handle:
+            json.dump(report, handle, indent=2)
+        write_jsonl(os.path.join(config.output_dir, EVAL_SAMPLES_NAME), samples)
+        accelerator.print(format_report(report))
+    accelerator.wait_for_everyone()
+    return report

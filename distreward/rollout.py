@@ -1,0 +1,163 @@
+"""Rollouts for REINFORCE (SPEC §5): sample responses, take their log-probs, score them.
+
+A :class:`Rollout` is stored *right-padded*: each row is its prompt tokens, then its response
+tokens, then padding. ``generate`` needs left padding; the rows are re-packed afterwards so later
+forward passes see contiguous positions ``0..n-1``. Prompts are rendered with the tokenizer's chat
+template exactly as the SFT and reward-model data are (:func:`distreward.data.render`), and the
+reward model re-reads each (prompt, response) as the conversation it was trained on, with its own
+tokenizer (as TRL's GRPO trainer does for reward models).
+"""
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+import torch
+
+from distreward import ops
+from distreward.data import attention_mask_for, encode, pad, render, to_messages
+
+
+@dataclass
+class Rollout:
+    """B sampled sequences.
+
+    input_ids [B, T] int64, attention_mask [B, T] int64 (1 on prompt and response tokens),
+    response_mask [B, T] bool (True on response tokens, up to and including the EOS that ended
+    the response), prompts: the B user prompts, responses: the B decoded response strings.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    prompts: list
+    responses: list
+
+    def to(self, device) -> "Rollout":
+        return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
+                       response_mask=self.response_mask.to(device))
+
+
+@dataclass
+class RolloutScores:
+    """Per-sequence scores [B] fp32: reward-model mean ``reward`` and ``std``, ``kl`` to the reference
+    (sum over response tokens of log pi - log pi_ref), and the task's ``ground_truth`` score (or None)."""
+
+    reward: torch.Tensor
+    std: torch.Tensor
+    kl: torch.Tensor
+    ground_truth: Optional[torch.Tensor] = None
+
+    def records(self, rollout: Rollout) -> list:
+        """One JSON-ready dict per sequence: prompt, response and its scores."""
+        columns = {"reward": self.reward, "std": self.std, "kl": self.kl}
+        if self.ground_truth is not None:
+            columns["ground_truth"] = self.ground_truth
+        values = {name: column.tolist() for name, column in columns.items()}
+        return [{"prompt": prompt, "response": response, **{name: values[name][i] for name in values}}
+                for i, (prompt, response) in enumerate(zip(rollout.prompts, rollout.responses))]
+
+
+def mask_through_eos(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """tokens [B, N] -> bool [B, N]: True up to and including each row's first ``eos_token_id``."""
+    is_eos = (tokens == eos_token_id).long()
+    return (is_eos.cumsum(-1) - is_eos) == 0
+
+
+def left_align(keep: torch.Tensor) -> torch.Tensor:
+    """keep [B, T] bool -> gather index [B, T] that moves each row's kept positions to the front, in order."""
+    return torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+
+
+def prompt_text(tokenizer, prompt) -> str:
+    """The chat-templated text the policy continues for a user ``prompt`` (a string or chat messages)."""
+    return render(tokenizer, to_messages(prompt, ""))[0]
+
+
+@torch.no_grad()
+def generate_rollouts(model, tokenizer, prompts: list, samples_per_prompt: int = 1, max_new_tokens: int = 32,
+                      temperature: float = 1.0, top_p: float = 1.0) -> Rollout:
+    """Sample ``samples_per_prompt`` responses for each prompt (a prompt's samples are adjacent rows).
+
+    ``temperature == 0`` decodes greedily. Generation stops at ``tokenizer.eos_token_id`` or after
+    ``max_new_tokens`` tokens; the response mask covers the tokens up to and including that EOS.
+    """
+    if not prompts:
+        raise ValueError("generate_rollouts needs at least one prompt")
+    if samples_per_prompt < 1 or max_new_tokens < 1:
+        raise ValueError(f"samples_per_prompt and max_new_tokens must be >= 1, got {samples_per_prompt} "
+                         f"and {max_new_tokens}")
+    if temperature < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
+    prompts = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
+    device = next(model.parameters()).device
+    encoded = tokenizer([prompt_text(tokenizer, prompt) for prompt in prompts], return_tensors="pt", padding=True,
+                        padding_side="left", add_special_tokens=False).to(device)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=None) if temperature > 0 else dict(
+        do_sample=False, temperature=None, top_p=None, top_k=None)
+    was_training = model.training
+    model.eval()
+    sequences = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id, **sampling)
+    model.train(was_training)
+    width = encoded["input_ids"].shape[1]
+    in_response = mask_through_eos(sequences[:, width:], tokenizer.eos_token_id)
+    keep = torch.cat([encoded["attention_mask"].bool(), in_response], dim=1)
+    response_mask = torch.cat([torch.zeros_like(encoded["attention_mask"], dtype=torch.bool), in_response], dim=1)
+    order = left_align(keep)
+    keep, response_mask = keep.gather(1, order), response_mask.gather(1, order)
+    input_ids = sequences.gather(1, order).masked_fill(~keep, tokenizer.pad_token_id)
+    last = int(keep.sum(-1).max())  # drop the columns that are padding in every row
+    input_ids, keep, response_mask = input_ids[:, :last], keep[:, :last], response_mask[:, :last]
+    responses = tokenizer.batch_decode([row[mask] for row, mask in zip(input_ids, response_mask)],
+                                       skip_special_tokens=True)
+    return Rollout(input_ids, keep.long(), response_mask, prompts, responses)
+
+
+def token_logprobs(model, rollout: Rollout) -> torch.Tensor:
+    """Per-token log-probs [B, T] fp32 of ``rollout.input_ids`` under ``model``.
+
+    ``out[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`` on response tokens, 0 elsewhere
+    (position 0 is never a response token). Differentiable when grad is enabled.
+    """
+    logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits
+    shifted = ops.gather_logprobs(logits[:, :-1], rollout.input_ids[:, 1:], rollout.response_mask[:, 1:])
+    return torch.nn.functional.pad(shifted, (1, 0))
+
+
+class RolloutScorer:
+    """Scores rollouts with a frozen reference policy, a distributional reward model and, optionally,
+    a ground-truth ``scorer(prompt, response) -> float``.
+
+    ``reward_model(input_ids, attention_mask)`` returns an object with ``mean`` and ``std`` [B]
+    (:class:`distreward.modeling.RewardOutput`); ``reward_tokenizer`` renders its input.
+    """
+
+    def __init__(self, reference, reward_model, reward_tokenizer, ground_truth: Optional[Callable] = None):
+        self.reference = reference.eval().requires_grad_(False)
+        self.reward_model = reward_model.eval().requires_grad_(False)
+        self.reward_tokenizer = reward_tokenizer
+        self.ground_truth = ground_truth
+
+    @torch.no_grad()
+    def reward(self, rollout: Rollout):
+        """Reward-model (mean [B], std [B]) fp32 of each (prompt, response) conversation."""
+        sequences = []
+        for prompt, response in zip(rollout.prompts, rollout.responses):
+            prompt_ids, answer_ids = encode(self.reward_tokenizer, to_messages(prompt, response))
+            sequences.append(prompt_ids + answer_ids)
+        length = max(len(sequence) for sequence in sequences)
+        device = rollout.input_ids.device
+        output = self.reward_model(input_ids=pad(sequences, self.reward_tokenizer.pad_token_id, length).to(device),
+                                   attention_mask=attention_mask_for(sequences, length).to(device))
+        return output.mean.float(), output.std.float()
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout, policy_logprobs: torch.Tensor) -> RolloutScores:
+        """Scores of ``rollout`` given the policy's per-token log-probs [B, T] (from :func:`token_logprobs`)."""
+        reference_logprobs = token_logprobs(self.reference, rollout)
+        kl = (policy_logprobs.detach() - reference_logprobs).sum(-1)
+        reward, std = self.reward(rollout)
+        ground_truth = None
+        if self.ground_truth is not None:
+            ground_truth = torch.tensor([self.ground_truth(prompt, response) for prompt, response
+                                         in zip(rollout.prompts, rollout.responses)], dtype=torch.float32)
+        return RolloutScores(reward, std, kl, ground_truth)

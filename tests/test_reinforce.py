@@ -1,0 +1,217 @@
+"""REINFORCE (SPEC §5): rollout masking and log-probs, a step that raises a known reward, resume."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distreward.modeling import DistributionalRewardModel, RewardOutput
+from distreward.reinforce import ReinforceConfig, ReinforceTrainer, load_prompts, run_reinforce
+from distreward.rollout import RolloutScorer, generate_rollouts, left_align, mask_through_eos, prompt_text, \
+    token_logprobs
+from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
+
+SMALL = dict(hidden_size=32, num_layers=1, num_heads=2)
+DIGIT_PROMPTS = ["Pick a lucky digit.", "Choose any digit."]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def test_mask_through_eos():
+    eos = 9
+    tokens = torch.tensor([[1, 2, 9, 9, 3], [9, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    expected = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask_through_eos(tokens, eos), expected)
+
+
+def test_left_align_keeps_order():
+    keep = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    values = torch.tensor([[10, 11, 12, 13, 14], [20, 21, 22, 23, 24]])
+    order = left_align(keep)
+    assert values.gather(1, order)[0, :3].tolist() == [11, 12, 14]
+    assert values.gather(1, order)[1, :2].tolist() == [20, 21]
+    assert keep.gather(1, order).tolist() == [[True] * 3 + [False] * 2, [True] * 2 + [False] * 3]
+
+
+def test_rollout_layout_and_logprobs_match_generation(tokenizer):
+    """Re-packed right-padded rows give the same log-probs as the left-padded generation saw."""
+    policy = build_tiny_policy(tokenizer, seed=1, **SMALL)
+    prompts = ["What is 3 + 4?", "Sort: 3 1 2 9 9", "Pick a lucky digit."]
+    torch.manual_seed(0)
+    rollout = generate_rollouts(policy, tokenizer, prompts, samples_per_prompt=2, max_new_tokens=6)
+    assert rollout.prompts == [p for p in prompts for _ in range(2)]
+    assert rollout.input_ids.shape == rollout.attention_mask.shape == rollout.response_mask.shape
+    for row in range(len(rollout.prompts)):
+        length = int(rollout.attention_mask[row].sum())
+        assert rollout.attention_mask[row, :length].all() and not rollout.attention_mask[row, length:].any()
+        response = rollout.input_ids[row][rollout.response_mask[row]]
+        prompt_ids = rollout.input_ids[row, :length][~rollout.response_mask[row, :length]]
+        assert tokenizer.decode(prompt_ids) == prompt_text(tokenizer, rollout.prompts[row])
+        assert 1 <= len(response) <= 6
+        eos_at = (response == tokenizer.eos_token_id).nonzero()
+        assert len(eos_at) == 0 or eos_at[0, 0] == len(response) - 1  # an EOS only ends a response
+        assert rollout.response_mask[row, :length].sum() == len(response) and rollout.response_mask[row, length - 1]
+        assert rollout.responses[row] == tokenizer.decode(response, skip_special_tokens=True)
+    logprobs = token_logprobs(policy, rollout)
+    assert (logprobs[~rollout.response_mask] == 0).all() and (logprobs[rollout.response_mask] < 0).all()
+    # One row alone, unpadded: its log-probs are the same as in the padded batch.
+    row = 4
+    length = int(rollout.attention_mask[row].sum())
+    alone = torch.log_softmax(policy(rollout.input_ids[row:row + 1, :length]).logits[0, :-1], -1)
+    expected = alone.gather(-1, rollout.input_ids[row, 1:length, None]).squeeze(-1)
+    mask = rollout.response_mask[row, 1:length]
+    torch.testing.assert_close(logprobs[row, 1:length][mask], expected[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_rollouts_are_deterministic(tokenizer):
+    policy = build_tiny_policy(tokenizer, seed=1, **SMALL)
+    first = generate_rollouts(policy, tokenizer, DIGIT_PROMPTS, max_new_tokens=4, temperature=0.0)
+    second = generate_rollouts(policy, tokenizer, DIGIT_PROMPTS, max_new_tokens=4, temperature=0.0)
+    assert torch.equal(first.input_ids, second.input_ids)
+
+
+@pytest.mark.parametrize("kwargs", [dict(samples_per_prompt=0), dict(top_p=0.0), dict(temperature=-1.0)])
+def test_generate_rollouts_rejects_bad_settings(tokenizer, kwargs):
+    policy = build_tiny_policy(tokenizer, seed=1, **SMALL)
+    with pytest.raises(ValueError):
+        generate_rollouts(policy, tokenizer, DIGIT_PROMPTS, **kwargs)
+
+
+class DigitRewardModel(torch.nn.Module):
+    """A known reward: E = 1 if the conversation holds a digit (the prompts hold none) else 0; sd = 0.1."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        digits = tokenizer.convert_tokens_to_ids(list("0123456789"))
+        self.register_buffer("digit_ids", torch.tensor(digits))
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # so .to() / .eval() behave like a real model
+
+    def forward(self, input_ids, attention_mask):
+        is_digit = torch.isin(input_ids, self.digit_ids) & attention_mask.bool()
+        mean = is_digit.any(-1).float()
+        return RewardOutput(logits=None, mean=mean, std=torch.full_like(mean, 0.1))
+
+
+def digit_probability(policy, tokenizer) -> float:
+    """Mean probability that the first response token is a digit, over DIGIT_PROMPTS."""
+    encoded = tokenizer([prompt_text(tokenizer, p) for p in DIGIT_PROMPTS], return_tensors="pt", padding=True,
+                        padding_side="left", add_special_tokens=False)
+    with torch.no_grad():
+        probs = torch.softmax(policy(**encoded).logits[:, -1], -1)
+    return probs[:, tokenizer.convert_tokens_to_ids(list("0123456789"))].sum(-1).mean().item()
+
+
+def digit_trainer(tokenizer, output_dir, **overrides) -> ReinforceTrainer:
+    torch.manual_seed(0)
+    settings = dict(output_dir=str(output_dir), per_device_train_batch_size=2, samples_per_prompt=32,
+                    max_new_tokens=3, beta=0.0)
+    config = ReinforceConfig(**{**settings, **overrides})
+    scorer = RolloutScorer(build_tiny_policy(tokenizer, seed=2, **SMALL), DigitRewardModel(tokenizer), tokenizer)
+    return ReinforceTrainer(config, build_tiny_policy(tokenizer, seed=2, **SMALL), tokenizer, scorer, DIGIT_PROMPTS)
+
+
+@pytest.mark.parametrize("shaping", ["none", "std_penalty", "std_scale"])
+@pytest.mark.parametrize("baseline", ["ema", "rloo", "batch"])
+def test_reinforce_gradient_step_raises_the_known_reward(tokenizer, tmp_path, shaping, baseline):
+    """A small step along -grad of the REINFORCE loss makes the rewarded tokens (digits) likelier."""
+    trainer = digit_trainer(tokenizer, tmp_path, baseline=baseline, shaping=shaping)
+    policy = trainer.policy
+    before = digit_probability(policy, tokenizer)
+    loss, metrics = trainer.compute_loss(policy, DIGIT_PROMPTS)
+    assert 0 < metrics["reward"] < 1  # some samples hold a digit, some do not
+    loss.backward()
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter -= 0.5 * parameter.grad
+    after = digit_probability(policy, tokenizer)
+    assert after > before * 1.1, (before, after)
+
+
+def test_reinforce_training_raises_the_known_reward(tokenizer, tmp_path):
+    trainer = digit_trainer(tokenizer, tmp_path, max_steps=3, learning_rate=3e-2)
+    before = digit_probability(trainer.policy, tokenizer)
+    after = digit_probability(trainer.train(), tokenizer)
+    assert after > before * 1.5, (before, after)
+
+
+def test_embedded_held_out_prompts_are_not_training_prompts():
+    config = ReinforceConfig(num_train_prompts=64, num_eval_prompts=32)
+    train, held_out, ground_truth = load_prompts(config)
+    assert len(train) == 64 and len(held_out) == 32 and ground_truth is not None
+    ambiguous = {"Pick a lucky digit.", "Name your favourite digit.", "Choose any digit."}
+    assert not (set(held_out) - ambiguous) & set(train)
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory, tokenizer):
+    """A tiny 'SFT' policy and a reward model on it, saved as the sft / rm stages save them."""
+    root = tmp_path_factory.mktemp("models")
+    policy = build_tiny_policy(tokenizer, seed=3, **SMALL)
+    policy.save_pretrained(root / "sft")
+    tokenizer.save_pretrained(root / "sft")
+    torch.manual_seed(0)
+    reward_model = DistributionalRewardModel.from_backbone(policy)
+    reward_model.save_pretrained(root / "rm")
+    tokenizer.save_pretrained(root / "rm")
+    return root
+
+
+def rl_config(saved_models, output_dir, **overrides) -> ReinforceConfig:
+    settings = dict(policy_path=str(saved_models / "sft"), reward_model_path=str(saved_models / "rm"),
+                    output_dir=str(output_dir), num_train_prompts=16, num_eval_prompts=4, max_steps=4,
+                    per_device_train_batch_size=4, samples_per_prompt=2, max_new_tokens=4, save_steps=2,
+                    learning_rate=1e-2, eval_samples_per_prompt=1)
+    return ReinforceConfig(**{**settings, **overrides})
+
+
+def test_run_reinforce_writes_spec_outputs(saved_models, tmp_path):
+    report = run_reinforce(rl_config(saved_models, tmp_path))
+    assert set(report) == {"sft", "trained"}
+    for summary in report.values():
+        assert set(summary) == {"reward", "mean_sd", "kl_to_ref", "ground_truth"}
+        assert set(summary["reward"]) == {"min", "max", "mean", "std"} and set(summary["ground_truth"]) == {"mean"}
+        assert summary["reward"]["min"] <= summary["reward"]["mean"] <= summary["reward"]["max"]
+    assert report["sft"]["kl_to_ref"] == 0.0  # the reference scored against itself
+    assert json.load(open(tmp_path / "eval.json")) == report
+    assert json.load(open(tmp_path / "config.json"))["shaping"] == "std_scale"
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert {"loss", "reward", "reward_sd", "kl", "total_reward", "ground_truth"} <= set(metrics[0])
+    assert os.path.isfile(tmp_path / "policy" / "model.safetensors")
+    samples = [json.loads(line) for line in open(tmp_path / "eval_samples.jsonl")]
+    assert len(samples) == 2 * 4 and {s["policy"] for s in samples} == {"sft", "trained"}
+
+
+class Killed(Exception):
+    """Stands in for the process being killed mid-run."""
+
+
+def test_resume_continues_exactly_where_a_killed_run_stopped(saved_models, tmp_path, monkeypatch):
+    run_reinforce(rl_config(saved_models, tmp_path / "whole", baseline="ema"))
+
+    calls = {"n": 0}
+    original = ReinforceTrainer.compute_loss
+
+    def dies_at_step_four(self, model, prompts):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Killed  # killed after checkpoint-2 and one more logged step
+        return original(self, model, prompts)
+
+    monkeypatch.setattr(ReinforceTrainer, "compute_loss", dies_at_step_four)
+    with pytest.raises(Killed):
+        run_reinforce(rl_config(saved_models, tmp_path / "killed", baseline="ema"))
+    assert os.path.isdir(tmp_path / "killed" / "checkpoint-2")
+    monkeypatch.setattr(ReinforceTrainer, "compute_loss", original)
+    run_reinforce(rl_config(saved_models, tmp_path / "killed", baseline="ema", resume=True))
+
+    whole = load_file(tmp_path / "whole" / "policy" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "policy" / "model.safetensors")
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name])
+    metrics = [open(tmp_path / run / "metrics.jsonl").read() for run in ("whole", "killed")]
+    assert metrics[0] == metrics[1]
