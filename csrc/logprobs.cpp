@@ -121,10 +121,12 @@ DISTREWARD_SIMD_CLONES acc_t row_logsumexp(const scalar_t* row, int64_t stride, 
 }
 
 // grad_row[v] = g * (onehot(id)[v] - exp(row[v] - lse)), written contiguously in the logits' dtype.
+// grad_row may be the (contiguous) row itself: every logit is read before its gradient is written.
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 DISTREWARD_SIMD_CLONES void row_grad(const scalar_t* row, int64_t stride, int64_t vocab, acc_t lse, acc_t g,
                                      int64_t id, scalar_t* grad_row) {
   alignas(64) acc_t buf[kChunk];
+  const acc_t picked = static_cast<acc_t>(row[id * stride]);
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, vocab - start);
     const acc_t* x = load_chunk(row, stride, start, n, buf);
@@ -132,7 +134,6 @@ DISTREWARD_SIMD_CLONES void row_grad(const scalar_t* row, int64_t stride, int64_
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) store_as(-g * exp_nonpositive(x[i] - lse), dst + i);
   }
-  const acc_t picked = static_cast<acc_t>(row[id * stride]);
   store_as(g - g * exp_nonpositive(picked - lse), grad_row + id);
 }
 
@@ -203,9 +204,10 @@ std::vector<torch::Tensor> gather_logprobs_forward(const torch::Tensor& logits, 
 }
 
 // grad_logp [B, T] and the forward's lse [B, T] (fp32, fp64 for fp64 logits) -> grad_logits [B, T, V],
-// contiguous, in the logits' dtype; rows where mask is false are 0.
+// contiguous, in the logits' dtype; rows where mask is false are 0. Written into `out` when given (a
+// contiguous [B, T, V] tensor of the logits' dtype, which may be the logits themselves), else a new tensor.
 torch::Tensor gather_logprobs_backward(torch::Tensor grad_logp, const torch::Tensor& logits, torch::Tensor ids,
-                                       torch::Tensor mask, torch::Tensor lse) {
+                                       torch::Tensor mask, torch::Tensor lse, c10::optional<torch::Tensor> out) {
   check_inputs(logits, ids, mask);
   const auto acc = logits.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
   TORCH_CHECK(grad_logp.sizes() == ids.sizes() && lse.sizes() == ids.sizes(),
@@ -217,7 +219,17 @@ torch::Tensor gather_logprobs_backward(torch::Tensor grad_logp, const torch::Ten
   lse = lse.contiguous();
   const int64_t vocab = logits.size(2), stride_v = logits.stride(2);
   check_ids_in_vocab(ids, mask, vocab);
-  auto grad = torch::empty(logits.sizes(), logits.options().memory_format(torch::MemoryFormat::Contiguous));
+  torch::Tensor grad;
+  if (out.has_value()) {
+    grad = *out;
+    TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() && grad.is_contiguous() &&
+                    grad.device().is_cpu(),
+                "gather_logprobs_backward (C++): out must be a contiguous CPU tensor of the logits' shape and dtype");
+    TORCH_CHECK(!grad.is_alias_of(logits) || (logits.is_contiguous() && grad.data_ptr() == logits.data_ptr()),
+                "gather_logprobs_backward (C++): out may be the logits themselves but not overlap them otherwise");
+  } else {
+    grad = torch::empty(logits.sizes(), logits.options().memory_format(torch::MemoryFormat::Contiguous));
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, logits.scalar_type(), "gather_logprobs_backward", [&] {
     using acc_t = acc_type<scalar_t>;
     const int64_t* id = ids.data_ptr<int64_t>();
@@ -242,6 +254,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("mask"),
         "Fused log-softmax + gather: logits [B, T, V], ids [B, T] int64, mask [B, T] bool -> (logp, lse) [B, T]");
   m.def("gather_logprobs_backward", &gather_logprobs_backward, pybind11::arg("grad_logp"), pybind11::arg("logits"),
-        pybind11::arg("ids"), pybind11::arg("mask"), pybind11::arg("lse"),
-        "grad_logp [B, T] -> grad_logits [B, T, V] = grad_logp * (onehot(ids) - softmax(logits)), 0 on masked rows");
+        pybind11::arg("ids"), pybind11::arg("mask"), pybind11::arg("lse"), pybind11::arg("out") = pybind11::none(),
+        "grad_logp [B, T] -> grad_logits [B, T, V] = grad_logp * (onehot(ids) - softmax(logits)), 0 on masked rows, "
+        "into `out` (may be `logits`) when given");
 }

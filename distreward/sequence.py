@@ -3,11 +3,15 @@
 REINFORCE needs ``log pi(y_t)`` of every response token for the policy (with gradients) and the
 frozen reference (SPEC §4-5). :func:`sequence_logprobs` runs the model's trunk once, keeps the
 hidden states of the positions that predict a response token, and applies the LM head and the
-fused gather (:func:`distreward.ops.gather_logprobs`) ``chunk_size`` positions per row at a time.
-With gradients on, each chunk is checkpointed: its logits are recomputed in backward instead of
-kept, so at most one chunk's logits (and their gradient) exist at any moment.
+fused gather ``chunk_size`` positions per row at a time, so at most one chunk of logits exists at
+any moment. For a plain ``nn.Linear`` head on CPU or CUDA, :class:`LinearGatherLogprobs` fuses head
+and gather: it keeps only the chunk's hidden states and logsumexp for backward, recomputes the
+logits there and turns them into their own gradient in place (as Liger-Kernel's fused linear
+cross-entropy does). Other heads (logit soft-capping, custom modules) go through
+:func:`distreward.ops.gather_logprobs` under activation checkpointing.
 """
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from distreward import ops
@@ -46,6 +50,69 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
+def fused_gather_kernels(device: torch.device):
+    """The (gather_logprobs_forward, gather_logprobs_backward) pair for ``device``: the C++ extension on CPU,
+    the Triton kernels on CUDA; None elsewhere."""
+    if device.type == "cpu":
+        from distreward import _C as kernels
+    elif device.type == "cuda":
+        from distreward.kernels import logprobs as kernels
+    else:
+        return None
+    return kernels.gather_logprobs_forward, kernels.gather_logprobs_backward
+
+
+class LinearGatherLogprobs(torch.autograd.Function):
+    """hidden [n, H], weight [V, H], bias [V] or None, ids [n] -> log softmax(hidden @ weight.T + bias)[ids] [n]
+    fp32 (fp64). Saves hidden and the logsumexp [n], not the [n, V] logits: backward recomputes them and
+    overwrites them with their gradient before the two matmuls into hidden, weight and bias."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, kernels):
+        forward_kernel, _ = kernels
+        logits = F.linear(hidden, weight, bias).unsqueeze(0)
+        live = torch.ones(ids.shape, dtype=torch.bool, device=ids.device).unsqueeze(0)
+        logp, lse = forward_kernel(logits, ids.unsqueeze(0), live)
+        ctx.save_for_backward(hidden, weight, bias, ids, lse)
+        ctx.kernels = kernels
+        return logp.squeeze(0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp):
+        hidden, weight, bias, ids, lse = ctx.saved_tensors
+        _, backward_kernel = ctx.kernels
+        logits = F.linear(hidden, weight, bias).unsqueeze(0)
+        live = torch.ones(ids.shape, dtype=torch.bool, device=ids.device).unsqueeze(0)
+        grad_logits = backward_kernel(grad_logp.unsqueeze(0), logits, ids.unsqueeze(0), live, lse, logits).squeeze(0)
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        return (grad_logits @ weight if needs_hidden else None,
+                grad_logits.T @ hidden if needs_weight else None,
+                grad_logits.sum(0) if bias is not None and needs_bias else None, None, None)
+
+
+def chunk_logprobs_function(model, device: torch.device):
+    """``f(hidden [n, H], ids [n]) -> log-probs [n]`` for one chunk of ``model``'s head: fused for a plain
+    ``nn.Linear`` head on CPU / CUDA, else the head, soft-capping and ``ops.gather_logprobs`` checkpointed."""
+    head, kernels = model.get_output_embeddings(), fused_gather_kernels(device)
+    if type(head) is torch.nn.Linear and getattr(model.config, "final_logit_softcapping", None) is None and kernels:
+        def fused(hidden, ids):
+            if not 0 <= int(ids.min()) <= int(ids.max()) < head.out_features:
+                raise IndexError(f"input_ids hold response tokens outside the head's vocabulary [0, {head.out_features})")
+            return LinearGatherLogprobs.apply(hidden, head.weight, head.bias, ids, kernels)
+
+        return fused
+
+    def checkpointed(hidden, ids):
+        def logprobs(chunk_hidden, chunk_ids):
+            logits = head_logits(model, chunk_hidden).unsqueeze(0)  # [1, n, V]
+            return ops.gather_logprobs(logits, chunk_ids.unsqueeze(0)).squeeze(0)
+
+        return checkpoint(logprobs, hidden, ids, use_reentrant=False) if torch.is_grad_enabled() else logprobs(hidden, ids)
+
+    return checkpointed
+
+
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
                       chunk_size: int = 256) -> torch.Tensor:
     """Per-token log-probs of ``input_ids`` under ``model``, on the response tokens only.
@@ -55,8 +122,9 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         input_ids: [B, T] prompt + response token ids (int64).
         attention_mask: [B, T], 1 on real tokens, 0 on padding (left or right).
         response_mask: [B, T], true on the response tokens to score.
-        chunk_size: positions per row whose logits are computed at once; peak extra memory is about
-            ``B * chunk_size * V`` logits (twice that in backward) instead of ``B * T * V``.
+        chunk_size: positions per row whose logits are computed at once: peak extra memory is about
+            ``B * chunk_size * V`` logits instead of ``B * T * V`` (twice that in backward for the
+            checkpointed path).
 
     Returns:
         [B, T] float32 (float64 for a float64 model): ``out[b, t] = log pi(input_ids[b, t] | input_ids[b, :t])``
@@ -71,16 +139,10 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     predictors = hidden[:, :-1][scored[:, 1:]]  # [N, H]
     targets = input_ids[scored]  # [N]
 
-    def chunk_logprobs(chunk_hidden: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
-        logits = head_logits(model, chunk_hidden).unsqueeze(0)  # [1, n, V]
-        return ops.gather_logprobs(logits, chunk_targets.unsqueeze(0)).squeeze(0)
-
+    chunk_logprobs = chunk_logprobs_function(model, hidden.device)
     rows = batch * chunk_size
-    pieces = []
-    for start in range(0, predictors.shape[0], rows):
-        args = (predictors[start:start + rows], targets[start:start + rows])
-        pieces.append(checkpoint(chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
-                      else chunk_logprobs(*args))
+    pieces = [chunk_logprobs(predictors[start:start + rows], targets[start:start + rows])
+              for start in range(0, predictors.shape[0], rows)]
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logprobs = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=dtype)
     return torch.zeros(batch, steps, dtype=dtype, device=hidden.device).masked_scatter(scored, logprobs)

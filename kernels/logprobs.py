@@ -76,37 +76,55 @@ def _launch_settings(logits: torch.Tensor):
     return acc, block_v, 8 if block_v >= 2048 else 4
 
 
+def gather_logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
+    """logits [B, T, V] (any strides), ids [B, T] int64, mask [B, T] bool -> (logp, lse) [B, T] fp32 (fp64),
+    both 0 where mask is False. The same contract as the C++ ``distreward._C.gather_logprobs_forward``."""
+    acc, block_v, num_warps = _launch_settings(logits)
+    ids, mask = ids.contiguous(), mask.contiguous()
+    logp = torch.empty(ids.shape, dtype=compute_dtype(logits), device=logits.device)
+    lse = torch.empty_like(logp)
+    if logp.numel():
+        _forward_kernel[(logp.numel(),)](
+            logits, logits.stride(0), logits.stride(1), logits.stride(2), ids, mask, logp, lse,
+            logits.shape[1], logits.shape[2], ACC=acc, BLOCK_V=block_v, num_warps=num_warps)
+    return logp, lse
+
+
+def gather_logprobs_backward(grad_logp, logits, ids, mask, lse, out=None) -> torch.Tensor:
+    """grad_logp [B, T] -> grad_logits [B, T, V] = grad_logp * (onehot(ids) - softmax(logits)), 0 on masked
+    rows, contiguous in the logits' dtype; written into ``out`` when given (a contiguous tensor of the logits'
+    shape and dtype, which may be the contiguous logits themselves: each chunk is read before it is written)."""
+    acc, block_v, num_warps = _launch_settings(logits)
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    elif (out.shape != logits.shape or out.dtype != logits.dtype or not out.is_contiguous()
+          or (out.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+              and not (logits.is_contiguous() and out.data_ptr() == logits.data_ptr()))):
+        raise ValueError("out must be a contiguous tensor of the logits' shape and dtype: the logits or a separate one")
+    grad_logp = grad_logp.reshape(-1)
+    if lse.numel():
+        _backward_kernel[(lse.numel(),)](
+            logits, logits.stride(0), logits.stride(1), logits.stride(2), ids.contiguous(), mask.contiguous(), lse,
+            grad_logp, grad_logp.stride(0), out, logits.shape[1], logits.shape[2], ACC=acc, BLOCK_V=block_v,
+            num_warps=num_warps)
+    return out
+
+
 class TritonGatherLogprobs(torch.autograd.Function):
     """logits [B, T, V], ids [B, T] int64, mask [B, T] bool -> log-probs [B, T] fp32 (fp64 for fp64 logits).
     Saves the per-row logsumexp [B, T] so the backward is one pass over the logits."""
 
     @staticmethod
     def forward(ctx, logits, ids, mask):
-        acc, block_v, num_warps = _launch_settings(logits)
-        ids, mask = ids.contiguous(), mask.contiguous()
-        logp = torch.empty(ids.shape, dtype=compute_dtype(logits), device=logits.device)
-        lse = torch.empty_like(logp)
-        if logp.numel():
-            _forward_kernel[(logp.numel(),)](
-                logits, logits.stride(0), logits.stride(1), logits.stride(2), ids, mask, logp, lse,
-                logits.shape[1], logits.shape[2], ACC=acc, BLOCK_V=block_v, num_warps=num_warps)
+        logp, lse = gather_logprobs_forward(logits, ids, mask)
         ctx.save_for_backward(logits, ids, mask, lse)
-        ctx.mark_non_differentiable(lse)
         return logp
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp):
         logits, ids, mask, lse = ctx.saved_tensors
-        acc, block_v, num_warps = _launch_settings(logits)
-        grad_logp = grad_logp.reshape(-1)
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        if lse.numel():
-            _backward_kernel[(lse.numel(),)](
-                logits, logits.stride(0), logits.stride(1), logits.stride(2), ids, mask, lse, grad_logp,
-                grad_logp.stride(0), grad, logits.shape[1], logits.shape[2], ACC=acc, BLOCK_V=block_v,
-                num_warps=num_warps)
-        return grad, None, None
+        return gather_logprobs_backward(grad_logp, logits, ids, mask, lse), None, None
 
 
 def triton_gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None) -> torch.Tensor:

@@ -138,6 +138,23 @@ def test_autograd_saves_no_vocab_sized_tensor(backend):
     assert all(s.data_ptr() == logits.data_ptr() or s.numel() == 3 * 5 for s in saved)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_in_place_into_the_logits(backend, dtype):
+    """``gather_logprobs_backward(..., out=logits)`` overwrites the logits with their gradient."""
+    kernels = _C if backend == "cpp" else triton_logprobs
+    case = Case(3, 5, 1000, dtype, 5.0, "contiguous", "partial", neg_inf=True)
+    logits, ids, mask = make_inputs(case, DEVICES[backend], torch.Generator().manual_seed(8))
+    logits = logits.detach()
+    upstream = torch.randn(3, 5, device=logits.device)
+    logp, lse = kernels.gather_logprobs_forward(logits, ids, mask)
+    expected = kernels.gather_logprobs_backward(upstream, logits, ids, mask, lse)
+    assert kernels.gather_logprobs_backward(upstream, logits, ids, mask, lse, logits).data_ptr() == logits.data_ptr()
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    with pytest.raises((RuntimeError, ValueError), match="out"):
+        kernels.gather_logprobs_backward(upstream.T, logits.transpose(0, 1), ids.T, mask.T, lse.T, logits)
+
+
 def test_auto_uses_the_cpp_extension_on_cpu():
     logits = torch.randn(2, 3, 11, requires_grad=True)
     out = ops.gather_logprobs(logits, torch.randint(0, 11, (2, 3)), backend="auto")

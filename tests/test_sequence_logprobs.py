@@ -18,6 +18,12 @@ def tiny_llama(dtype=torch.float32):
     return LlamaForCausalLM(config).to(dtype).eval()  # eval: no dropout, so two passes agree
 
 
+def tiny_llama_with_head_bias():
+    model = tiny_llama()
+    model.lm_head = torch.nn.Linear(64, VOCAB, bias=True)
+    return model
+
+
 def tiny_gpt2():
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
@@ -61,7 +67,7 @@ def parameter_grads(model, logprobs, upstream):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2, tiny_gemma2])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_llama_with_head_bias, tiny_gpt2, tiny_gemma2])
 @pytest.mark.parametrize("chunk_size", [5, 64])
 def test_matches_a_full_forward_pass(build, chunk_size):
     model = build()
@@ -90,14 +96,22 @@ def test_no_grad_reference_and_bfloat16_model():
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_lm_head_sees_at_most_one_chunk_of_response_positions():
-    model = tiny_llama()
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gemma2], ids=["fused_linear", "checkpointed"])
+def test_logits_exist_one_chunk_of_response_positions_at_a_time(build, monkeypatch):
+    model = build()
     input_ids, attention_mask, response_mask = rollout_batch()
-    rows_seen = []
-    model.get_output_embeddings().register_forward_hook(lambda module, args, out: rows_seen.append(out.shape[0]))
+    linear, rows_seen = torch.nn.functional.linear, []
+
+    def recording_linear(*args):
+        out = linear(*args)
+        if out.shape[-1] == VOCAB:
+            rows_seen.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "linear", recording_linear)
     sequence_logprobs(model, input_ids, attention_mask, response_mask, chunk_size=4).sum().backward()
     assert max(rows_seen) == 3 * 4  # B * chunk_size rows of logits at a time
-    assert sum(rows_seen) == 2 * int(response_mask[:, 1:].sum())  # forward + checkpointed recompute, scored rows only
+    assert sum(rows_seen) == 2 * int(response_mask[:, 1:].sum())  # forward + recompute in backward, scored rows only
 
 
 def test_falls_back_to_output_hidden_states_without_a_base_model():

@@ -13,7 +13,6 @@ class CppGatherLogprobs(torch.autograd.Function):
     def forward(ctx, logits, ids, mask):
         logp, lse = _C.gather_logprobs_forward(logits, ids, mask)
         ctx.save_for_backward(logits, ids, mask, lse)
-        ctx.mark_non_differentiable(lse)
         return logp
 
     @staticmethod
