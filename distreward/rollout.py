@@ -12,8 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
-from distreward import ops
 from distreward.data import attention_mask_for, encode, pad, render, to_messages
+from distreward.sequence import sequence_logprobs
 
 
 @dataclass
@@ -113,14 +113,10 @@ def generate_rollouts(model, tokenizer, prompts: list, samples_per_prompt: int =
 
 
 def token_logprobs(model, rollout: Rollout) -> torch.Tensor:
-    """Per-token log-probs [B, T] fp32 of ``rollout.input_ids`` under ``model``.
-
-    ``out[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`` on response tokens, 0 elsewhere
-    (position 0 is never a response token). Differentiable when grad is enabled.
-    """
-    logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits
-    shifted = ops.gather_logprobs(logits[:, :-1], rollout.input_ids[:, 1:], rollout.response_mask[:, 1:])
-    return torch.nn.functional.pad(shifted, (1, 0))
+    """Per-token log-probs [B, T] fp32 of ``rollout.input_ids`` under ``model``
+    (:func:`distreward.sequence_logprobs`): ``out[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`` on
+    response tokens, 0 elsewhere. Differentiable when grad is enabled."""
+    return sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.response_mask)
 
 
 class RolloutScorer:
