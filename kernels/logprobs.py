@@ -4,13 +4,16 @@ One program per row of ``[B, T, V]`` logits (any strides). The forward streams t
 ``BLOCK_V`` chunks with an online max / sum-exp, so each logit is read once, and writes
 ``logp = L[y] - logsumexp(L)`` and the row's logsumexp ``[B, T]``; the backward streams the row
 once more and writes ``grad * (onehot(y) - softmax(L))`` in the logits' dtype. Masked rows read
-nothing and get 0. Math is float32 (float64 for float64 logits) whatever the input dtype.
+nothing and get 0. Math is float32 (float64 for float64 logits) whatever the input dtype. The
+launchers have the C++ kernels' contract; ``distreward.ops.logprobs.FusedGatherLogprobs`` is the
+autograd Function of both.
 """
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from distreward.ops.logprobs import fused_gather_logprobs
 from distreward.ops.reference import compute_dtype
 
 # Logits one program holds per step: 4096 keeps a GPU's registers; the CPU interpreter costs ~1 ms a
@@ -110,26 +113,7 @@ def gather_logprobs_backward(grad_logp, logits, ids, mask, lse, out=None) -> tor
     return out
 
 
-class TritonGatherLogprobs(torch.autograd.Function):
-    """logits [B, T, V], ids [B, T] int64, mask [B, T] bool -> log-probs [B, T] fp32 (fp64 for fp64 logits).
-    Saves the per-row logsumexp [B, T] so the backward is one pass over the logits."""
-
-    @staticmethod
-    def forward(ctx, logits, ids, mask):
-        logp, lse = gather_logprobs_forward(logits, ids, mask)
-        ctx.save_for_backward(logits, ids, mask, lse)
-        return logp
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp):
-        logits, ids, mask, lse = ctx.saved_tensors
-        return gather_logprobs_backward(grad_logp, logits, ids, mask, lse), None, None
-
-
 def triton_gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None) -> torch.Tensor:
     """Validated logits [B, T, V] (fp32/bf16/fp16/fp64), ids [B, T], mask [B, T] bool or None
-    -> log-probs [B, T] fp32 (fp64), 0 where mask is False."""
-    if mask is None:
-        mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-    return TritonGatherLogprobs.apply(logits, ids.long(), mask)
+    -> log-probs [B, T] fp32 (fp64), 0 where mask is False; differentiable w.r.t. the logits."""
+    return fused_gather_logprobs(logits, ids, mask, (gather_logprobs_forward, gather_logprobs_backward))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distreward import _C, ops
-from distreward.ops.logprobs import CppGatherLogprobs
+from distreward.ops import logprobs as fused_logprobs
 
 triton_logprobs = pytest.importorskip("distreward.kernels.logprobs")
 
@@ -155,10 +155,13 @@ def test_backward_in_place_into_the_logits(backend, dtype):
         kernels.gather_logprobs_backward(upstream.T, logits.transpose(0, 1), ids.T, mask.T, lse.T, logits)
 
 
-def test_auto_uses_the_cpp_extension_on_cpu():
+def test_auto_uses_the_cpp_extension_on_cpu(monkeypatch):
+    calls = []
+    cpp_gather = fused_logprobs.cpp_gather_logprobs
+    monkeypatch.setattr(fused_logprobs, "cpp_gather_logprobs", lambda *args: calls.append(args) or cpp_gather(*args))
     logits = torch.randn(2, 3, 11, requires_grad=True)
     out = ops.gather_logprobs(logits, torch.randint(0, 11, (2, 3)), backend="auto")
-    assert type(out.grad_fn).__name__ == CppGatherLogprobs.__name__ + "Backward"
+    assert len(calls) == 1 and type(out.grad_fn).__name__ == "FusedGatherLogprobsBackward"
 
 
 def test_cpp_many_rows_in_parallel_and_empty_batches():
