@@ -93,8 +93,9 @@ def save_predictions(predictions: dict, output_dir: str) -> None:
 
 
 def plot_runs(runs: dict, path: str, num_examples: int = 4) -> None:
-    """One row per run (name -> predictions): the predicted distributions of the first ``num_examples``
-    chosen answers with their label mu, and the histogram of the predicted std over all answers."""
+    """One row per run (name -> predictions): the predicted distributions of ``num_examples`` answers
+    spread over the label range (the same answers for every run), with their label mu, and the
+    histogram of the predicted std over all answers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,17 +103,19 @@ def plot_runs(runs: dict, path: str, num_examples: int = 4) -> None:
 
     figure, axes = plt.subplots(len(runs), 2, figsize=(11, 3.2 * len(runs)), squeeze=False)
     for row, (name, predictions) in enumerate(runs.items()):
-        logits = predictions["logits_chosen"][:num_examples]
+        all_logits = torch.cat([predictions["logits_chosen"], predictions["logits_rejected"]])
+        targets = torch.cat([predictions["target_chosen"], predictions["target_rejected"]])
+        picked = targets.argsort()[torch.linspace(0, len(targets) - 1, num_examples).round().long()]
+        logits, labels = all_logits[picked], targets[picked].tolist()
         centers = ops.bin_centers(logits.shape[-1]).numpy()
         width = 0.8 / (len(logits) * (logits.shape[-1] - 1))
-        labels = predictions["target_chosen"][:num_examples].tolist()
         for index, (probs, mu) in enumerate(zip(logits.softmax(-1).numpy(), labels)):
             bars = axes[row, 0].bar(centers + (index - (len(logits) - 1) / 2) * width, probs, width=width,
                                     label=f"answer {index} (mu={mu:.2f})")
             axes[row, 0].axvline(mu, color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
         axes[row, 0].set(title=f"{name}: predicted distributions", xlabel="reward bin", ylabel="probability")
         axes[row, 0].legend(fontsize=7)
-        _, std = ops.dist_moments(torch.cat([predictions["logits_chosen"], predictions["logits_rejected"]]))
+        _, std = ops.dist_moments(all_logits)
         axes[row, 1].hist(std.numpy(), bins=30, range=(0.0, 0.5))
         axes[row, 1].set(title=f"{name}: predicted std (mean {std.mean():.3f})", xlabel="std", ylabel="answers")
     figure.tight_layout()
