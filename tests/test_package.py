@@ -10,7 +10,7 @@ def test_cpp_extension_imports_and_computes_a_log_prob():
     from distreward import _C
 
     logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0]]])
-    out = _C.gather_logprobs_forward(logits, torch.tensor([[2]]), torch.tensor([[True]]))
+    out, _ = _C.gather_logprobs_forward(logits, torch.tensor([[2]]), torch.tensor([[True]]))  # (logp, lse)
     torch.testing.assert_close(out, torch.log(torch.tensor([[0.25]])))
 
 
