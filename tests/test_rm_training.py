@@ -131,3 +131,23 @@ def test_spearman_handles_ties_like_scipy():
     assert spearman(x, y) == pytest.approx(spearmanr(x.numpy(), y.numpy()).statistic)
     assert average_ranks(torch.tensor([3.0, 1.0, 3.0])).tolist() == [1.5, 0.0, 1.5]
     assert spearman(torch.ones(5), torch.arange(5.0)) != spearman(torch.ones(5), torch.arange(5.0))  # NaN
+
+
+def test_compare_runs_tables_and_plots_finished_runs(tmp_path):
+    from distreward.evaluation import compare_runs, save_predictions
+
+    for kind, sharpness in (("bt_mean", 200.0), ("bt_kl", 5.0)):
+        run_dir = tmp_path / f"rm_{kind}"
+        run_dir.mkdir()
+        predictions = {"logits_chosen": logits_with_means([0.9, 0.6], sharpness),
+                       "logits_rejected": logits_with_means([0.2, 0.7], sharpness),
+                       "target_chosen": torch.tensor([0.9, 0.6]), "target_rejected": torch.tensor([0.2, 0.5])}
+        save_predictions(predictions, str(run_dir))
+        (run_dir / "config.json").write_text(json.dumps({"loss_kind": kind}))
+        (run_dir / "eval.json").write_text(json.dumps(reward_metrics(predictions)))
+    table = compare_runs([str(tmp_path / "rm_bt_mean"), str(tmp_path / "rm_bt_kl")], str(tmp_path / "cmp.png"))
+    rows = table.splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == ["| bt_mean (rm_bt_mean)", "| bt_kl (rm_bt_kl)"]
+    sharp_std, wide_std = (float(row.split(" | ")[2]) for row in rows)  # the mean_std column
+    assert sharp_std < wide_std
+    assert (tmp_path / "cmp.png").stat().st_size > 10_000
