@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distreward import synthetic
 from distreward.data import EMBEDDED, load_raw_preferences
+from distreward.distributed import call_in_forward
 from distreward.modeling import CONFIG_NAME as REWARD_MODEL_CONFIG_NAME
 from distreward.modeling import DistributionalRewardModel
 from distreward.rewards import BASELINES, SHAPINGS, make_baseline, policy_loss, shape_rewards
@@ -151,7 +152,7 @@ class ReinforceTrainer:
         rollout = generate_rollouts(self.accelerator.unwrap_model(model), self.tokenizer, prompts,
                                     config.samples_per_prompt, config.max_new_tokens, config.temperature, config.top_p)
         rollout = rollout.to(self.accelerator.device)
-        logprobs = token_logprobs(model, rollout)
+        logprobs = call_in_forward(model, token_logprobs, rollout)  # inside DDP's forward: gradients all-reduced
         scores = self.scorer.score(rollout, logprobs)
         total = shape_rewards(scores.reward, scores.std, scores.kl, config.shaping, config.beta, config.alpha)
         baseline = self.baseline(total, self.accelerator.reduce(total.mean(), "mean"))

@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from distreward.distributed import has_accelerator
+
 RUN_CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -141,6 +143,7 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
     (safetensors); works single-process on CPU and under ``accelerate launch`` / ``torchrun``.
     """
     accelerator = Accelerator(
+        cpu=not has_accelerator(),  # else a torchrun process on a CPU-only machine would train alone
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=resolve_mixed_precision(config.mixed_precision),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),

@@ -1,0 +1,166 @@
+"""Two processes on the gloo backend (torchrun on this CPU) against one process on the same global batch.
+
+One torchrun launch of ``distributed_worker.py`` runs the rm and rl stages' command lines in turn
+(imports are paid once); a second launch resumes the killed rl run through ``-m distreward.train``.
+Equivalence: per-device batch b on 2 processes (with gradient accumulation for rm) takes the same
+steps as one process with the whole global batch. Greedy decoding makes the rollouts of a prompt
+the same in both, so the rl comparison checks the reductions (EMA baseline, loss, metrics), not
+sampling noise; a sampled run checks what must hold across ranks whatever they sample.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed
+from safetensors.torch import load_file
+
+from distreward.modeling import DistributionalRewardModel
+from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
+from distreward.train import main
+
+pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is not available in this torch build")
+
+WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
+SMALL = dict(hidden_size=32, num_layers=1, num_heads=2)
+EQUAL_LENGTH_PROMPTS = [f"What is {a} + {b}?" for a, b in ((1, 2), (3, 4), (5, 1), (2, 7), (8, 3), (6, 6), (4, 9),
+                                                            (9, 5), (7, 2), (3, 8))]
+EMA_DECAY = 0.5
+LAUNCH_TIMEOUT_S = 300
+
+
+def torchrun(*args: str) -> None:
+    """Run ``torchrun --standalone --nproc_per_node 2 ARGS`` (a free port is picked); fail with its output."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+def rm_argv(models, output_dir, per_device: int, accumulation: int) -> list:
+    return ["rm", "--model_name_or_path", str(models / "sft"), "--num_pairs", "40", "--eval_fraction", "0.2",
+            "--max_steps", "2", "--per_device_train_batch_size", str(per_device), "--gradient_accumulation_steps",
+            str(accumulation), "--learning_rate", "1e-2", "--logging_steps", "1", "--save_steps", "100",
+            "--output_dir", str(output_dir)]
+
+
+def rl_argv(models, output_dir, *flags: str) -> list:
+    return ["rl", "--policy_path", str(models / "sft"), "--reward_model_path", str(models / "rm"),
+            "--num_eval_prompts", "2", "--eval_samples_per_prompt", "1", "--max_new_tokens", "4",
+            "--learning_rate", "1e-2", "--logging_steps", "1", "--output_dir", str(output_dir), *flags]
+
+
+def greedy_rl_argv(models, output_dir, per_device: int) -> list:
+    return rl_argv(models, output_dir, "--dataset_name", str(models / "prompts.jsonl"), "--num_train_prompts", "8",
+                   "--temperature", "0", "--samples_per_prompt", "1", "--max_steps", "2", "--save_steps", "100",
+                   "--per_device_train_batch_size", str(per_device))
+
+
+def sampled_rl_argv(models, output_dir, *flags: str) -> list:
+    return rl_argv(models, output_dir, "--num_train_prompts", "16", "--samples_per_prompt", "2", "--max_steps", "3",
+                   "--save_steps", "2", "--per_device_train_batch_size", "2", "--ema_decay", str(EMA_DECAY), *flags)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny 'SFT' policy, a reward model on it (saved as the sft / rm stages save them) and a prompt file
+    whose prompts all tokenise to the same length (no padding: batched and split greedy rollouts agree)."""
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = build_tiny_tokenizer()
+    policy = build_tiny_policy(tokenizer, seed=3, **SMALL)
+    policy.save_pretrained(root / "sft")
+    tokenizer.save_pretrained(root / "sft")
+    torch.manual_seed(0)
+    reward_model = DistributionalRewardModel.from_backbone(policy)
+    reward_model.head.weight.data.mul_(30)  # rewards that differ between responses: advantages well above noise
+    reward_model.save_pretrained(root / "rm")
+    tokenizer.save_pretrained(root / "rm")
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in EQUAL_LENGTH_PROMPTS))
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(models, tmp_path_factory):
+    """Output directories of the 2-process runs; the rl run killed after checkpoint-2 is resumed by a new launch."""
+    root = tmp_path_factory.mktemp("two_processes")
+    plan = [{"argv": rm_argv(models, root / "rm", per_device=2, accumulation=2)},
+            {"argv": greedy_rl_argv(models, root / "rl_greedy", per_device=2)},
+            {"argv": sampled_rl_argv(models, root / "rl_whole"), "record_dir": str(root / "record")},
+            {"argv": sampled_rl_argv(models, root / "rl_killed"), "kill_at": 3}]
+    (root / "runs.json").write_text(json.dumps(plan))
+    torchrun(WORKER, str(root / "runs.json"))
+    assert os.path.isdir(root / "rl_killed" / "checkpoint-2") and not os.path.exists(root / "rl_killed" / "policy")
+    torchrun("-m", "distreward.train", *sampled_rl_argv(models, root / "rl_killed", "--resume"))
+    return root
+
+
+def read_metrics(run_dir) -> list:
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def assert_same_weights(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_rm_steps_match_one_process_on_the_same_global_batch(models, runs, tmp_path):
+    # 2 processes x 2 pairs x 2 accumulated micro-batches == 1 process x 8 pairs
+    assert main(rm_argv(models, tmp_path, per_device=8, accumulation=1)) == 0
+    assert_same_weights(load_file(runs / "rm" / "model.safetensors"), load_file(tmp_path / "model.safetensors"))
+    trained, initial = load_file(tmp_path / "model.safetensors"), load_file(models / "rm" / "model.safetensors")
+    assert not torch.allclose(trained["backbone.embed_tokens.weight"], initial["backbone.embed_tokens.weight"])
+    two, one = read_metrics(runs / "rm"), read_metrics(tmp_path)  # metrics averaged over ranks and micro-batches
+    assert [m["step"] for m in two] == [1, 2]  # written once, by rank 0
+    for name in ("loss", "accuracy", "mean_std", "lr"):
+        assert [m[name] for m in two] == pytest.approx([m[name] for m in one], rel=1e-4, abs=1e-6), name
+
+
+def test_rl_steps_match_one_process_on_the_same_global_batch(models, runs, tmp_path):
+    assert main(greedy_rl_argv(models, tmp_path, per_device=4)) == 0
+    assert_same_weights(load_file(runs / "rl_greedy" / "policy" / "model.safetensors"),
+                        load_file(tmp_path / "policy" / "model.safetensors"))
+    two, one = read_metrics(runs / "rl_greedy"), read_metrics(tmp_path)
+    assert [m["step"] for m in two] == [1, 2]
+    for name in ("loss", "reward", "total_reward", "baseline", "kl"):
+        assert [m[name] for m in two] == pytest.approx([m[name] for m in one], rel=1e-4, abs=1e-6), name
+    two, one = (json.load(open(run / "eval.json")) for run in (runs / "rl_greedy", tmp_path))
+    for policy in ("sft", "trained"):
+        assert two[policy]["reward"] == pytest.approx(one[policy]["reward"], rel=1e-4, abs=1e-6)
+        assert two[policy]["kl_to_ref"] == pytest.approx(one[policy]["kl_to_ref"], rel=1e-4, abs=1e-6)
+
+
+def test_rl_ranks_sample_their_own_prompts_and_share_the_ema_baseline(runs):
+    ranks = [json.load(open(runs / "record" / f"rank{rank}.json")) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    ema = None
+    for step0, step1 in zip(*ranks):
+        assert not set(step0["prompts"]) & set(step1["prompts"])  # data sharded per rank
+        assert step0["total_reward"] != step1["total_reward"]  # so a rank-local baseline would differ
+        global_mean = (step0["total_reward"] + step1["total_reward"]) / 2
+        baseline = global_mean if ema is None else ema
+        assert step0["baseline"] == step1["baseline"] == pytest.approx(baseline, rel=1e-5)
+        ema = EMA_DECAY * baseline + (1 - EMA_DECAY) * global_mean
+        assert step0["ema"] == step1["ema"] == pytest.approx(ema, rel=1e-5)
+    weights = [load_file(runs / "record" / f"rank{rank}.safetensors") for rank in (0, 1)]
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name  # gradients were all-reduced
+
+
+def test_rank_zero_alone_writes_metrics_and_checkpoints(runs):
+    assert [m["step"] for m in read_metrics(runs / "rl_whole")] == [1, 2, 3]
+    checkpoint = runs / "rl_killed" / "checkpoint-2"
+    assert {"model.safetensors", "trainer_state.json", "random_states_0.pkl", "random_states_1.pkl"} <= set(
+        os.listdir(checkpoint))
+
+
+def test_resumed_two_process_run_continues_where_it_stopped(runs):
+    whole, resumed = runs / "rl_whole", runs / "rl_killed"
+    resumed_weights, whole_weights = (load_file(run / "policy" / "model.safetensors") for run in (resumed, whole))
+    for name in whole_weights:
+        assert torch.equal(resumed_weights[name], whole_weights[name]), name
+    assert open(resumed / "metrics.jsonl").read() == open(whole / "metrics.jsonl").read()
+    assert json.load(open(resumed / "eval.json")) == json.load(open(whole / "eval.json"))
