@@ -15,6 +15,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define DISTREWARD_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -160,6 +164,18 @@ void check_ids_in_vocab(const torch::Tensor& ids, const torch::Tensor& mask, int
   }
 }
 
+// A fresh gradient is first touched by the kernel's writes; with 4 KiB pages those page faults cost more
+// than the math (~0.5 s for 400 MB here). On Linux, ask for transparent huge pages (one fault per 2 MiB),
+// as torch does for every allocation under THP_MEM_ALLOC_ENABLE=1. Advisory: a refusal changes nothing.
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kPage = 4096, kHugePage = 2 << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kPage - 1) & ~(kPage - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kPage - 1);
+  if (end >= begin + kHugePage) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
 // Calls fn(row_index, row_pointer, id) for every row, OpenMP-parallel, without the GIL.
 template <typename scalar_t, typename Fn>
 void for_each_row(const torch::Tensor& logits, Fn fn) {
@@ -229,6 +245,7 @@ torch::Tensor gather_logprobs_backward(torch::Tensor grad_logp, const torch::Ten
                 "gather_logprobs_backward (C++): out may be the logits themselves but not overlap them otherwise");
   } else {
     grad = torch::empty(logits.sizes(), logits.options().memory_format(torch::MemoryFormat::Contiguous));
+    advise_huge_pages(grad.data_ptr(), grad.nbytes());
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, logits.scalar_type(), "gather_logprobs_backward", [&] {
     using acc_t = acc_type<scalar_t>;
