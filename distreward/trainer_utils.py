@@ -161,7 +161,7 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
 
     accelerator.register_save_state_pre_hook(save_models)
     accelerator.register_load_state_pre_hook(load_models)
-    set_seed(config.seed)
+    set_seed(config.seed, device_specific=True)  # rank r: seed + r, so ranks sample different rollouts
     return accelerator
 
 

@@ -4,7 +4,7 @@ RUNS.json lists ``python -m distreward.train`` command lines to run in turn in t
 launch pays the ~10 s of imports once). A run may name ``kill_at``: the rl stage's ``compute_loss``
 call at which every rank raises, standing in for the job being killed; and ``record_dir``: each rank
 writes there what the test compares across ranks, ``rank{r}.json`` (per step: the prompts this rank
-trained on, its local mean total reward, the baseline it used and the EMA value after the step) and
+trained on, its seed, its local mean total reward, the baseline it used and the EMA value after the step) and
 ``rank{r}.safetensors`` (its final policy weights).
 """
 import contextlib
@@ -13,6 +13,7 @@ import os
 import sys
 from unittest import mock
 
+import torch
 from safetensors.torch import save_file
 
 from distreward import train
@@ -34,7 +35,7 @@ def instrumented_reinforce(record_dir=None, kill_at=None):
         if len(steps) + 1 == kill_at:
             raise Killed
         loss, metrics = compute_loss(self, model, prompts)
-        steps.append({"prompts": prompts, "total_reward": metrics["total_reward"].item(),
+        steps.append({"prompts": prompts, "seed": torch.initial_seed(), "total_reward": metrics["total_reward"].item(),
                       "baseline": metrics["baseline"].item(), "ema": self.baseline.state_dict().get("value")})
         return loss, metrics
 

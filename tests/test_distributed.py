@@ -88,8 +88,11 @@ def runs(models, tmp_path_factory):
     root = tmp_path_factory.mktemp("two_processes")
     plan = [{"argv": rm_argv(models, root / "rm", per_device=2, accumulation=2)},
             {"argv": greedy_rl_argv(models, root / "rl_greedy", per_device=2)},
-            {"argv": sampled_rl_argv(models, root / "rl_whole"), "record_dir": str(root / "record")},
+            {"argv": sampled_rl_argv(models, root / "rl_whole"), "record_dir": str(root / "record_ema")},
             {"argv": sampled_rl_argv(models, root / "rl_killed"), "kill_at": 3}]
+    for baseline in ("rloo", "batch"):
+        plan.append({"argv": sampled_rl_argv(models, root / f"rl_{baseline}", "--baseline", baseline, "--max_steps", "1",
+                                             "--save_steps", "100"), "record_dir": str(root / f"record_{baseline}")})
     (root / "runs.json").write_text(json.dumps(plan))
     torchrun(WORKER, str(root / "runs.json"))
     assert os.path.isdir(root / "rl_killed" / "checkpoint-2") and not os.path.exists(root / "rl_killed" / "policy")
@@ -133,9 +136,15 @@ def test_rl_steps_match_one_process_on_the_same_global_batch(models, runs, tmp_p
         assert two[policy]["kl_to_ref"] == pytest.approx(one[policy]["kl_to_ref"], rel=1e-4, abs=1e-6)
 
 
+def read_records(runs, baseline: str) -> list:
+    """Per rank, per step: prompts, seed, local mean total reward, baseline used, EMA value (distributed_worker.py)."""
+    return [json.load(open(runs / f"record_{baseline}" / f"rank{rank}.json")) for rank in (0, 1)]
+
+
 def test_rl_ranks_sample_their_own_prompts_and_share_the_ema_baseline(runs):
-    ranks = [json.load(open(runs / "record" / f"rank{rank}.json")) for rank in (0, 1)]
+    ranks = read_records(runs, "ema")
     assert len(ranks[0]) == len(ranks[1]) == 3
+    assert ranks[0][0]["seed"] != ranks[1][0]["seed"]  # each rank samples its rollouts from its own stream
     ema = None
     for step0, step1 in zip(*ranks):
         assert not set(step0["prompts"]) & set(step1["prompts"])  # data sharded per rank
@@ -145,9 +154,21 @@ def test_rl_ranks_sample_their_own_prompts_and_share_the_ema_baseline(runs):
         assert step0["baseline"] == step1["baseline"] == pytest.approx(baseline, rel=1e-5)
         ema = EMA_DECAY * baseline + (1 - EMA_DECAY) * global_mean
         assert step0["ema"] == step1["ema"] == pytest.approx(ema, rel=1e-5)
-    weights = [load_file(runs / "record" / f"rank{rank}.safetensors") for rank in (0, 1)]
+    weights = [load_file(runs / "record_ema" / f"rank{rank}.safetensors") for rank in (0, 1)]
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name  # gradients were all-reduced
+
+
+def test_rl_batch_baseline_is_the_global_mean_and_rloo_groups_stay_within_a_rank(runs):
+    (batch0,), (batch1,) = read_records(runs, "batch")
+    assert batch0["total_reward"] != batch1["total_reward"]
+    global_mean = (batch0["total_reward"] + batch1["total_reward"]) / 2
+    assert batch0["baseline"] == batch1["baseline"] == pytest.approx(global_mean, rel=1e-5)
+    # Over whole groups, the leave-one-out baselines average to the groups' mean reward: the rank's own.
+    (rloo0,), (rloo1,) = read_records(runs, "rloo")
+    assert rloo0["total_reward"] != rloo1["total_reward"]
+    for step in (rloo0, rloo1):
+        assert step["baseline"] == pytest.approx(step["total_reward"], rel=1e-5)
 
 
 def test_rank_zero_alone_writes_metrics_and_checkpoints(runs):
