@@ -5,7 +5,9 @@
 Each benchmark records its time (pytest-benchmark) and, in ``extra_info``, ``peak_extra_mib``: how far
 the process's peak resident memory rose above its resident memory before one call (see
 :func:`peak_extra_bytes`). ``test_issue_targets`` prints the ratios and checks issue 4's targets.
-The ops are called below their input validation, which costs every backend the same.
+The ops are called below their input validation, which costs every backend the same. The fused
+backward asks the kernel for transparent huge pages for its fresh gradient; torch does that for every
+allocation under ``THP_MEM_ALLOC_ENABLE=1``, which speeds up the eager baselines' backward too.
 
     pytest benchmarks/test_bench_gather.py --benchmark-group-by=group --benchmark-columns=min,median,rounds
 """
