@@ -17,6 +17,7 @@ import torch
 import torch.distributed
 from safetensors.torch import load_file
 
+from distreward.distributed import call_in_forward
 from distreward.modeling import DistributionalRewardModel
 from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
 from distreward.train import main
@@ -108,6 +109,19 @@ def assert_same_weights(actual: dict, expected: dict) -> None:
     assert actual.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_call_in_forward_runs_the_function_inside_the_forward_call_and_restores_it():
+    for patched in (False, True):
+        model, pre_forward = torch.nn.Linear(2, 2), []
+        if patched:  # an instance-level forward, as accelerate's mixed-precision wrapper sets
+            model.forward = torch.nn.Linear.forward.__get__(model)
+        instance_forward = model.__dict__.get("forward")
+        model.register_forward_pre_hook(lambda module, args: pre_forward.append(args))
+        out = call_in_forward(model, lambda module, x: module.weight.sum() * x, torch.tensor(2.0))
+        assert out == 2 * model.weight.sum() and len(pre_forward) == 1  # ran as the forward, hooks around it
+        assert model.__dict__.get("forward") is instance_forward
+        assert torch.equal(model(torch.ones(2)), model.weight.sum(-1) + model.bias)
 
 
 def test_rm_steps_match_one_process_on_the_same_global_batch(models, runs, tmp_path):
