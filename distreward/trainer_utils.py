@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from distreward.distributed import has_accelerator
+from distreward.distributed import check_data_parallel, has_accelerator
 
 RUN_CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
@@ -148,6 +148,7 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         mixed_precision=resolve_mixed_precision(config.mixed_precision),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
+    check_data_parallel(accelerator)
 
     def save_models(models, weights, output_dir):
         if accelerator.is_main_process:

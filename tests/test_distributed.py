@@ -11,13 +11,15 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-from distreward.distributed import call_in_forward
+from distreward.distributed import call_in_forward, check_data_parallel
 from distreward.modeling import DistributionalRewardModel
 from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
 from distreward.train import main
@@ -122,6 +124,14 @@ def test_call_in_forward_runs_the_function_inside_the_forward_call_and_restores_
         assert out == 2 * model.weight.sum() and len(pre_forward) == 1  # ran as the forward, hooks around it
         assert model.__dict__.get("forward") is instance_forward
         assert torch.equal(model(torch.ones(2)), model.weight.sum(-1) + model.bias)
+
+
+@pytest.mark.parametrize("engine", [DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM])
+def test_sharded_engines_are_refused_with_a_clear_error(engine):
+    with pytest.raises(ValueError, match=f"{engine.value} is not supported yet"):
+        check_data_parallel(SimpleNamespace(distributed_type=engine))
+    for data_parallel in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        check_data_parallel(SimpleNamespace(distributed_type=data_parallel))
 
 
 def test_rm_steps_match_one_process_on_the_same_global_batch(models, runs, tmp_path):
