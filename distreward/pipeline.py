@@ -33,7 +33,9 @@ class PipelineConfig:
                                                                        "sub-directories, report.json, plots."})
     seed: int = field(default=0, metadata={"help": "Seed of every stage (data, initialisation, sampling)."})
     num_pairs: int = field(default=4000, metadata={"help": "Preference pairs of the embedded task (SFT and RM)."})
-    sft_epochs: float = field(default=3.0, metadata={"help": "SFT passes over the chosen answers."})
+    sft_epochs: float = field(default=6.0, metadata={
+        "help": "SFT passes over the chosen answers (a weaker SFT policy samples answers unlike the reward "
+                "model's training pairs, and REINFORCE then exploits the reward model instead of improving)."})
     rm_epochs: float = field(default=2.0, metadata={"help": "Reward-model passes over the training pairs."})
     loss_kind: str = field(default="bt_kl", metadata={"help": "Reward-model loss: bt_mean, bt_kl or dpl."})
     rl_steps: int = field(default=ReinforceConfig.max_steps, metadata={"help": "REINFORCE optimizer steps."})
