@@ -5,6 +5,7 @@ import os
 import pytest
 
 from distreward import train
+from distreward.experiments import gains, results_table
 from distreward.pipeline import PipelineConfig, run_pipeline, run_stages
 
 TINY = dict(num_pairs=64, sft_epochs=1.0, rm_epochs=1.0, rl_steps=2, num_eval_prompts=4)
@@ -52,3 +53,14 @@ def test_cli_rejects_a_bad_setting(capsys):
 def test_cli_rl_stage_explains_a_missing_policy(tmp_path, capsys):
     assert train.main(["rl", "--policy_path", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path)]) == 2
     assert "run `python -m distreward.train sft` first" in capsys.readouterr().err
+
+
+def test_experiment_gains_and_table():
+    report = {"sft": {"reward": {"mean": 0.5}, "kl_to_ref": 0.0, "ground_truth": {"mean": 2.0}},
+              "trained": {"reward": {"mean": 0.75}, "kl_to_ref": 0.3, "ground_truth": {"mean": 2.5}}}
+    assert gains(report) == {"ground_truth_gain": 0.5, "reward_gain": 0.25, "kl_to_ref": 0.3}
+    runs = [{"seed": seed, "loss_kind": "bt_kl", "shaping": "none", "ground_truth_gain": gain, "reward_gain": 0.1,
+             "kl_to_ref": 0.2} for seed, gain in enumerate([0.1, 0.3])]
+    row = results_table(runs).splitlines()[-1]
+    # mean 0.2, sample std of (0.1, 0.3) = 0.1414
+    assert row == "| bt_kl | none | 2 | +0.200 ± 0.141 | +0.100 ± 0.000 | +0.200 ± 0.000 |"
