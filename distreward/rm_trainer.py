@@ -107,9 +107,10 @@ def run_reward_training(config: RewardConfig):
     config.validate()
     accelerator = make_accelerator(config)
     model, tokenizer = load_backbone(config, accelerator.print)
-    data = load_preference_data(tokenizer, config.dataset_name, config.dataset_split, config.num_pairs,
-                                config.score_min, config.score_max, config.eval_fraction, config.max_length,
-                                config.seed)
+    with accelerator.main_process_first():  # rank 0 downloads and caches the data, the others then read it
+        data = load_preference_data(tokenizer, config.dataset_name, config.dataset_split, config.num_pairs,
+                                    config.score_min, config.score_max, config.eval_fraction, config.max_length,
+                                    config.seed)
     if accelerator.is_main_process:
         save_run_config(config, config.output_dir)
     loader = DataLoader(data["train"], batch_size=config.per_device_train_batch_size, shuffle=True,

@@ -86,8 +86,9 @@ def run_sft(config: SFTConfig):
     config.validate()
     accelerator = make_accelerator(config)
     policy, tokenizer = load_policy(config.model_name_or_path, config.seed)
-    data = load_sft_data(tokenizer, config.dataset_name, config.dataset_split, config.num_pairs,
-                         config.max_length, config.seed)
+    with accelerator.main_process_first():  # rank 0 downloads and caches the data, the others then read it
+        data = load_sft_data(tokenizer, config.dataset_name, config.dataset_split, config.num_pairs,
+                             config.max_length, config.seed)
     if accelerator.is_main_process:
         save_run_config(config, config.output_dir, RUN_CONFIG_NAME)
     loader = DataLoader(data, batch_size=config.per_device_train_batch_size, shuffle=True,
