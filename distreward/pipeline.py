@@ -11,6 +11,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from accelerate import PartialState
+
 from distreward import ops
 from distreward.reinforce import EVAL_NAME, EVAL_SAMPLES_NAME, ReinforceConfig, format_report, run_reinforce
 from distreward.rewards import BASELINES, SHAPINGS
@@ -134,9 +136,13 @@ def run_pipeline(config: PipelineConfig) -> dict:
     """Run every stage, write ``report.json`` and the plots, print the SFT vs trained table; returns the report."""
     start = time.perf_counter()
     config.validate()
-    save_run_config(config, config.output_dir)
+    main_process = PartialState().is_main_process  # under torchrun only process 0 writes and prints
+    if main_process:
+        save_run_config(config, config.output_dir)
     stage_dirs = [os.path.join(config.output_dir, name) for name in ("sft", "rm", "rl")]
     report = run_stages(config, *stage_dirs)
+    if not main_process:
+        return report
     rl_dir = stage_dirs[-1]
     with open(os.path.join(config.output_dir, REPORT_NAME), "w") as handle:
         json.dump(report, handle, indent=2)
