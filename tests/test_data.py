@@ -11,11 +11,6 @@ from distreward.data import (IGNORE_INDEX, CompletionCollator, PreferenceCollato
 from distreward.tiny import build_tiny_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
-
-
 def helpsteer_rows(messages: bool, score_keys=("chosen_rating", "rejected_rating"), scores=((3.4, 1.2), (2.0, 0.6))):
     """Rows as HelpSteer2_binarized stores them (message lists) or with plain-string answers."""
     rows = []

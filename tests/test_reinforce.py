@@ -10,15 +10,10 @@ from distreward.modeling import DistributionalRewardModel, RewardOutput
 from distreward.reinforce import ReinforceConfig, ReinforceTrainer, load_prompts, run_reinforce
 from distreward.rollout import RolloutScorer, generate_rollouts, left_align, mask_through_eos, prompt_text, \
     token_logprobs
-from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
+from distreward.tiny import build_tiny_policy
 
 SMALL = dict(hidden_size=32, num_layers=1, num_heads=2)
 DIGIT_PROMPTS = ["Pick a lucky digit.", "Choose any digit."]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
 
 
 def test_mask_through_eos():

@@ -4,14 +4,9 @@ import torch
 
 from distreward import ops
 from distreward.modeling import DistributionalRewardModel, last_token_index
-from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
+from distreward.tiny import build_tiny_policy
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,10 @@ from distreward.data import PreferenceCollator, load_preference_data
 from distreward.evaluation import average_ranks, markdown_table, metrics_by_group, reward_metrics, spearman
 from distreward.modeling import DistributionalRewardModel
 from distreward.rm_trainer import RewardConfig, pair_loss_fn
-from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
+from distreward.tiny import build_tiny_policy
 from distreward.trainer_utils import list_checkpoints, make_accelerator, train_loop
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
