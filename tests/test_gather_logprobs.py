@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from distreward import _C, ops
+from distreward import ops
+from distreward.ops import cpp as cpp_logprobs
 from distreward.ops import logprobs as fused_logprobs
 
 triton_logprobs = pytest.importorskip("distreward.kernels.logprobs")
@@ -141,27 +142,27 @@ def test_autograd_saves_no_vocab_sized_tensor(backend):
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_in_place_into_the_logits(backend, dtype):
-    """``gather_logprobs_backward(..., out=logits)`` overwrites the logits with their gradient."""
-    kernels = _C if backend == "cpp" else triton_logprobs
+    """``gather_logprobs_backward(..., in_place=True)`` overwrites the logits with their gradient."""
+    kernels = cpp_logprobs if backend == "cpp" else triton_logprobs
     case = Case(3, 5, 1000, dtype, 5.0, "contiguous", "partial", neg_inf=True)
     logits, ids, mask = make_inputs(case, DEVICES[backend], torch.Generator().manual_seed(8))
     logits = logits.detach()
     upstream = torch.randn(3, 5, device=logits.device)
     logp, lse = kernels.gather_logprobs_forward(logits, ids, mask)
     expected = kernels.gather_logprobs_backward(upstream, logits, ids, mask, lse)
-    assert kernels.gather_logprobs_backward(upstream, logits, ids, mask, lse, logits).data_ptr() == logits.data_ptr()
+    assert kernels.gather_logprobs_backward(upstream, logits, ids, mask, lse, in_place=True) is logits
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
-    with pytest.raises((RuntimeError, ValueError), match="out"):
-        kernels.gather_logprobs_backward(upstream.T, logits.transpose(0, 1), ids.T, mask.T, lse.T, logits)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.gather_logprobs_backward(upstream.T, logits.transpose(0, 1), ids.T, mask.T, lse.T, in_place=True)
 
 
 def test_auto_uses_the_cpp_extension_on_cpu(monkeypatch):
     calls = []
-    cpp_gather = fused_logprobs.cpp_gather_logprobs
-    monkeypatch.setattr(fused_logprobs, "cpp_gather_logprobs", lambda *args: calls.append(args) or cpp_gather(*args))
+    cpp_gather = fused_logprobs.GATHER["cpp"]
+    monkeypatch.setitem(fused_logprobs.GATHER, "cpp", lambda *args: calls.append(args) or cpp_gather(*args))
     logits = torch.randn(2, 3, 11, requires_grad=True)
     out = ops.gather_logprobs(logits, torch.randint(0, 11, (2, 3)), backend="auto")
-    assert len(calls) == 1 and type(out.grad_fn).__name__ == "FusedGatherLogprobsBackward"
+    assert len(calls) == 1 and "distreward_gather_logprobs_forward" in out.grad_fn.name()
 
 
 def test_cpp_many_rows_in_parallel_and_empty_batches():
@@ -215,27 +216,63 @@ def test_bad_shapes_and_dtypes_raise_value_error(backend):
 
 
 def test_extension_rechecks_its_inputs():
-    """Called directly, the C++ functions raise instead of reading outside the logits."""
+    """Called directly through the dispatcher, the C++ ops raise ValueError / IndexError naming the problem
+    instead of reading outside the logits."""
+    forward, backward = torch.ops.distreward.gather_logprobs_forward, torch.ops.distreward.gather_logprobs_backward
     logits = torch.randn(2, 3, 11)
     ids, mask = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)
     lse = torch.zeros(2, 3)
     ids[0, 1] = 11
+    with pytest.raises(IndexError, match=r"^ids\[0, 1\] = 11 is outside the vocabulary \[0, 11\)$"):
+        forward(logits, ids, mask)
     with pytest.raises(IndexError, match=r"ids\[0, 1\] = 11"):
-        _C.gather_logprobs_forward(logits, ids, mask)
-    with pytest.raises(IndexError, match=r"ids\[0, 1\] = 11"):
-        _C.gather_logprobs_backward(torch.ones(2, 3), logits, ids, mask, lse)
+        backward(torch.ones(2, 3), logits, ids, mask, lse)
     mask[0, 1] = False  # a masked bad id is never read
-    assert float(_C.gather_logprobs_forward(logits, ids, mask)[0][0, 1]) == 0.0
-    bad_calls = [
-        (logits, ids.int(), mask),
-        (logits, ids.float(), mask),
-        (logits, ids[:, :2], mask),
-        (logits, ids, mask.float()),
-        (logits[0], ids, mask),
-        (torch.randn(2, 3, 0), ids, mask),
-    ]
-    for args in bad_calls:
-        with pytest.raises(RuntimeError):
-            _C.gather_logprobs_forward(*args)
-    with pytest.raises(RuntimeError):
-        _C.gather_logprobs_backward(torch.ones(2, 3), logits, ids, mask, lse.double())
+    assert float(forward(logits, ids, mask)[0][0, 1]) == 0.0
+    bad_calls = {
+        "ids must be int64": (logits, ids.int(), mask),
+        "ids must be int64": (logits, ids.float(), mask),
+        r"ids must be \[B, T\] = \[2, 3\], got \[2, 2\]": (logits, ids[:, :2], mask),
+        r"mask must be a bool tensor of shape \[2, 3\]": (logits, ids, mask.float()),
+        r"logits must be \[B, T, V\], got shape \[3, 11\]": (logits[0], ids, mask),
+        "non-empty vocabulary": (torch.randn(2, 3, 0), ids, mask),
+        "logits must be float": (logits.long(), ids, mask),
+        r"logits\[1, 2\] contains NaN": (logits.index_put((torch.tensor(1), torch.tensor(2)), torch.tensor(float("nan"))), ids, mask),
+    }
+    for message, args in bad_calls.items():
+        with pytest.raises(ValueError, match=message):
+            forward(*args)
+    with pytest.raises(ValueError, match="lse must be float32"):
+        backward(torch.ones(2, 3), logits, ids, mask, lse.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpp_ops_pass_opcheck(dtype):
+    """The schema, fake (meta) implementations and registered autograd agree with the C++ kernels."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(2, 3, 7, generator=g).to(dtype).requires_grad_(True)
+    ids = torch.randint(0, 7, (2, 3), generator=g)
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    torch.library.opcheck(torch.ops.distreward.gather_logprobs_forward, (logits, ids, mask))
+    lse = torch.ops.distreward.gather_logprobs_forward(logits, ids, mask)[1].detach()
+    grad = torch.randn(2, 3, generator=g)
+    torch.library.opcheck(torch.ops.distreward.gather_logprobs_backward, (grad, logits.detach(), ids, mask, lse))
+    torch.library.opcheck(torch.ops.distreward.gather_logprobs_backward_, (grad, logits.detach().clone(), ids, mask, lse))
+
+
+def test_torch_compile_traces_the_public_gather_in_one_graph():
+    """fullgraph=True: no graph break in the public call (validation included), same values and gradients."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, i, m: ops.gather_logprobs(x, i, m, backend="cpp"), fullgraph=True,
+                             backend="aot_eager")
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(2, 5, 33, generator=g, requires_grad=True)
+    ids, mask = torch.randint(0, 33, (2, 5), generator=g), torch.rand(2, 5, generator=g) > 0.3
+    expected = ops.gather_logprobs(logits, ids, mask, backend="eager")
+    actual = compiled(logits, ids, mask)
+    torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(torch.autograd.grad(actual.sum(), logits)[0],
+                               torch.autograd.grad(expected.sum(), logits)[0])
+    ids[1, 4], mask[1, 4] = 40, True
+    with pytest.raises(IndexError, match=r"ids\[1, 4\] = 40"):  # the kernel's own check runs in the graph
+        compiled(logits, ids, mask)
