@@ -276,3 +276,75 @@ def test_torch_compile_traces_the_public_gather_in_one_graph():
     ids[1, 4], mask[1, 4] = 40, True
     with pytest.raises(IndexError, match=r"ids\[1, 4\] = 40"):  # the kernel's own check runs in the graph
         compiled(logits, ids, mask)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+def test_bad_values_are_found_on_the_kernels_output(backend):
+    """NaN / +inf in a live row, or a live row of only -inf, raise ValueError naming the row; the same in a
+    masked row is ignored. No extra pass over the logits: the row's logsumexp shows it."""
+    device = "cpu" if backend == "eager" else DEVICES[backend]
+    ids, mask = torch.zeros(2, 3, dtype=torch.long, device=device), torch.ones(2, 3, dtype=torch.bool, device=device)
+    for bad in (float("nan"), float("inf")):
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = torch.randn(2, 3, 3000, device=device).to(dtype)
+            logits[1, 2, 2500] = bad  # in a later chunk than the picked id
+            with pytest.raises(ValueError, match=r"logits\[1, 2\] contains NaN or \+inf"):
+                ops.gather_logprobs(logits, ids, mask, backend=backend)
+            mask[1, 2] = False
+            assert bool(torch.isfinite(ops.gather_logprobs(logits, ids, mask, backend=backend)).all())
+            mask[1, 2] = True
+    logits = torch.randn(2, 3, 3000, device=device)
+    logits[0, 1] = float("-inf")
+    logits[0, 1, 2100] = float("nan")  # a NaN among -inf: the C++ kernel skips chunks whose max is -inf
+    with pytest.raises(ValueError, match=r"logits\[0, 1\]"):
+        ops.gather_logprobs(logits, ids, mask, backend=backend)
+    logits[0, 1, 2100] = float("-inf")
+    with pytest.raises(ValueError, match=r"logits\[0, 1\] .*no finite value"):
+        ops.gather_logprobs(logits, ids, mask, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "eager", "cpp", "triton"])
+def test_empty_vocabulary_and_meta_tensors_raise_value_error(backend):
+    with pytest.raises(ValueError, match="non-empty vocabulary"):
+        ops.gather_logprobs(torch.randn(2, 3, 0), torch.zeros(2, 3, dtype=torch.long), backend=backend)
+    with pytest.raises(ValueError, match="meta"):
+        ops.gather_logprobs(torch.randn(2, 3, 5, device="meta"), torch.zeros(2, 3, dtype=torch.long, device="meta"),
+                            backend=backend)
+
+
+def test_unknown_or_misplaced_backends_raise_value_error():
+    logits, ids = torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.gather_logprobs(logits, ids, backend="cuda")
+    assert fused_logprobs.resolve_backend("cpp", torch.device("cpu")) == "cpp"
+    with pytest.raises(ValueError, match="needs CPU tensors"):
+        fused_logprobs.resolve_backend("cpp", torch.device("cuda"))
+
+
+def test_triton_and_eager_work_without_the_cpp_extension():
+    """A failed C++ build (distreward._C does not import) leaves auto on eager and the Triton path working;
+    an explicit backend='cpp' says why it is unavailable."""
+    script = """
+import sys, torch
+sys.modules["distreward._C"] = None  # what a missing build looks like: the import raises ImportError
+from distreward import ops, sequence_logprobs
+from distreward.ops.logprobs import resolve_backend
+logits, ids = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
+expected = ops.gather_logprobs(logits, ids, backend="eager")
+torch.testing.assert_close(ops.gather_logprobs(logits, ids, backend="triton"), expected)
+torch.testing.assert_close(ops.gather_logprobs(logits, ids, backend="auto"), expected)
+assert resolve_backend("auto", torch.device("cpu")) == "eager"
+try:
+    ops.gather_logprobs(logits, ids, backend="cpp")
+except ValueError as error:
+    assert "not available" in str(error) and "distreward._C" in str(error), error
+else:
+    raise AssertionError("backend='cpp' ran without the extension")
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
