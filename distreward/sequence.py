@@ -22,16 +22,32 @@ from distreward.ops.logprobs import gather_kernels, resolve_backend
 def _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size) -> None:
     if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
         raise ValueError(f"model must be a causal LM with an output embedding (LM head), got {type(model).__name__}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-        raise ValueError(f"input_ids must be an integer tensor [B, T], got {getattr(input_ids, 'shape', input_ids)!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be an int64 (or int32) tensor [B, T], got {getattr(input_ids, 'dtype', '')} "
+                         f"{getattr(input_ids, 'shape', input_ids)!r}")
+    device = next(model.parameters()).device
+    if input_ids.device != device:
+        raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}")
     for name, mask in (("attention_mask", attention_mask), ("response_mask", response_mask)):
         if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
             raise ValueError(f"{name} must be a tensor of input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {getattr(mask, 'shape', mask)!r}")
         if mask.device != input_ids.device:
             raise ValueError(f"{name} is on {mask.device} but input_ids are on {input_ids.device}")
+        if mask.is_floating_point() and not torch.compiler.is_compiling() and bool(torch.isnan(mask).any()):
+            raise ValueError(f"{name} contains NaN")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+
+def _check_ids(model, input_ids) -> None:
+    """Every input id in the model's embedding table [0, num_embeddings) (IndexError naming the first)."""
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    if vocab is not None and input_ids.numel() and not torch.compiler.is_compiling():
+        bad = (input_ids < 0) | (input_ids >= vocab)
+        if bool(bad.any()):
+            b, t = (int(i) for i in torch.nonzero(bad)[0])
+            raise IndexError(f"input_ids[{b}, {t}] = {int(input_ids[b, t])} is outside the model's vocabulary [0, {vocab})")
 
 
 def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -137,7 +153,11 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     """
     _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size)
     backend = resolve_backend(backend, input_ids.device)
+    _check_ids(model, input_ids)
     batch, steps = input_ids.shape
+    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    if input_ids.numel() == 0:
+        return torch.zeros(batch, steps, dtype=dtype, device=input_ids.device)
     scored = torch.zeros_like(input_ids, dtype=torch.bool)
     scored[:, 1:] = response_mask[:, 1:].bool()
     targets = input_ids[scored]  # [N]
@@ -150,7 +170,6 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     rows = batch * chunk_size
     pieces = [chunk_logprobs(predictors[start:start + rows], targets[start:start + rows])
               for start in range(0, predictors.shape[0], rows)]
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logprobs = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=dtype)
     check_finite(logprobs)
     return torch.zeros(batch, steps, dtype=dtype, device=hidden.device).masked_scatter(scored, logprobs)
