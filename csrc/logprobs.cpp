@@ -158,9 +158,10 @@ DISTREWARD_SIMD_CLONES void row_grad(const scalar_t* row, int64_t stride, int64_
 }
 
 // Error messages are formatted with snprintf into a fixed buffer and handed to TORCH_CHECK_* as one C
-// string, so no std::ostringstream runs in this library. Formatting integers through c10::str (that is,
-// through the iostream numeric facets compiled into this .so) crashed the process under torch 2.11 +
-// Python 3.12 (issue 10), while messages without numbers raised cleanly.
+// string, so no std::ostringstream runs in this library. Under torch 2.11 + Python 3.12 (issue 10) the
+// checks whose messages formatted integers or sizes through c10::str (iostream numeric facets inlined
+// into this .so) crashed the process while those formatting only strings raised: the likely cause,
+// not reproduced here (torch 2.13 raises either way).
 class Message {
  public:
   template <typename... Args>
