@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from distreward import ops, sequence_logprobs
 from distreward.ops import reference
-from distreward.ops.logprobs import cpp_gather_logprobs
+import distreward.ops.cpp  # noqa: F401  (registers torch.ops.distreward.*)
 
 SHAPES = [(8, 256, 49152), (4, 64, 49152)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -64,7 +64,7 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
 
 
 IMPLEMENTATIONS = {
-    "fused": cpp_gather_logprobs,
+    "fused": lambda logits, ids: ops.gather_logprobs(logits, ids, backend="cpp"),
     "eager": reference.gather_logprobs,
     "loop": selective_log_softmax,
 }

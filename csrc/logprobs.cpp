@@ -6,14 +6,18 @@
 // and merged into the row's running max / sum-exp online. The float loops are written so gcc
 // vectorises them (`omp simd` reductions, a branch-free exp), and are compiled for AVX-512, AVX2+FMA
 // and baseline x86-64 with the best clone picked at load time. Masked rows cost nothing.
-#include <torch/extension.h>
+#include <Python.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <type_traits>
-#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -66,6 +70,14 @@ DISTREWARD_INLINE acc_t max_of(const acc_t* x, int64_t n) {
   return m;
 }
 
+template <typename acc_t>
+DISTREWARD_INLINE bool any_nan(const acc_t* x, int64_t n) {
+  bool found = false;
+#pragma omp simd reduction(| : found)
+  for (int64_t i = 0; i < n; ++i) found |= x[i] != x[i];
+  return found;
+}
+
 // sum_i exp(x_i - shift), shift >= max_i x_i.
 template <typename acc_t>
 DISTREWARD_INLINE acc_t sum_exp(const acc_t* x, int64_t n, acc_t shift) {
@@ -104,7 +116,8 @@ DISTREWARD_INLINE const acc_t* load_chunk(const scalar_t* row, int64_t stride, i
   return buf;
 }
 
-// logsumexp of one row of `vocab` logits `row[v * stride]`; -inf for a row of -inf.
+// logsumexp of one row of `vocab` logits `row[v * stride]`; -inf for a row of -inf, NaN for a row holding
+// a NaN or +inf (max_of may skip a NaN: sum_exp propagates it, and a chunk of -inf is searched for one).
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 DISTREWARD_SIMD_CLONES acc_t row_logsumexp(const scalar_t* row, int64_t stride, int64_t vocab) {
   alignas(64) acc_t buf[kChunk];
@@ -114,7 +127,10 @@ DISTREWARD_SIMD_CLONES acc_t row_logsumexp(const scalar_t* row, int64_t stride, 
     const int64_t n = std::min(kChunk, vocab - start);
     const acc_t* x = load_chunk(row, stride, start, n, buf);
     const acc_t chunk_max = max_of(x, n);
-    if (chunk_max == -std::numeric_limits<acc_t>::infinity()) continue;
+    if (chunk_max == -std::numeric_limits<acc_t>::infinity()) {
+      if (any_nan(x, n)) return std::numeric_limits<acc_t>::quiet_NaN();
+      continue;
+    }
     if (chunk_max > running_max) {
       total *= std::exp(running_max - chunk_max);
       running_max = chunk_max;
@@ -141,26 +157,84 @@ DISTREWARD_SIMD_CLONES void row_grad(const scalar_t* row, int64_t stride, int64_
   store_as(g - g * exp_nonpositive(picked - lse), grad_row + id);
 }
 
-// Shapes, dtypes and devices the kernels rely on; ids at live positions must lie in [0, V).
-void check_inputs(const torch::Tensor& logits, const torch::Tensor& ids, const torch::Tensor& mask) {
-  TORCH_CHECK(logits.device().is_cpu() && ids.device().is_cpu() && mask.device().is_cpu(),
-              "gather_logprobs (C++): logits, ids and mask must be CPU tensors");
-  TORCH_CHECK(logits.dim() == 3, "gather_logprobs (C++): logits must be [B, T, V], got ", logits.sizes());
-  TORCH_CHECK(ids.sizes() == logits.sizes().slice(0, 2), "gather_logprobs (C++): ids must be [B, T] = ",
-              logits.sizes().slice(0, 2), ", got ", ids.sizes());
-  TORCH_CHECK(ids.scalar_type() == torch::kLong, "gather_logprobs (C++): ids must be int64, got ", ids.scalar_type());
-  TORCH_CHECK(mask.sizes() == ids.sizes() && mask.scalar_type() == torch::kBool,
-              "gather_logprobs (C++): mask must be a bool tensor of shape ", ids.sizes());
-  TORCH_CHECK(logits.size(2) > 0, "gather_logprobs (C++): logits must have a non-empty vocabulary");
+// Error messages are formatted with snprintf into a fixed buffer and handed to TORCH_CHECK_* as one C
+// string, so no std::ostringstream runs in this library. Under torch 2.11 + Python 3.12 (issue 10) the
+// checks whose messages formatted integers or sizes through c10::str (iostream numeric facets inlined
+// into this .so) crashed the process while those formatting only strings raised: the likely cause,
+// not reproduced here (torch 2.13 raises either way).
+class Message {
+ public:
+  template <typename... Args>
+  explicit Message(const char* format, Args... args) {
+    std::snprintf(text_, sizeof(text_), format, args...);
+  }
+  const char* c_str() const { return text_; }
+
+ private:
+  char text_[320];
+};
+
+// "[2, 3, 11]" for the messages.
+class Shape {
+ public:
+  explicit Shape(at::IntArrayRef sizes) {
+    int used = std::snprintf(text_, sizeof(text_), "[");
+    for (size_t i = 0; i < sizes.size() && used < static_cast<int>(sizeof(text_)); ++i) {
+      used += std::snprintf(text_ + used, sizeof(text_) - used, i ? ", %lld" : "%lld", static_cast<long long>(sizes[i]));
+    }
+    if (used < static_cast<int>(sizeof(text_))) std::snprintf(text_ + used, sizeof(text_) - used, "]");
+  }
+  const char* c_str() const { return text_; }
+
+ private:
+  char text_[96];
+};
+
+bool is_float_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
 }
 
-void check_ids_in_vocab(const torch::Tensor& ids, const torch::Tensor& mask, int64_t vocab) {
+// Shapes, dtypes and devices the kernels rely on (ValueError), then ids at live positions in [0, V)
+// (IndexError). Everything is checked here, before any OpenMP region: nothing inside one throws.
+void check_inputs(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& mask) {
+  TORCH_CHECK_VALUE(logits.device().is_cpu() && ids.device().is_cpu() && mask.device().is_cpu(),
+                    "gather_logprobs (C++): logits, ids and mask must be CPU tensors");
+  TORCH_CHECK_VALUE(logits.dim() == 3, Message("gather_logprobs (C++): logits must be [B, T, V], got shape %s",
+                                               Shape(logits.sizes()).c_str()).c_str());
+  TORCH_CHECK_VALUE(is_float_dtype(logits.scalar_type()),
+                    "gather_logprobs (C++): logits must be float32, float64, float16 or bfloat16");
+  TORCH_CHECK_VALUE(ids.sizes() == logits.sizes().slice(0, 2),
+                    Message("gather_logprobs (C++): ids must be [B, T] = %s, got %s",
+                            Shape(logits.sizes().slice(0, 2)).c_str(), Shape(ids.sizes()).c_str()).c_str());
+  TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong, "gather_logprobs (C++): ids must be int64");
+  TORCH_CHECK_VALUE(mask.sizes() == ids.sizes() && mask.scalar_type() == at::kBool,
+                    Message("gather_logprobs (C++): mask must be a bool tensor of shape %s",
+                            Shape(ids.sizes()).c_str()).c_str());
+  TORCH_CHECK_VALUE(logits.size(2) > 0, "gather_logprobs (C++): logits must have a non-empty vocabulary");
+}
+
+// ids and mask contiguous [B, T]; raises IndexError naming the first live id outside [0, vocab).
+void check_ids_in_vocab(const at::Tensor& ids, const at::Tensor& mask, int64_t vocab) {
   const int64_t* id = ids.data_ptr<int64_t>();
   const bool* live = mask.data_ptr<bool>();
   const int64_t steps = ids.size(1);
   for (int64_t r = 0; r < ids.numel(); ++r) {
-    TORCH_CHECK_INDEX(!live[r] || (id[r] >= 0 && id[r] < vocab), "ids[", r / steps, ", ", r % steps, "] = ", id[r],
-                      " is outside the vocabulary [0, ", vocab, ")");
+    TORCH_CHECK_INDEX(!live[r] || (id[r] >= 0 && id[r] < vocab),
+                      Message("ids[%lld, %lld] = %lld is outside the vocabulary [0, %lld)",
+                              static_cast<long long>(r / steps), static_cast<long long>(r % steps),
+                              static_cast<long long>(id[r]), static_cast<long long>(vocab)).c_str());
+  }
+}
+
+// A NaN or +inf logit makes its row's logsumexp NaN, a row of only -inf makes it -inf: one pass over the
+// [B, T] output finds every such live row (ValueError naming the first), instead of a pass over [B, T, V].
+template <typename acc_t>
+void check_rows_finite(const acc_t* lse, const bool* live, int64_t rows, int64_t steps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK_VALUE(!live[r] || std::isfinite(lse[r]),
+                      Message("logits[%lld, %lld] contains NaN or +inf, or no finite value (a live row must hold "
+                              "a distribution)", static_cast<long long>(r / steps),
+                              static_cast<long long>(r % steps)).c_str());
   }
 }
 
@@ -176,83 +250,45 @@ void advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
-// Calls fn(row_index, row_pointer, id) for every row, OpenMP-parallel, without the GIL.
+// Calls fn(row_index, row_pointer) for every row, OpenMP-parallel. fn must not throw.
 template <typename scalar_t, typename Fn>
-void for_each_row(const torch::Tensor& logits, Fn fn) {
+void for_each_row(const at::Tensor& logits, Fn fn) {
   const int64_t rows = logits.size(0) * logits.size(1);
   const int64_t steps = logits.size(1);
   const int64_t stride_b = logits.stride(0), stride_t = logits.stride(1);
-  const scalar_t* data = logits.data_ptr<scalar_t>();
-  pybind11::gil_scoped_release no_gil;
+  const scalar_t* data = logits.const_data_ptr<scalar_t>();
 #pragma omp parallel for schedule(dynamic, 8)
   for (int64_t r = 0; r < rows; ++r) fn(r, data + (r / steps) * stride_b + (r % steps) * stride_t);
 }
 
-}  // namespace
-
-// logits [B, T, V] fp32/bf16/fp16/fp64 (any strides), ids [B, T] int64, mask [B, T] bool
-// -> (logp [B, T], lse [B, T]), fp32 (fp64 for fp64 logits), both 0 where mask is false.
-std::vector<torch::Tensor> gather_logprobs_forward(const torch::Tensor& logits, torch::Tensor ids, torch::Tensor mask) {
-  check_inputs(logits, ids, mask);
-  ids = ids.contiguous();
-  mask = mask.contiguous();
-  const int64_t vocab = logits.size(2), stride_v = logits.stride(2);
-  check_ids_in_vocab(ids, mask, vocab);
-  const auto acc = logits.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
-  auto logp = torch::empty(ids.sizes(), logits.options().dtype(acc));
-  auto lse = torch::empty_like(logp);
-  AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, logits.scalar_type(), "gather_logprobs_forward", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const int64_t* id = ids.data_ptr<int64_t>();
-    const bool* live = mask.data_ptr<bool>();
-    acc_t* logp_out = logp.data_ptr<acc_t>();
-    acc_t* lse_out = lse.data_ptr<acc_t>();
-    for_each_row<scalar_t>(logits, [&](int64_t r, const scalar_t* row) {
-      if (!live[r]) {
-        logp_out[r] = lse_out[r] = 0;
-        return;
-      }
-      lse_out[r] = row_logsumexp(row, stride_v, vocab);
-      logp_out[r] = static_cast<acc_t>(row[id[r] * stride_v]) - lse_out[r];
-    });
-  });
-  return {logp, lse};
+at::ScalarType acc_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// grad_logp [B, T] and the forward's lse [B, T] (fp32, fp64 for fp64 logits) -> grad_logits [B, T, V],
-// contiguous, in the logits' dtype; rows where mask is false are 0. Written into `out` when given (a
-// contiguous [B, T, V] tensor of the logits' dtype, which may be the logits themselves), else a new tensor.
-torch::Tensor gather_logprobs_backward(torch::Tensor grad_logp, const torch::Tensor& logits, torch::Tensor ids,
-                                       torch::Tensor mask, torch::Tensor lse, c10::optional<torch::Tensor> out) {
-  check_inputs(logits, ids, mask);
-  const auto acc = logits.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
-  TORCH_CHECK(grad_logp.sizes() == ids.sizes() && lse.sizes() == ids.sizes(),
-              "gather_logprobs_backward (C++): grad_logp and lse must be [B, T]");
-  TORCH_CHECK(lse.scalar_type() == acc, "gather_logprobs_backward (C++): lse must be ", acc);
-  ids = ids.contiguous();
-  mask = mask.contiguous();
-  grad_logp = grad_logp.to(acc).contiguous();
-  lse = lse.contiguous();
+// grad_logp [B, T] and the forward's lse [B, T] -> grad_logits [B, T, V] written contiguously into `grad`.
+void backward_into(const at::Tensor& grad_logp_in, const at::Tensor& logits, const at::Tensor& ids_in,
+                   const at::Tensor& mask_in, const at::Tensor& lse_in, at::Tensor& grad) {
+  check_inputs(logits, ids_in, mask_in);
+  const auto acc = acc_dtype(logits);
+  TORCH_CHECK_VALUE(grad_logp_in.device().is_cpu() && lse_in.device().is_cpu(),
+                    "gather_logprobs_backward (C++): grad_logp and lse must be CPU tensors");
+  TORCH_CHECK_VALUE(grad_logp_in.sizes() == ids_in.sizes() && lse_in.sizes() == ids_in.sizes(),
+                    Message("gather_logprobs_backward (C++): grad_logp and lse must be [B, T] = %s",
+                            Shape(ids_in.sizes()).c_str()).c_str());
+  TORCH_CHECK_VALUE(is_float_dtype(grad_logp_in.scalar_type()),
+                    "gather_logprobs_backward (C++): grad_logp must be a float tensor");
+  TORCH_CHECK_VALUE(lse_in.scalar_type() == acc,
+                    "gather_logprobs_backward (C++): lse must be float32 (float64 for float64 logits)");
+  const auto ids = ids_in.contiguous(), mask = mask_in.contiguous(), lse = lse_in.contiguous();
+  const auto grad_logp = grad_logp_in.to(acc).contiguous();
   const int64_t vocab = logits.size(2), stride_v = logits.stride(2);
   check_ids_in_vocab(ids, mask, vocab);
-  torch::Tensor grad;
-  if (out.has_value()) {
-    grad = *out;
-    TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() && grad.is_contiguous() &&
-                    grad.device().is_cpu(),
-                "gather_logprobs_backward (C++): out must be a contiguous CPU tensor of the logits' shape and dtype");
-    TORCH_CHECK(!grad.is_alias_of(logits) || (logits.is_contiguous() && grad.data_ptr() == logits.data_ptr()),
-                "gather_logprobs_backward (C++): out may be the logits themselves but not overlap them otherwise");
-  } else {
-    grad = torch::empty(logits.sizes(), logits.options().memory_format(torch::MemoryFormat::Contiguous));
-    advise_huge_pages(grad.data_ptr(), grad.nbytes());
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, logits.scalar_type(), "gather_logprobs_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gather_logprobs_backward", [&] {
     using acc_t = acc_type<scalar_t>;
-    const int64_t* id = ids.data_ptr<int64_t>();
-    const bool* live = mask.data_ptr<bool>();
-    const acc_t* g = grad_logp.data_ptr<acc_t>();
-    const acc_t* row_lse = lse.data_ptr<acc_t>();
+    const int64_t* id = ids.const_data_ptr<int64_t>();
+    const bool* live = mask.const_data_ptr<bool>();
+    const acc_t* g = grad_logp.const_data_ptr<acc_t>();
+    const acc_t* row_lse = lse.const_data_ptr<acc_t>();
     scalar_t* grad_data = grad.data_ptr<scalar_t>();
     for_each_row<scalar_t>(logits, [&](int64_t r, const scalar_t* row) {
       scalar_t* grad_row = grad_data + r * vocab;
@@ -263,15 +299,74 @@ torch::Tensor gather_logprobs_backward(torch::Tensor grad_logp, const torch::Ten
       }
     });
   });
+}
+
+// logits [B, T, V] fp32/bf16/fp16/fp64 (any strides), ids [B, T] int64, mask [B, T] bool
+// -> (logp [B, T], lse [B, T]), fp32 (fp64 for fp64 logits), both 0 where mask is false.
+std::tuple<at::Tensor, at::Tensor> gather_logprobs_forward(const at::Tensor& logits, const at::Tensor& ids_in,
+                                                           const at::Tensor& mask_in) {
+  check_inputs(logits, ids_in, mask_in);
+  const auto ids = ids_in.contiguous(), mask = mask_in.contiguous();
+  const int64_t vocab = logits.size(2), stride_v = logits.stride(2);
+  check_ids_in_vocab(ids, mask, vocab);
+  auto logp = at::empty(ids.sizes(), logits.options().dtype(acc_dtype(logits)));
+  auto lse = at::empty_like(logp);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gather_logprobs_forward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const int64_t* id = ids.const_data_ptr<int64_t>();
+    const bool* live = mask.const_data_ptr<bool>();
+    acc_t* logp_out = logp.data_ptr<acc_t>();
+    acc_t* lse_out = lse.data_ptr<acc_t>();
+    for_each_row<scalar_t>(logits, [&](int64_t r, const scalar_t* row) {
+      if (!live[r]) {
+        logp_out[r] = lse_out[r] = 0;
+        return;
+      }
+      lse_out[r] = row_logsumexp(row, stride_v, vocab);
+      logp_out[r] = static_cast<acc_t>(row[id[r] * stride_v]) - lse_out[r];
+    });
+    check_rows_finite(lse_out, live, lse.numel(), ids.size(1));
+  });
+  return {logp, lse};
+}
+
+// -> grad_logits [B, T, V] = grad_logp * (onehot(ids) - softmax(logits)), contiguous, in the logits' dtype;
+// 0 on masked rows.
+at::Tensor gather_logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& ids,
+                                    const at::Tensor& mask, const at::Tensor& lse) {
+  check_inputs(logits, ids, mask);
+  auto grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  backward_into(grad_logp, logits, ids, mask, lse, grad);
   return grad;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gather_logprobs_forward", &gather_logprobs_forward, pybind11::arg("logits"), pybind11::arg("ids"),
-        pybind11::arg("mask"),
-        "Fused log-softmax + gather: logits [B, T, V], ids [B, T] int64, mask [B, T] bool -> (logp, lse) [B, T]");
-  m.def("gather_logprobs_backward", &gather_logprobs_backward, pybind11::arg("grad_logp"), pybind11::arg("logits"),
-        pybind11::arg("ids"), pybind11::arg("mask"), pybind11::arg("lse"), pybind11::arg("out") = pybind11::none(),
-        "grad_logp [B, T] -> grad_logits [B, T, V] = grad_logp * (onehot(ids) - softmax(logits)), 0 on masked rows, "
-        "into `out` (may be `logits`) when given");
+// The same gradient written over the (contiguous) logits themselves: each chunk is read before it is written.
+void gather_logprobs_backward_(const at::Tensor& grad_logp, at::Tensor& logits, const at::Tensor& ids,
+                               const at::Tensor& mask, const at::Tensor& lse) {
+  TORCH_CHECK_VALUE(logits.is_contiguous(), "gather_logprobs_backward_ (C++): the logits must be contiguous");
+  backward_into(grad_logp, logits, ids, mask, lse, logits);
+}
+
+}  // namespace
+
+extern "C" {
+// `import distreward._C` loads this library, whose static initialisers below register the ops with
+// PyTorch's dispatcher; they are called as torch.ops.distreward.* (distreward/ops/cpp.py).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(distreward, m) {
+  m.def("gather_logprobs_forward(Tensor logits, Tensor ids, Tensor mask) -> (Tensor, Tensor)");
+  m.def("gather_logprobs_backward(Tensor grad_logp, Tensor logits, Tensor ids, Tensor mask, Tensor lse) -> Tensor");
+  m.def("gather_logprobs_backward_(Tensor grad_logp, Tensor(a!) logits, Tensor ids, Tensor mask, Tensor lse) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(distreward, CPU, m) {
+  m.impl("gather_logprobs_forward", &gather_logprobs_forward);
+  m.impl("gather_logprobs_backward", &gather_logprobs_backward);
+  m.impl("gather_logprobs_backward_", &gather_logprobs_backward_);
 }

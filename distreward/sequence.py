@@ -4,7 +4,8 @@ REINFORCE needs ``log pi(y_t)`` of every response token for the policy (with gra
 frozen reference (SPEC §4-5). :func:`sequence_logprobs` runs the model's trunk once, keeps the
 hidden states of the positions that predict a response token, and applies the LM head and the
 fused gather ``chunk_size`` positions per row at a time, so at most one chunk of logits exists at
-any moment. For a plain ``nn.Linear`` head on CPU or CUDA, :class:`LinearGatherLogprobs` fuses head
+any moment. For a plain ``nn.Linear`` head and a fused backend (C++ on CPU, Triton on CUDA: the
+``backend`` argument, resolved as ``ops.gather_logprobs`` does), :class:`LinearGatherLogprobs` fuses head
 and gather: it keeps only the chunk's hidden states and logsumexp for backward, recomputes the
 logits there and turns them into their own gradient in place (as Liger-Kernel's fused linear
 cross-entropy does). Other heads (logit soft-capping, custom modules) go through
@@ -15,21 +16,38 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from distreward import ops
+from distreward.ops.logprobs import gather_kernels, resolve_backend
 
 
 def _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size) -> None:
     if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
         raise ValueError(f"model must be a causal LM with an output embedding (LM head), got {type(model).__name__}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-        raise ValueError(f"input_ids must be an integer tensor [B, T], got {getattr(input_ids, 'shape', input_ids)!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be an int64 (or int32) tensor [B, T], got {getattr(input_ids, 'dtype', '')} "
+                         f"{getattr(input_ids, 'shape', input_ids)!r}")
+    device = next(model.parameters()).device
+    if input_ids.device != device:
+        raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}")
     for name, mask in (("attention_mask", attention_mask), ("response_mask", response_mask)):
         if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
             raise ValueError(f"{name} must be a tensor of input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {getattr(mask, 'shape', mask)!r}")
         if mask.device != input_ids.device:
             raise ValueError(f"{name} is on {mask.device} but input_ids are on {input_ids.device}")
+        if mask.is_floating_point() and not torch.compiler.is_compiling() and bool(torch.isnan(mask).any()):
+            raise ValueError(f"{name} contains NaN")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+
+def _check_ids(model, input_ids) -> None:
+    """Every input id in the model's embedding table [0, num_embeddings) (IndexError naming the first)."""
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    if vocab is not None and input_ids.numel() and not torch.compiler.is_compiling():
+        bad = (input_ids < 0) | (input_ids >= vocab)
+        if bool(bad.any()):
+            b, t = (int(i) for i in torch.nonzero(bad)[0])
+            raise IndexError(f"input_ids[{b}, {t}] = {int(input_ids[b, t])} is outside the model's vocabulary [0, {vocab})")
 
 
 def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -48,18 +66,6 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
     return logits if cap is None else cap * torch.tanh(logits / cap)
-
-
-def fused_gather_kernels(device: torch.device):
-    """The (gather_logprobs_forward, gather_logprobs_backward) pair for ``device``: the C++ extension on CPU,
-    the Triton kernels on CUDA; None elsewhere."""
-    if device.type == "cpu":
-        from distreward import _C as kernels
-    elif device.type == "cuda":
-        from distreward.kernels import logprobs as kernels
-    else:
-        return None
-    return kernels.gather_logprobs_forward, kernels.gather_logprobs_backward
 
 
 class LinearGatherLogprobs(torch.autograd.Function):
@@ -84,37 +90,50 @@ class LinearGatherLogprobs(torch.autograd.Function):
         _, backward_kernel = ctx.kernels
         logits = F.linear(hidden, weight, bias).unsqueeze(0)
         live = torch.ones(ids.shape, dtype=torch.bool, device=ids.device).unsqueeze(0)
-        grad_logits = backward_kernel(grad_logp.unsqueeze(0), logits, ids.unsqueeze(0), live, lse, logits).squeeze(0)
+        grad_logits = backward_kernel(grad_logp.unsqueeze(0), logits, ids.unsqueeze(0), live, lse,
+                                      in_place=True).squeeze(0)
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         return (grad_logits @ weight if needs_hidden else None,
                 grad_logits.T @ hidden if needs_weight else None,
                 grad_logits.sum(0) if bias is not None and needs_bias else None, None, None)
 
 
-def chunk_logprobs_function(model, device: torch.device):
-    """``f(hidden [n, H], ids [n]) -> log-probs [n]`` for one chunk of ``model``'s head: fused for a plain
-    ``nn.Linear`` head on CPU / CUDA, else the head, soft-capping and ``ops.gather_logprobs`` checkpointed."""
-    head, kernels = model.get_output_embeddings(), fused_gather_kernels(device)
-    if type(head) is torch.nn.Linear and getattr(model.config, "final_logit_softcapping", None) is None and kernels:
-        def fused(hidden, ids):
-            if not 0 <= int(ids.min()) <= int(ids.max()) < head.out_features:
-                raise IndexError(f"input_ids hold response tokens outside the head's vocabulary [0, {head.out_features})")
-            return LinearGatherLogprobs.apply(hidden, head.weight, head.bias, ids, kernels)
-
-        return fused
+def chunk_logprobs_function(model, backend: str):
+    """``f(hidden [n, H], ids [n]) -> log-probs [n]`` for one chunk of ``model``'s head and a resolved gather
+    ``backend``: head and gather fused for a plain ``nn.Linear`` head and a fused backend, else the head,
+    soft-capping and ``ops.gather_logprobs`` checkpointed."""
+    head = model.get_output_embeddings()
+    plain = type(head) is torch.nn.Linear and getattr(model.config, "final_logit_softcapping", None) is None
+    if plain and backend != "eager":
+        kernels = gather_kernels(backend)
+        return lambda hidden, ids: LinearGatherLogprobs.apply(hidden, head.weight, head.bias, ids, kernels)
 
     def checkpointed(hidden, ids):
         def logprobs(chunk_hidden, chunk_ids):
             logits = head_logits(model, chunk_hidden).unsqueeze(0)  # [1, n, V]
-            return ops.gather_logprobs(logits, chunk_ids.unsqueeze(0)).squeeze(0)
+            return ops.gather_logprobs(logits, chunk_ids.unsqueeze(0), backend=backend).squeeze(0)
 
         return checkpoint(logprobs, hidden, ids, use_reentrant=False) if torch.is_grad_enabled() else logprobs(hidden, ids)
 
     return checkpointed
 
 
+def check_targets(targets: torch.Tensor, vocab) -> None:
+    """Response token ids [N] in the head's vocabulary [0, vocab) (vocab None: the gather checks them)."""
+    if vocab is None or torch.compiler.is_compiling() or not targets.numel():
+        return
+    if bool(((targets < 0) | (targets >= vocab)).any()):
+        raise IndexError(f"input_ids hold response tokens outside the head's vocabulary [0, {vocab})")
+
+
+def check_finite(logprobs: torch.Tensor) -> None:
+    """The log-probs [N] are finite: a NaN or inf in the model's logits (or hidden states) raises ValueError."""
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(logprobs).all()):
+        raise ValueError("the model's log-probs of some response tokens are NaN or inf (NaN or inf in its logits)")
+
+
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
-                      chunk_size: int = 256) -> torch.Tensor:
+                      chunk_size: int = 256, backend: str = "auto") -> torch.Tensor:
     """Per-token log-probs of ``input_ids`` under ``model``, on the response tokens only.
 
     Args:
@@ -125,24 +144,32 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         chunk_size: positions per row whose logits are computed at once: peak extra memory is about
             ``B * chunk_size * V`` logits instead of ``B * T * V`` (twice that in backward for the
             checkpointed path).
+        backend: the gather's backend, resolved as :func:`distreward.ops.gather_logprobs` does ("auto",
+            "eager", "triton" or "cpp").
 
     Returns:
         [B, T] float32 (float64 for a float64 model): ``out[b, t] = log pi(input_ids[b, t] | input_ids[b, :t])``
         where ``response_mask[b, t]`` is true and t >= 1, else 0. Differentiable w.r.t. the model's parameters.
     """
     _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size)
+    backend = resolve_backend(backend, input_ids.device)
+    _check_ids(model, input_ids)
     batch, steps = input_ids.shape
-    hidden = final_hidden_states(model, input_ids, attention_mask)
+    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    if input_ids.numel() == 0:
+        return torch.zeros(batch, steps, dtype=dtype, device=input_ids.device)
     scored = torch.zeros_like(input_ids, dtype=torch.bool)
     scored[:, 1:] = response_mask[:, 1:].bool()
+    targets = input_ids[scored]  # [N]
+    check_targets(targets, getattr(model.get_output_embeddings(), "out_features", None))
+    hidden = final_hidden_states(model, input_ids, attention_mask)
     # Position t - 1 predicts token t: keep only the hidden states that predict a scored token.
     predictors = hidden[:, :-1][scored[:, 1:]]  # [N, H]
-    targets = input_ids[scored]  # [N]
 
-    chunk_logprobs = chunk_logprobs_function(model, hidden.device)
+    chunk_logprobs = chunk_logprobs_function(model, backend)
     rows = batch * chunk_size
     pieces = [chunk_logprobs(predictors[start:start + rows], targets[start:start + rows])
               for start in range(0, predictors.shape[0], rows)]
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logprobs = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=dtype)
+    check_finite(logprobs)
     return torch.zeros(batch, steps, dtype=dtype, device=hidden.device).masked_scatter(scored, logprobs)

@@ -5,16 +5,13 @@ One program per row of ``[B, T, V]`` logits (any strides). The forward streams t
 ``logp = L[y] - logsumexp(L)`` and the row's logsumexp ``[B, T]``; the backward streams the row
 once more and writes ``grad * (onehot(y) - softmax(L))`` in the logits' dtype. Masked rows read
 nothing and get 0. Math is float32 (float64 for float64 logits) whatever the input dtype. The
-launchers have the C++ kernels' contract; ``distreward.ops.logprobs.FusedGatherLogprobs`` is the
-autograd Function of both.
+launchers have the C++ kernels' contract and know nothing of ``distreward.ops``, whose
+``FusedGatherLogprobs`` autograd Function and input checks wrap them.
 """
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
-
-from distreward.ops.logprobs import fused_gather_logprobs
-from distreward.ops.reference import compute_dtype
 
 # Logits one program holds per step: 4096 keeps a GPU's registers; the CPU interpreter costs ~1 ms a
 # step, so it takes the whole row (up to 2^16) at once.
@@ -75,16 +72,16 @@ def _launch_settings(logits: torch.Tensor):
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got logits on {logits.device}")
     limit = GPU_BLOCK_V if logits.device.type == "cuda" else INTERPRETER_BLOCK_V
     block_v = min(triton.next_power_of_2(logits.shape[-1]), limit)
-    acc = tl.float64 if compute_dtype(logits) == torch.float64 else tl.float32
+    acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
     return acc, block_v, 8 if block_v >= 2048 else 4
 
 
 def gather_logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
     """logits [B, T, V] (any strides), ids [B, T] int64, mask [B, T] bool -> (logp, lse) [B, T] fp32 (fp64),
-    both 0 where mask is False. The same contract as the C++ ``distreward._C.gather_logprobs_forward``."""
+    both 0 where mask is False. The same contract as the C++ ``torch.ops.distreward.gather_logprobs_forward``."""
     acc, block_v, num_warps = _launch_settings(logits)
     ids, mask = ids.contiguous(), mask.contiguous()
-    logp = torch.empty(ids.shape, dtype=compute_dtype(logits), device=logits.device)
+    logp = torch.empty(ids.shape, dtype=torch.float64 if acc == tl.float64 else torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     if logp.numel():
         _forward_kernel[(logp.numel(),)](
@@ -93,17 +90,14 @@ def gather_logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, mask: torch
     return logp, lse
 
 
-def gather_logprobs_backward(grad_logp, logits, ids, mask, lse, out=None) -> torch.Tensor:
+def gather_logprobs_backward(grad_logp, logits, ids, mask, lse, in_place: bool = False) -> torch.Tensor:
     """grad_logp [B, T] -> grad_logits [B, T, V] = grad_logp * (onehot(ids) - softmax(logits)), 0 on masked
-    rows, contiguous in the logits' dtype; written into ``out`` when given (a contiguous tensor of the logits'
-    shape and dtype, which may be the contiguous logits themselves: each chunk is read before it is written)."""
+    rows, contiguous in the logits' dtype; written over the (contiguous) logits themselves when ``in_place``
+    (each chunk is read before it is written)."""
     acc, block_v, num_warps = _launch_settings(logits)
-    if out is None:
-        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    elif (out.shape != logits.shape or out.dtype != logits.dtype or not out.is_contiguous()
-          or (out.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
-              and not (logits.is_contiguous() and out.data_ptr() == logits.data_ptr()))):
-        raise ValueError("out must be a contiguous tensor of the logits' shape and dtype: the logits or a separate one")
+    if in_place and not logits.is_contiguous():
+        raise ValueError("in_place needs contiguous logits")
+    out = logits if in_place else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     grad_logp = grad_logp.reshape(-1)
     if lse.numel():
         _backward_kernel[(lse.numel(),)](
@@ -111,9 +105,3 @@ def gather_logprobs_backward(grad_logp, logits, ids, mask, lse, out=None) -> tor
             grad_logp, grad_logp.stride(0), out, logits.shape[1], logits.shape[2], ACC=acc, BLOCK_V=block_v,
             num_warps=num_warps)
     return out
-
-
-def triton_gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None) -> torch.Tensor:
-    """Validated logits [B, T, V] (fp32/bf16/fp16/fp64), ids [B, T], mask [B, T] bool or None
-    -> log-probs [B, T] fp32 (fp64), 0 where mask is False; differentiable w.r.t. the logits."""
-    return fused_gather_logprobs(logits, ids, mask, (gather_logprobs_forward, gather_logprobs_backward))

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from distreward import _C, ops
+from distreward import ops
+from distreward.ops import cpp as cpp_logprobs
 from distreward.ops import logprobs as fused_logprobs
 
 triton_logprobs = pytest.importorskip("distreward.kernels.logprobs")
@@ -141,27 +142,27 @@ def test_autograd_saves_no_vocab_sized_tensor(backend):
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_in_place_into_the_logits(backend, dtype):
-    """``gather_logprobs_backward(..., out=logits)`` overwrites the logits with their gradient."""
-    kernels = _C if backend == "cpp" else triton_logprobs
+    """``gather_logprobs_backward(..., in_place=True)`` overwrites the logits with their gradient."""
+    kernels = cpp_logprobs if backend == "cpp" else triton_logprobs
     case = Case(3, 5, 1000, dtype, 5.0, "contiguous", "partial", neg_inf=True)
     logits, ids, mask = make_inputs(case, DEVICES[backend], torch.Generator().manual_seed(8))
     logits = logits.detach()
     upstream = torch.randn(3, 5, device=logits.device)
     logp, lse = kernels.gather_logprobs_forward(logits, ids, mask)
     expected = kernels.gather_logprobs_backward(upstream, logits, ids, mask, lse)
-    assert kernels.gather_logprobs_backward(upstream, logits, ids, mask, lse, logits).data_ptr() == logits.data_ptr()
+    assert kernels.gather_logprobs_backward(upstream, logits, ids, mask, lse, in_place=True) is logits
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
-    with pytest.raises((RuntimeError, ValueError), match="out"):
-        kernels.gather_logprobs_backward(upstream.T, logits.transpose(0, 1), ids.T, mask.T, lse.T, logits)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.gather_logprobs_backward(upstream.T, logits.transpose(0, 1), ids.T, mask.T, lse.T, in_place=True)
 
 
 def test_auto_uses_the_cpp_extension_on_cpu(monkeypatch):
     calls = []
-    cpp_gather = fused_logprobs.cpp_gather_logprobs
-    monkeypatch.setattr(fused_logprobs, "cpp_gather_logprobs", lambda *args: calls.append(args) or cpp_gather(*args))
+    cpp_gather = fused_logprobs.GATHER["cpp"]
+    monkeypatch.setitem(fused_logprobs.GATHER, "cpp", lambda *args: calls.append(args) or cpp_gather(*args))
     logits = torch.randn(2, 3, 11, requires_grad=True)
     out = ops.gather_logprobs(logits, torch.randint(0, 11, (2, 3)), backend="auto")
-    assert len(calls) == 1 and type(out.grad_fn).__name__ == "FusedGatherLogprobsBackward"
+    assert len(calls) == 1 and "distreward_gather_logprobs_forward" in out.grad_fn.name()
 
 
 def test_cpp_many_rows_in_parallel_and_empty_batches():
@@ -215,27 +216,135 @@ def test_bad_shapes_and_dtypes_raise_value_error(backend):
 
 
 def test_extension_rechecks_its_inputs():
-    """Called directly, the C++ functions raise instead of reading outside the logits."""
+    """Called directly through the dispatcher, the C++ ops raise ValueError / IndexError naming the problem
+    instead of reading outside the logits."""
+    forward, backward = torch.ops.distreward.gather_logprobs_forward, torch.ops.distreward.gather_logprobs_backward
     logits = torch.randn(2, 3, 11)
     ids, mask = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)
     lse = torch.zeros(2, 3)
     ids[0, 1] = 11
+    with pytest.raises(IndexError, match=r"^ids\[0, 1\] = 11 is outside the vocabulary \[0, 11\)$"):
+        forward(logits, ids, mask)
     with pytest.raises(IndexError, match=r"ids\[0, 1\] = 11"):
-        _C.gather_logprobs_forward(logits, ids, mask)
-    with pytest.raises(IndexError, match=r"ids\[0, 1\] = 11"):
-        _C.gather_logprobs_backward(torch.ones(2, 3), logits, ids, mask, lse)
+        backward(torch.ones(2, 3), logits, ids, mask, lse)
     mask[0, 1] = False  # a masked bad id is never read
-    assert float(_C.gather_logprobs_forward(logits, ids, mask)[0][0, 1]) == 0.0
-    bad_calls = [
-        (logits, ids.int(), mask),
-        (logits, ids.float(), mask),
-        (logits, ids[:, :2], mask),
-        (logits, ids, mask.float()),
-        (logits[0], ids, mask),
-        (torch.randn(2, 3, 0), ids, mask),
-    ]
-    for args in bad_calls:
-        with pytest.raises(RuntimeError):
-            _C.gather_logprobs_forward(*args)
-    with pytest.raises(RuntimeError):
-        _C.gather_logprobs_backward(torch.ones(2, 3), logits, ids, mask, lse.double())
+    assert float(forward(logits, ids, mask)[0][0, 1]) == 0.0
+    bad_calls = {
+        "ids must be int64": (logits, ids.int(), mask),
+        "ids must be int64": (logits, ids.float(), mask),
+        r"ids must be \[B, T\] = \[2, 3\], got \[2, 2\]": (logits, ids[:, :2], mask),
+        r"mask must be a bool tensor of shape \[2, 3\]": (logits, ids, mask.float()),
+        r"logits must be \[B, T, V\], got shape \[3, 11\]": (logits[0], ids, mask),
+        "non-empty vocabulary": (torch.randn(2, 3, 0), ids, mask),
+        "logits must be float": (logits.long(), ids, mask),
+        r"logits\[1, 2\] contains NaN": (logits.index_put((torch.tensor(1), torch.tensor(2)), torch.tensor(float("nan"))), ids, mask),
+    }
+    for message, args in bad_calls.items():
+        with pytest.raises(ValueError, match=message):
+            forward(*args)
+    with pytest.raises(ValueError, match="lse must be float32"):
+        backward(torch.ones(2, 3), logits, ids, mask, lse.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpp_ops_pass_opcheck(dtype):
+    """The schema, fake (meta) implementations and registered autograd agree with the C++ kernels."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(2, 3, 7, generator=g).to(dtype).requires_grad_(True)
+    ids = torch.randint(0, 7, (2, 3), generator=g)
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    torch.library.opcheck(torch.ops.distreward.gather_logprobs_forward, (logits, ids, mask))
+    lse = torch.ops.distreward.gather_logprobs_forward(logits, ids, mask)[1].detach()
+    grad = torch.randn(2, 3, generator=g)
+    torch.library.opcheck(torch.ops.distreward.gather_logprobs_backward, (grad, logits.detach(), ids, mask, lse))
+    torch.library.opcheck(torch.ops.distreward.gather_logprobs_backward_, (grad, logits.detach().clone(), ids, mask, lse))
+
+
+def test_torch_compile_traces_the_public_gather_in_one_graph():
+    """fullgraph=True: no graph break in the public call (validation included), same values and gradients."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, i, m: ops.gather_logprobs(x, i, m, backend="cpp"), fullgraph=True,
+                             backend="aot_eager")
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(2, 5, 33, generator=g, requires_grad=True)
+    ids, mask = torch.randint(0, 33, (2, 5), generator=g), torch.rand(2, 5, generator=g) > 0.3
+    expected = ops.gather_logprobs(logits, ids, mask, backend="eager")
+    actual = compiled(logits, ids, mask)
+    torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(torch.autograd.grad(actual.sum(), logits)[0],
+                               torch.autograd.grad(expected.sum(), logits)[0])
+    ids[1, 4], mask[1, 4] = 40, True
+    with pytest.raises(IndexError, match=r"ids\[1, 4\] = 40"):  # the kernel's own check runs in the graph
+        compiled(logits, ids, mask)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+def test_bad_values_are_found_on_the_kernels_output(backend):
+    """NaN / +inf in a live row, or a live row of only -inf, raise ValueError naming the row; the same in a
+    masked row is ignored. No extra pass over the logits: the row's logsumexp shows it."""
+    device = "cpu" if backend == "eager" else DEVICES[backend]
+    ids, mask = torch.zeros(2, 3, dtype=torch.long, device=device), torch.ones(2, 3, dtype=torch.bool, device=device)
+    for bad in (float("nan"), float("inf")):
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = torch.randn(2, 3, 3000, device=device).to(dtype)
+            logits[1, 2, 2500] = bad  # in a later chunk than the picked id
+            with pytest.raises(ValueError, match=r"logits\[1, 2\] contains NaN or \+inf"):
+                ops.gather_logprobs(logits, ids, mask, backend=backend)
+            mask[1, 2] = False
+            assert bool(torch.isfinite(ops.gather_logprobs(logits, ids, mask, backend=backend)).all())
+            mask[1, 2] = True
+    logits = torch.randn(2, 3, 3000, device=device)
+    logits[0, 1] = float("-inf")
+    logits[0, 1, 2100] = float("nan")  # a NaN among -inf: the C++ kernel skips chunks whose max is -inf
+    with pytest.raises(ValueError, match=r"logits\[0, 1\]"):
+        ops.gather_logprobs(logits, ids, mask, backend=backend)
+    logits[0, 1, 2100] = float("-inf")
+    with pytest.raises(ValueError, match=r"logits\[0, 1\] .*no finite value"):
+        ops.gather_logprobs(logits, ids, mask, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "eager", "cpp", "triton"])
+def test_empty_vocabulary_and_meta_tensors_raise_value_error(backend):
+    with pytest.raises(ValueError, match="non-empty vocabulary"):
+        ops.gather_logprobs(torch.randn(2, 3, 0), torch.zeros(2, 3, dtype=torch.long), backend=backend)
+    with pytest.raises(ValueError, match="meta"):
+        ops.gather_logprobs(torch.randn(2, 3, 5, device="meta"), torch.zeros(2, 3, dtype=torch.long, device="meta"),
+                            backend=backend)
+
+
+def test_unknown_or_misplaced_backends_raise_value_error():
+    logits, ids = torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.gather_logprobs(logits, ids, backend="cuda")
+    assert fused_logprobs.resolve_backend("cpp", torch.device("cpu")) == "cpp"
+    with pytest.raises(ValueError, match="needs CPU tensors"):
+        fused_logprobs.resolve_backend("cpp", torch.device("cuda"))
+
+
+def test_triton_and_eager_work_without_the_cpp_extension():
+    """A failed C++ build (distreward._C does not import) leaves auto on eager and the Triton path working;
+    an explicit backend='cpp' says why it is unavailable."""
+    script = """
+import sys, torch
+sys.modules["distreward._C"] = None  # what a missing build looks like: the import raises ImportError
+from distreward import ops, sequence_logprobs
+from distreward.ops.logprobs import resolve_backend
+logits, ids = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
+expected = ops.gather_logprobs(logits, ids, backend="eager")
+torch.testing.assert_close(ops.gather_logprobs(logits, ids, backend="triton"), expected)
+torch.testing.assert_close(ops.gather_logprobs(logits, ids, backend="auto"), expected)
+assert resolve_backend("auto", torch.device("cpu")) == "eager"
+try:
+    ops.gather_logprobs(logits, ids, backend="cpp")
+except ValueError as error:
+    assert "not available" in str(error) and "distreward._C" in str(error), error
+else:
+    raise AssertionError("backend='cpp' ran without the extension")
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

@@ -68,14 +68,14 @@ def parameter_grads(model, logprobs, upstream):
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_llama_with_head_bias, tiny_gpt2, tiny_gemma2])
-@pytest.mark.parametrize("chunk_size", [5, 64])
-def test_matches_a_full_forward_pass(build, chunk_size):
+@pytest.mark.parametrize("chunk_size, backend", [(5, "auto"), (64, "cpp"), (5, "eager"), (64, "triton")])
+def test_matches_a_full_forward_pass(build, chunk_size, backend):
     model = build()
     batch = rollout_batch()
     upstream = torch.randn(batch[0].shape, generator=torch.Generator().manual_seed(2))
     expected = full_forward_logprobs(model, *batch)
     expected_grads = parameter_grads(model, expected, upstream)
-    actual = sequence_logprobs(model, *batch, chunk_size=chunk_size)
+    actual = sequence_logprobs(model, *batch, chunk_size=chunk_size, backend=backend)
     assert actual.shape == batch[0].shape and actual.dtype == torch.float32
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     assert bool((actual[~batch[2]] == 0).all()) and bool((actual[:, 0] == 0).all())
@@ -149,3 +149,27 @@ def test_bad_input_raises_value_error():
     input_ids[1, 5] = VOCAB
     with pytest.raises((IndexError, ValueError)):
         sequence_logprobs(model, input_ids, attention_mask, torch.ones_like(response_mask))
+
+
+def test_backend_is_resolved_like_ops_gather_logprobs(monkeypatch):
+    """sequence_logprobs uses the gather's dispatch table: the fused pair of the backend asked for, the
+    checkpointed ops.gather_logprobs with that backend otherwise, and the same errors."""
+    from distreward.ops import logprobs as gather_table
+
+    asked = []
+    monkeypatch.setattr(distreward.sequence, "gather_kernels",
+                        lambda backend: asked.append(backend) or gather_table.gather_kernels(backend))
+    batch = rollout_batch()
+    sequence_logprobs(tiny_llama(), *batch, backend="cpp")
+    assert asked == ["cpp"]
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sequence_logprobs(tiny_llama(), *batch, backend="fast")
+
+
+def test_nan_in_the_model_raises_value_error():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+    for backend in ("eager", "cpp"):
+        with pytest.raises(ValueError, match="NaN"):
+            sequence_logprobs(model, *rollout_batch(), backend=backend)

@@ -2,11 +2,12 @@
 
 ``eager`` is the plain-PyTorch reference (:mod:`distreward.ops.reference`). ``auto`` picks the
 fused path for the tensor's device: the Triton kernels for CUDA tensors, the C++ extension for
-CPU log-prob gathers, and the reference otherwise.
+CPU log-prob gathers (:mod:`distreward.ops.logprobs` holds the gather's dispatch table), and the
+reference otherwise.
 """
 import torch
 
-from distreward.ops import reference
+from distreward.ops import logprobs, reference
 from distreward.ops import validation as check
 
 LOSS_KINDS = ("bt_mean", "bt_kl", "dpl")
@@ -109,19 +110,15 @@ def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target
 
 
 def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None, backend: str = "auto") -> torch.Tensor:
-    """logits [B, T, V] (fp32/bf16/fp16), ids [B, T] int64, mask [B, T] or None -> log-probs [B, T] fp32.
+    """logits [B, T, V] (fp32/bf16/fp16/fp64), ids [B, T] int64 / int32, mask [B, T] or None -> log-probs [B, T]
+    fp32 (fp64 for fp64 logits).
 
     ``logp[b, t] = logits[b, t, ids[b, t]] - logsumexp(logits[b, t])``; 0 (and no gradient) where mask is 0.
+    Live ids outside [0, V) raise IndexError, live rows with a NaN or +inf logit (or no finite one)
+    ValueError: checked on the kernel's [B, T] output, not by extra passes over the logits.
     """
-    mask = check.check_gather_inputs(logits, ids, mask)
-    chosen = _pick(backend, logits.device, ("cpp", "triton"))
-    if chosen == "cpp":
-        from distreward.ops.logprobs import cpp_gather_logprobs
-        return cpp_gather_logprobs(logits, ids, mask)
-    if chosen == "triton":
-        from distreward.kernels.logprobs import triton_gather_logprobs
-        return triton_gather_logprobs(logits, ids, mask)
-    return reference.gather_logprobs(logits, ids, mask)
+    ids, mask = check.check_gather_inputs(logits, ids, mask)
+    return logprobs.GATHER[logprobs.resolve_backend(backend, logits.device)](logits, ids, mask)
 
 
 __all__ = ["bin_centers", "dist_moments", "gaussian_kl", "pair_loss", "gather_logprobs", "reference",

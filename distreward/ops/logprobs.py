@@ -1,20 +1,65 @@
-"""The autograd Function of the fused log-prob gathers, and ``backend="cpp"`` of
-:func:`distreward.ops.gather_logprobs` (the C++ kernels of ``csrc/logprobs.cpp``).
+"""The rollout log-prob gather's backends and its one dispatch table, used by
+:func:`distreward.ops.gather_logprobs` and :func:`distreward.sequence_logprobs` alike.
 
 A fused backend is a pair of kernels with one contract, ``gather_logprobs_forward(logits, ids, mask)
--> (logp, lse)`` and ``gather_logprobs_backward(grad_logp, logits, ids, mask, lse, out=None) -> grad``:
-``distreward._C`` on CPU, ``distreward.kernels.logprobs`` (Triton) on CUDA. Neither direction
-materialises a ``[B, T, V]`` tensor besides the gradient itself.
+-> (logp, lse)`` and ``gather_logprobs_backward(grad_logp, logits, ids, mask, lse, in_place=False) ->
+grad``: :mod:`distreward.ops.cpp` (the C++ extension, through PyTorch's dispatcher) on CPU,
+:mod:`distreward.kernels.logprobs` (Triton) on CUDA. Each is imported on first use, so a missing C++
+build leaves the Triton path (and eager) working, and the kernels import nothing from ``ops``.
+Neither direction materialises a ``[B, T, V]`` tensor besides the gradient itself.
 """
 import torch
 
-from distreward import _C
+from distreward.ops import reference
+from distreward.ops import validation as check
+
+# backend="auto" on CPU: the C++ kernel beats eager log_softmax + gather at every size measured on the
+# development machine (2 cores; benchmarks/test_bench_gather.py::test_auto_choice prints both).
+AUTO = {"cpu": "cpp", "cuda": "triton"}
+
+
+def gather_kernels(backend: str):
+    """The (forward, backward) kernel pair of the fused ``backend`` ("cpp" or "triton"), imported now."""
+    if backend == "cpp":
+        from distreward.ops import cpp as kernels
+    else:
+        from distreward.kernels import logprobs as kernels
+    return kernels.gather_logprobs_forward, kernels.gather_logprobs_backward
+
+
+_IMPORT_ERRORS = {}  # fused backend -> None or why its kernels did not import
+
+
+def unavailable(backend: str):
+    """None when the fused ``backend``'s kernels import, else why not (a failed build, no triton)."""
+    if backend not in _IMPORT_ERRORS:
+        try:
+            gather_kernels(backend)
+            _IMPORT_ERRORS[backend] = None
+        except ImportError as error:
+            _IMPORT_ERRORS[backend] = f"{type(error).__name__}: {error}"
+    return _IMPORT_ERRORS[backend]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``backend`` ("auto", "eager", "triton" or "cpp") -> the one that runs on ``device``; ValueError when
+    it is unknown, cannot run there, or did not build."""
+    if backend not in ("auto",) + tuple(GATHER):
+        raise ValueError(f"backend must be one of {('auto',) + tuple(GATHER)}, got {backend!r}")
+    if backend == "auto":
+        fused = AUTO.get(device.type)
+        return fused if fused and not unavailable(fused) else "eager"
+    if backend == "cpp" and device.type != "cpu":
+        raise ValueError(f"backend='cpp' needs CPU tensors, got {device}")
+    if backend != "eager" and unavailable(backend):
+        raise ValueError(f"backend={backend!r} is not available: {unavailable(backend)}")
+    return backend
 
 
 class FusedGatherLogprobs(torch.autograd.Function):
     """logits [B, T, V] (any strides), ids [B, T] int64, mask [B, T] bool, kernels (forward, backward)
-    -> log-probs [B, T] fp32 (fp64 for fp64 logits). Saves the per-row logsumexp [B, T], so the backward
-    is a single pass over the logits."""
+    -> (logp, lse) [B, T] fp32 (fp64 for fp64 logits), lse not differentiable. Saves only the [B, T]
+    logsumexp besides the inputs, so the backward is a single pass over the logits."""
 
     @staticmethod
     def forward(ctx, logits, ids, mask, kernels):
@@ -22,23 +67,39 @@ class FusedGatherLogprobs(torch.autograd.Function):
         logp, lse = forward_kernel(logits, ids, mask)
         ctx.save_for_backward(logits, ids, mask, lse)
         ctx.kernels = kernels
-        return logp
+        ctx.mark_non_differentiable(lse)
+        return logp, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp):
+    def backward(ctx, grad_logp, _grad_lse):
         logits, ids, mask, lse = ctx.saved_tensors
         _, backward_kernel = ctx.kernels
         return backward_kernel(grad_logp, logits, ids, mask, lse), None, None, None
 
 
-def fused_gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask, kernels) -> torch.Tensor:
-    """Validated inputs (``mask`` bool [B, T] or None) -> log-probs [B, T] through the ``kernels`` pair."""
-    if mask is None:
-        mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-    return FusedGatherLogprobs.apply(logits, ids.long(), mask, kernels)
+def _live(ids: torch.Tensor, mask):
+    return torch.ones(ids.shape, dtype=torch.bool, device=ids.device) if mask is None else mask
 
 
-def cpp_gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None) -> torch.Tensor:
-    """Validated CPU inputs -> log-probs [B, T] via the C++ extension."""
-    return fused_gather_logprobs(logits, ids, mask, (_C.gather_logprobs_forward, _C.gather_logprobs_backward))
+def _eager(logits, ids, mask):
+    # Out-of-range ids are clamped so nothing reads outside a row, then reported by check_gather_values.
+    logp, lse = reference.gather_logprobs_and_lse(logits, ids.clamp(0, logits.shape[-1] - 1), mask)
+    check.check_gather_values(ids, mask, lse, logits.shape[-1])
+    return logp
+
+
+def _cpp(logits, ids, mask):
+    forward, _ = gather_kernels("cpp")
+    return forward(logits, ids, _live(ids, mask))[0]  # the kernel checks ids and rows itself
+
+
+def _triton(logits, ids, mask):
+    logp, lse = FusedGatherLogprobs.apply(logits, ids, _live(ids, mask), gather_kernels("triton"))
+    check.check_gather_values(ids, mask, lse, logits.shape[-1])
+    return logp
+
+
+# backend -> f(logits [B, T, V], ids [B, T] int64, mask [B, T] bool or None) -> logp [B, T], inputs
+# validated by check_gather_inputs; each raises ValueError / IndexError on bad values.
+GATHER = {"eager": _eager, "triton": _triton, "cpp": _cpp}

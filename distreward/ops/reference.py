@@ -73,13 +73,20 @@ def pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected,
     return (pref + score_weight * score).mean()
 
 
+def gather_logprobs_and_lse(logits: torch.Tensor, ids: torch.Tensor, mask=None):
+    """logits [B, T, V], ids [B, T] -> (logp, lse) [B, T] fp32 (fp64): ``lse = logsumexp(logits[b, t])``,
+    ``logp = logits[b, t, ids[b, t]] - lse``; both 0 where mask is False (masked rows are never read)."""
+    x, picked_ids = logits.to(compute_dtype(logits)), ids.long()
+    if mask is not None:  # only live rows: masked rows may be all -inf
+        x, picked_ids = x[mask], picked_ids[mask]
+    lse = torch.logsumexp(x, dim=-1)
+    logp = x.gather(-1, picked_ids.unsqueeze(-1)).squeeze(-1) - lse
+    if mask is None:
+        return logp, lse
+    zeros = torch.zeros(ids.shape, dtype=x.dtype, device=logits.device)
+    return zeros.index_put((mask,), logp), zeros.index_put((mask,), lse)
+
+
 def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None) -> torch.Tensor:
     """logits [B, T, V], ids [B, T] -> log softmax(logits)[b, t, ids[b, t]] [B, T] fp32; 0 where mask is False."""
-    dtype = compute_dtype(logits)
-    if mask is None:
-        log_probs = torch.log_softmax(logits.to(dtype), dim=-1)
-        return log_probs.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
-    out = torch.zeros(ids.shape, dtype=dtype, device=logits.device)
-    rows = torch.log_softmax(logits[mask].to(dtype), dim=-1)  # only live rows: masked rows may be all -inf
-    out = out.index_put((mask,), rows.gather(-1, ids[mask].long().unsqueeze(-1)).squeeze(-1))
-    return out
+    return gather_logprobs_and_lse(logits, ids, mask)[0]

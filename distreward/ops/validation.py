@@ -10,14 +10,19 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def check_float(name: str, x, ndim: int) -> None:
-    """``x`` must be a floating tensor with ``ndim`` dimensions and no NaN or +inf."""
+def check_float_type(name: str, x, ndim: int) -> None:
+    """``x`` must be a floating tensor with ``ndim`` dimensions (its metadata only)."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+
+
+def check_float(name: str, x, ndim: int) -> None:
+    """``x`` must be a floating tensor with ``ndim`` dimensions and no NaN or +inf."""
+    check_float_type(name, x, ndim)
     if x.numel() and bool(torch.isnan(x).any() | torch.isposinf(x).any()):
         raise ValueError(f"{name} contains NaN or +inf")
 
@@ -60,8 +65,16 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
 
 
 def check_gather_inputs(logits, ids, mask):
-    """Validate ``gather_logprobs`` inputs; returns ``mask`` as a bool tensor ``[B, T]`` or None."""
-    check_float("logits", logits, 3)
+    """Validate ``gather_logprobs`` inputs from their metadata, without a pass over the logits (their
+    values are checked through the kernel's [B, T] output: :func:`check_gather_values`).
+
+    Returns (ids int64 [B, T], mask bool [B, T] or None).
+    """
+    check_float_type("logits", logits, 3)
+    if logits.device.type == "meta":
+        raise ValueError("logits are on the meta device: gather_logprobs needs tensors that hold values")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty vocabulary, got shape {tuple(logits.shape)}")
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"ids must be an int64 (or int32) tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
     if tuple(ids.shape) != tuple(logits.shape[:2]):
@@ -74,14 +87,50 @@ def check_gather_inputs(logits, ids, mask):
         if mask.device != logits.device:
             raise ValueError(f"mask is on {mask.device} but logits are on {logits.device}")
         if mask.dtype != torch.bool:
-            if mask.is_floating_point() and bool(torch.isnan(mask).any()):
+            # Data-dependent (O(B*T)): skipped while torch.compile traces, like check_gather_values.
+            if mask.is_floating_point() and not torch.compiler.is_compiling() and bool(torch.isnan(mask).any()):
                 raise ValueError("mask contains NaN")
             mask = mask != 0
-    vocab = logits.shape[-1]
-    live = ids if mask is None else ids[mask]
-    bad = (live < 0) | (live >= vocab)
-    if live.numel() and bool(bad.any()):
-        position = (ids if mask is None else torch.where(mask, ids, 0))
-        b, t = [int(i) for i in torch.nonzero((position < 0) | (position >= vocab))[0]]
+    return ids.long(), mask
+
+
+def check_gather_kernel_inputs(logits, ids, mask, *per_row) -> None:
+    """What a fused gather kernel takes: logits [B, T, V] (V > 0), ids [B, T] int64, mask [B, T] bool and
+    ``per_row`` float tensors [B, T] (grad_logp, lse), all on one device. Metadata only."""
+    check_float_type("logits", logits, 3)
+    rows = tuple(logits.shape[:2])
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have a non-empty vocabulary")
+    if ids.dtype != torch.int64 or tuple(ids.shape) != rows:
+        raise ValueError(f"ids must be an int64 tensor [B, T] = {list(rows)}, got {ids.dtype} {list(ids.shape)}")
+    if mask.dtype != torch.bool or tuple(mask.shape) != rows:
+        raise ValueError(f"mask must be a bool tensor of shape {list(rows)}, got {mask.dtype} {list(mask.shape)}")
+    for x in per_row:
+        if not x.is_floating_point() or tuple(x.shape) != rows:
+            raise ValueError(f"grad_logp and lse must be float tensors [B, T] = {list(rows)}")
+    if any(x.device != logits.device for x in (ids, mask) + per_row):
+        raise ValueError(f"every tensor must be on the logits' device {logits.device}")
+
+
+def first_position(flags: torch.Tensor):
+    """(b, t) of the first true entry of ``flags`` [B, T]."""
+    b, t = (int(i) for i in torch.nonzero(flags)[0])
+    return b, t
+
+
+def check_gather_values(ids: torch.Tensor, mask, lse: torch.Tensor, vocab: int) -> None:
+    """After a gather kernel ran: every live id in [0, vocab) (IndexError) and every live row's logsumexp
+    ``lse`` [B, T] finite (ValueError): a NaN or +inf logit makes it NaN, a row of only -inf makes it -inf.
+    O(B*T), one host read of a combined flag; skipped while torch.compile traces (data-dependent)."""
+    if torch.compiler.is_compiling() or not ids.numel():
+        return
+    bad_ids, bad_rows = (ids < 0) | (ids >= vocab), ~torch.isfinite(lse)
+    if mask is not None:
+        bad_ids, bad_rows = bad_ids & mask, bad_rows & mask
+    if not bool((bad_ids | bad_rows).any()):
+        return
+    if bool(bad_ids.any()):
+        b, t = first_position(bad_ids)
         raise IndexError(f"ids[{b}, {t}] = {int(ids[b, t])} is outside the vocabulary [0, {vocab})")
-    return mask
+    b, t = first_position(bad_rows)
+    raise ValueError(f"logits[{b}, {t}] contains NaN or +inf, or no finite value (a live row must hold a distribution)")
