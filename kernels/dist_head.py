@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from distreward.ops import TRITON_MAX_BINS as MAX_BINS
-from distreward.ops.reference import compute_dtype
 
+TRITON_MAX_BINS = 64  # a row of K logits lives in registers: 2 <= K <= 64
+PAIR_LOSS_KINDS = ("bt_mean", "bt_kl", "dpl")  # the SPEC §3 losses the pair kernel knows
 # Elements of one [BLOCK_N, BLOCK_K] tile (each kernel keeps ~8 of them live): 2k on a GPU (16 a thread at 4 warps);
 # the CPU interpreter costs ~1 ms per program, so 2^20 there.
 GPU_TILE_ELEMENTS = 2048
@@ -203,15 +203,21 @@ def _launch_settings(logits: torch.Tensor, tile_per_row: int):
 def _check_launchable(logits: torch.Tensor) -> int:
     """Raise ValueError unless the kernels can run on ``logits`` [N, K]; returns BLOCK_K."""
     n_bins = logits.shape[-1]
-    if n_bins > MAX_BINS:
-        raise ValueError(f"logits has {n_bins} bins; backend='triton' supports 2 to {MAX_BINS} (use backend='eager')")
+    if not 2 <= n_bins <= TRITON_MAX_BINS:
+        raise ValueError(f"logits has {n_bins} bins; backend='triton' supports 2 to {TRITON_MAX_BINS} "
+                         "(use backend='eager')")
     if logits.device.type != "cuda" and not isinstance(_pair_loss_kernel, InterpretedFunction):
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got logits on {logits.device}")
     return triton.next_power_of_2(n_bins)
 
 
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float64 for float64 logits (gradcheck), float32 for every other dtype."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
 def _acc_dtype(logits: torch.Tensor):
-    return tl.float64 if compute_dtype(logits) == torch.float64 else tl.float32
+    return tl.float64 if logits.dtype == torch.float64 else tl.float32
 
 
 def _stride(x, dim=0):
@@ -221,7 +227,7 @@ def _stride(x, dim=0):
 
 def _new_row_stat(logits):
     """An uninitialised [N] output in the compute dtype (float32, float64 for float64 logits)."""
-    return torch.empty(logits.shape[0], dtype=compute_dtype(logits), device=logits.device)
+    return torch.empty(logits.shape[0], dtype=_compute_dtype(logits), device=logits.device)
 
 
 def _row_forward(logits, centers, target=None, sigma=1.0):
@@ -295,11 +301,13 @@ class PairLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight,
                 centers, with_grad):
+        if kind not in PAIR_LOSS_KINDS:
+            raise ValueError(f"kind must be one of {PAIR_LOSS_KINDS}, got {kind!r}")
         block_k = _check_launchable(logits_chosen)
         n_rows, n_bins = logits_chosen.shape
         dpl, with_kl = kind == "dpl", kind != "bt_mean" and score_weight != 0
         block_n, num_warps, grid = _launch_settings(logits_chosen, block_k * block_k if dpl else block_k)
-        partial_loss = torch.empty(grid[0], dtype=compute_dtype(logits_chosen), device=logits_chosen.device)
+        partial_loss = torch.empty(grid[0], dtype=_compute_dtype(logits_chosen), device=logits_chosen.device)
         grads = [torch.empty(z.shape, dtype=z.dtype, device=z.device) if with_grad else None
                  for z in (logits_chosen, logits_rejected)]
         if not with_kl:
@@ -341,7 +349,8 @@ def triton_gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float,
 def triton_pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight,
                      centers):
     """Mean over N pairs of the SPEC §3 loss ``kind`` ("bt_mean", "bt_kl", "dpl"): logits [N, K] each,
-    targets [N] each (None for "bt_mean") -> scalar fp32 (fp64). Inputs are validated by ``ops.pair_loss``."""
+    targets [N] each (None for "bt_mean") -> scalar fp32 (fp64). Inputs are validated by ``ops.pair_loss``;
+    an unknown ``kind`` raises ValueError here too."""
     with_grad = torch.is_grad_enabled() and (logits_chosen.requires_grad or logits_rejected.requires_grad)
     return PairLossFunction.apply(logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma,
                                   score_weight, centers, with_grad)

@@ -2,8 +2,10 @@
 reference: values and autograd gradients of ``dist_moments``, ``gaussian_kl`` and every ``pair_loss``
 kind over N, K, dtypes, logit magnitudes, targets, sigma, score weights and memory layouts, a float64
 gradcheck of the kernels themselves, and bad input. CI runs them on the CPU with TRITON_INTERPRET=1."""
+import ast
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,6 +226,15 @@ def test_bad_input_raises_value_error(call, match):
     z, t = torch.randn(4, 10, device=DEVICE) * 3, torch.rand(4, device=DEVICE)
     with pytest.raises(ValueError, match=match):
         call(z, t)
+
+
+def test_the_kernel_module_knows_nothing_of_ops():
+    """kernels/ sit below distreward.ops: dist_head imports only torch and triton, and knows every loss kind."""
+    tree = ast.parse(Path(dist_head.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {name.split(".")[0] for name in imported} <= {"torch", "triton"}, imported
+    assert dist_head.PAIR_LOSS_KINDS == ops.LOSS_KINDS
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="backend='auto' picks the Triton kernels for CUDA tensors only")

@@ -130,7 +130,7 @@ def test_moments_and_kl_match_numpy(scale, num_bins):
                                    rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["bt_mean", "bt_kl", "dpl"])
+@pytest.mark.parametrize("kind", ops.LOSS_KINDS)
 def test_pair_loss_matches_numpy(kind):
     g = torch.Generator().manual_seed(1)
     zc, zr = (torch.randn(33, 10, generator=g, dtype=torch.float64) * 3 for _ in range(2))
@@ -184,7 +184,7 @@ def test_gradcheck_float64():
     c = ops.bin_centers(10, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda z: ops.dist_moments(z, c, backend="eager"), (zc,))
     assert torch.autograd.gradcheck(lambda z: ops.gaussian_kl(z, tc, 0.1, c, backend="eager"), (zc,))
-    for kind in ("bt_mean", "bt_kl", "dpl"):
+    for kind in ops.LOSS_KINDS:
         assert torch.autograd.gradcheck(
             lambda a, b: ops.pair_loss(a, b, tc, tr, kind=kind, centers=c, backend="eager"), (zc, zr))
     z = torch.randn(2, 3, 11, generator=g, dtype=torch.float64, requires_grad=True)
@@ -253,6 +253,35 @@ def test_bad_ids_at_masked_positions_are_ignored():
 
 
 def test_auto_keeps_rows_wider_than_the_fused_head_on_eager(monkeypatch):
+    dist_head = pytest.importorskip("distreward.kernels.dist_head")
     monkeypatch.setattr(ops, "_pick", lambda *args: "triton")  # as if the tensors were on CUDA
-    assert ops._dist_backend("auto", torch.zeros(1, ops.TRITON_MAX_BINS + 1)) == "eager"
-    assert ops._dist_backend("auto", torch.zeros(1, ops.TRITON_MAX_BINS)) == "triton"
+    wide, widest = torch.zeros(1, dist_head.TRITON_MAX_BINS + 1), torch.zeros(1, dist_head.TRITON_MAX_BINS)
+    assert ops._dist_implementation(ops._PAIR_LOSS, "auto", wide) is ops.reference.pair_loss
+    assert ops._dist_implementation(ops._PAIR_LOSS, "auto", widest) is ops._PAIR_LOSS["triton"]
+
+
+@pytest.mark.parametrize("backend", ops.BACKENDS)
+@pytest.mark.parametrize("kind", ops.LOSS_KINDS)
+def test_every_backend_of_pair_loss_matches_eager_or_is_refused(kind, backend):
+    """Each name in ops.BACKENDS either computes the eager value or raises ValueError naming the backend."""
+    g = torch.Generator().manual_seed(4)
+    zc, zr, tc, tr = torch.randn(5, 10, generator=g), torch.randn(5, 10, generator=g), torch.rand(5), torch.rand(5)
+    expected = ops.pair_loss(zc, zr, tc, tr, kind=kind, backend="eager")
+    if backend not in ("auto", *ops._PAIR_LOSS):
+        with pytest.raises(ValueError, match="backend"):
+            ops.pair_loss(zc, zr, tc, tr, kind=kind, backend=backend)
+    else:
+        torch.testing.assert_close(ops.pair_loss(zc, zr, tc, tr, kind=kind, backend=backend), expected)
+
+
+@pytest.mark.parametrize("backend", ops.BACKENDS)
+def test_unknown_loss_kind_raises_in_every_backend(backend):
+    """Both through ops.pair_loss and from the backend's own implementation (the kernel launcher included)."""
+    z, t = torch.randn(4, 10), torch.rand(4)
+    with pytest.raises(ValueError, match="kind"):
+        ops.pair_loss(z, z, t, t, kind="hinge", backend=backend)
+    if backend in ops._PAIR_LOSS:
+        if backend == "triton":
+            pytest.importorskip("distreward.kernels.dist_head")
+        with pytest.raises(ValueError, match="kind"):
+            ops._PAIR_LOSS[backend](z, z, t, t, "hinge", 0.1, 1.0, ops.bin_centers(10))

@@ -7,6 +7,8 @@ against these.
 import torch
 import torch.nn.functional as F
 
+LOSS_KINDS = ("bt_mean", "bt_kl", "dpl")
+
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float64 stays float64 (for gradcheck); everything else is computed in float32."""
@@ -60,6 +62,8 @@ def dpl_log_prob(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor) -> 
 def pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected,
               kind: str = "bt_kl", sigma: float = 0.1, score_weight: float = 1.0, centers=None) -> torch.Tensor:
     """Mean over N pairs of the SPEC §3 loss ``kind`` ("bt_mean", "bt_kl" or "dpl"); scalar fp32."""
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"kind must be one of {LOSS_KINDS}, got {kind!r}")
     if kind == "dpl":
         pref = -dpl_log_prob(logits_chosen, logits_rejected)
     else:
