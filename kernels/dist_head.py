@@ -69,7 +69,12 @@ def _moments(p, centers):
 
 @triton.jit
 def _gaussian_labels(target, sigma, centers, bin_mask):
-    """(log q, q) [BLOCK_N, BLOCK_K]: the Gaussian N(target, sigma^2) discretised over the centers."""
+    """(log q, q) [BLOCK_N, BLOCK_K]: the Gaussian N(target, sigma^2) discretised over the centers.
+
+    NaN rows where the target lies outside [0, 1] or a center is not finite (ops turns them into a ValueError).
+    """
+    target = tl.where((target >= 0) & (target <= 1), target, float("nan"))
+    centers = tl.where(tl.abs(centers) < float("inf"), centers, float("nan"))
     distance = centers[None, :] - target[:, None]
     scores = tl.where(bin_mask[None, :], -distance * distance / (2.0 * sigma * sigma), float("-inf"))
     return _log_softmax(scores)
@@ -77,9 +82,9 @@ def _gaussian_labels(target, sigma, centers, bin_mask):
 
 @triton.jit
 def _kl(log_q, q, log_p):
-    """KL(q || p) [BLOCK_N]; bins with q = 0 (padding included) count 0."""
-    positive = q > 0
-    return tl.sum(q * (tl.where(positive, log_q, 0.0) - tl.where(positive, log_p, 0.0)), axis=1)
+    """KL(q || p) [BLOCK_N]; bins with q = 0 (padding included) count 0, a NaN q makes the row NaN."""
+    support = q != 0
+    return tl.sum(q * (tl.where(support, log_q, 0.0) - tl.where(support, log_p, 0.0)), axis=1)
 
 
 @triton.jit

@@ -285,3 +285,55 @@ def test_unknown_loss_kind_raises_in_every_backend(backend):
             pytest.importorskip("distreward.kernels.dist_head")
         with pytest.raises(ValueError, match="kind"):
             ops._PAIR_LOSS[backend](z, z, t, t, "hinge", 0.1, 1.0, ops.bin_centers(10))
+
+
+DIST_BACKENDS = [backend for backend in ops.BACKENDS if backend == "auto" or backend in ops._PAIR_LOSS]
+
+
+def _with(tensor, index, value):
+    tensor = tensor.clone()
+    tensor[index] = value
+    return tensor
+
+
+@pytest.mark.parametrize("backend", DIST_BACKENDS)
+@pytest.mark.parametrize("call, match", [
+    (lambda b: ops.dist_moments(_with(GOOD, (2, 3), float("inf")), backend=b), "logits contains"),
+    (lambda b: ops.dist_moments(_with(GOOD, 1, -float("inf")), backend=b), "logits has a row"),
+    (lambda b: ops.dist_moments(GOOD, _with(ops.bin_centers(10), 4, float("nan")), backend=b), "centers"),
+    (lambda b: ops.gaussian_kl(GOOD, TARGET, centers=_with(ops.bin_centers(10), 0, -float("inf")), backend=b),
+     "centers"),
+    (lambda b: ops.gaussian_kl(GOOD, _with(TARGET, 3, 1.0001), backend=b), "target must lie"),
+    (lambda b: ops.gaussian_kl(_with(GOOD, (0, 0), -float("inf")), TARGET, sigma=10.0, backend=b), "not finite"),
+    (lambda b: ops.pair_loss(GOOD, _with(GOOD, (3, 9), float("nan")), TARGET, TARGET, kind="dpl", backend=b),
+     "logits_rejected contains"),
+    (lambda b: ops.pair_loss(GOOD, GOOD, TARGET, _with(TARGET, 0, float("inf")), backend=b), "target_rejected"),
+    (lambda b: ops.pair_loss(GOOD, GOOD, TARGET, _with(TARGET, 0, -0.5), kind="dpl", backend=b), "target_rejected"),
+    (lambda b: ops.pair_loss(GOOD, GOOD, kind="bt_mean", centers=_with(ops.bin_centers(10), 1, float("inf")),
+                             backend=b), "centers"),
+])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy (the Triton interpreter) warns on the NaN
+def test_bad_values_raise_value_error_naming_the_argument_in_every_backend(call, match, backend):
+    if backend == "triton":
+        pytest.importorskip("distreward.kernels.dist_head")
+    with pytest.raises(ValueError, match=match):
+        call(backend)
+
+
+def test_valid_calls_make_no_extra_pass_over_their_inputs(monkeypatch):
+    """The values are checked through the results (one read); the inputs are read again only to name a culprit."""
+    def fail(*args):
+        raise AssertionError("an input was scanned for bad values")
+
+    monkeypatch.setattr(ops.check, "_check_no_nan_or_posinf", fail)
+    z = _with(GOOD, (0, 1), -float("inf"))  # -inf logits are valid where the loss needs no probability there
+    ops.dist_moments(z)
+    ops.pair_loss(z, GOOD, TARGET, TARGET, kind="bt_mean")
+    ops.pair_loss(GOOD, GOOD, TARGET, TARGET, kind="dpl")
+    ops.gaussian_kl(GOOD, TARGET)
+
+
+def test_targets_are_unused_and_unread_with_score_weight_zero():
+    bad = torch.full((4,), 7.0)
+    loss = ops.pair_loss(GOOD, GOOD, bad, bad, kind="bt_kl", score_weight=0.0, backend="eager")
+    torch.testing.assert_close(loss, ops.pair_loss(GOOD, GOOD, kind="bt_mean", backend="eager"))

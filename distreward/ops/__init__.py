@@ -80,7 +80,9 @@ def dist_moments(logits: torch.Tensor, centers=None, backend: str = "auto"):
     """logits [N, K] (fp32/bf16/fp16) -> (mean [N], std [N]) fp32 of softmax(logits) over ``centers`` [K]."""
     check.check_logits("logits", logits)
     centers = _centers_for(logits, centers)
-    return _dist_implementation(_DIST_MOMENTS, backend, logits)(logits, centers)
+    mean, std = _dist_implementation(_DIST_MOMENTS, backend, logits)(logits, centers)
+    check.check_results("dist_moments", (mean, std), {"logits": logits}, {}, centers)
+    return mean, std
 
 
 def gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float = 0.1, centers=None,
@@ -90,7 +92,9 @@ def gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float = 0.1, 
     check.check_target("target", target, logits.shape[0], logits.device)
     check.check_positive("sigma", sigma)
     centers = _centers_for(logits, centers)
-    return _dist_implementation(_GAUSSIAN_KL, backend, logits)(logits, target, sigma, centers)
+    kl = _dist_implementation(_GAUSSIAN_KL, backend, logits)(logits, target, sigma, centers)
+    check.check_results("gaussian_kl", (kl,), {"logits": logits}, {"target": target}, centers)
+    return kl
 
 
 def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target_chosen=None, target_rejected=None,
@@ -98,7 +102,8 @@ def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target
               backend: str = "auto") -> torch.Tensor:
     """Mean SPEC §3 loss over N pairs: logits [N, K] each, targets [N] each in [0, 1] -> scalar fp32.
 
-    ``kind`` is "bt_mean" (targets unused), "bt_kl" (default) or "dpl".
+    ``kind`` is "bt_mean" (targets unused), "bt_kl" (default) or "dpl"; with ``score_weight=0`` the
+    targets' values are unused too (and not read).
     """
     if kind not in LOSS_KINDS:
         raise ValueError(f"kind must be one of {LOSS_KINDS}, got {kind!r}")
@@ -114,12 +119,17 @@ def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target
     check.check_positive("sigma", sigma)
     check.check_positive("score_weight", score_weight, allow_zero=True)
     rows, device = logits_chosen.shape[0], logits_chosen.device
+    with_kl = kind != "bt_mean" and score_weight != 0
     if kind != "bt_mean":
         check.check_target("target_chosen", target_chosen, rows, device)
         check.check_target("target_rejected", target_rejected, rows, device)
     centers = _centers_for(logits_chosen, centers)
-    return _dist_implementation(_PAIR_LOSS, backend, logits_chosen)(
+    loss = _dist_implementation(_PAIR_LOSS, backend, logits_chosen)(
         logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight, centers)
+    targets = {"target_chosen": target_chosen, "target_rejected": target_rejected} if with_kl else {}
+    check.check_results("pair_loss", (loss,), {"logits_chosen": logits_chosen, "logits_rejected": logits_rejected},
+                        targets, centers)
+    return loss
 
 
 def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None, backend: str = "auto") -> torch.Tensor:
