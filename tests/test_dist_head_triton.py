@@ -148,6 +148,23 @@ def test_many_small_programs_and_a_scaled_upstream_gradient(kind, monkeypatch):
     assert_values_close(fused_kl, kl)
 
 
+@pytest.mark.parametrize("kind", ops.LOSS_KINDS)
+def test_strided_centers_of_another_range_are_read_in_place(kind):
+    """Centers [K] with stride 2 over [1, 5] (the kernels take their stride instead of copying them)."""
+    g = torch.Generator().manual_seed(13)
+    case = Case(33, 10, torch.float32, 2.0, "contiguous", 0.5, 1.0)
+    chosen, rejected = make_logits(case, g), make_logits(case, g)
+    centers = torch.linspace(1.0, 5.0, 20, device=DEVICE)[::2]
+    targets = make_targets(case, g), make_targets(case, g)
+    losses = eager_and_triton(ops.pair_loss, chosen, rejected, *targets, kind=kind, sigma=0.5, centers=centers)
+    assert_values_close(losses[1], losses[0])
+    for fused_grad, grad in zip(*(torch.autograd.grad(loss, (chosen, rejected)) for loss in reversed(losses))):
+        assert_grads_close(fused_grad, grad)
+    (mean, std), (fused_mean, fused_std) = eager_and_triton(ops.dist_moments, chosen, centers)
+    assert_values_close(fused_mean, mean)
+    assert_values_close(fused_std, std)
+
+
 def test_one_hot_rows_have_zero_std_and_finite_gradient():
     """exp underflow makes p one-hot: std = 0 exactly, and its gradient is 0 (not NaN), as reference.safe_sqrt."""
     logits = torch.full((3, 10), -1e4, device=DEVICE)
