@@ -24,6 +24,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database
                 suppress_health_check=list(HealthCheck))
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 NAN, INF = float("nan"), float("inf")
+GRAD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float64: 1e-9}  # of the largest
 
 
 def _backends():
@@ -148,19 +149,28 @@ def _centers64(c, z):
 
 def check_call(call, valid: bool, expected):
     """``call()`` returns finite values equal to ``expected`` (a tuple of float64 tensors, computed for a
-    structurally ``valid`` input), or raises ValueError/IndexError where the input is not valid."""
+    structurally ``valid`` input), or raises ValueError/IndexError where the input is not valid.
+    Returns the results (None where it raised)."""
     well_defined = valid and all(bool(torch.isfinite(e).all()) for e in expected)
     try:
         results = call()
     except (ValueError, IndexError) as error:
         assert not well_defined, f"a valid input raised {error!r}"
-        return
+        return None
     assert valid, "an invalid input returned a value"
     results = results if isinstance(results, tuple) else (results,)
     for result, exact in zip(results, expected, strict=True):
         assert bool(torch.isfinite(result).all()), "a non-finite result was returned"
         atol = 1e-4 * (1.0 + float(exact.abs().max())) if exact.numel() else 0.0
         torch.testing.assert_close(result.double(), exact, rtol=1e-4, atol=atol)
+    return results
+
+
+def _leaf(z):
+    """A float CPU tensor as a fresh leaf that requires grad (others unchanged)."""
+    if isinstance(z, torch.Tensor) and z.is_floating_point() and z.device.type == "cpu":
+        return z.detach().requires_grad_(True)
+    return z
 
 
 # ---------------------------------------------------------------- one fuzz per op
@@ -190,8 +200,9 @@ def test_fuzz_gaussian_kl(backend, data, rows, bins, sigma):
 @given(data=st.data(), rows=ROWS, bins=BINS, kind=st.sampled_from(ops.LOSS_KINDS + ("hinge",)), sigma=SIGMAS,
        score_weight=WEIGHTS)
 def test_fuzz_pair_loss(backend, data, rows, bins, kind, sigma, score_weight):
-    chosen = data.draw(logits(rows, bins))
-    rejected = data.draw(logits(rows, data.draw(st.sampled_from([bins] * 9 + [bins + 1]))))
+    """Values, and the gradients of both logits against the float64 reference's where the call returns."""
+    chosen = _leaf(data.draw(logits(rows, bins)))
+    rejected = _leaf(data.draw(logits(rows, data.draw(st.sampled_from([bins] * 9 + [bins + 1])))))
     target_chosen, target_rejected, c = data.draw(targets(rows)), data.draw(targets(rows)), data.draw(centers(bins))
     valid = (kind in ops.LOSS_KINDS and _logits_ok(chosen, backend) and _logits_ok(rejected, backend)
              and chosen.shape == rejected.shape and rows > 0 and _centers_ok(c, chosen)
@@ -199,5 +210,12 @@ def test_fuzz_pair_loss(backend, data, rows, bins, kind, sigma, score_weight):
              and (kind == "bt_mean" or (_target_ok(target_chosen, chosen) and _target_ok(target_rejected, chosen))))
     expected = (reference.pair_loss(chosen.double(), rejected.double(), _f64(target_chosen), _f64(target_rejected),
                                     kind, sigma, score_weight, _centers64(c, chosen)),) if valid else ()
-    check_call(lambda: ops.pair_loss(chosen, rejected, target_chosen, target_rejected, kind=kind, sigma=sigma,
-                                     score_weight=score_weight, centers=c, backend=backend), valid, expected)
+    results = check_call(lambda: ops.pair_loss(chosen, rejected, target_chosen, target_rejected, kind=kind,
+                                               sigma=sigma, score_weight=score_weight, centers=c, backend=backend),
+                         valid, expected)
+    if results is not None:
+        grads, exact_grads = (torch.autograd.grad(loss, (chosen, rejected)) for loss in (results[0], expected[0]))
+        for grad, exact, z in zip(grads, exact_grads, (chosen, rejected)):
+            assert grad.dtype == z.dtype and bool(torch.isfinite(grad).all()), "a non-finite gradient"
+            atol = GRAD_RTOL[z.dtype] * float(exact.abs().max()) + 1e-12
+            torch.testing.assert_close(grad.double(), exact, rtol=GRAD_RTOL[z.dtype], atol=atol)
