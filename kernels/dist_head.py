@@ -17,23 +17,27 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from distreward.ops import TRITON_MAX_BINS as MAX_BINS
-from distreward.ops.reference import compute_dtype
 
-# Elements of one [BLOCK_N, BLOCK_K] tile (each kernel keeps ~8 of them live): 2k on a GPU (16 a thread at 4 warps);
-# the CPU interpreter costs ~1 ms per program, so 2^20 there.
-GPU_TILE_ELEMENTS = 2048
+TRITON_MAX_BINS = 64  # a row of K logits lives in registers: 2 <= K <= 64
+PAIR_LOSS_KINDS = ("bt_mean", "bt_kl", "dpl")  # the SPEC §3 losses the pair kernel knows
+# Elements of one [BLOCK_N, BLOCK_K] tile. The pair kernel keeps ~12 tiles live, so a GPU thread holds
+# ELEMENTS_PER_THREAD of each (~50 registers, no spills): 1024 elements = 64 rows of K <= 16 at 8 warps.
+# The CPU interpreter costs ~1 ms per program, so 2^20 there.
+GPU_TILE_ELEMENTS = 1024
+ELEMENTS_PER_THREAD = 4
 INTERPRETER_TILE_ELEMENTS = 1 << 20
 _LOG_HALF = tl.constexpr(-0.6931471805599453)
 
 
 @triton.jit
-def _program_tile(centers_ptr, n_rows, n_bins, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _program_tile(centers_ptr, stride_centers, n_rows, n_bins, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
     """This program's row indices and mask [BLOCK_N], bin indices and mask [BLOCK_K], and centers [BLOCK_K] in ACC."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     bins = tl.arange(0, BLOCK_K)
     bin_mask = bins < n_bins
-    return rows, rows < n_rows, bins, bin_mask, tl.load(centers_ptr + bins, mask=bin_mask, other=0.0).to(ACC)
+    centers = tl.load(centers_ptr + bins * stride_centers, mask=bin_mask, other=0.0).to(ACC)
+    return rows, rows < n_rows, bins, bin_mask, centers
 
 
 @triton.jit
@@ -52,11 +56,11 @@ def _load_logits(ptr, rows, row_mask, stride_row, stride_bin, bins, bin_mask, AC
 
 @triton.jit
 def _log_softmax(z):
-    """Row-wise (log p, p) of a [BLOCK_N, BLOCK_K] tile; -inf entries get p = 0."""
+    """Row-wise (log p, p) of a [BLOCK_N, BLOCK_K] tile; -inf entries get p = 0. One division per row."""
     shifted = z - tl.max(z, axis=1)[:, None]
     unnormalised = tl.exp(shifted)
-    total = tl.sum(unnormalised, axis=1)[:, None]
-    return shifted - tl.log(total), unnormalised / total
+    total = tl.sum(unnormalised, axis=1)
+    return shifted - tl.log(total)[:, None], unnormalised * (1.0 / total)[:, None]
 
 
 @triton.jit
@@ -68,18 +72,23 @@ def _moments(p, centers):
 
 
 @triton.jit
-def _gaussian_labels(target, sigma, centers, bin_mask):
-    """(log q, q) [BLOCK_N, BLOCK_K]: the Gaussian N(target, sigma^2) discretised over the centers."""
+def _gaussian_labels(target, label_scale, centers, bin_mask):
+    """(log q, q) [BLOCK_N, BLOCK_K]: the Gaussian N(target, sigma^2) discretised over the centers.
+
+    NaN rows where the target lies outside [0, 1] or a center is not finite (ops turns them into a ValueError).
+    """
+    target = tl.where((target >= 0) & (target <= 1), target, float("nan"))
+    centers = tl.where(tl.abs(centers) < float("inf"), centers, float("nan"))
     distance = centers[None, :] - target[:, None]
-    scores = tl.where(bin_mask[None, :], -distance * distance / (2.0 * sigma * sigma), float("-inf"))
+    scores = tl.where(bin_mask[None, :], distance * distance * label_scale, float("-inf"))
     return _log_softmax(scores)
 
 
 @triton.jit
 def _kl(log_q, q, log_p):
-    """KL(q || p) [BLOCK_N]; bins with q = 0 (padding included) count 0."""
-    positive = q > 0
-    return tl.sum(q * (tl.where(positive, log_q, 0.0) - tl.where(positive, log_p, 0.0)), axis=1)
+    """KL(q || p) [BLOCK_N]; bins with q = 0 (padding included) count 0, a NaN q makes the row NaN."""
+    support = q != 0
+    return tl.sum(q * (tl.where(support, log_q, 0.0) - tl.where(support, log_p, 0.0)), axis=1)
 
 
 @triton.jit
@@ -97,17 +106,18 @@ def _dpl_log_prob(log_pc, log_pr, BLOCK_K: tl.constexpr):
     peak = tl.max(tl.max(joint, axis=2), axis=1)
     unnormalised = tl.exp(joint - peak[:, None, None])
     total = tl.sum(tl.sum(unnormalised, axis=2), axis=1)
-    responsibility = unnormalised / total[:, None, None]
+    responsibility = unnormalised * (1.0 / total)[:, None, None]
     return peak + tl.log(total), tl.sum(responsibility, axis=2), tl.sum(responsibility, axis=1)
 
 
 @triton.jit
-def _row_forward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_target, centers_ptr,
-                        mean_ptr, std_ptr, kl_ptr, n_rows, n_bins, sigma,
+def _row_forward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_target, centers_ptr, stride_centers,
+                        mean_ptr, std_ptr, kl_ptr, n_rows, n_bins, label_scale,
                         WITH_MOMENTS: tl.constexpr, WITH_KL: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """mean, std [N] (WITH_MOMENTS) and/or KL(q || p) [N] (WITH_KL) of BLOCK_N rows."""
-    rows, row_mask, bins, bin_mask, centers = _program_tile(centers_ptr, n_rows, n_bins, ACC, BLOCK_N, BLOCK_K)
+    rows, row_mask, bins, bin_mask, centers = _program_tile(centers_ptr, stride_centers, n_rows, n_bins, ACC,
+                                                            BLOCK_N, BLOCK_K)
     log_p, p = _log_softmax(_load_logits(logits_ptr, rows, row_mask, stride_row, stride_bin, bins, bin_mask, ACC))
     if WITH_MOMENTS:
         mean, var, _ = _moments(p, centers)
@@ -115,18 +125,19 @@ def _row_forward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_t
         tl.store(std_ptr + rows, tl.sqrt(var), mask=row_mask)
     if WITH_KL:
         target = _load_row_values(target_ptr, stride_target, rows, row_mask, ACC)
-        log_q, q = _gaussian_labels(target, sigma, centers, bin_mask)
+        log_q, q = _gaussian_labels(target, label_scale, centers, bin_mask)
         tl.store(kl_ptr + rows, _kl(log_q, q, log_p), mask=row_mask)
 
 
 @triton.jit
-def _row_backward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_target, centers_ptr,
+def _row_backward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_target, centers_ptr, stride_centers,
                          grad_mean_ptr, stride_grad_mean, grad_std_ptr, stride_grad_std, grad_kl_ptr, stride_grad_kl,
-                         grad_logits_ptr, n_rows, n_bins, sigma,
+                         grad_logits_ptr, n_rows, n_bins, label_scale,
                          WITH_MOMENTS: tl.constexpr, WITH_KL: tl.constexpr, ACC: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """d(loss)/d(logits) [N, K] (contiguous) from the gradients of mean, std and/or KL [N]."""
-    rows, row_mask, bins, bin_mask, centers = _program_tile(centers_ptr, n_rows, n_bins, ACC, BLOCK_N, BLOCK_K)
+    rows, row_mask, bins, bin_mask, centers = _program_tile(centers_ptr, stride_centers, n_rows, n_bins, ACC,
+                                                            BLOCK_N, BLOCK_K)
     _, p = _log_softmax(_load_logits(logits_ptr, rows, row_mask, stride_row, stride_bin, bins, bin_mask, ACC))
     grad = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
     if WITH_MOMENTS:
@@ -140,7 +151,7 @@ def _row_backward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_
     if WITH_KL:
         grad_kl = _load_row_values(grad_kl_ptr, stride_grad_kl, rows, row_mask, ACC)
         target = _load_row_values(target_ptr, stride_target, rows, row_mask, ACC)
-        _, q = _gaussian_labels(target, sigma, centers, bin_mask)
+        _, q = _gaussian_labels(target, label_scale, centers, bin_mask)
         grad += grad_kl[:, None] * (p - q)
     tl.store(grad_logits_ptr + rows[:, None] * n_bins + bins[None, :], grad.to(grad_logits_ptr.dtype.element_ty),
              mask=row_mask[:, None] & bin_mask[None, :])
@@ -149,13 +160,14 @@ def _row_backward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_
 @triton.jit
 def _pair_loss_kernel(chosen_ptr, stride_chosen_row, stride_chosen_bin, rejected_ptr, stride_rejected_row,
                       stride_rejected_bin, target_chosen_ptr, stride_target_chosen, target_rejected_ptr,
-                      stride_target_rejected, centers_ptr, grad_chosen_ptr, grad_rejected_ptr, partial_loss_ptr,
-                      n_rows, n_bins, sigma, score_weight, inv_n_rows,
+                      stride_target_rejected, centers_ptr, stride_centers, grad_chosen_ptr, grad_rejected_ptr,
+                      partial_loss_ptr, n_rows, n_bins, label_scale, score_weight, inv_n_rows,
                       DPL: tl.constexpr, WITH_KL: tl.constexpr, WITH_GRAD: tl.constexpr, ACC: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """This program's share of the mean SPEC §3 pair loss (its BLOCK_N pairs' sum / N) into
     ``partial_loss[pid]``; with WITH_GRAD, the mean's gradients w.r.t. both rows into the contiguous [N, K] grads."""
-    rows, row_mask, bins, bin_mask, centers = _program_tile(centers_ptr, n_rows, n_bins, ACC, BLOCK_N, BLOCK_K)
+    rows, row_mask, bins, bin_mask, centers = _program_tile(centers_ptr, stride_centers, n_rows, n_bins, ACC,
+                                                            BLOCK_N, BLOCK_K)
     log_pc, pc = _log_softmax(_load_logits(chosen_ptr, rows, row_mask, stride_chosen_row, stride_chosen_bin,
                                            bins, bin_mask, ACC))
     log_pr, pr = _log_softmax(_load_logits(rejected_ptr, rows, row_mask, stride_rejected_row, stride_rejected_bin,
@@ -176,8 +188,8 @@ def _pair_loss_kernel(chosen_ptr, stride_chosen_row, stride_chosen_bin, rejected
     if WITH_KL:
         target_c = _load_row_values(target_chosen_ptr, stride_target_chosen, rows, row_mask, ACC)
         target_r = _load_row_values(target_rejected_ptr, stride_target_rejected, rows, row_mask, ACC)
-        log_qc, qc = _gaussian_labels(target_c, sigma, centers, bin_mask)
-        log_qr, qr = _gaussian_labels(target_r, sigma, centers, bin_mask)
+        log_qc, qc = _gaussian_labels(target_c, label_scale, centers, bin_mask)
+        log_qr, qr = _gaussian_labels(target_r, label_scale, centers, bin_mask)
         half_weight = 0.5 * score_weight
         loss += half_weight * (_kl(log_qc, qc, log_pc) + _kl(log_qr, qr, log_pr))
         grad_chosen += half_weight * (pc - qc)
@@ -196,22 +208,33 @@ def _launch_settings(logits: torch.Tensor, tile_per_row: int):
     n_rows = logits.shape[0]
     budget = INTERPRETER_TILE_ELEMENTS if logits.device.type == "cpu" else GPU_TILE_ELEMENTS
     block_n = max(1, min(triton.next_power_of_2(n_rows), budget // tile_per_row))
-    num_warps = 8 if block_n * tile_per_row > GPU_TILE_ELEMENTS else 4
-    return block_n, num_warps, (triton.cdiv(n_rows, block_n),)
+    num_warps = min(8, max(1, block_n * tile_per_row // (32 * ELEMENTS_PER_THREAD)))
+    return block_n, triton.next_power_of_2(num_warps), (triton.cdiv(n_rows, block_n),)
+
+
+def _label_scale(sigma: float) -> float:
+    """The factor -1 / (2 sigma^2) of the squared distances in the Gaussian labels' log-density."""
+    return -0.5 / (float(sigma) * float(sigma))
 
 
 def _check_launchable(logits: torch.Tensor) -> int:
     """Raise ValueError unless the kernels can run on ``logits`` [N, K]; returns BLOCK_K."""
     n_bins = logits.shape[-1]
-    if n_bins > MAX_BINS:
-        raise ValueError(f"logits has {n_bins} bins; backend='triton' supports 2 to {MAX_BINS} (use backend='eager')")
+    if not 2 <= n_bins <= TRITON_MAX_BINS:
+        raise ValueError(f"logits has {n_bins} bins; backend='triton' supports 2 to {TRITON_MAX_BINS} "
+                         "(use backend='eager')")
     if logits.device.type != "cuda" and not isinstance(_pair_loss_kernel, InterpretedFunction):
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got logits on {logits.device}")
     return triton.next_power_of_2(n_bins)
 
 
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float64 for float64 logits (gradcheck), float32 for every other dtype."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
 def _acc_dtype(logits: torch.Tensor):
-    return tl.float64 if compute_dtype(logits) == torch.float64 else tl.float32
+    return tl.float64 if logits.dtype == torch.float64 else tl.float32
 
 
 def _stride(x, dim=0):
@@ -221,7 +244,7 @@ def _stride(x, dim=0):
 
 def _new_row_stat(logits):
     """An uninitialised [N] output in the compute dtype (float32, float64 for float64 logits)."""
-    return torch.empty(logits.shape[0], dtype=compute_dtype(logits), device=logits.device)
+    return torch.empty(logits.shape[0], dtype=_compute_dtype(logits), device=logits.device)
 
 
 def _row_forward(logits, centers, target=None, sigma=1.0):
@@ -235,9 +258,10 @@ def _row_forward(logits, centers, target=None, sigma=1.0):
     if logits.shape[0]:
         block_n, num_warps, grid = _launch_settings(logits, block_k)
         _row_forward_kernel[grid](
-            logits, logits.stride(0), logits.stride(1), target, _stride(target), centers.contiguous(), mean, std, kl,
-            logits.shape[0], logits.shape[1], float(sigma), WITH_MOMENTS=not with_kl, WITH_KL=with_kl,
-            ACC=_acc_dtype(logits), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+            logits, logits.stride(0), logits.stride(1), target, _stride(target), centers, centers.stride(0),
+            mean, std, kl, logits.shape[0], logits.shape[1], _label_scale(sigma),
+            WITH_MOMENTS=not with_kl, WITH_KL=with_kl, ACC=_acc_dtype(logits), BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=num_warps)
     return mean, std, kl
 
 
@@ -249,9 +273,9 @@ def _row_backward(logits, centers, grad_mean=None, grad_std=None, target=None, s
     if logits.shape[0]:
         block_n, num_warps, grid = _launch_settings(logits, block_k)
         _row_backward_kernel[grid](
-            logits, logits.stride(0), logits.stride(1), target, _stride(target), centers.contiguous(),
+            logits, logits.stride(0), logits.stride(1), target, _stride(target), centers, centers.stride(0),
             grad_mean, _stride(grad_mean), grad_std, _stride(grad_std), grad_kl, _stride(grad_kl), grad_logits,
-            logits.shape[0], logits.shape[1], float(sigma), WITH_MOMENTS=not with_kl, WITH_KL=with_kl,
+            logits.shape[0], logits.shape[1], _label_scale(sigma), WITH_MOMENTS=not with_kl, WITH_KL=with_kl,
             ACC=_acc_dtype(logits), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
     return grad_logits
 
@@ -295,11 +319,13 @@ class PairLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight,
                 centers, with_grad):
+        if kind not in PAIR_LOSS_KINDS:
+            raise ValueError(f"kind must be one of {PAIR_LOSS_KINDS}, got {kind!r}")
         block_k = _check_launchable(logits_chosen)
         n_rows, n_bins = logits_chosen.shape
         dpl, with_kl = kind == "dpl", kind != "bt_mean" and score_weight != 0
         block_n, num_warps, grid = _launch_settings(logits_chosen, block_k * block_k if dpl else block_k)
-        partial_loss = torch.empty(grid[0], dtype=compute_dtype(logits_chosen), device=logits_chosen.device)
+        partial_loss = torch.empty(grid[0], dtype=_compute_dtype(logits_chosen), device=logits_chosen.device)
         grads = [torch.empty(z.shape, dtype=z.dtype, device=z.device) if with_grad else None
                  for z in (logits_chosen, logits_rejected)]
         if not with_kl:
@@ -308,8 +334,8 @@ class PairLossFunction(torch.autograd.Function):
             logits_chosen, logits_chosen.stride(0), logits_chosen.stride(1),
             logits_rejected, logits_rejected.stride(0), logits_rejected.stride(1),
             target_chosen, _stride(target_chosen), target_rejected, _stride(target_rejected),
-            centers.contiguous(), grads[0], grads[1], partial_loss,
-            n_rows, n_bins, float(sigma), float(score_weight), 1.0 / n_rows,
+            centers, centers.stride(0), grads[0], grads[1], partial_loss,
+            n_rows, n_bins, _label_scale(sigma), float(score_weight), 1.0 / n_rows,
             DPL=dpl, WITH_KL=with_kl, WITH_GRAD=with_grad, ACC=_acc_dtype(logits_chosen),
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
         if with_grad:
@@ -322,7 +348,7 @@ class PairLossFunction(torch.autograd.Function):
         if not ctx.saved_tensors:  # neither logits required a gradient (only centers or targets did: they get none)
             return (None,) * 9
         grad_chosen, grad_rejected = ctx.saved_tensors
-        if bool(grad_output.ne(1)):  # the usual loss.backward() passes 1: skip two [N, K] passes
+        if grad_output.item() != 1:  # the usual loss.backward() passes 1: skip two [N, K] passes (one host read)
             grad_chosen = grad_chosen * grad_output.to(grad_chosen.dtype)
             grad_rejected = grad_rejected * grad_output.to(grad_rejected.dtype)
         return grad_chosen, grad_rejected, None, None, None, None, None, None, None
@@ -341,7 +367,8 @@ def triton_gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float,
 def triton_pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight,
                      centers):
     """Mean over N pairs of the SPEC §3 loss ``kind`` ("bt_mean", "bt_kl", "dpl"): logits [N, K] each,
-    targets [N] each (None for "bt_mean") -> scalar fp32 (fp64). Inputs are validated by ``ops.pair_loss``."""
+    targets [N] each (None for "bt_mean") -> scalar fp32 (fp64). Inputs are validated by ``ops.pair_loss``;
+    an unknown ``kind`` raises ValueError here too."""
     with_grad = torch.is_grad_enabled() and (logits_chosen.requires_grad or logits_rejected.requires_grad)
     return PairLossFunction.apply(logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma,
                                   score_weight, centers, with_grad)

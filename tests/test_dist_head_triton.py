@@ -2,8 +2,10 @@
 reference: values and autograd gradients of ``dist_moments``, ``gaussian_kl`` and every ``pair_loss``
 kind over N, K, dtypes, logit magnitudes, targets, sigma, score weights and memory layouts, a float64
 gradcheck of the kernels themselves, and bad input. CI runs them on the CPU with TRITON_INTERPRET=1."""
+import ast
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,6 +148,23 @@ def test_many_small_programs_and_a_scaled_upstream_gradient(kind, monkeypatch):
     assert_values_close(fused_kl, kl)
 
 
+@pytest.mark.parametrize("kind", ops.LOSS_KINDS)
+def test_strided_centers_of_another_range_are_read_in_place(kind):
+    """Centers [K] with stride 2 over [1, 5] (the kernels take their stride instead of copying them)."""
+    g = torch.Generator().manual_seed(13)
+    case = Case(33, 10, torch.float32, 2.0, "contiguous", 0.5, 1.0)
+    chosen, rejected = make_logits(case, g), make_logits(case, g)
+    centers = torch.linspace(1.0, 5.0, 20, device=DEVICE)[::2]
+    targets = make_targets(case, g), make_targets(case, g)
+    losses = eager_and_triton(ops.pair_loss, chosen, rejected, *targets, kind=kind, sigma=0.5, centers=centers)
+    assert_values_close(losses[1], losses[0])
+    for fused_grad, grad in zip(*(torch.autograd.grad(loss, (chosen, rejected)) for loss in reversed(losses))):
+        assert_grads_close(fused_grad, grad)
+    (mean, std), (fused_mean, fused_std) = eager_and_triton(ops.dist_moments, chosen, centers)
+    assert_values_close(fused_mean, mean)
+    assert_values_close(fused_std, std)
+
+
 def test_one_hot_rows_have_zero_std_and_finite_gradient():
     """exp underflow makes p one-hot: std = 0 exactly, and its gradient is 0 (not NaN), as reference.safe_sqrt."""
     logits = torch.full((3, 10), -1e4, device=DEVICE)
@@ -224,6 +243,15 @@ def test_bad_input_raises_value_error(call, match):
     z, t = torch.randn(4, 10, device=DEVICE) * 3, torch.rand(4, device=DEVICE)
     with pytest.raises(ValueError, match=match):
         call(z, t)
+
+
+def test_the_kernel_module_knows_nothing_of_ops():
+    """kernels/ sit below distreward.ops: dist_head imports only torch and triton, and knows every loss kind."""
+    tree = ast.parse(Path(dist_head.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {name.split(".")[0] for name in imported} <= {"torch", "triton"}, imported
+    assert dist_head.PAIR_LOSS_KINDS == ops.LOSS_KINDS
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="backend='auto' picks the Triton kernels for CUDA tensors only")

@@ -130,7 +130,7 @@ def test_moments_and_kl_match_numpy(scale, num_bins):
                                    rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["bt_mean", "bt_kl", "dpl"])
+@pytest.mark.parametrize("kind", ops.LOSS_KINDS)
 def test_pair_loss_matches_numpy(kind):
     g = torch.Generator().manual_seed(1)
     zc, zr = (torch.randn(33, 10, generator=g, dtype=torch.float64) * 3 for _ in range(2))
@@ -184,7 +184,7 @@ def test_gradcheck_float64():
     c = ops.bin_centers(10, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda z: ops.dist_moments(z, c, backend="eager"), (zc,))
     assert torch.autograd.gradcheck(lambda z: ops.gaussian_kl(z, tc, 0.1, c, backend="eager"), (zc,))
-    for kind in ("bt_mean", "bt_kl", "dpl"):
+    for kind in ops.LOSS_KINDS:
         assert torch.autograd.gradcheck(
             lambda a, b: ops.pair_loss(a, b, tc, tr, kind=kind, centers=c, backend="eager"), (zc, zr))
     z = torch.randn(2, 3, 11, generator=g, dtype=torch.float64, requires_grad=True)
@@ -253,6 +253,87 @@ def test_bad_ids_at_masked_positions_are_ignored():
 
 
 def test_auto_keeps_rows_wider_than_the_fused_head_on_eager(monkeypatch):
+    dist_head = pytest.importorskip("distreward.kernels.dist_head")
     monkeypatch.setattr(ops, "_pick", lambda *args: "triton")  # as if the tensors were on CUDA
-    assert ops._dist_backend("auto", torch.zeros(1, ops.TRITON_MAX_BINS + 1)) == "eager"
-    assert ops._dist_backend("auto", torch.zeros(1, ops.TRITON_MAX_BINS)) == "triton"
+    wide, widest = torch.zeros(1, dist_head.TRITON_MAX_BINS + 1), torch.zeros(1, dist_head.TRITON_MAX_BINS)
+    assert ops._dist_implementation(ops._PAIR_LOSS, "auto", wide) is ops.reference.pair_loss
+    assert ops._dist_implementation(ops._PAIR_LOSS, "auto", widest) is ops._PAIR_LOSS["triton"]
+
+
+@pytest.mark.parametrize("backend", ops.BACKENDS)
+@pytest.mark.parametrize("kind", ops.LOSS_KINDS)
+def test_every_backend_of_pair_loss_matches_eager_or_is_refused(kind, backend):
+    """Each name in ops.BACKENDS either computes the eager value or raises ValueError naming the backend."""
+    g = torch.Generator().manual_seed(4)
+    zc, zr, tc, tr = torch.randn(5, 10, generator=g), torch.randn(5, 10, generator=g), torch.rand(5), torch.rand(5)
+    expected = ops.pair_loss(zc, zr, tc, tr, kind=kind, backend="eager")
+    if backend not in ("auto", *ops._PAIR_LOSS):
+        with pytest.raises(ValueError, match="backend"):
+            ops.pair_loss(zc, zr, tc, tr, kind=kind, backend=backend)
+    else:
+        torch.testing.assert_close(ops.pair_loss(zc, zr, tc, tr, kind=kind, backend=backend), expected)
+
+
+@pytest.mark.parametrize("backend", ops.BACKENDS)
+def test_unknown_loss_kind_raises_in_every_backend(backend):
+    """Both through ops.pair_loss and from the backend's own implementation (the kernel launcher included)."""
+    z, t = torch.randn(4, 10), torch.rand(4)
+    with pytest.raises(ValueError, match="kind"):
+        ops.pair_loss(z, z, t, t, kind="hinge", backend=backend)
+    if backend in ops._PAIR_LOSS:
+        if backend == "triton":
+            pytest.importorskip("distreward.kernels.dist_head")
+        with pytest.raises(ValueError, match="kind"):
+            ops._PAIR_LOSS[backend](z, z, t, t, "hinge", 0.1, 1.0, ops.bin_centers(10))
+
+
+DIST_BACKENDS = [backend for backend in ops.BACKENDS if backend == "auto" or backend in ops._PAIR_LOSS]
+
+
+def _with(tensor, index, value):
+    tensor = tensor.clone()
+    tensor[index] = value
+    return tensor
+
+
+@pytest.mark.parametrize("backend", DIST_BACKENDS)
+@pytest.mark.parametrize("call, match", [
+    (lambda b: ops.dist_moments(_with(GOOD, (2, 3), float("inf")), backend=b), "logits contains"),
+    (lambda b: ops.dist_moments(_with(GOOD, 1, -float("inf")), backend=b), "logits has a row"),
+    (lambda b: ops.dist_moments(GOOD, _with(ops.bin_centers(10), 4, float("nan")), backend=b), "centers"),
+    (lambda b: ops.gaussian_kl(GOOD, TARGET, centers=_with(ops.bin_centers(10), 0, -float("inf")), backend=b),
+     "centers"),
+    (lambda b: ops.gaussian_kl(GOOD, _with(TARGET, 3, 1.0001), backend=b), "target must lie"),
+    (lambda b: ops.gaussian_kl(_with(GOOD, (0, 0), -float("inf")), TARGET, sigma=10.0, backend=b), "not finite"),
+    (lambda b: ops.pair_loss(GOOD, _with(GOOD, (3, 9), float("nan")), TARGET, TARGET, kind="dpl", backend=b),
+     "logits_rejected contains"),
+    (lambda b: ops.pair_loss(GOOD, GOOD, TARGET, _with(TARGET, 0, float("inf")), backend=b), "target_rejected"),
+    (lambda b: ops.pair_loss(GOOD, GOOD, TARGET, _with(TARGET, 0, -0.5), kind="dpl", backend=b), "target_rejected"),
+    (lambda b: ops.pair_loss(GOOD, GOOD, kind="bt_mean", centers=_with(ops.bin_centers(10), 1, float("inf")),
+                             backend=b), "centers"),
+])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy (the Triton interpreter) warns on the NaN
+def test_bad_values_raise_value_error_naming_the_argument_in_every_backend(call, match, backend):
+    if backend == "triton":
+        pytest.importorskip("distreward.kernels.dist_head")
+    with pytest.raises(ValueError, match=match):
+        call(backend)
+
+
+def test_valid_calls_make_no_extra_pass_over_their_inputs(monkeypatch):
+    """The values are checked through the results (one read); the inputs are read again only to name a culprit."""
+    def fail(*args):
+        raise AssertionError("an input was scanned for bad values")
+
+    monkeypatch.setattr(ops.check, "_check_no_nan_or_posinf", fail)
+    z = _with(GOOD, (0, 1), -float("inf"))  # -inf logits are valid where the loss needs no probability there
+    ops.dist_moments(z)
+    ops.pair_loss(z, GOOD, TARGET, TARGET, kind="bt_mean")
+    ops.pair_loss(GOOD, GOOD, TARGET, TARGET, kind="dpl")
+    ops.gaussian_kl(GOOD, TARGET)
+
+
+def test_targets_are_unused_and_unread_with_score_weight_zero():
+    bad = torch.full((4,), 7.0)
+    loss = ops.pair_loss(GOOD, GOOD, bad, bad, kind="bt_kl", score_weight=0.0, backend="eager")
+    torch.testing.assert_close(loss, ops.pair_loss(GOOD, GOOD, kind="bt_mean", backend="eager"))

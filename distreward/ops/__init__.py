@@ -10,9 +10,8 @@ import torch
 from distreward.ops import logprobs, reference
 from distreward.ops import validation as check
 
-LOSS_KINDS = ("bt_mean", "bt_kl", "dpl")
+LOSS_KINDS = reference.LOSS_KINDS
 BACKENDS = ("auto", "eager", "triton", "cpp")
-TRITON_MAX_BINS = 64  # the fused Triton head (kernels/dist_head.py) keeps a row of K logits in registers
 
 
 def bin_centers(num_bins: int = 10, low: float = 0.0, high: float = 1.0, device=None,
@@ -40,11 +39,36 @@ def _pick(backend: str, device: torch.device, available: tuple) -> str:
     return backend
 
 
-def _dist_backend(backend: str, logits: torch.Tensor) -> str:
-    """The backend of a bin op; ``auto`` keeps rows of more than TRITON_MAX_BINS bins on eager."""
-    if backend == "auto" and logits.shape[-1] > TRITON_MAX_BINS:
-        return "eager"
-    return _pick(backend, logits.device, ("triton",))
+def _head_kernel(name: str):
+    """The fused Triton op ``name`` of kernels/dist_head.py, imported on first call (Triton is optional)."""
+    def run(*args):
+        from distreward.kernels import dist_head
+        return getattr(dist_head, name)(*args)
+
+    return run
+
+
+def _triton_max_bins() -> int:
+    """The widest row the fused head takes (0 where Triton is not installed)."""
+    try:
+        from distreward.kernels.dist_head import TRITON_MAX_BINS
+    except ImportError:
+        return 0
+    return TRITON_MAX_BINS
+
+
+# One dispatch table per bin op: backend -> implementation with the reference's signature.
+_DIST_MOMENTS = {"eager": reference.dist_moments, "triton": _head_kernel("triton_dist_moments")}
+_GAUSSIAN_KL = {"eager": reference.gaussian_kl, "triton": _head_kernel("triton_gaussian_kl")}
+_PAIR_LOSS = {"eager": reference.pair_loss, "triton": _head_kernel("triton_pair_loss")}
+
+
+def _dist_implementation(table: dict, backend: str, logits: torch.Tensor):
+    """``table``'s entry for ``backend``; ``auto`` keeps rows wider than the fused head takes on eager."""
+    chosen = _pick(backend, logits.device, tuple(name for name in table if name != "eager"))
+    if backend == "auto" and chosen == "triton" and logits.shape[-1] > _triton_max_bins():
+        chosen = "eager"
+    return table[chosen]
 
 
 def _centers_for(logits: torch.Tensor, centers):
@@ -57,10 +81,9 @@ def dist_moments(logits: torch.Tensor, centers=None, backend: str = "auto"):
     """logits [N, K] (fp32/bf16/fp16) -> (mean [N], std [N]) fp32 of softmax(logits) over ``centers`` [K]."""
     check.check_logits("logits", logits)
     centers = _centers_for(logits, centers)
-    if _dist_backend(backend, logits) == "triton":
-        from distreward.kernels.dist_head import triton_dist_moments
-        return triton_dist_moments(logits, centers)
-    return reference.dist_moments(logits, centers)
+    mean, std = _dist_implementation(_DIST_MOMENTS, backend, logits)(logits, centers)
+    check.check_results("dist_moments", (mean, std), {"logits": logits}, {}, centers)
+    return mean, std
 
 
 def gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float = 0.1, centers=None,
@@ -70,10 +93,9 @@ def gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float = 0.1, 
     check.check_target("target", target, logits.shape[0], logits.device)
     check.check_positive("sigma", sigma)
     centers = _centers_for(logits, centers)
-    if _dist_backend(backend, logits) == "triton":
-        from distreward.kernels.dist_head import triton_gaussian_kl
-        return triton_gaussian_kl(logits, target, sigma, centers)
-    return reference.gaussian_kl(logits, target, sigma, centers)
+    kl = _dist_implementation(_GAUSSIAN_KL, backend, logits)(logits, target, sigma, centers)
+    check.check_results("gaussian_kl", (kl,), {"logits": logits}, {"target": target}, centers)
+    return kl
 
 
 def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target_chosen=None, target_rejected=None,
@@ -81,7 +103,8 @@ def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target
               backend: str = "auto") -> torch.Tensor:
     """Mean SPEC §3 loss over N pairs: logits [N, K] each, targets [N] each in [0, 1] -> scalar fp32.
 
-    ``kind`` is "bt_mean" (targets unused), "bt_kl" (default) or "dpl".
+    ``kind`` is "bt_mean" (targets unused), "bt_kl" (default) or "dpl"; with ``score_weight=0`` the
+    targets' values are unused too (and not read).
     """
     if kind not in LOSS_KINDS:
         raise ValueError(f"kind must be one of {LOSS_KINDS}, got {kind!r}")
@@ -97,16 +120,17 @@ def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target
     check.check_positive("sigma", sigma)
     check.check_positive("score_weight", score_weight, allow_zero=True)
     rows, device = logits_chosen.shape[0], logits_chosen.device
+    with_kl = kind != "bt_mean" and score_weight != 0
     if kind != "bt_mean":
         check.check_target("target_chosen", target_chosen, rows, device)
         check.check_target("target_rejected", target_rejected, rows, device)
     centers = _centers_for(logits_chosen, centers)
-    if _dist_backend(backend, logits_chosen) == "triton":
-        from distreward.kernels.dist_head import triton_pair_loss
-        return triton_pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected,
-                                kind, sigma, score_weight, centers)
-    return reference.pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected,
-                               kind, sigma, score_weight, centers)
+    loss = _dist_implementation(_PAIR_LOSS, backend, logits_chosen)(
+        logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight, centers)
+    targets = {"target_chosen": target_chosen, "target_rejected": target_rejected} if with_kl else {}
+    check.check_results("pair_loss", (loss,), {"logits_chosen": logits_chosen, "logits_rejected": logits_rejected},
+                        targets, centers)
+    return loss
 
 
 def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None, backend: str = "auto") -> torch.Tensor:

@@ -7,6 +7,8 @@ against these.
 import torch
 import torch.nn.functional as F
 
+LOSS_KINDS = ("bt_mean", "bt_kl", "dpl")
+
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float64 stays float64 (for gradcheck); everything else is computed in float32."""
@@ -30,18 +32,24 @@ def dist_moments(logits: torch.Tensor, centers: torch.Tensor):
 
 
 def gaussian_log_labels(target: torch.Tensor, sigma: float, centers: torch.Tensor) -> torch.Tensor:
-    """target [N] -> log q [N, K], the discretised Gaussian N(target, sigma^2) over the centers."""
+    """target [N] -> log q [N, K], the discretised Gaussian N(target, sigma^2) over the centers.
+
+    Rows whose target lies outside [0, 1], or whose centers are not finite, are NaN.
+    """
     c = centers.to(compute_dtype(target))
-    scores = -(c - target.to(c.dtype).unsqueeze(-1)).square() / (2.0 * sigma * sigma)
+    c = torch.where(torch.isfinite(c), c, torch.nan)
+    t = target.to(c.dtype)
+    t = torch.where((t >= 0) & (t <= 1), t, torch.nan)
+    scores = -(c - t.unsqueeze(-1)).square() / (2.0 * sigma * sigma)
     return torch.log_softmax(scores, dim=-1)
 
 
 def gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float, centers: torch.Tensor) -> torch.Tensor:
-    """KL(q || softmax(logits)) [N] for Gaussian labels q around ``target`` [N]; q_k = 0 terms count 0."""
+    """KL(q || softmax(logits)) [N] for Gaussian labels q around ``target`` [N]; q_k = 0 terms count 0 (NaN stays)."""
     log_p = torch.log_softmax(logits.to(compute_dtype(logits)), dim=-1)
     log_q = gaussian_log_labels(target, sigma, centers).to(log_p.dtype)
     q = log_q.exp()
-    terms = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q))
+    terms = torch.where(q != 0, q * (log_q - log_p), torch.zeros_like(q))
     return terms.sum(-1)
 
 
@@ -60,6 +68,8 @@ def dpl_log_prob(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor) -> 
 def pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected,
               kind: str = "bt_kl", sigma: float = 0.1, score_weight: float = 1.0, centers=None) -> torch.Tensor:
     """Mean over N pairs of the SPEC §3 loss ``kind`` ("bt_mean", "bt_kl" or "dpl"); scalar fp32."""
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"kind must be one of {LOSS_KINDS}, got {kind!r}")
     if kind == "dpl":
         pref = -dpl_log_prob(logits_chosen, logits_rejected)
     else:

@@ -1,7 +1,10 @@
 """Input checks shared by every backend of :mod:`distreward.ops` (SPEC §6).
 
 Each check raises ``ValueError`` (``IndexError`` for token ids) naming the argument, so a bad call
-fails loudly before any kernel runs instead of returning a silently wrong number.
+fails loudly instead of returning a silently wrong number. The bin ops check shapes, dtypes and
+devices before any kernel runs and the values after: a bad value makes its rows' results NaN in every
+backend, so :func:`check_results` reads one flag (one host sync) and only on failure looks for the
+culprit.
 """
 import math
 
@@ -20,40 +23,69 @@ def check_float_type(name: str, x, ndim: int) -> None:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
 
 
-def check_float(name: str, x, ndim: int) -> None:
-    """``x`` must be a floating tensor with ``ndim`` dimensions and no NaN or +inf."""
-    check_float_type(name, x, ndim)
+def _check_no_nan_or_posinf(name: str, x: torch.Tensor) -> None:
     if x.numel() and bool(torch.isnan(x).any() | torch.isposinf(x).any()):
         raise ValueError(f"{name} contains NaN or +inf")
 
 
 def check_logits(name: str, logits, ndim: int = 2) -> None:
-    """Bin logits ``[N, K]`` (K >= 2)."""
-    check_float(name, logits, ndim)
+    """Bin logits ``[N, K]`` (K >= 2); their values are checked by :func:`check_results`."""
+    check_float_type(name, logits, ndim)
+    if logits.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device: the bin ops need tensors that hold values")
     if logits.shape[-1] < 2:
         raise ValueError(f"{name} must have at least 2 bins in its last dimension, got {logits.shape[-1]}")
 
 
 def check_centers(centers, num_bins: int, device) -> None:
-    """Bin centers ``[K]``, finite, on the logits' device."""
-    check_float("centers", centers, 1)
+    """Bin centers ``[K]`` on the logits' device; finiteness is checked by :func:`check_results`."""
+    check_float_type("centers", centers, 1)
     if centers.shape[0] != num_bins:
         raise ValueError(f"centers has {centers.shape[0]} entries but the logits have {num_bins} bins")
-    if not bool(torch.isfinite(centers).all()):
-        raise ValueError("centers must be finite")
     if centers.device != device:
         raise ValueError(f"centers is on {centers.device} but the logits are on {device}")
 
 
 def check_target(name: str, target, rows: int, device) -> None:
-    """Targets ``[N]`` in [0, 1] on the logits' device."""
-    check_float(name, target, 1)
+    """Targets ``[N]`` on the logits' device; the range [0, 1] is checked by :func:`check_results`."""
+    check_float_type(name, target, 1)
     if target.shape[0] != rows:
         raise ValueError(f"{name} has {target.shape[0]} entries but the logits have {rows} rows")
     if target.device != device:
         raise ValueError(f"{name} is on {target.device} but the logits are on {device}")
-    if target.numel() and bool(((target < 0) | (target > 1)).any()):
-        raise ValueError(f"{name} must lie in [0, 1]")
+
+
+def _sum_is_finite(results) -> bool:
+    """Whether the sum of all entries of ``results`` is finite: one host read (it may overflow: recheck)."""
+    total = None
+    for result in results:
+        part = result.detach() if result.dim() == 0 else result.detach().sum()
+        total = part if total is None else total + part
+    return math.isfinite(total.item())
+
+
+def check_results(op: str, results: tuple, logits: dict, targets: dict, centers: torch.Tensor) -> None:
+    """Raise ValueError naming the bad input when a result of ``op`` is not finite.
+
+    Every backend makes the results of a row NaN where its logits hold NaN or +inf or are all -inf,
+    its target lies outside [0, 1] or a center it uses is not finite. ``logits`` and ``targets`` map
+    argument names to the tensors given; they are read only when a result is not finite. Skipped while
+    torch.compile traces (the check is data-dependent).
+    """
+    if torch.compiler.is_compiling() or _sum_is_finite(results) or all(bool(torch.isfinite(r).all()) for r in results):
+        return
+    for name, z in logits.items():
+        _check_no_nan_or_posinf(name, z)
+        if bool(torch.isneginf(z).all(dim=-1).any()):
+            raise ValueError(f"{name} has a row whose logits are all -inf")
+    for name, target in targets.items():
+        _check_no_nan_or_posinf(name, target)
+        if bool(((target < 0) | (target > 1)).any()):
+            raise ValueError(f"{name} must lie in [0, 1]")
+    if not bool(torch.isfinite(centers).all()):
+        raise ValueError("centers must be finite")
+    raise ValueError(f"{op} is not finite for these finite inputs: a -inf logit where the loss needs "
+                     "probability, or logits or centers too large for float32")
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:

@@ -1,0 +1,221 @@
+"""Hypothesis fuzz of the public bin ops (``dist_moments``, ``gaussian_kl``, ``pair_loss`` of every kind)
+on the eager and Triton (interpreter) backends: random shapes (empty ones included), strides, dtypes,
+NaN and +-inf, targets outside [0, 1], a "meta" tensor standing for a wrong device, wrong bin counts and
+centers, bad settings. Every call must either return finite values equal to the float64 reference on
+the same values, or raise ValueError/IndexError where the input is invalid; never another exception.
+
+A short, derandomised sample runs by default; ``DISTREWARD_FUZZ_EXAMPLES=10000`` sets the cases per
+op and backend.
+"""
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from distreward import ops
+from distreward.ops import reference
+
+EXAMPLES = int(os.environ.get("DISTREWARD_FUZZ_EXAMPLES", "12"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+NAN, INF = float("nan"), float("inf")
+GRAD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float64: 1e-9}  # of the largest
+
+
+def _backends():
+    """eager and, where Triton is installed, triton (under TRITON_INTERPRET=1 on a CPU)."""
+    triton = pytest.param("triton", marks=pytest.mark.skipif(
+        importlib.util.find_spec("triton") is None, reason="the fused kernels need triton"))
+    return [backend if backend == "eager" else triton for backend in ops.BACKENDS if backend in ("eager", "triton")]
+
+
+# ---------------------------------------------------------------- inputs
+
+def _layout(draw, values: torch.Tensor, dtype) -> torch.Tensor:
+    """``values`` in ``dtype``: contiguous, every other element of a wider tensor, or (2-D) a transpose."""
+    layout = draw(st.sampled_from(["contiguous", "contiguous", "strided", "transposed"]))
+    if layout == "strided":
+        wide = torch.zeros(*values.shape[:-1], 2 * values.shape[-1], dtype=dtype)
+        wide[..., ::2] = values.to(dtype)
+        return wide[..., ::2]
+    if layout == "transposed" and values.dim() == 2:
+        return values.T.contiguous().to(dtype).T
+    return values.to(dtype)
+
+
+def _device(draw, x):
+    """Now and then the tensor moves to the meta device (a wrong device with no values)."""
+    return x.to("meta") if isinstance(x, torch.Tensor) and draw(st.integers(0, 19)) == 0 else x
+
+
+@st.composite
+def logits(draw, rows: int, bins: int):
+    """[rows, bins] logits: any float dtype (or int64), scales up to 1e4, a few NaN / +-inf entries or -inf rows."""
+    dtype = draw(st.sampled_from(FLOATS + FLOATS + (torch.int64,)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    values = torch.randn(rows, bins, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    values *= draw(st.sampled_from([1.0, 30.0, 1e4]))
+    for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2]))):
+        if rows and bins:
+            row, column = draw(st.integers(0, rows - 1)), draw(st.integers(0, bins - 1))
+            special = draw(st.sampled_from(["nan", "inf", "-inf", "-inf row"]))
+            if special == "-inf row":
+                values[row] = -INF
+            else:
+                values[row, column] = float(special)
+    if dtype == torch.int64:
+        return torch.zeros(rows, bins, dtype=dtype)
+    return _device(draw, _layout(draw, values, dtype))
+
+
+@st.composite
+def targets(draw, rows: int):
+    """[rows] targets in [0, 1] (end points included), now and then out of range, NaN, inf, None or misshapen."""
+    shape = draw(st.sampled_from(["ok"] * 8 + ["none", "longer", "2-d", "int"]))
+    if shape == "none":
+        return None
+    if shape == "int":
+        return torch.zeros(rows, dtype=torch.int64)
+    length = rows + 1 if shape == "longer" else rows
+    values = torch.rand(length, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1))),
+                        dtype=torch.float64)
+    values[::4] = 0.0
+    values[1::4] = 1.0
+    if length and draw(st.integers(0, 4)) == 0:
+        values[draw(st.integers(0, length - 1))] = draw(st.sampled_from([-0.01, 1.5, NAN, INF, -INF]))
+    if shape == "2-d":
+        values = values[:, None]
+    return _device(draw, _layout(draw, values, draw(st.sampled_from(FLOATS))))
+
+
+@st.composite
+def centers(draw, bins: int):
+    """None (the default linspace(0, 1, K)) or centers over another range, now and then miscounted or not finite."""
+    kind = draw(st.sampled_from(["none"] * 4 + ["range", "range", "count", "special", "int"]))
+    if kind == "none":
+        return None
+    count = max(0, bins + draw(st.sampled_from([-1, 1]))) if kind == "count" else bins
+    if kind == "int":
+        return torch.arange(count)
+    low = draw(st.floats(-10, 10))
+    values = torch.linspace(low, low + draw(st.floats(0.1, 10)), count, dtype=torch.float64)
+    if kind == "special" and count:
+        values[draw(st.integers(0, count - 1))] = draw(st.sampled_from([NAN, INF, -INF]))
+    return _device(draw, _layout(draw, values, draw(st.sampled_from(FLOATS))))
+
+
+SIGMAS = st.sampled_from([0.02, 0.1, 0.1, 0.5, 1.0, 0.0, -1.0, NAN, INF, True, "0.1"])
+WEIGHTS = st.sampled_from([0.0, 1.0, 1.0, 2.5, -1.0, NAN, None])
+ROWS = st.one_of(st.just(0), st.integers(1, 48))
+BINS = st.sampled_from([2, 3, 10, 10, 16, 33, 64, 65, 1, 0])
+
+
+# ---------------------------------------------------------------- the rules, restated independently
+
+def _float_tensor(x, ndim: int) -> bool:
+    return isinstance(x, torch.Tensor) and x.dtype in FLOATS and x.dim() == ndim
+
+
+def _logits_ok(z, backend: str) -> bool:
+    bins_ok = z.dim() == 2 and z.shape[-1] >= 2 and (backend != "triton" or z.shape[-1] <= 64)
+    return _float_tensor(z, 2) and z.device.type == "cpu" and bins_ok
+
+
+def _target_ok(t, z) -> bool:
+    return _float_tensor(t, 1) and t.shape[0] == z.shape[0] and t.device == z.device
+
+
+def _centers_ok(c, z) -> bool:
+    return c is None or (_float_tensor(c, 1) and c.shape[0] == z.shape[-1] and c.device == z.device)
+
+
+def _setting_ok(value, allow_zero: bool) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return number and (value > 0 or (allow_zero and value == 0))
+
+
+def _f64(x):
+    return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def _centers64(c, z):
+    return ops.bin_centers(z.shape[-1], dtype=torch.float64) if c is None else c.double()
+
+
+def check_call(call, valid: bool, expected):
+    """``call()`` returns finite values equal to ``expected`` (a tuple of float64 tensors, computed for a
+    structurally ``valid`` input), or raises ValueError/IndexError where the input is not valid.
+    Returns the results (None where it raised)."""
+    well_defined = valid and all(bool(torch.isfinite(e).all()) for e in expected)
+    try:
+        results = call()
+    except (ValueError, IndexError) as error:
+        assert not well_defined, f"a valid input raised {error!r}"
+        return None
+    assert valid, "an invalid input returned a value"
+    results = results if isinstance(results, tuple) else (results,)
+    for result, exact in zip(results, expected, strict=True):
+        assert bool(torch.isfinite(result).all()), "a non-finite result was returned"
+        atol = 1e-4 * (1.0 + float(exact.abs().max())) if exact.numel() else 0.0
+        torch.testing.assert_close(result.double(), exact, rtol=1e-4, atol=atol)
+    return results
+
+
+def _leaf(z):
+    """A float CPU tensor as a fresh leaf that requires grad (others unchanged)."""
+    if isinstance(z, torch.Tensor) and z.is_floating_point() and z.device.type == "cpu":
+        return z.detach().requires_grad_(True)
+    return z
+
+
+# ---------------------------------------------------------------- one fuzz per op
+
+@pytest.mark.parametrize("backend", _backends())
+@FUZZ
+@given(data=st.data(), rows=ROWS, bins=BINS)
+def test_fuzz_dist_moments(backend, data, rows, bins):
+    z, c = data.draw(logits(rows, bins)), data.draw(centers(bins))
+    valid = _logits_ok(z, backend) and _centers_ok(c, z)
+    expected = reference.dist_moments(z.double(), _centers64(c, z)) if valid else ()
+    check_call(lambda: ops.dist_moments(z, c, backend=backend), valid, expected)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@FUZZ
+@given(data=st.data(), rows=ROWS, bins=BINS, sigma=SIGMAS)
+def test_fuzz_gaussian_kl(backend, data, rows, bins, sigma):
+    z, t, c = data.draw(logits(rows, bins)), data.draw(targets(rows)), data.draw(centers(bins))
+    valid = _logits_ok(z, backend) and _target_ok(t, z) and _centers_ok(c, z) and _setting_ok(sigma, False)
+    expected = (reference.gaussian_kl(z.double(), t.double(), sigma, _centers64(c, z)),) if valid else ()
+    check_call(lambda: ops.gaussian_kl(z, t, sigma, c, backend=backend), valid, expected)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@FUZZ
+@given(data=st.data(), rows=ROWS, bins=BINS, kind=st.sampled_from(ops.LOSS_KINDS + ("hinge",)), sigma=SIGMAS,
+       score_weight=WEIGHTS)
+def test_fuzz_pair_loss(backend, data, rows, bins, kind, sigma, score_weight):
+    """Values, and the gradients of both logits against the float64 reference's where the call returns."""
+    chosen = _leaf(data.draw(logits(rows, bins)))
+    rejected = _leaf(data.draw(logits(rows, data.draw(st.sampled_from([bins] * 9 + [bins + 1])))))
+    target_chosen, target_rejected, c = data.draw(targets(rows)), data.draw(targets(rows)), data.draw(centers(bins))
+    valid = (kind in ops.LOSS_KINDS and _logits_ok(chosen, backend) and _logits_ok(rejected, backend)
+             and chosen.shape == rejected.shape and rows > 0 and _centers_ok(c, chosen)
+             and _setting_ok(sigma, False) and _setting_ok(score_weight, True)
+             and (kind == "bt_mean" or (_target_ok(target_chosen, chosen) and _target_ok(target_rejected, chosen))))
+    expected = (reference.pair_loss(chosen.double(), rejected.double(), _f64(target_chosen), _f64(target_rejected),
+                                    kind, sigma, score_weight, _centers64(c, chosen)),) if valid else ()
+    results = check_call(lambda: ops.pair_loss(chosen, rejected, target_chosen, target_rejected, kind=kind,
+                                               sigma=sigma, score_weight=score_weight, centers=c, backend=backend),
+                         valid, expected)
+    if results is not None:
+        grads, exact_grads = (torch.autograd.grad(loss, (chosen, rejected)) for loss in (results[0], expected[0]))
+        for grad, exact, z in zip(grads, exact_grads, (chosen, rejected)):
+            assert grad.dtype == z.dtype and bool(torch.isfinite(grad).all()), "a non-finite gradient"
+            atol = GRAD_RTOL[z.dtype] * float(exact.abs().max()) + 1e-12
+            torch.testing.assert_close(grad.double(), exact, rtol=GRAD_RTOL[z.dtype], atol=atol)
