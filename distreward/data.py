@@ -43,18 +43,37 @@ class PreferenceTrainingConfig(TrainingConfig):
             raise ValueError(f"--num_pairs and --max_length must be >= 1, got {self.num_pairs} and {self.max_length}")
 
 
+def local_path_or_hub_id(name: str, what: str, required_file: Optional[str] = None) -> str:
+    """``name`` as given (a hub id, or an existing path with ``~`` expanded), or ValueError ``"{what} {name} does
+    not exist"`` when it looks like a local path: it starts with ``/``, ``.`` or ``~``, has a path separator
+    beyond the hub's one ``org/name`` slash, or lies in an existing directory. Such a typo never goes to the network.
+    An existing directory must hold ``required_file`` when it is given.
+    """
+    path = os.path.expanduser(name)
+    if os.path.isdir(path) and required_file and not os.path.isfile(os.path.join(path, required_file)):
+        raise ValueError(f"{what} {name} has no {required_file}")
+    if os.path.exists(path):
+        return path
+    parent = os.path.dirname(path)
+    beyond_org_name = os.sep in name.replace("/", "", 1)  # posix: a second "/"; Windows: any "\\"
+    if name.startswith(("/", ".", "~")) or beyond_org_name or (parent and os.path.isdir(parent)):
+        raise ValueError(f"{what} {name} does not exist")
+    return name
+
+
 def load_raw_preferences(name_or_path: str, split: str = "train", num_pairs: int = 4000, seed: int = 0) -> Dataset:
     """The untokenised rows: the embedded task (``num_pairs`` pairs, by ``seed``), a local file, or a hub split."""
     if name_or_path == EMBEDDED:
         return synthetic.make_preference_dataset(num_pairs, seed)
     extension = os.path.splitext(name_or_path)[1].lower()
-    if os.path.isfile(name_or_path):
+    if extension in LOCAL_FORMATS and not os.path.isfile(os.path.expanduser(name_or_path)):
+        raise ValueError(f"data file {name_or_path} does not exist")
+    path = local_path_or_hub_id(name_or_path, "data file")
+    if os.path.isfile(path):
         if extension not in LOCAL_FORMATS:
             raise ValueError(f"{name_or_path}: a local data file must be .jsonl, .json or .parquet")
-        return load_dataset(LOCAL_FORMATS[extension], data_files=name_or_path, split="train")
-    if extension in LOCAL_FORMATS:
-        raise ValueError(f"data file {name_or_path} does not exist")
-    return load_dataset(name_or_path, split=split)
+        return load_dataset(LOCAL_FORMATS[extension], data_files=path, split="train")
+    return load_dataset(path, split=split)
 
 
 def score_columns(column_names) -> tuple:

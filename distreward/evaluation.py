@@ -8,6 +8,7 @@ compares finished ``rm`` runs side by side (a markdown table and one PNG).
 import argparse
 import json
 import os
+import sys
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -144,14 +145,22 @@ def compare_runs(run_dirs: list, output_path: str) -> str:
     return markdown_table(metrics)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m distreward.evaluation",
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distreward.evaluation", allow_abbrev=False,
                                      description="Compare finished reward-model runs (e.g. bt_mean vs bt_kl).")
     parser.add_argument("run_dirs", nargs="+", help="output_dir of each `python -m distreward.train rm` run")
     parser.add_argument("--output", default="rm_comparison.png", help="path of the side-by-side PNG")
     args = parser.parse_args(argv)
+    for run_dir in args.run_dirs:
+        missing = [name for name in ("config.json", "eval.json", PREDICTIONS_NAME)
+                   if not os.path.isfile(os.path.join(run_dir, name))]
+        if missing:
+            print(f"error: {run_dir} is not a finished `python -m distreward.train rm` run (no {', '.join(missing)})",
+                  file=sys.stderr)
+            return 2
     print(compare_runs(args.run_dirs, args.output))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

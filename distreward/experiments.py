@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from distreward.pipeline import PipelineConfig, run_stages
 from distreward.rewards import SHAPINGS
+from distreward.train import USER_ERRORS, parse_config
 
 LOSS_KINDS = ("bt_mean", "bt_kl")
 METRICS = (("ground-truth gain", "ground_truth_gain"), ("reward gain", "reward_gain"), ("KL to ref", "kl_to_ref"))
@@ -82,13 +83,14 @@ def run_experiments(config: ExperimentConfig) -> list:
 
 
 def main(argv=None) -> int:
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(ExperimentConfig, prog="python -m distreward.experiments")
-    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    config, unknown = parse_config(ExperimentConfig, list(sys.argv[1:] if argv is None else argv),
+                                   prog="python -m distreward.experiments")
+    if unknown:
+        print(f"error: unknown argument(s): {' '.join(unknown)} (see --help)", file=sys.stderr)
+        return 2
     try:
         run_experiments(config)
-    except ValueError as error:
+    except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -101,7 +101,8 @@ class DistributionalRewardModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory, torch_dtype: Optional[torch.dtype] = None,
                         **kwargs) -> "DistributionalRewardModel":
-        """Load a model written by :meth:`save_pretrained` (``kwargs``: e.g. ``moments_backend``)."""
+        """Load a model written by :meth:`save_pretrained` (``kwargs``: e.g. ``moments_backend``), in eval mode
+        (dropout off) as transformers' ``from_pretrained`` returns it: call ``.train()`` to fine-tune it."""
         config_path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(config_path):
             raise ValueError(f"{directory} holds no {CONFIG_NAME}: not a saved DistributionalRewardModel")
@@ -111,4 +112,5 @@ class DistributionalRewardModel(nn.Module):
         backbone_config = AutoConfig.for_model(backbone_settings.pop("model_type"), **backbone_settings)
         model = cls(AutoModel.from_config(backbone_config), **settings, **kwargs)
         model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME)))
+        model.eval()
         return model.to(torch_dtype) if torch_dtype is not None else model

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
 from distreward import evaluation, ops
-from distreward.data import EMBEDDED, PreferenceCollator, PreferenceTrainingConfig, load_preference_data
+from distreward.data import (EMBEDDED, PreferenceCollator, PreferenceTrainingConfig, load_preference_data,
+                             local_path_or_hub_id)
 from distreward.modeling import DistributionalRewardModel
 from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
 from distreward.trainer_utils import make_accelerator, save_run_config, train_loop
@@ -77,8 +78,8 @@ def load_backbone(config: RewardConfig, print_fn=print):
         tokenizer = build_tiny_tokenizer()
         backbone = build_tiny_policy(tokenizer, seed=config.seed)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        backbone = path
+        backbone = local_path_or_hub_id(path, "model directory", "config.json")
+        tokenizer = AutoTokenizer.from_pretrained(backbone)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = DistributionalRewardModel.from_backbone(backbone, num_bins=config.num_bins,

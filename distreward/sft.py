@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distreward import synthetic
-from distreward.data import EMBEDDED, CompletionCollator, PreferenceTrainingConfig, load_sft_data
+from distreward.data import EMBEDDED, CompletionCollator, PreferenceTrainingConfig, load_sft_data, local_path_or_hub_id
 from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
 from distreward.trainer_utils import make_accelerator, save_run_config, train_loop
 
@@ -47,6 +47,7 @@ def load_policy(model_name_or_path: str, seed: int):
     if model_name_or_path == EMBEDDED:
         tokenizer = build_tiny_tokenizer()
         return build_tiny_policy(tokenizer, seed=seed), tokenizer
+    model_name_or_path = local_path_or_hub_id(model_name_or_path, "model directory", "config.json")
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -18,12 +18,49 @@ STAGES = {
            "REINFORCE with the uncertainty-shaped distributional reward"),
 }
 DEFAULT_STAGE = "pipeline"
+# A user's mistake: bad settings or data (ValueError), a model or data set that cannot be read (OSError: transformers
+# and datasets raise it for a directory without a model, or a hub id that does not exist or cannot be reached).
+USER_ERRORS = (ValueError, OSError)
 
 
 def usage() -> str:
     lines = ["usage: python -m distreward.train [STAGE] [--flags]   (STAGE --help lists its flags)", "", "stages:"]
     lines += [f"  {name:<9} {spec[3]}" for name, spec in STAGES.items()]
     return "\n".join(lines)
+
+
+def join_negative_values(argv: list) -> list:
+    """``["--flag", "-1e-3"]`` -> ``["--flag=-1e-3"]``: argparse before Python 3.14 takes a negative number in
+    scientific notation for a flag ("expected one argument") instead of the value the validator should see."""
+    joined = []
+    for token in argv:
+        previous = joined[-1] if joined else ""
+        if token.startswith("-") and previous.startswith("--") and "=" not in previous and is_number(token):
+            joined[-1] = f"{previous}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
+def is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_config(config_class, argv: list, prog: str) -> tuple:
+    """(``config_class`` instance, unknown arguments) from ``argv`` with ``transformers.HfArgumentParser``.
+
+    Abbreviations are off, so a typo (``--learning-rat``) is an unknown argument, never another flag.
+    """
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(config_class, prog=prog, allow_abbrev=False)
+    config, unknown = parser.parse_args_into_dataclasses(args=join_negative_values(argv),
+                                                         return_remaining_strings=True)
+    return config, unknown
 
 
 def main(argv=None) -> int:
@@ -43,16 +80,13 @@ def main(argv=None) -> int:
             raise
         print(f"error: stage {stage!r} is not implemented yet ({module_name} is missing)", file=sys.stderr)
         return 2
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(getattr(module, config_name), prog=f"python -m distreward.train {stage}")
-    config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    config, unknown = parse_config(getattr(module, config_name), argv, prog=f"python -m distreward.train {stage}")
     if unknown:
         print(f"error: unknown argument(s) for stage {stage!r}: {' '.join(unknown)} (see --help)", file=sys.stderr)
         return 2
     try:
         getattr(module, run_name)(config)
-    except ValueError as error:  # bad settings or data: one clear line, no traceback
+    except USER_ERRORS as error:  # bad settings, data or paths: one clear line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

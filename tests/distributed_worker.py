@@ -5,7 +5,8 @@ launch pays the ~10 s of imports once). A run may name ``kill_at``: the rl stage
 call at which every rank raises, standing in for the job being killed; and ``record_dir``: each rank
 writes there what the test compares across ranks, ``rank{r}.json`` (per step: the prompts this rank
 trained on, its seed, its local mean total reward, the baseline it used and the EMA value after the step) and
-``rank{r}.safetensors`` (its final policy weights).
+``rank{r}.safetensors`` (its final policy weights); and ``grads_dir``: each rank writes there the gradients
+each optimizer step receives (:func:`recorded_gradients`).
 """
 import contextlib
 import json
@@ -15,6 +16,7 @@ from unittest import mock
 
 import torch
 from safetensors.torch import save_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from distreward import train
 from distreward.reinforce import ReinforceTrainer
@@ -55,11 +57,35 @@ def instrumented_reinforce(record_dir=None, kill_at=None):
         yield
 
 
+@contextlib.contextmanager
+def recorded_gradients(directory=None):
+    """Write the gradients every optimizer step receives (all-reduced and clipped: what AdamW is given) to
+    ``directory/rank{r}_step{k}.safetensors``, keyed by the parameter's position in the optimizer (fp32)."""
+    if directory is None:
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    steps = []
+
+    def record(optimizer, args, kwargs):
+        steps.append(len(steps) + 1)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+        save_file({str(i): p.grad.detach().clone() for i, p in enumerate(parameters) if p.grad is not None},
+                  os.path.join(directory, f"rank{rank}_step{steps[-1]}.safetensors"))
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def main(runs_path: str) -> int:
     with open(runs_path) as handle:
         runs = json.load(handle)
     for run in runs:
-        with instrumented_reinforce(run.get("record_dir"), run.get("kill_at")):
+        with instrumented_reinforce(run.get("record_dir"), run.get("kill_at")), recorded_gradients(run.get("grads_dir")):
             try:
                 code = train.main(run["argv"])
             except Killed:

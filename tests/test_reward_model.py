@@ -57,7 +57,8 @@ def test_head_gets_gradients_and_bins_are_configurable(tokenizer):
 def test_save_and_load_round_trip(tmp_path, model, tokenizer):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists() and not (tmp_path / "config.json").exists()
-    loaded = DistributionalRewardModel.from_pretrained(tmp_path).eval()
+    loaded = DistributionalRewardModel.from_pretrained(tmp_path)
+    assert not any(module.training for module in loaded.modules())  # eval mode, as transformers loads models
     assert loaded.num_bins == model.num_bins
     batch = tokenizer(["What is 1 + 2?", "Sort: 3 1"], return_tensors="pt", padding=True)
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
