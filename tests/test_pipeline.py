@@ -3,8 +3,10 @@ import json
 import os
 
 import pytest
+import torch
 
 from distreward import train
+from distreward.evaluation import compare_policies, paired_bootstrap
 from distreward.experiments import gains, results_table
 from distreward.pipeline import PipelineConfig, run_pipeline, run_stages
 
@@ -22,6 +24,7 @@ def pipeline_run(tmp_path_factory):
 def test_pipeline_writes_report_and_plots(pipeline_run):
     output_dir, report = pipeline_run
     assert json.load(open(output_dir / "report.json")) == report
+    assert report["comparison"]["num_prompts"] == TINY["num_eval_prompts"] and report["comparison"]["verdict"]
     for name in ("sft", "trained"):
         assert set(report[name]) == {"reward", "mean_sd", "kl_to_ref", "ground_truth"}
         assert set(report[name]["reward"]) == {"min", "max", "mean", "std"}
@@ -64,3 +67,33 @@ def test_experiment_gains_and_table():
     row = results_table(runs).splitlines()[-1]
     # mean 0.2, sample std of (0.1, 0.3) = 0.1414
     assert row == "| bt_kl | none | 2 | +0.200 ± 0.141 | +0.100 ± 0.000 | +0.200 ± 0.000 |"
+
+
+def samples_for(rewards: dict, truths: dict) -> list:
+    """eval_samples.jsonl records: per policy, two samples for each of len(rewards[policy]) // 2 prompts."""
+    return [{"policy": name, "prompt": f"p{index // 2}", "reward": reward, "ground_truth": truth}
+            for name in ("sft", "trained") for index, (reward, truth) in enumerate(zip(rewards[name], truths[name]))]
+
+
+def test_paired_bootstrap_interval():
+    assert paired_bootstrap(torch.full((5,), 0.25)) == pytest.approx((0.25, 0.25))
+    low, high = paired_bootstrap(torch.tensor([0.0, 1.0] * 50))
+    assert 0.35 < low < 0.5 < high < 0.65  # the mean 0.5 +- 1.96 * 0.05
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_bootstrap(torch.tensor([1.0]))
+
+
+def test_reward_up_ground_truth_down_is_flagged_as_over_optimisation():
+    comparison = compare_policies(samples_for({"sft": [0.5] * 8, "trained": [0.9] * 8},
+                                              {"sft": [3.0] * 8, "trained": [2.0, 3.0] * 4}))
+    assert comparison["num_prompts"] == 4 and comparison["over_optimisation"]
+    assert comparison["ground_truth"]["gain"] == pytest.approx(-0.5)
+    assert comparison["ground_truth"]["ci95"] == pytest.approx([-0.5, -0.5])  # every prompt lost 0.5
+    assert comparison["verdict"].startswith("OVER-OPTIMISATION: the RM reward rose while the ground truth 3.000 -> 2.500")
+
+
+def test_a_clear_ground_truth_gain_is_reported_as_improved():
+    comparison = compare_policies(samples_for({"sft": [0.5] * 8, "trained": [0.6] * 8},
+                                              {"sft": [2.0] * 8, "trained": [3.0, 2.0, 4.0, 2.0] * 2}))
+    assert not comparison["over_optimisation"] and comparison["ground_truth"]["ci95"][0] > 0
+    assert comparison["verdict"].startswith("IMPROVED: ground truth 2.000 -> 2.750 (+0.750, 95% CI")
