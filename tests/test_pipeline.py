@@ -7,7 +7,7 @@ import torch
 
 from distreward import train
 from distreward.evaluation import compare_policies, paired_bootstrap
-from distreward.experiments import gains, results_table
+from distreward.experiments import gains, results_table, runs_table
 from distreward.pipeline import PipelineConfig, run_pipeline, run_stages
 
 TINY = dict(num_pairs=64, sft_epochs=1.0, rm_epochs=1.0, rl_steps=2, num_eval_prompts=4)
@@ -58,15 +58,21 @@ def test_cli_rl_stage_explains_a_missing_policy(tmp_path, capsys):
     assert "run `python -m distreward.train sft` first" in capsys.readouterr().err
 
 
-def test_experiment_gains_and_table():
-    report = {"sft": {"reward": {"mean": 0.5}, "kl_to_ref": 0.0, "ground_truth": {"mean": 2.0}},
-              "trained": {"reward": {"mean": 0.75}, "kl_to_ref": 0.3, "ground_truth": {"mean": 2.5}}}
-    assert gains(report) == {"ground_truth_gain": 0.5, "reward_gain": 0.25, "kl_to_ref": 0.3}
-    runs = [{"seed": seed, "loss_kind": "bt_kl", "shaping": "none", "ground_truth_gain": gain, "reward_gain": 0.1,
-             "kl_to_ref": 0.2} for seed, gain in enumerate([0.1, 0.3])]
+def test_experiment_gains_and_tables():
+    comparison = {"ground_truth": {"sft": 2.0, "trained": 2.5, "gain": 0.5, "ci95": [0.25, 0.75]},
+                  "reward": {"sft": 0.5, "trained": 0.75, "gain": 0.25, "ci95": [0.125, 0.375]},
+                  "verdict": "IMPROVED: ground truth ..."}
+    report = {"sft": {"kl_to_ref": 0.0}, "trained": {"kl_to_ref": 0.3}, "comparison": comparison}
+    assert gains(report) == {"sft_ground_truth": 2.0, "trained_ground_truth": 2.5, "ground_truth_gain": 0.5,
+                             "ground_truth_ci95": [0.25, 0.75], "reward_gain": 0.25, "reward_ci95": [0.125, 0.375],
+                             "kl_to_ref": 0.3, "verdict": "IMPROVED"}
+    runs = [{"seed": seed, "loss_kind": "bt_kl", "shaping": "none", **gains(report), "ground_truth_gain": gain}
+            for seed, gain in enumerate([0.1, 0.3])]
+    assert runs_table(runs).splitlines()[2] == ("| 0 | bt_kl | none | 2.000 | 2.500 | +0.100 [+0.250, +0.750] | "
+                                                "+0.250 [+0.125, +0.375] | 0.300 | IMPROVED |")
     row = results_table(runs).splitlines()[-1]
-    # mean 0.2, sample std of (0.1, 0.3) = 0.1414
-    assert row == "| bt_kl | none | 2 | +0.200 ± 0.141 | +0.100 ± 0.000 | +0.200 ± 0.000 |"
+    # mean 0.2, sample std 0.1414, t(0.975, 1 df) = 12.706: half-width 12.706 * 0.1414 / sqrt(2) = 1.2706
+    assert row == "| bt_kl | none | 2 | +0.200 [-1.071, +1.471] | +0.250 [+0.250, +0.250] | +0.300 [+0.300, +0.300] |"
 
 
 def samples_for(rewards: dict, truths: dict) -> list:
