@@ -6,7 +6,8 @@ plain string) and two scores, named ``score_chosen`` / ``score_rejected`` or ``c
 ``rejected_rating``. The source is ``"embedded"`` (the generated task of
 :mod:`distreward.synthetic`), a local ``.jsonl`` / ``.json`` / ``.parquet`` file, or a hub id.
 Scores map to ``mu = (s - score_min) / (score_max - score_min)`` in [0, 1]; a score outside the
-range is an error, not a silent clip.
+range is an error, not a silent clip. Every source is split by prompt into train / validation /
+test (:mod:`distreward.splits`): SFT and the reward model train on ``train`` only.
 """
 import os
 from dataclasses import dataclass, field
@@ -16,12 +17,14 @@ import torch
 from datasets import Dataset, DatasetDict, load_dataset
 
 from distreward import synthetic
+from distreward.splits import SPLITS, check_split, prompt_split
 from distreward.trainer_utils import TrainingConfig
 
 EMBEDDED = "embedded"
 SCORE_KEYS = (("score_chosen", "score_rejected"), ("chosen_rating", "rejected_rating"))
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 IGNORE_INDEX = -100
+KEPT_COLUMNS = ("kind", "truth_chosen", "truth_rejected")  # carried through tokenisation for evaluation
 
 
 @dataclass
@@ -61,10 +64,14 @@ def local_path_or_hub_id(name: str, what: str, required_file: Optional[str] = No
     return name
 
 
-def load_raw_preferences(name_or_path: str, split: str = "train", num_pairs: int = 4000, seed: int = 0) -> Dataset:
-    """The untokenised rows: the embedded task (``num_pairs`` pairs, by ``seed``), a local file, or a hub split."""
+def load_raw_preferences(name_or_path: str, hub_split: str = "train", num_pairs: int = 4000, seed: int = 0,
+                         split: str = "train") -> Dataset:
+    """The untokenised rows of one prompt ``split`` (:data:`~distreward.splits.SPLITS`): the embedded
+    task (``num_pairs`` pairs on that split's prompts, by ``seed``), or the rows of a local file or of
+    the hub split ``hub_split`` whose prompt falls in ``split`` (:func:`~distreward.splits.prompt_split`)."""
+    check_split(split)
     if name_or_path == EMBEDDED:
-        return synthetic.make_preference_dataset(num_pairs, seed)
+        return synthetic.make_preference_dataset(num_pairs, seed, split=split)
     extension = os.path.splitext(name_or_path)[1].lower()
     if extension in LOCAL_FORMATS and not os.path.isfile(os.path.expanduser(name_or_path)):
         raise ValueError(f"data file {name_or_path} does not exist")
@@ -72,8 +79,12 @@ def load_raw_preferences(name_or_path: str, split: str = "train", num_pairs: int
     if os.path.isfile(path):
         if extension not in LOCAL_FORMATS:
             raise ValueError(f"{name_or_path}: a local data file must be .jsonl, .json or .parquet")
-        return load_dataset(LOCAL_FORMATS[extension], data_files=path, split="train")
-    return load_dataset(path, split=split)
+        raw = load_dataset(LOCAL_FORMATS[extension], data_files=path, split="train")
+    else:
+        raw = load_dataset(path, split=hub_split)
+    if "prompt" not in raw.column_names:
+        raise ValueError(f"{name_or_path} has no 'prompt' column; found {', '.join(raw.column_names)}")
+    return raw.filter(lambda row: prompt_split(row["prompt"]) == split)
 
 
 def score_columns(column_names) -> tuple:
@@ -129,25 +140,40 @@ def encode(tokenizer, messages: list) -> tuple:
     return prompt_ids, tokenizer(answer_text, add_special_tokens=False)["input_ids"]
 
 
-def split_held_out(dataset: Dataset, eval_fraction: float, seed: int) -> DatasetDict:
-    """A seeded ``train`` / ``test`` split (HelpSteer2_binarized has no test split)."""
+def held_out_pairs(num_pairs: int, eval_fraction: float) -> int:
+    """Pairs the embedded task generates for validation, and again for test: ``eval_fraction`` of ``num_pairs``."""
     if not 0 < eval_fraction < 1:
         raise ValueError(f"eval_fraction must lie in (0, 1), got {eval_fraction}")
-    return dataset.train_test_split(test_size=eval_fraction, seed=seed)
+    return max(1, round(eval_fraction * num_pairs))
 
 
-def load_preference_data(tokenizer, name_or_path: str = EMBEDDED, split: str = "train", num_pairs: int = 4000,
+def load_preference_data(tokenizer, name_or_path: str = EMBEDDED, hub_split: str = "train", num_pairs: int = 4000,
                          score_min: float = 0.0, score_max: float = 4.0, eval_fraction: float = 0.1,
                          max_length: int = 256, seed: int = 0) -> DatasetDict:
-    """Tokenised ``train`` / ``test`` pairs for the reward model.
+    """Tokenised ``train`` / ``validation`` / ``test`` pairs for the reward model, split by prompt.
 
     Each row holds ``input_ids_chosen`` / ``input_ids_rejected`` (chat-templated prompt + answer),
     ``target_chosen`` / ``target_rejected`` (scores mapped to [0, 1]) and, for the embedded task,
-    ``kind``. Pairs longer than ``max_length`` tokens are dropped.
+    ``kind`` and the ground truth ``truth_chosen`` / ``truth_rejected`` (evaluation only). The
+    embedded task makes ``num_pairs`` training pairs and ``eval_fraction * num_pairs`` pairs for each
+    held-out split; other data keep their rows. Pairs longer than ``max_length`` tokens are dropped.
     """
-    raw = load_raw_preferences(name_or_path, split, num_pairs, seed)
+    held_out = held_out_pairs(num_pairs, eval_fraction)
+    data = {}
+    for split in SPLITS:
+        raw = load_raw_preferences(name_or_path, hub_split, num_pairs if split == "train" else held_out, seed, split)
+        data[split] = tokenize_pairs(tokenizer, raw, score_min, score_max, max_length)
+        if len(data[split]) == 0:
+            raise ValueError(f"no {split} pair fits in max_length={max_length} tokens (the data have "
+                             f"{len(raw)} {split} pairs, split by prompt)")
+    return DatasetDict(data)
+
+
+def tokenize_pairs(tokenizer, raw: Dataset, score_min: float, score_max: float, max_length: int) -> Dataset:
+    """:func:`load_preference_data`'s rows from untokenised pairs (scores checked against the range)."""
     keys = score_columns(raw.column_names)
-    check_score_range(raw, keys, score_min, score_max)
+    if len(raw):
+        check_score_range(raw, keys, score_min, score_max)
     span = score_max - score_min
 
     def tokenize(row):
@@ -158,19 +184,17 @@ def load_preference_data(tokenizer, name_or_path: str = EMBEDDED, split: str = "
             encoded[f"target_{side}"] = (row[score_key] - score_min) / span
         return encoded
 
-    kept = [name for name in ("kind",) if name in raw.column_names]
+    kept = [name for name in KEPT_COLUMNS if name in raw.column_names]
     tokenized = raw.map(tokenize, remove_columns=[c for c in raw.column_names if c not in kept])
-    tokenized = tokenized.filter(lambda row: max(len(row["input_ids_chosen"]), len(row["input_ids_rejected"]))
-                                 <= max_length)
-    if len(tokenized) < 2:
-        raise ValueError(f"fewer than 2 pairs fit in max_length={max_length} tokens")
-    return split_held_out(tokenized, eval_fraction, seed)
+    return tokenized.filter(lambda row: max(len(row["input_ids_chosen"]), len(row["input_ids_rejected"]))
+                            <= max_length)
 
 
-def load_sft_data(tokenizer, name_or_path: str = EMBEDDED, split: str = "train", num_pairs: int = 4000,
+def load_sft_data(tokenizer, name_or_path: str = EMBEDDED, hub_split: str = "train", num_pairs: int = 4000,
                   max_length: int = 256, seed: int = 0) -> Dataset:
-    """The chosen conversations tokenised for SFT: ``input_ids`` and ``labels`` (prompt tokens -100)."""
-    raw = load_raw_preferences(name_or_path, split, num_pairs, seed)
+    """The chosen conversations of the ``train`` prompts tokenised for SFT: ``input_ids`` and ``labels``
+    (prompt tokens -100). The same pairs as the reward model's training split."""
+    raw = load_raw_preferences(name_or_path, hub_split, num_pairs, seed, "train")
     score_columns(raw.column_names)
 
     def tokenize(row):

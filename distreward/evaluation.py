@@ -69,13 +69,38 @@ def reward_metrics(predictions: dict, sigma: float = 0.1) -> dict:
     logits = torch.cat([predictions["logits_chosen"], predictions["logits_rejected"]])
     targets = torch.cat([predictions["target_chosen"], predictions["target_rejected"]])
     mean, std = ops.dist_moments(logits)
-    wins = (mean_c > mean_r).float() + 0.5 * (mean_c == mean_r).float()
     return {
-        "pairwise_accuracy": wins.mean().item(),
+        "pairwise_accuracy": pair_wins(mean_c, mean_r).mean().item(),
         "mean_std": std.mean().item(),
         "std_error_spearman": spearman(std, (mean - targets).abs()),
         "label_kl": ops.gaussian_kl(logits, targets, sigma).mean().item(),
         "num_pairs": int(mean_c.shape[0]),
+    }
+
+
+def pair_wins(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """[N] fp32: 1 where ``first`` > ``second``, 0.5 on a tie, else 0."""
+    return (first > second).float() + 0.5 * (first == second).float()
+
+
+def truth_metrics(predictions: dict, truth_chosen: list, truth_rejected: list) -> dict:
+    """Accuracy where the ground truth can decide (the embedded task): on pairs whose answers differ in
+    ground truth (on the others the label is annotator noise, which caps plain accuracy),
+    ``truth_differs_accuracy`` is the share ranked as labelled (chosen above rejected) and
+    ``ground_truth_accuracy`` the share ranked as the ground truth ranks them; ``truth_tie_share`` is
+    the share of pairs with equal ground truth."""
+    mean_c, _ = ops.dist_moments(predictions["logits_chosen"])
+    mean_r, _ = ops.dist_moments(predictions["logits_rejected"])
+    truth_c = torch.tensor(truth_chosen, dtype=torch.float64)
+    truth_r = torch.tensor(truth_rejected, dtype=torch.float64)
+    differs = truth_c != truth_r
+    truth_order = torch.where(truth_c > truth_r, 1.0, -1.0)[differs]
+    nan = float("nan")
+    return {
+        "truth_differs_accuracy": pair_wins(mean_c, mean_r)[differs].mean().item() if differs.any() else nan,
+        "ground_truth_accuracy": pair_wins(truth_order * mean_c[differs], truth_order * mean_r[differs]).mean().item()
+        if differs.any() else nan,
+        "truth_tie_share": 1.0 - differs.double().mean().item(),
     }
 
 
@@ -86,6 +111,64 @@ def metrics_by_group(predictions: dict, groups: list, sigma: float = 0.1) -> dic
         rows = torch.tensor([group == name for group in groups])
         result[name] = reward_metrics({key: value[rows] for key, value in predictions.items()}, sigma)
     return result
+
+
+def per_prompt_means(samples: list, policy: str, key: str) -> torch.Tensor:
+    """[P] float64: the mean of ``key`` over each prompt's samples of ``policy``, prompts in first-seen order."""
+    groups = {}
+    for sample in samples:
+        if sample["policy"] == policy:
+            groups.setdefault(json.dumps(sample["prompt"]), []).append(sample[key])
+    return torch.tensor([sum(values) / len(values) for values in groups.values()], dtype=torch.float64)
+
+
+def paired_bootstrap(differences: torch.Tensor, num_resamples: int = 10000, seed: int = 0) -> tuple:
+    """95% percentile bootstrap interval (low, high) of the mean of ``differences`` [P] (one per prompt)."""
+    if differences.dim() != 1 or differences.numel() < 2:
+        raise ValueError(f"need a 1-D tensor of at least 2 paired differences, got shape {tuple(differences.shape)}")
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(differences.numel(), (num_resamples, differences.numel()), generator=generator)
+    means = differences.double()[picks].mean(-1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return low, high
+
+
+def compare_policies(samples: list) -> dict:
+    """SFT vs trained policy on the same prompts (``eval_samples.jsonl`` records): per score (``reward``,
+    and ``ground_truth`` where known) both means, the gain, its 95% paired bootstrap interval over
+    prompts; ``over_optimisation`` (RM reward up while ground truth down) and a one-line ``verdict``."""
+    result = {"num_prompts": len(per_prompt_means(samples, "sft", "reward"))}
+    keys = [key for key in ("ground_truth", "reward") if key in samples[0]]
+    for key in keys:
+        sft, trained = per_prompt_means(samples, "sft", key), per_prompt_means(samples, "trained", key)
+        if sft.shape != trained.shape:
+            raise ValueError(f"the two policies were evaluated on different prompts ({len(sft)} vs {len(trained)})")
+        low, high = paired_bootstrap(trained - sft)
+        result[key] = {"sft": sft.mean().item(), "trained": trained.mean().item(),
+                       "gain": (trained - sft).mean().item(), "ci95": [low, high]}
+    result["over_optimisation"] = bool("ground_truth" in result and result["reward"]["gain"] > 0
+                                       and result["ground_truth"]["gain"] < 0)
+    result["verdict"] = verdict(result)
+    return result
+
+
+def verdict(comparison: dict) -> str:
+    """One line: did the trained policy raise the ground truth (with its 95% interval), or only the RM reward?"""
+    reward = comparison["reward"]
+    reward_text = f"RM reward {reward['gain']:+.3f} [{reward['ci95'][0]:+.3f}, {reward['ci95'][1]:+.3f}]"
+    if "ground_truth" not in comparison:
+        return f"no ground truth for these prompts: {reward_text}; whether the policy got better is not measured"
+    truth = comparison["ground_truth"]
+    low, high = truth["ci95"]
+    truth_text = (f"ground truth {truth['sft']:.3f} -> {truth['trained']:.3f} ({truth['gain']:+.3f}, 95% CI "
+                  f"[{low:+.3f}, {high:+.3f}] over {comparison['num_prompts']} held-out prompts)")
+    if comparison["over_optimisation"]:
+        return f"OVER-OPTIMISATION: the RM reward rose while the {truth_text} fell; {reward_text}"
+    if low > 0:
+        return f"IMPROVED: {truth_text}; {reward_text}"
+    if high < 0:
+        return f"WORSE: {truth_text}; {reward_text}"
+    return f"NO CLEAR CHANGE: {truth_text}, its interval holds 0; {reward_text}"
 
 
 def save_predictions(predictions: dict, output_dir: str) -> None:

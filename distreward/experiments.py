@@ -3,16 +3,20 @@
 For every seed it trains one SFT policy, one reward model per loss (shared by the shapings) and one
 REINFORCE run per (loss, shaping), all in ``output_dir/seed{s}/`` (finished stages are reused, so
 an interrupted grid picks up where it stopped). It writes ``results.json`` (every run's gains) and
-``results.md``: per (loss, shaping), the mean ± standard deviation over seeds of the ground-truth
-gain and the reward gain (trained minus SFT policy on the same held-out prompts) and the trained
-policy's KL to the reference. The budget flags (``--rl_steps``, ``--sft_epochs``, ...) are the
+``results.md``: one row per run (the ground-truth and reward gains of the trained over the SFT
+policy on the same held-out prompts, each with its 95% paired bootstrap interval over prompts, the
+KL to the reference and the verdict), then per (loss, shaping) the mean gain over seeds with its
+95% t-interval over seeds. The budget flags (``--rl_steps``, ``--sft_epochs``, ...) are the
 pipeline's.
 """
 import json
+import math
 import os
 import statistics
 import sys
 from dataclasses import dataclass, field, replace
+
+from scipy.stats import t as student_t
 
 from distreward.pipeline import PipelineConfig, run_stages
 from distreward.rewards import SHAPINGS
@@ -20,6 +24,8 @@ from distreward.train import USER_ERRORS, parse_config
 
 LOSS_KINDS = ("bt_mean", "bt_kl")
 METRICS = (("ground-truth gain", "ground_truth_gain"), ("reward gain", "reward_gain"), ("KL to ref", "kl_to_ref"))
+RUN_COLUMNS = ("seed", "RM loss", "shaping", "SFT ground truth", "trained ground truth",
+               "ground-truth gain [95% CI]", "RM reward gain [95% CI]", "KL to ref", "verdict")
 
 
 @dataclass
@@ -37,16 +43,41 @@ class ExperimentConfig(PipelineConfig):
 
 
 def gains(report: dict) -> dict:
-    """One run's ``eval.json`` -> ground-truth gain, reward gain and the trained policy's KL."""
-    sft, trained = report["sft"], report["trained"]
-    return {"ground_truth_gain": trained["ground_truth"]["mean"] - sft["ground_truth"]["mean"],
-            "reward_gain": trained["reward"]["mean"] - sft["reward"]["mean"],
-            "kl_to_ref": trained["kl_to_ref"]}
+    """One run's ``eval.json`` -> ground truth of both policies, the gains with their 95% intervals over
+    prompts, the trained policy's KL and the verdict (:func:`distreward.evaluation.compare_policies`)."""
+    comparison = report["comparison"]
+    truth, reward = comparison["ground_truth"], comparison["reward"]
+    return {"sft_ground_truth": truth["sft"], "trained_ground_truth": truth["trained"],
+            "ground_truth_gain": truth["gain"], "ground_truth_ci95": truth["ci95"],
+            "reward_gain": reward["gain"], "reward_ci95": reward["ci95"],
+            "kl_to_ref": report["trained"]["kl_to_ref"], "verdict": comparison["verdict"].split(":")[0]}
+
+
+def t_interval(values: list) -> tuple:
+    """(mean, low, high): the mean of ``values`` and its 95% Student-t interval (NaN bounds for one value)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = student_t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def runs_table(runs: list) -> str:
+    """Markdown table, one row per run (see :data:`RUN_COLUMNS`)."""
+    lines = ["| " + " | ".join(RUN_COLUMNS) + " |", "|---:|---|---|" + "---:|" * (len(RUN_COLUMNS) - 4) + "---|"]
+    for run in runs:
+        truth, reward = run["ground_truth_ci95"], run["reward_ci95"]
+        lines.append(f"| {run['seed']} | {run['loss_kind']} | {run['shaping']} | {run['sft_ground_truth']:.3f} | "
+                     f"{run['trained_ground_truth']:.3f} | {run['ground_truth_gain']:+.3f} [{truth[0]:+.3f}, "
+                     f"{truth[1]:+.3f}] | {run['reward_gain']:+.3f} [{reward[0]:+.3f}, {reward[1]:+.3f}] | "
+                     f"{run['kl_to_ref']:.3f} | {run['verdict']} |")
+    return "\n".join(lines)
 
 
 def results_table(runs: list) -> str:
-    """Markdown table: per (loss, shaping), mean ± std over seeds of each metric in :data:`METRICS`."""
-    lines = ["| RM loss | shaping | seeds | " + " | ".join(name for name, _ in METRICS) + " |",
+    """Markdown table: per (loss, shaping), the mean over seeds of each metric in :data:`METRICS`
+    with its 95% t-interval over seeds."""
+    lines = ["| RM loss | shaping | seeds | " + " | ".join(f"{name} [95% CI]" for name, _ in METRICS) + " |",
              "|---|---|---:|" + "---:|" * len(METRICS)]
     groups = {}
     for run in runs:
@@ -54,9 +85,8 @@ def results_table(runs: list) -> str:
     for (loss_kind, shaping), group in groups.items():
         cells = []
         for _, key in METRICS:
-            values = [run[key] for run in group]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):+.3f} ± {spread:.3f}")
+            mean, low, high = t_interval([run[key] for run in group])
+            cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
         lines.append(f"| {loss_kind} | {shaping} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -72,12 +102,13 @@ def run_experiments(config: ExperimentConfig) -> list:
                 report = run_stages(run_config, os.path.join(root, "sft"), os.path.join(root, f"rm_{loss_kind}"),
                                     os.path.join(root, f"rl_{loss_kind}_{shaping}"))
                 runs.append({"seed": seed, "loss_kind": loss_kind, "shaping": shaping, **gains(report)})
-    table = results_table(runs)
+    table = runs_table(runs) + "\n\n" + results_table(runs)
     with open(os.path.join(config.output_dir, "results.json"), "w") as handle:
         json.dump(runs, handle, indent=2)
     with open(os.path.join(config.output_dir, "results.md"), "w") as handle:
         handle.write(table + "\n")
-    print(f"\nmean ± std over seeds {config.seeds} (trained minus SFT policy, held-out prompts):")
+    print(f"\ntrained minus SFT policy on {config.num_eval_prompts} held-out {config.eval_split} prompts, "
+          f"seeds {config.seeds}; last table: mean over seeds [95% t-interval]:")
     print(table)
     return runs
 

@@ -3,8 +3,9 @@
 SFT warm-up of the tiny policy -> distributional reward model on its backbone -> REINFORCE with the
 shaped reward -> evaluation of the SFT and the trained policy on the same held-out prompts. Each
 stage writes to its own sub-directory of ``output_dir`` (``sft/``, ``rm/``, ``rl/``); the pipeline
-adds ``report.json`` (SPEC §7), ``reward_histogram.png`` (reward-model mean of SFT vs trained
-responses) and ``training_curves.png`` (REINFORCE metrics by step), and prints the write-up's table.
+adds ``report.json`` (SPEC §7, with the paired SFT-vs-trained comparison and its verdict),
+``reward_histogram.png`` (reward-model mean and ground truth of SFT vs trained responses) and
+``training_curves.png`` (REINFORCE metrics by step), and prints the write-up's table and verdict.
 """
 import json
 import os
@@ -48,6 +49,8 @@ class PipelineConfig:
     alpha: float = field(default=ReinforceConfig.alpha, metadata={"help": "Weight of the std penalty (std_penalty)."})
     num_eval_prompts: int = field(default=ReinforceConfig.num_eval_prompts, metadata={
         "help": "Held-out prompts on which the SFT and the trained policy are compared."})
+    eval_split: str = field(default=ReinforceConfig.eval_split, metadata={
+        "help": "Prompts of that comparison: test (reports) or validation (tuning settings)."})
     reuse_finished_stages: bool = field(default=False, metadata={
         "help": "Skip a stage whose finished output is already in its sub-directory."})
 
@@ -68,7 +71,8 @@ def stage_configs(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str
                       num_train_epochs=config.rm_epochs, loss_kind=config.loss_kind)
     rl = ReinforceConfig(output_dir=rl_dir, policy_path=sft_dir, reward_model_path=rm_dir, seed=config.seed,
                          max_steps=config.rl_steps, shaping=config.shaping, baseline=config.baseline,
-                         beta=config.beta, alpha=config.alpha, num_eval_prompts=config.num_eval_prompts)
+                         beta=config.beta, alpha=config.alpha, num_eval_prompts=config.num_eval_prompts,
+                         eval_split=config.eval_split)
     return sft, rm, rl
 
 
@@ -96,19 +100,23 @@ def read_jsonl(path: str) -> list:
 
 
 def plot_reward_histograms(samples: list, path: str) -> None:
-    """Histogram of the reward-model mean E of the SFT vs the trained policy's held-out responses."""
+    """Histograms of the SFT vs the trained policy's held-out responses: reward-model mean E (left) and,
+    where known, the ground truth (right), so a reward that rises while the ground truth falls shows."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for name in ("sft", "trained"):
-        rewards = [sample["reward"] for sample in samples if sample["policy"] == name]
-        axis.hist(rewards, bins=20, range=(0, 1), alpha=0.6, label=f"{name} (mean {sum(rewards) / len(rewards):.3f})")
-    axis.set_xlabel("reward-model mean E")
-    axis.set_ylabel("responses")
-    axis.set_title("Held-out rewards: SFT vs trained policy")
-    axis.legend()
+    panels = [("reward", "reward-model mean E", (0.0, 1.0))]
+    if "ground_truth" in samples[0]:
+        panels.append(("ground_truth", "ground truth (0-4)", (0.0, 4.0)))
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for axis, (key, title, value_range) in zip(axes[0], panels):
+        for name in ("sft", "trained"):
+            values = [sample[key] for sample in samples if sample["policy"] == name]
+            axis.hist(values, bins=16, range=value_range, alpha=0.6,
+                      label=f"{name} (mean {sum(values) / len(values):.3f})")
+        axis.set(xlabel=title, ylabel="responses", title=f"Held-out responses: {title}")
+        axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -149,7 +157,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     plot_reward_histograms(read_jsonl(os.path.join(rl_dir, EVAL_SAMPLES_NAME)),
                            os.path.join(config.output_dir, HISTOGRAM_NAME))
     plot_training_curves(read_jsonl(os.path.join(rl_dir, METRICS_NAME)), os.path.join(config.output_dir, CURVES_NAME))
-    print(f"\nSFT vs trained policy on {config.num_eval_prompts} held-out prompts "
+    print(f"\nSFT vs trained policy on {config.num_eval_prompts} held-out {config.eval_split} prompts, sampled "
           f"(shaping {config.shaping}, RM loss {config.loss_kind}):")
     print(format_report(report))
     print(f"\npipeline finished in {time.perf_counter() - start:.0f} s; report: "

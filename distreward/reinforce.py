@@ -9,7 +9,8 @@ the baseline's state travels in the checkpoints.
 
 Outputs in ``output_dir``: ``config.json`` (these settings), ``metrics.jsonl``, ``checkpoint-{step}/``,
 ``policy/`` (the trained policy and tokenizer, ``save_pretrained`` form), ``eval.json`` (SPEC §7:
-the SFT and the trained policy on the same held-out prompts) and ``eval_samples.jsonl`` (every
+the SFT and the trained policy on the same held-out prompts, with the paired comparison and verdict
+of :func:`distreward.evaluation.compare_policies` under ``comparison``) and ``eval_samples.jsonl`` (every
 evaluated response with its scores).
 """
 import json
@@ -23,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from distreward import synthetic
 from distreward.data import EMBEDDED, load_raw_preferences
 from distreward.distributed import call_in_forward
+from distreward.evaluation import compare_policies
 from distreward.modeling import CONFIG_NAME as REWARD_MODEL_CONFIG_NAME
 from distreward.modeling import DistributionalRewardModel
 from distreward.rewards import BASELINES, SHAPINGS, make_baseline, policy_loss, shape_rewards
@@ -32,7 +34,7 @@ from distreward.trainer_utils import TrainingConfig, make_accelerator, save_run_
 POLICY_DIR = "policy"
 EVAL_NAME = "eval.json"
 EVAL_SAMPLES_NAME = "eval_samples.jsonl"
-HELD_OUT_SEED_OFFSET = 7919  # eval prompts come from a different stream than the training prompts
+HELD_OUT_SPLITS = ("test", "validation")
 
 
 @dataclass
@@ -52,8 +54,9 @@ class ReinforceConfig(TrainingConfig):
         "help": "Split to load from a hub data set (ignored for 'embedded' and local files)."})
     num_train_prompts: int = field(default=512, metadata={"help": "Training prompts (the embedded task's are "
                                                                   "generated; others are capped at this)."})
-    num_eval_prompts: int = field(default=96, metadata={"help": "Held-out prompts for eval.json (none of them "
-                                                                "is a training prompt)."})
+    num_eval_prompts: int = field(default=256, metadata={"help": "Distinct held-out prompts for eval.json."})
+    eval_split: str = field(default="test", metadata={
+        "help": "Prompts eval.json uses: test (reports) or validation (tuning settings)."})
     samples_per_prompt: int = field(default=4, metadata={"help": "Responses sampled per prompt (>= 2 for rloo)."})
     max_new_tokens: int = field(default=12, metadata={"help": "Longest response, in tokens."})
     temperature: float = field(default=1.0, metadata={
@@ -84,6 +87,8 @@ class ReinforceConfig(TrainingConfig):
             raise ValueError(f"--shaping must be one of {', '.join(SHAPINGS)}, got {self.shaping!r}")
         if self.baseline not in BASELINES:
             raise ValueError(f"--baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        if self.eval_split not in HELD_OUT_SPLITS:
+            raise ValueError(f"--eval_split must be one of {', '.join(HELD_OUT_SPLITS)}, got {self.eval_split!r}")
         if self.baseline == "rloo" and self.samples_per_prompt < 2:
             raise ValueError(f"--baseline rloo needs --samples_per_prompt >= 2, got {self.samples_per_prompt}")
         for name in ("num_train_prompts", "num_eval_prompts", "samples_per_prompt", "max_new_tokens",
@@ -96,29 +101,32 @@ class ReinforceConfig(TrainingConfig):
             raise ValueError(f"--ema_decay must lie in [0, 1), got {self.ema_decay}")
 
 
-def load_prompts(config: ReinforceConfig):
-    """(train prompts, held-out prompts, ground-truth scorer or None).
+def unique_prompts(raw, seed: int) -> list:
+    """The distinct ``prompt`` values of a data set, shuffled by ``seed``."""
+    unique = list({json.dumps(prompt): prompt for prompt in raw["prompt"]}.values())
+    random.Random(seed).shuffle(unique)
+    return unique
 
-    The embedded task draws held-out prompts from another seed and drops any that is a training
-    prompt (the three fixed "ambiguous" prompts excepted: that kind has no others). Other sources
-    take the unique ``prompt`` values, shuffled by seed, the first ``num_eval_prompts`` held out.
+
+def load_prompts(config: ReinforceConfig):
+    """(train prompts, evaluation prompts, ground-truth scorer or None), split by prompt.
+
+    Training prompts come from the ``train`` split; the evaluation prompts are
+    ``num_eval_prompts`` distinct prompts of ``config.eval_split`` (``test`` for reports,
+    ``validation`` for tuning), so no evaluation prompt was seen by SFT, the RM or REINFORCE.
     """
     if config.dataset_name == EMBEDDED:
-        train = synthetic.make_prompts(config.num_train_prompts, seed=config.seed)
-        seen = set(train)
-        candidates = synthetic.make_prompts(20 * config.num_eval_prompts, seed=config.seed + HELD_OUT_SEED_OFFSET)
-        held_out = [prompt for prompt in candidates
-                    if prompt not in seen or synthetic.prompt_kind(prompt) == "ambiguous"][:config.num_eval_prompts]
+        train = synthetic.make_prompts(config.num_train_prompts, seed=config.seed, split="train")
+        held_out = synthetic.make_prompts(config.num_eval_prompts, seed=config.seed, split=config.eval_split,
+                                          unique=True)
         return train, held_out, synthetic.score_response
-    raw = load_raw_preferences(config.dataset_name, config.dataset_split)
-    if "prompt" not in raw.column_names:
-        raise ValueError(f"{config.dataset_name} has no 'prompt' column; found {', '.join(raw.column_names)}")
-    unique = list({json.dumps(prompt): prompt for prompt in raw["prompt"]}.values())
-    random.Random(config.seed).shuffle(unique)
-    held_out, train = unique[:config.num_eval_prompts], unique[config.num_eval_prompts:][:config.num_train_prompts]
-    if not train:
-        raise ValueError(f"{config.dataset_name} has {len(unique)} unique prompts: none left to train on after "
-                         f"holding out --num_eval_prompts {config.num_eval_prompts}")
+    train = unique_prompts(load_raw_preferences(config.dataset_name, config.dataset_split, split="train"),
+                           config.seed)[:config.num_train_prompts]
+    held_out = unique_prompts(load_raw_preferences(config.dataset_name, config.dataset_split,
+                                                   split=config.eval_split), config.seed)[:config.num_eval_prompts]
+    if not train or not held_out:
+        raise ValueError(f"{config.dataset_name} has {len(train)} train and {len(held_out)} {config.eval_split} "
+                         f"prompts (split by prompt): it needs at least one of each")
     return train, held_out, None
 
 
@@ -200,7 +208,7 @@ def summarize(scores: list) -> dict:
 
 
 def format_report(report: dict) -> str:
-    """The write-up's table, SFT vs trained: reward min / max / mean, mean sd, KL, ground truth."""
+    """The write-up's table, SFT vs trained (reward min / max / mean, mean sd, KL, ground truth), and the verdict."""
     columns = [("reward min", lambda r: r["reward"]["min"]), ("reward max", lambda r: r["reward"]["max"]),
                ("reward mean", lambda r: r["reward"]["mean"]), ("mean sd", lambda r: r["mean_sd"]),
                ("KL to ref", lambda r: r["kl_to_ref"])]
@@ -210,7 +218,7 @@ def format_report(report: dict) -> str:
              "|---|" + "---:|" * len(columns)]
     for name in ("sft", "trained"):
         lines.append(f"| {name} | " + " | ".join(f"{value(report[name]):.3f}" for _, value in columns) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", "verdict: " + report["comparison"]["verdict"]])
 
 
 def load_reward_model(path: str, fallback_tokenizer):
@@ -254,6 +262,7 @@ def run_reinforce(config: ReinforceConfig) -> dict:
     for name, model in (("sft", reference), ("trained", policy)):
         report[name], records = trainer.evaluate(model, eval_prompts)
         samples += [{"policy": name, **record} for record in records]
+    report["comparison"] = compare_policies(samples)
     if accelerator.is_main_process:
         policy.save_pretrained(os.path.join(config.output_dir, POLICY_DIR))
         tokenizer.save_pretrained(os.path.join(config.output_dir, POLICY_DIR))

@@ -10,7 +10,8 @@ line says so; any other path or hub id that fails to load is an error.
 Outputs in ``output_dir``: ``config.json`` (these settings), ``metrics.jsonl``,
 ``checkpoint-{step}/``, the model (``model.safetensors`` + ``reward_model_config.json``, see
 :class:`~distreward.modeling.DistributionalRewardModel`) and its tokenizer, ``eval.json`` (held-out
-metrics, per prompt kind too for the embedded task), ``predictions.safetensors`` and
+metrics on the test pairs, per prompt kind and against the ground truth too for the embedded
+task; the validation pairs' under ``validation``), ``predictions.safetensors`` and
 ``distributions.png``.
 """
 import json
@@ -41,7 +42,9 @@ class RewardConfig(PreferenceTrainingConfig):
         "help": "Backbone: a causal LM directory (default: the sft stage's output; if that default is "
                 "missing, a fresh embedded tiny Llama), 'embedded' for a fresh tiny Llama, or a hub id "
                 "such as HuggingFaceTB/SmolLM2-135M-Instruct."})
-    eval_fraction: float = field(default=0.1, metadata={"help": "Seeded share of pairs held out for eval.json."})
+    eval_fraction: float = field(default=0.1, metadata={
+        "help": "Embedded task: validation and test pairs, each as a share of --num_pairs (other data are "
+                "split by prompt hash, 10%% each)."})
     score_min: float = field(default=0.0, metadata={"help": "Lowest possible score (HelpSteer2 average_rating: 0)."})
     score_max: float = field(default=4.0, metadata={"help": "Highest possible score (HelpSteer2 average_rating: 4)."})
     num_bins: int = field(default=10, metadata={"help": "Bins K of the reward distribution over [0, 1]."})
@@ -121,20 +124,34 @@ def run_reward_training(config: RewardConfig):
     if accelerator.is_main_process:
         model.save_pretrained(config.output_dir)
         tokenizer.save_pretrained(config.output_dir)
-        evaluate_and_report(model, tokenizer, data["test"], config, accelerator.print)
+        evaluate_and_report(model, tokenizer, data, config, accelerator.print)
     accelerator.wait_for_everyone()
     return model
 
 
-def evaluate_and_report(model, tokenizer, held_out, config: RewardConfig, print_fn=print) -> dict:
-    """Write ``eval.json``, ``predictions.safetensors`` and ``distributions.png`` for ``held_out`` pairs."""
-    predictions = evaluation.predict(model, held_out, tokenizer.pad_token_id, config.per_device_eval_batch_size)
+def held_out_metrics(model, tokenizer, pairs, config: RewardConfig) -> tuple:
+    """(metrics, predictions) of the reward model on held-out ``pairs`` (with the ground-truth and
+    per-kind metrics where the pairs carry those columns)."""
+    predictions = evaluation.predict(model, pairs, tokenizer.pad_token_id, config.per_device_eval_batch_size)
     report = evaluation.reward_metrics(predictions, config.sigma)
-    if "kind" in held_out.column_names:
-        report["by_kind"] = evaluation.metrics_by_group(predictions, held_out["kind"], config.sigma)
+    if "truth_chosen" in pairs.column_names:
+        report.update(evaluation.truth_metrics(predictions, pairs["truth_chosen"], pairs["truth_rejected"]))
+    if "kind" in pairs.column_names:
+        report["by_kind"] = evaluation.metrics_by_group(predictions, pairs["kind"], config.sigma)
+    return report, predictions
+
+
+def evaluate_and_report(model, tokenizer, data, config: RewardConfig, print_fn=print) -> dict:
+    """Write ``eval.json`` (the test pairs' metrics, and the validation pairs' under ``validation``),
+    ``predictions.safetensors`` and ``distributions.png`` (test pairs)."""
+    report, predictions = held_out_metrics(model, tokenizer, data["test"], config)
+    report["validation"], _ = held_out_metrics(model, tokenizer, data["validation"], config)
     with open(os.path.join(config.output_dir, "eval.json"), "w") as handle:
         json.dump(report, handle, indent=2)
     evaluation.save_predictions(predictions, config.output_dir)
     evaluation.plot_runs({config.loss_kind: predictions}, os.path.join(config.output_dir, "distributions.png"))
-    print_fn("held-out: " + ", ".join(f"{key} {report[key]:.3f}" for key in evaluation.METRIC_NAMES))
+    names = evaluation.METRIC_NAMES + tuple(key for key in ("truth_differs_accuracy", "ground_truth_accuracy")
+                                            if key in report)
+    print_fn(f"test pairs ({report['num_pairs']}, prompts unseen in training): "
+             + ", ".join(f"{key} {report[key]:.3f}" for key in names))
     return report

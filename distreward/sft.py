@@ -8,7 +8,8 @@ start from a real SFT model. ``--model_name_or_path HuggingFaceTB/SmolLM2-135M-I
 Outputs in ``output_dir``: the policy and tokenizer in ``save_pretrained`` form (so
 ``AutoModelForCausalLM.from_pretrained(output_dir)`` loads it; its ``config.json`` is the model's,
 so the run's settings go to ``sft_config.json``), ``metrics.jsonl``, ``checkpoint-{step}/`` and, for
-the embedded task, ``eval.json`` with the ground-truth score of greedy answers to held-out prompts.
+the embedded task, ``eval.json`` with the ground-truth score of greedy answers to test prompts. It trains on the
+``train`` prompts' pairs only (:mod:`distreward.splits`).
 """
 import json
 import os
@@ -69,11 +70,11 @@ def greedy_answers(policy, tokenizer, prompts: list, max_new_tokens: int = 16) -
 
 
 def evaluate_policy(policy, tokenizer, num_prompts: int, seed: int) -> dict:
-    """Mean ground-truth score (0-4) of greedy answers to ``num_prompts`` fresh prompts of the embedded task."""
-    prompts = synthetic.make_prompts(num_prompts, seed=seed + 1)
+    """Mean ground-truth score (0-4) of greedy answers to ``num_prompts`` distinct test prompts of the embedded task."""
+    prompts = synthetic.make_prompts(num_prompts, seed=seed, split="test", unique=True)
     answers = greedy_answers(policy, tokenizer, prompts)
     scores = [synthetic.score_response(prompt, answer) for prompt, answer in zip(prompts, answers)]
-    return {"ground_truth": {"mean": sum(scores) / len(scores)}, "num_prompts": num_prompts,
+    return {"ground_truth": {"mean": sum(scores) / len(scores)}, "num_prompts": num_prompts, "decoding": "greedy",
             "examples": [{"prompt": p, "answer": a} for p, a in list(zip(prompts, answers))[:8]]}
 
 
@@ -102,6 +103,7 @@ def run_sft(config: SFTConfig):
             report = evaluate_policy(policy, tokenizer, config.num_eval_prompts, config.seed)
             with open(os.path.join(config.output_dir, "eval.json"), "w") as handle:
                 json.dump(report, handle, indent=2)
-            accelerator.print(f"SFT policy: mean ground-truth score {report['ground_truth']['mean']:.2f} / 4")
+            accelerator.print(f"SFT policy, greedy answers to {config.num_eval_prompts} test prompts: mean ground "
+                              f"truth {report['ground_truth']['mean']:.2f} / 4")
     accelerator.wait_for_everyone()
     return policy

@@ -50,7 +50,7 @@ def test_bad_settings_give_one_line(capsys, tmp_path, monkeypatch, argv, message
 
 @pytest.mark.parametrize("drop, message", [
     ("rejected", "error: preference data lacks column(s) rejected; found"),
-    (None, "error: column score_chosen has scores in [0.2, 5], outside the range [0, 4]"),
+    (None, "error: column score_chosen has scores in [1.6, 5], outside the range [0, 4]"),
 ])
 def test_bad_data_gives_one_line(capsys, tmp_path, drop, message):
     rows = make_preference_dataset(6, seed=0).to_list()
@@ -79,12 +79,13 @@ def test_sft_then_rm_on_local_data_through_the_hub_code_path(tmp_path):
     assert json.loads((sft_dir / "sft_config.json").read_text())["max_steps"] == 3
     assert 0 <= json.loads((sft_dir / "eval.json").read_text())["ground_truth"]["mean"] <= 4
     data = tmp_path / "pairs.jsonl"
-    rows = make_preference_dataset(24, seed=5).to_list()
+    rows = [row for split, num in (("train", 16), ("validation", 4), ("test", 6))
+            for row in make_preference_dataset(num, seed=5, split=split).to_list()]
     for row in rows:  # the hub data set's names for the scores
         row["chosen_rating"], row["rejected_rating"] = row.pop("score_chosen"), row.pop("score_rejected")
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     argv = ["rm", *TINY_RUN, "--model_name_or_path", str(sft_dir), "--dataset_name", str(data),
-            "--output_dir", str(rm_dir), "--loss_kind", "bt_mean", "--eval_fraction", "0.25"]
+            "--output_dir", str(rm_dir), "--loss_kind", "bt_mean"]
     assert main(argv) == 0
 
     config = json.loads((rm_dir / "config.json").read_text())

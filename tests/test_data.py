@@ -8,15 +8,22 @@ from datasets import Dataset
 from distreward import synthetic
 from distreward.data import (IGNORE_INDEX, CompletionCollator, PreferenceCollator, load_preference_data,
                              load_sft_data)
+from distreward.splits import SPLITS, prompt_split
 from distreward.tiny import build_tiny_tokenizer
 
+# "What is i + 1?" for these i falls in train, validation, test, train, ... (prompt_split, checked below)
+SPREAD = (0, 7, 15, 1, 45, 22)
 
-def helpsteer_rows(messages: bool, score_keys=("chosen_rating", "rejected_rating"), scores=((3.4, 1.2), (2.0, 0.6))):
-    """Rows as HelpSteer2_binarized stores them (message lists) or with plain-string answers."""
+
+def helpsteer_rows(messages: bool, score_keys=("chosen_rating", "rejected_rating"),
+                   scores=((3.4, 1.2), (2.0, 0.6), (2.2, 0.4))):
+    """Rows as HelpSteer2_binarized stores them (message lists) or with plain-string answers; the
+    prompts cycle through the train, validation and test splits."""
     rows = []
     for index, (good, bad) in enumerate(scores):
-        prompt = f"What is {index} + 1?"
-        chosen, rejected = str(index + 1), "maybe"
+        number = SPREAD[index % len(SPREAD)]
+        prompt = f"What is {number} + 1?"
+        chosen, rejected = str(number + 1), "maybe"
         if messages:
             chosen = [{"role": "user", "content": prompt}, {"role": "assistant", "content": chosen}]
             rejected = [{"role": "user", "content": prompt}, {"role": "assistant", "content": rejected}]
@@ -25,8 +32,8 @@ def helpsteer_rows(messages: bool, score_keys=("chosen_rating", "rejected_rating
     return rows
 
 
-def both_splits(data, column: str) -> list:
-    return list(data["train"][column]) + list(data["test"][column])
+def all_splits(data, column: str) -> list:
+    return [value for split in SPLITS for value in data[split][column]]
 
 
 def write_jsonl(path, rows):
@@ -88,6 +95,41 @@ def test_make_prompts_are_scorable_and_seeded():
     assert all(synthetic.prompt_kind(prompt) in synthetic.PROMPT_KINDS for prompt in prompts)
 
 
+def test_spread_prompts_cover_every_split():
+    assert [prompt_split(f"What is {number} + 1?") for number in SPREAD] == list(SPLITS) * 2
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_prompts_stay_in_their_split_and_unique_means_distinct(split):
+    prompts = synthetic.make_prompts(300, seed=2, split=split)
+    assert {prompt_split(prompt) for prompt in prompts} == {split}
+    assert {synthetic.prompt_kind(prompt) for prompt in prompts} == set(synthetic.PROMPT_KINDS)
+    distinct = synthetic.make_prompts(300, seed=2, split=split, unique=True)
+    assert len(set(distinct)) == 300
+
+
+def test_ambiguous_prompts_are_split_too():
+    """Every split has its own ambiguous prompts: none is shared."""
+    by_split = {split: {p for p in synthetic.AMBIGUOUS_PROMPTS if prompt_split(p) == split} for split in SPLITS}
+    assert all(by_split.values())
+    assert sum(len(prompts) for prompts in by_split.values()) == len(synthetic.AMBIGUOUS_PROMPTS)
+
+
+def test_embedded_splits_share_no_prompt_and_no_pair(tokenizer):
+    """SFT / RM training pairs, validation and test pairs: disjoint prompts, hence no exact duplicate pair."""
+    raw = {split: synthetic.make_preference_dataset(300, seed=0, split=split) for split in SPLITS}
+    prompts = {split: set(data["prompt"]) for split, data in raw.items()}
+    pairs = {split: {json.dumps([row["chosen"], row["rejected"]]) for row in data} for split, data in raw.items()}
+    for first, second in (("train", "validation"), ("train", "test"), ("validation", "test")):
+        assert not prompts[first] & prompts[second]
+        assert not pairs[first] & pairs[second]
+    tokenized = load_preference_data(tokenizer, num_pairs=300, eval_fraction=0.1, seed=0)
+    assert {split: len(tokenized[split]) for split in SPLITS} == {"train": 300, "validation": 30, "test": 30}
+    sft_prompts = {tokenizer.decode(ids) for ids in load_sft_data(tokenizer, num_pairs=300)["input_ids"]}
+    test_texts = {tokenizer.decode(ids) for ids in tokenized["test"]["input_ids_chosen"]}
+    assert not sft_prompts & test_texts
+
+
 # --- the tiny tokenizer ---------------------------------------------------------------------------------
 
 def test_tiny_tokenizer_round_trips_and_pads_with_eos(tokenizer):
@@ -101,12 +143,12 @@ def test_tiny_tokenizer_round_trips_and_pads_with_eos(tokenizer):
 
 # --- loading and normalisation --------------------------------------------------------------------------
 
-def test_embedded_data_normalises_scores_and_holds_out_a_seeded_split(tokenizer):
+def test_embedded_data_normalises_scores_and_holds_out_seeded_splits(tokenizer):
     data = load_preference_data(tokenizer, num_pairs=100, eval_fraction=0.2, seed=1)
-    assert (len(data["train"]), len(data["test"])) == (80, 20)
+    assert [len(data[split]) for split in SPLITS] == [100, 20, 20]
     raw = synthetic.make_preference_dataset(100, seed=1)
-    assert sorted(both_splits(data, "target_chosen")) == pytest.approx(
-        sorted(score / 4 for score in raw["score_chosen"]))
+    assert data["train"]["target_chosen"] == pytest.approx([score / 4 for score in raw["score_chosen"]])
+    assert data["train"]["truth_chosen"] == raw["truth_chosen"]
     again = load_preference_data(tokenizer, num_pairs=100, eval_fraction=0.2, seed=1)
     assert list(again["test"]["input_ids_chosen"]) == list(data["test"]["input_ids_chosen"])
 
@@ -118,19 +160,21 @@ def test_embedded_data_normalises_scores_and_holds_out_a_seeded_split(tokenizer)
 ])
 def test_local_files_in_both_schema_forms_give_the_same_tokens(tmp_path, tokenizer, messages, score_keys,
                                                                 file_format):
-    rows = helpsteer_rows(messages, score_keys, scores=[(3.4, 1.2)] * 4 + [(2.0, 0.6)] * 4)
+    rows = helpsteer_rows(messages, score_keys, scores=[(3.4, 1.2)] * 6 + [(2.0, 0.6)] * 6)
     path = str(tmp_path / f"pairs.{file_format}")
     if file_format == "jsonl":
         write_jsonl(tmp_path / "pairs.jsonl", rows)
     else:
         Dataset.from_list(rows).to_parquet(path)
-    data = load_preference_data(tokenizer, path, eval_fraction=0.25, seed=0)
-    row = (data["train"].to_list() + data["test"].to_list())[0]
+    data = load_preference_data(tokenizer, path, seed=0)
+    assert [len(data[split]) for split in SPLITS] == [4, 4, 4]  # two prompts a split, each in two pairs
+    row = data["test"][0]
     prompt = tokenizer.decode(row["input_ids_chosen"])
     assert prompt.startswith("<|im_start|>user\nWhat is ") and prompt.endswith("<|im_end|>\n")
+    assert prompt_split(prompt.split("\n")[1].split("<")[0]) == "test"
     assert tokenizer.decode(row["input_ids_rejected"]).endswith("assistant\nmaybe<|im_end|>\n")
-    targets = sorted(both_splits(data, "target_chosen"))
-    assert targets == pytest.approx([0.5] * 4 + [0.85] * 4)
+    targets = sorted(all_splits(data, "target_chosen"))
+    assert targets == pytest.approx([0.5] * 6 + [0.85] * 6)
 
 
 def test_missing_columns_name_what_is_missing(tmp_path, tokenizer):
@@ -141,11 +185,11 @@ def test_missing_columns_name_what_is_missing(tmp_path, tokenizer):
 
 
 def test_scores_outside_the_range_are_an_error_not_a_clip(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "pairs.jsonl", helpsteer_rows(True, scores=[(7.2, 1.0), (2.0, 0.6)]))
-    with pytest.raises(ValueError, match=r"chosen_rating has scores in \[2, 7.2\], outside the range \[0, 4\]"):
+    path = write_jsonl(tmp_path / "pairs.jsonl", helpsteer_rows(True, scores=[(7.2, 1.0), (2.0, 0.6), (3.0, 0.6)]))
+    with pytest.raises(ValueError, match=r"chosen_rating has scores in \[7.2, 7.2\], outside the range \[0, 4\]"):
         load_preference_data(tokenizer, path)
-    data = load_preference_data(tokenizer, path, score_max=8.0, eval_fraction=0.5)  # goodness_score-like range
-    assert max(both_splits(data, "target_chosen")) == pytest.approx(0.9)
+    data = load_preference_data(tokenizer, path, score_max=8.0)  # goodness_score-like range
+    assert max(all_splits(data, "target_chosen")) == pytest.approx(0.9)
 
 
 def test_missing_local_file_is_a_clear_error(tokenizer):
@@ -157,9 +201,15 @@ def test_tokenizer_without_chat_template_joins_prompt_and_answer(tmp_path, token
     plain = build_tiny_tokenizer()
     plain.chat_template = None
     path = write_jsonl(tmp_path / "pairs.jsonl", helpsteer_rows(False))
-    data = load_preference_data(plain, path, eval_fraction=0.5)
-    texts = {plain.decode(row["input_ids_chosen"]) for row in data["train"].to_list() + data["test"].to_list()}
-    assert texts == {"What is 0 + 1?\n1<|im_end|>", "What is 1 + 1?\n2<|im_end|>"}
+    data = load_preference_data(plain, path)
+    texts = {plain.decode(ids) for ids in all_splits(data, "input_ids_chosen")}
+    assert texts == {"What is 0 + 1?\n1<|im_end|>", "What is 7 + 1?\n8<|im_end|>", "What is 15 + 1?\n16<|im_end|>"}
+
+
+def test_data_without_a_test_prompt_is_a_clear_error(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "pairs.jsonl", helpsteer_rows(True, scores=[(3.4, 1.2), (2.0, 0.6)]))
+    with pytest.raises(ValueError, match="no test pair"):
+        load_preference_data(tokenizer, path)
 
 
 # --- collators ------------------------------------------------------------------------------------------

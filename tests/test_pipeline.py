@@ -3,9 +3,11 @@ import json
 import os
 
 import pytest
+import torch
 
 from distreward import train
-from distreward.experiments import gains, results_table
+from distreward.evaluation import compare_policies, paired_bootstrap
+from distreward.experiments import gains, results_table, runs_table
 from distreward.pipeline import PipelineConfig, run_pipeline, run_stages
 
 TINY = dict(num_pairs=64, sft_epochs=1.0, rm_epochs=1.0, rl_steps=2, num_eval_prompts=4)
@@ -22,6 +24,7 @@ def pipeline_run(tmp_path_factory):
 def test_pipeline_writes_report_and_plots(pipeline_run):
     output_dir, report = pipeline_run
     assert json.load(open(output_dir / "report.json")) == report
+    assert report["comparison"]["num_prompts"] == TINY["num_eval_prompts"] and report["comparison"]["verdict"]
     for name in ("sft", "trained"):
         assert set(report[name]) == {"reward", "mean_sd", "kl_to_ref", "ground_truth"}
         assert set(report[name]["reward"]) == {"min", "max", "mean", "std"}
@@ -55,12 +58,48 @@ def test_cli_rl_stage_explains_a_missing_policy(tmp_path, capsys):
     assert "run `python -m distreward.train sft` first" in capsys.readouterr().err
 
 
-def test_experiment_gains_and_table():
-    report = {"sft": {"reward": {"mean": 0.5}, "kl_to_ref": 0.0, "ground_truth": {"mean": 2.0}},
-              "trained": {"reward": {"mean": 0.75}, "kl_to_ref": 0.3, "ground_truth": {"mean": 2.5}}}
-    assert gains(report) == {"ground_truth_gain": 0.5, "reward_gain": 0.25, "kl_to_ref": 0.3}
-    runs = [{"seed": seed, "loss_kind": "bt_kl", "shaping": "none", "ground_truth_gain": gain, "reward_gain": 0.1,
-             "kl_to_ref": 0.2} for seed, gain in enumerate([0.1, 0.3])]
+def test_experiment_gains_and_tables():
+    comparison = {"ground_truth": {"sft": 2.0, "trained": 2.5, "gain": 0.5, "ci95": [0.25, 0.75]},
+                  "reward": {"sft": 0.5, "trained": 0.75, "gain": 0.25, "ci95": [0.125, 0.375]},
+                  "verdict": "IMPROVED: ground truth ..."}
+    report = {"sft": {"kl_to_ref": 0.0}, "trained": {"kl_to_ref": 0.3}, "comparison": comparison}
+    assert gains(report) == {"sft_ground_truth": 2.0, "trained_ground_truth": 2.5, "ground_truth_gain": 0.5,
+                             "ground_truth_ci95": [0.25, 0.75], "reward_gain": 0.25, "reward_ci95": [0.125, 0.375],
+                             "kl_to_ref": 0.3, "verdict": "IMPROVED"}
+    runs = [{"seed": seed, "loss_kind": "bt_kl", "shaping": "none", **gains(report), "ground_truth_gain": gain}
+            for seed, gain in enumerate([0.1, 0.3])]
+    assert runs_table(runs).splitlines()[2] == ("| 0 | bt_kl | none | 2.000 | 2.500 | +0.100 [+0.250, +0.750] | "
+                                                "+0.250 [+0.125, +0.375] | 0.300 | IMPROVED |")
     row = results_table(runs).splitlines()[-1]
-    # mean 0.2, sample std of (0.1, 0.3) = 0.1414
-    assert row == "| bt_kl | none | 2 | +0.200 ± 0.141 | +0.100 ± 0.000 | +0.200 ± 0.000 |"
+    # mean 0.2, sample std 0.1414, t(0.975, 1 df) = 12.706: half-width 12.706 * 0.1414 / sqrt(2) = 1.2706
+    assert row == "| bt_kl | none | 2 | +0.200 [-1.071, +1.471] | +0.250 [+0.250, +0.250] | +0.300 [+0.300, +0.300] |"
+
+
+def samples_for(rewards: dict, truths: dict) -> list:
+    """eval_samples.jsonl records: per policy, two samples for each of len(rewards[policy]) // 2 prompts."""
+    return [{"policy": name, "prompt": f"p{index // 2}", "reward": reward, "ground_truth": truth}
+            for name in ("sft", "trained") for index, (reward, truth) in enumerate(zip(rewards[name], truths[name]))]
+
+
+def test_paired_bootstrap_interval():
+    assert paired_bootstrap(torch.full((5,), 0.25)) == pytest.approx((0.25, 0.25))
+    low, high = paired_bootstrap(torch.tensor([0.0, 1.0] * 50))
+    assert 0.35 < low < 0.5 < high < 0.65  # the mean 0.5 +- 1.96 * 0.05
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_bootstrap(torch.tensor([1.0]))
+
+
+def test_reward_up_ground_truth_down_is_flagged_as_over_optimisation():
+    comparison = compare_policies(samples_for({"sft": [0.5] * 8, "trained": [0.9] * 8},
+                                              {"sft": [3.0] * 8, "trained": [2.0, 3.0] * 4}))
+    assert comparison["num_prompts"] == 4 and comparison["over_optimisation"]
+    assert comparison["ground_truth"]["gain"] == pytest.approx(-0.5)
+    assert comparison["ground_truth"]["ci95"] == pytest.approx([-0.5, -0.5])  # every prompt lost 0.5
+    assert comparison["verdict"].startswith("OVER-OPTIMISATION: the RM reward rose while the ground truth 3.000 -> 2.500")
+
+
+def test_a_clear_ground_truth_gain_is_reported_as_improved():
+    comparison = compare_policies(samples_for({"sft": [0.5] * 8, "trained": [0.6] * 8},
+                                              {"sft": [2.0] * 8, "trained": [3.0, 2.0, 4.0, 2.0] * 2}))
+    assert not comparison["over_optimisation"] and comparison["ground_truth"]["ci95"][0] > 0
+    assert comparison["verdict"].startswith("IMPROVED: ground truth 2.000 -> 2.750 (+0.750, 95% CI")

@@ -7,9 +7,13 @@ import torch
 from safetensors.torch import load_file
 
 from distreward.modeling import DistributionalRewardModel, RewardOutput
-from distreward.reinforce import ReinforceConfig, ReinforceTrainer, load_prompts, run_reinforce
+from distreward import synthetic
+from distreward.evaluation import compare_policies
+from distreward.reinforce import (ReinforceConfig, ReinforceTrainer, load_policy_and_reference, load_prompts,
+                                  load_reward_model, run_reinforce)
 from distreward.rollout import RolloutScorer, generate_rollouts, left_align, mask_through_eos, prompt_text, \
     token_logprobs
+from distreward.splits import prompt_split
 from distreward.tiny import build_tiny_policy
 
 SMALL = dict(hidden_size=32, num_layers=1, num_heads=2)
@@ -133,12 +137,88 @@ def test_reinforce_training_raises_the_known_reward(tokenizer, tmp_path):
     assert after > before * 1.5, (before, after)
 
 
-def test_embedded_held_out_prompts_are_not_training_prompts():
-    config = ReinforceConfig(num_train_prompts=64, num_eval_prompts=32)
+def hand_log_ratio(policy, reference, rollout) -> torch.Tensor:
+    """[B] sum over each row's response tokens of log pi(y_t) - log pi_ref(y_t), one unpadded row at a time."""
+    sums = []
+    for row in range(len(rollout.prompts)):
+        length = int(rollout.attention_mask[row].sum())
+        ids = rollout.input_ids[row:row + 1, :length]
+        positions = rollout.response_mask[row, :length].nonzero()[:, 0]
+        total = 0.0
+        for model, sign in ((policy, 1.0), (reference, -1.0)):
+            logprobs = torch.log_softmax(model(ids).logits[0].double(), -1)
+            total += sign * logprobs[positions - 1, ids[0, positions]].sum()
+        sums.append(total)
+    return torch.stack(sums).float()
+
+
+@torch.no_grad()
+def test_kl_to_reference_is_the_log_ratio_summed_over_response_tokens(tokenizer):
+    """Pins the KL term by hand: its sign (policy minus reference) and a sum, not a mean, over response tokens."""
+    policy, reference = (build_tiny_policy(tokenizer, seed=seed, **SMALL) for seed in (1, 2))
+    torch.manual_seed(0)
+    rollout = generate_rollouts(policy, tokenizer, ["What is 3 + 4?", "Sort: 3 1 2"], samples_per_prompt=3,
+                                max_new_tokens=5)
+    scores = RolloutScorer(reference, DigitRewardModel(tokenizer), tokenizer).score(rollout,
+                                                                                   token_logprobs(policy, rollout))
+    expected = hand_log_ratio(policy, reference, rollout)
+    torch.testing.assert_close(scores.kl, expected, atol=1e-4, rtol=1e-4)
+    lengths = rollout.response_mask.sum(-1)
+    assert (lengths > 1).any() and not torch.allclose(scores.kl, expected / lengths, atol=1e-3)  # a mean would differ
+    assert (expected.abs() > 1e-2).all()  # so a flipped sign would differ too
+
+
+def test_trainer_subtracts_beta_times_the_summed_kl(tokenizer, tmp_path):
+    """The REINFORCE step's total reward is r - beta * kl (shaping none) with the scorer's summed KL:
+    the same rollouts (same seed) with beta = 0 and 0.5 differ by exactly 0.5 * mean kl."""
+    totals = {}
+    for beta in (0.0, 0.5):
+        trainer = digit_trainer(tokenizer, tmp_path, shaping="none", beta=beta, samples_per_prompt=4)
+        trainer.scorer.reference = build_tiny_policy(tokenizer, seed=5, **SMALL).eval().requires_grad_(False)
+        torch.manual_seed(1)
+        _, metrics = trainer.compute_loss(trainer.policy, DIGIT_PROMPTS)
+        totals[beta] = metrics
+    assert totals[0.0]["kl"] == totals[0.5]["kl"] and totals[0.0]["kl"].abs() > 1e-2
+    torch.testing.assert_close(totals[0.0]["total_reward"], totals[0.0]["reward"])
+    torch.testing.assert_close(totals[0.5]["total_reward"], totals[0.0]["reward"] - 0.5 * totals[0.0]["kl"])
+
+
+def test_evaluation_of_two_policies_is_paired(saved_models, tmp_path):
+    """evaluate() draws from its own seeded stream: the same weights give the same samples whatever the global
+    RNG did before or which policy went first, and it leaves the global RNG as it found it; so the SFT and
+    the trained policy see the same prompts and random numbers, and identical policies compare as a gain of 0."""
+    config = rl_config(saved_models, tmp_path, num_eval_prompts=6, eval_samples_per_prompt=2, max_new_tokens=6)
+    policy, reference, tokenizer = load_policy_and_reference(config.policy_path)
+    reward_model, _ = load_reward_model(config.reward_model_path, tokenizer)
+    scorer = RolloutScorer(reference, reward_model, tokenizer, synthetic.score_response)
+    prompts = synthetic.make_prompts(6, seed=0, split="test", unique=True)
+    trainer = ReinforceTrainer(config, policy, tokenizer, scorer, prompts)
+    other = build_tiny_policy(tokenizer, seed=9, **SMALL)
+    first = trainer.evaluate(policy, prompts)[1]
+    torch.rand(100)
+    state = torch.get_rng_state()
+    trainer.evaluate(other, prompts)
+    assert torch.equal(torch.get_rng_state(), state)
+    second = trainer.evaluate(policy, prompts)[1]
+    assert first == second and len({record["response"] for record in first}) > 1  # sampled, yet repeatable
+    samples = [{"policy": name, **record} for name, records in (("sft", first), ("trained", second))
+               for record in records]
+    comparison = compare_policies(samples)
+    assert comparison["ground_truth"]["gain"] == comparison["reward"]["gain"] == 0.0
+    assert comparison["ground_truth"]["ci95"] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("eval_split", ["test", "validation"])
+def test_embedded_held_out_prompts_are_distinct_and_from_their_split(eval_split):
+    config = ReinforceConfig(num_train_prompts=64, num_eval_prompts=32, eval_split=eval_split)
     train, held_out, ground_truth = load_prompts(config)
-    assert len(train) == 64 and len(held_out) == 32 and ground_truth is not None
-    ambiguous = {"Pick a lucky digit.", "Name your favourite digit.", "Choose any digit."}
-    assert not (set(held_out) - ambiguous) & set(train)
+    assert len(train) == 64 and len(set(held_out)) == 32 and ground_truth is not None
+    assert {prompt_split(p) for p in train} == {"train"} and {prompt_split(p) for p in held_out} == {eval_split}
+
+
+def test_eval_split_must_be_held_out():
+    with pytest.raises(ValueError, match="--eval_split must be one of test, validation"):
+        ReinforceConfig(eval_split="train").validate()
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +245,16 @@ def rl_config(saved_models, output_dir, **overrides) -> ReinforceConfig:
 
 def test_run_reinforce_writes_spec_outputs(saved_models, tmp_path):
     report = run_reinforce(rl_config(saved_models, tmp_path))
-    assert set(report) == {"sft", "trained"}
-    for summary in report.values():
+    assert set(report) == {"sft", "trained", "comparison"}
+    comparison = report["comparison"]
+    assert comparison["num_prompts"] == 4 and isinstance(comparison["over_optimisation"], bool)
+    for key in ("reward", "ground_truth"):
+        gain, (low, high) = comparison[key]["gain"], comparison[key]["ci95"]
+        assert low <= gain <= high
+        assert gain == pytest.approx(comparison[key]["trained"] - comparison[key]["sft"])
+        assert comparison[key]["sft"] == pytest.approx(report["sft"][key]["mean"])
+    assert comparison["verdict"].split(":")[0] in ("IMPROVED", "WORSE", "NO CLEAR CHANGE", "OVER-OPTIMISATION")
+    for summary in (report["sft"], report["trained"]):
         assert set(summary) == {"reward", "mean_sd", "kl_to_ref", "ground_truth"}
         assert set(summary["reward"]) == {"min", "max", "mean", "std"} and set(summary["ground_truth"]) == {"mean"}
         assert summary["reward"]["min"] <= summary["reward"]["mean"] <= summary["reward"]["max"]

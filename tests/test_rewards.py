@@ -23,6 +23,14 @@ def test_shaping_matches_hand_computation(shaping, expected):
     torch.testing.assert_close(shaped, torch.tensor(expected))
 
 
+@pytest.mark.parametrize("shaping", SHAPINGS)
+def test_a_larger_beta_lowers_the_total_reward_where_the_log_ratio_is_positive(shaping):
+    """R falls with beta where kl > 0, rises where kl < 0, and ignores beta where kl = 0 (fails on a flipped sign)."""
+    low, high = (shape_rewards(REWARD, STD, KL, shaping=shaping, beta=beta, alpha=0.5) for beta in (0.01, 0.5))
+    assert high[0] < low[0] and high[1] > low[1] and high[2] == low[2]
+    torch.testing.assert_close(low - high, (0.5 - 0.01) * KL / (STD + 1 if shaping == "std_scale" else 1))
+
+
 def test_shapings_differ_only_where_std_is_nonzero():
     shaped = {name: shape_rewards(REWARD, STD, KL, shaping=name, beta=0.1, alpha=0.5) for name in SHAPINGS}
     assert shaped["none"][2] == shaped["std_penalty"][2] == shaped["std_scale"][2]

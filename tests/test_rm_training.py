@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader
 
 from distreward import ops
 from distreward.data import PreferenceCollator, load_preference_data
-from distreward.evaluation import average_ranks, markdown_table, metrics_by_group, reward_metrics, spearman
+from distreward.evaluation import (average_ranks, markdown_table, metrics_by_group, reward_metrics, spearman,
+                                   truth_metrics)
 from distreward.modeling import DistributionalRewardModel
 from distreward.rm_trainer import RewardConfig, pair_loss_fn
 from distreward.tiny import build_tiny_policy
@@ -117,6 +118,16 @@ def test_reward_metrics_on_hand_made_predictions():
     by_kind = metrics_by_group(predictions, ["a", "a", "b", "b"])
     assert by_kind["a"]["pairwise_accuracy"] == 1.0 and by_kind["b"]["pairwise_accuracy"] == 0.25
     assert "| x | 0.625 |" in markdown_table({"x": metrics})
+
+
+def test_truth_metrics_score_only_the_pairs_the_ground_truth_decides():
+    predictions = {"logits_chosen": logits_with_means([0.9, 0.2, 0.6, 0.4, 0.7]),
+                   "logits_rejected": logits_with_means([0.1, 0.6, 0.3, 0.4, 0.2])}
+    # pairs 0-3 differ in ground truth; in pair 2 the label (chosen) is the truly worse answer
+    metrics = truth_metrics(predictions, [4.0, 3.0, 1.0, 2.0, 2.0], [0.0, 1.0, 3.0, 0.0, 2.0])
+    assert metrics["truth_tie_share"] == pytest.approx(0.2)
+    assert metrics["truth_differs_accuracy"] == pytest.approx((1 + 0 + 1 + 0.5) / 4)  # as labelled
+    assert metrics["ground_truth_accuracy"] == pytest.approx((1 + 0 + 0 + 0.5) / 4)  # as the truth ranks them
 
 
 def test_spearman_handles_ties_like_scipy():
