@@ -29,6 +29,7 @@ from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
 from distreward.trainer_utils import make_accelerator, save_run_config, train_loop
 
 DEFAULT_BACKBONE = "runs/sft"
+DISTRIBUTIONS_NAME = "distributions.png"
 
 
 @dataclass
@@ -135,6 +136,6 @@ def evaluate_and_report(model, tokenizer, held_out, config: RewardConfig, print_
     with open(os.path.join(config.output_dir, "eval.json"), "w") as handle:
         json.dump(report, handle, indent=2)
     evaluation.save_predictions(predictions, config.output_dir)
-    evaluation.plot_runs({config.loss_kind: predictions}, os.path.join(config.output_dir, "distributions.png"))
+    evaluation.plot_runs({config.loss_kind: predictions}, os.path.join(config.output_dir, DISTRIBUTIONS_NAME))
     print_fn("held-out: " + ", ".join(f"{key} {report[key]:.3f}" for key in evaluation.METRIC_NAMES))
     return report
