@@ -9,6 +9,7 @@ adds ``report.json`` (SPEC §7, with the paired SFT-vs-trained comparison and it
 """
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -17,9 +18,9 @@ from accelerate import PartialState
 from distreward import ops
 from distreward.reinforce import EVAL_NAME, EVAL_SAMPLES_NAME, ReinforceConfig, format_report, run_reinforce
 from distreward.rewards import BASELINES, SHAPINGS
-from distreward.rm_trainer import RewardConfig, run_reward_training
+from distreward.rm_trainer import DISTRIBUTIONS_NAME, RewardConfig, run_reward_training
 from distreward.sft import SFTConfig, run_sft
-from distreward.trainer_utils import METRICS_NAME, save_run_config
+from distreward.trainer_utils import METRICS_NAME, list_checkpoints, save_run_config
 
 REPORT_NAME = "report.json"
 HISTOGRAM_NAME = "reward_histogram.png"
@@ -53,6 +54,9 @@ class PipelineConfig:
         "help": "Prompts of that comparison: test (reports) or validation (tuning settings)."})
     reuse_finished_stages: bool = field(default=False, metadata={
         "help": "Skip a stage whose finished output is already in its sub-directory."})
+    resume: bool = field(default=False, metadata={
+        "help": "Continue a killed run: skip the finished stages and resume the stage it was in from its latest "
+                "checkpoint (the outputs are those of an uninterrupted run)."})
 
     def validate(self) -> None:
         if self.loss_kind not in ops.LOSS_KINDS:
@@ -66,30 +70,48 @@ class PipelineConfig:
 def stage_configs(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str) -> tuple:
     """(SFTConfig, RewardConfig, ReinforceConfig) of a pipeline run with the given stage directories."""
     sft = SFTConfig(output_dir=sft_dir, seed=config.seed, num_pairs=config.num_pairs,
-                    num_train_epochs=config.sft_epochs)
+                    num_train_epochs=config.sft_epochs, resume=config.resume)
     rm = RewardConfig(output_dir=rm_dir, model_name_or_path=sft_dir, seed=config.seed, num_pairs=config.num_pairs,
-                      num_train_epochs=config.rm_epochs, loss_kind=config.loss_kind)
+                      num_train_epochs=config.rm_epochs, loss_kind=config.loss_kind, resume=config.resume)
     rl = ReinforceConfig(output_dir=rl_dir, policy_path=sft_dir, reward_model_path=rm_dir, seed=config.seed,
                          max_steps=config.rl_steps, shaping=config.shaping, baseline=config.baseline,
                          beta=config.beta, alpha=config.alpha, num_eval_prompts=config.num_eval_prompts,
-                         eval_split=config.eval_split)
+                         eval_split=config.eval_split, resume=config.resume)
     return sft, rm, rl
+
+
+def forget_outputs(stages: tuple, index: int) -> None:
+    """Stage ``index`` is about to run: delete its finished mark, and the marks and checkpoints of the stages
+    after it (made from an earlier run's outputs), so that a later ``--resume`` neither skips nor continues them
+    (process 0 only)."""
+    if not PartialState().is_main_process:
+        return
+    for position, (stage_config, _, last_output) in enumerate(stages[index:]):
+        mark = os.path.join(stage_config.output_dir, last_output)
+        if os.path.isfile(mark):
+            os.remove(mark)
+        for checkpoint in list_checkpoints(stage_config.output_dir) if position > 0 else []:
+            shutil.rmtree(checkpoint)
 
 
 def run_stages(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str) -> dict:
     """SFT -> RM -> REINFORCE into the given directories; returns the REINFORCE ``eval.json`` report.
 
-    With ``reuse_finished_stages``, a stage whose final output exists is not run again (how the
-    experiment grid shares one SFT policy and one reward model between several REINFORCE runs).
+    With ``reuse_finished_stages`` or ``resume``, a stage whose last output exists is not run again (how the
+    experiment grid shares one SFT policy and one reward model between several REINFORCE runs); with
+    ``resume`` the other stages continue from their latest checkpoint, if any.
     """
     config.validate()
     sft, rm, rl = stage_configs(config, sft_dir, rm_dir, rl_dir)
-    # (settings, run function, the file a finished run leaves last)
-    stages = ((sft, run_sft, "model.safetensors"), (rm, run_reward_training, EVAL_NAME), (rl, run_reinforce, EVAL_NAME))
-    for stage_config, run, last_output in stages:
+    # (settings, run function, the file a finished run writes last: sft's eval.json of the embedded task)
+    stages = ((sft, run_sft, EVAL_NAME), (rm, run_reward_training, DISTRIBUTIONS_NAME),
+              (rl, run_reinforce, EVAL_SAMPLES_NAME))
+    for index, (stage_config, run, last_output) in enumerate(stages):
         done = os.path.isfile(os.path.join(stage_config.output_dir, last_output))
-        if not (config.reuse_finished_stages and done):
-            run(stage_config)
+        if (config.reuse_finished_stages or config.resume) and done:
+            continue
+        forget_outputs(stages, index)
+        run(stage_config)
     with open(os.path.join(rl_dir, EVAL_NAME)) as handle:
         return json.load(handle)
 

@@ -30,6 +30,7 @@ from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
 from distreward.trainer_utils import make_accelerator, save_run_config, train_loop
 
 DEFAULT_BACKBONE = "runs/sft"
+DISTRIBUTIONS_NAME = "distributions.png"
 
 
 @dataclass
@@ -149,7 +150,7 @@ def evaluate_and_report(model, tokenizer, data, config: RewardConfig, print_fn=p
     with open(os.path.join(config.output_dir, "eval.json"), "w") as handle:
         json.dump(report, handle, indent=2)
     evaluation.save_predictions(predictions, config.output_dir)
-    evaluation.plot_runs({config.loss_kind: predictions}, os.path.join(config.output_dir, "distributions.png"))
+    evaluation.plot_runs({config.loss_kind: predictions}, os.path.join(config.output_dir, DISTRIBUTIONS_NAME))
     names = evaluation.METRIC_NAMES + tuple(key for key in ("truth_differs_accuracy", "ground_truth_accuracy")
                                             if key in report)
     print_fn(f"test pairs ({report['num_pairs']}, prompts unseen in training): "

@@ -4,9 +4,9 @@ A run directory (``output_dir``) holds ``config.json`` (the run's settings), ``m
 JSON object a logged step), ``checkpoint-{step}/`` folders and, at the end, the trained model in
 ``save_pretrained`` form with its tokenizer. A checkpoint is :meth:`accelerate.Accelerator.save_state`
 with the model written by its own ``save_pretrained`` (safetensors) instead of accelerate's
-state-dict file, plus ``trainer_state.json`` (optimizer step and micro-batch count), so
-``--resume`` continues exactly where a killed run stopped: same weights, optimizer and scheduler
-state, RNG state and position in the seeded data order.
+state-dict file, plus ``trainer_state.json`` (optimizer step, micro-batch count, metrics not logged
+yet), so ``--resume`` continues exactly where a killed run stopped: same weights, optimizer and
+scheduler state, RNG state, position in the seeded data order and logged means.
 """
 import json
 import math
@@ -76,10 +76,12 @@ class TrainingConfig:
 
 @dataclass
 class TrainerState:
-    """Where a run stands: optimizer steps taken and micro-batches consumed."""
+    """Where a run stands: optimizer steps taken, micro-batches consumed, and the metrics of the micro-batches
+    since the last logged step (name -> values, each averaged over processes): a resumed run logs the same means."""
 
     global_step: int = 0
     micro_step: int = 0
+    metrics_window: dict = field(default_factory=dict)
 
 
 def save_run_config(config, output_dir: str, filename: str = RUN_CONFIG_NAME) -> None:
@@ -246,7 +248,6 @@ def train_loop(config: TrainingConfig, accelerator: Accelerator, model: torch.nn
     logger = MetricsLogger(config.output_dir, accelerator.is_main_process, resume_step=state.global_step)
     progress = tqdm(total=total, initial=state.global_step, desc=description, disable=not accelerator.is_main_process)
     model.train()
-    window = {}
     while state.global_step < total:
         epoch, done_in_epoch = divmod(state.micro_step, len(dataloader))
         dataloader.set_epoch(epoch)
@@ -261,19 +262,19 @@ def train_loop(config: TrainingConfig, accelerator: Accelerator, model: torch.nn
                 scheduler.step()
                 optimizer.zero_grad()
             state.micro_step += 1
-            for name, value in {"loss": loss.detach(), **metrics}.items():
-                window.setdefault(name, []).append(value.float())
+            values = accelerator.reduce(torch.stack([loss.detach(), *metrics.values()]).float(), "mean")
+            for name, value in zip(["loss", *metrics], values.tolist()):
+                state.metrics_window.setdefault(name, []).append(value)
             if not accelerator.sync_gradients:
                 continue
             state.global_step += 1
             progress.update(1)
             if state.global_step % config.logging_steps == 0 or state.global_step == total:
-                means = {name: accelerator.reduce(torch.stack(values).mean(), "mean").item()
-                         for name, values in window.items()}
+                means = {name: torch.tensor(values).mean().item() for name, values in state.metrics_window.items()}
                 logger.log(state.global_step, epoch=state.micro_step / len(dataloader),
                            lr=scheduler.get_last_lr()[0], **means)
                 progress.set_postfix(loss=f"{means['loss']:.4f}")
-                window = {}
+                state.metrics_window = {}
             if state.global_step % config.save_steps == 0 and state.global_step < total:
                 save_checkpoint(accelerator, state, config.output_dir, tokenizer, config.save_total_limit)
             if state.global_step >= total:

@@ -85,7 +85,8 @@ def main(runs_path: str) -> int:
     with open(runs_path) as handle:
         runs = json.load(handle)
     for run in runs:
-        with instrumented_reinforce(run.get("record_dir"), run.get("kill_at")), recorded_gradients(run.get("grads_dir")):
+        with instrumented_reinforce(run.get("record_dir"), run.get("kill_at")), \
+                recorded_gradients(run.get("grads_dir")):
             try:
                 code = train.main(run["argv"])
             except Killed:

@@ -1,0 +1,120 @@
+"""``python -m distreward.train --resume``: a killed pipeline skips its finished stages, continues the stage it
+was in from its latest checkpoint, and ends with every output of an uninterrupted run."""
+import itertools
+import json
+import os
+from dataclasses import replace
+
+import pytest
+
+from distreward import pipeline, reinforce, rm_trainer, sft, train, trainer_utils
+from distreward.pipeline import PipelineConfig, run_stages
+
+TINY = {"num_pairs": 64, "sft_epochs": 2, "rm_epochs": 2, "rl_steps": 4, "num_eval_prompts": 2}  # 4 steps a stage
+# Stage settings the pipeline leaves at their defaults (sft, rm, rl): a checkpoint after step 2, small evaluation
+# and rollouts. sft and rm log every 10 steps, so their one logged step (4) averages over steps before the kill too.
+STAGE_SETTINGS = ({"save_steps": 2, "num_eval_prompts": 2}, {"save_steps": 2},
+                  {"save_steps": 2, "per_device_train_batch_size": 4, "samples_per_prompt": 2, "max_new_tokens": 6})
+KILL_AT = 4  # the killed stage raises in step 4: step 3 was logged after checkpoint-2 and must be run again
+STAGES = (("sft", sft, "run_sft"), ("rm", rm_trainer, "run_reward_training"), ("rl", reinforce, "run_reinforce"))
+
+
+class Killed(Exception):
+    """Raised inside a stage's training loop, as a killed job stops."""
+
+
+def argv(output_dir, *flags: str) -> list:
+    return ["pipeline", "--output_dir", str(output_dir), *(f"--{k}={v}" for k, v in TINY.items()), *flags]
+
+
+def small_stages(monkeypatch) -> None:
+    stage_configs = pipeline.stage_configs
+    monkeypatch.setattr(pipeline, "stage_configs", lambda *args: tuple(
+        replace(config, **settings) for config, settings in zip(stage_configs(*args), STAGE_SETTINGS)))
+
+
+def kill_in(monkeypatch, module) -> None:
+    """Make ``module``'s training loop raise :class:`Killed` at its ``KILL_AT``-th micro-batch."""
+    def train_loop(config, accelerator, model, dataloader, compute_loss, *args, **kwargs):
+        calls = itertools.count(1)
+
+        def compute_loss_or_die(model, batch):
+            if next(calls) == KILL_AT:
+                raise Killed
+            return compute_loss(model, batch)
+
+        return trainer_utils.train_loop(config, accelerator, model, dataloader, compute_loss_or_die, *args, **kwargs)
+
+    monkeypatch.setattr(module, "train_loop", train_loop)
+
+
+def outputs(root) -> dict:
+    """Relative path -> content of every file under ``root``; run settings (``*config.json``) parsed, with
+    ``root`` written as ``ROOT`` and without the ``resume`` flag, which records how the run was started."""
+    contents = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as handle:
+                content = handle.read()
+            if name.endswith("config.json"):
+                content = json.loads(content.decode().replace(str(root), "ROOT"))
+                content.pop("resume", None)
+            contents[os.path.relpath(path, root)] = content
+    return contents
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        small_stages(monkeypatch)
+        assert train.main(argv(root)) == 0
+    return outputs(root)
+
+
+@pytest.mark.parametrize("killed", [1, 2], ids=["rm", "rl"])  # sft resumes alike, as the first stage
+def test_a_killed_pipeline_resumes_to_the_outputs_of_an_uninterrupted_run(uninterrupted, tmp_path, monkeypatch,
+                                                                          killed):
+    small_stages(monkeypatch)
+    name, module, _ = STAGES[killed]
+    with monkeypatch.context() as patch:
+        kill_in(patch, module)
+        with pytest.raises(Killed):
+            train.main(argv(tmp_path))
+    assert os.listdir(tmp_path / name).count("checkpoint-2") == 1
+    ran = []
+    for stage, _, run_name in STAGES:
+        run = getattr(pipeline, run_name)
+        monkeypatch.setattr(pipeline, run_name, lambda config, stage=stage, run=run: ran.append(stage) or run(config))
+    assert train.main(argv(tmp_path, "--resume")) == 0
+    assert ran == [stage for stage, _, _ in STAGES[killed:]]  # the finished stages were skipped
+    resumed = outputs(tmp_path)
+    assert sorted(resumed) == sorted(uninterrupted)
+    for path, content in uninterrupted.items():
+        assert resumed[path] == content, path
+
+
+def test_a_stage_that_runs_anew_forgets_the_later_stages_of_an_earlier_run(tmp_path, monkeypatch):
+    """A fresh run killed in rm, in a directory where an earlier run finished: the resume must neither skip rl (its
+    finished mark is stale) nor continue it from the earlier run's checkpoint."""
+    dirs = [tmp_path / stage for stage, _, _ in STAGES]
+    marks = [pipeline.EVAL_NAME, pipeline.DISTRIBUTIONS_NAME, pipeline.EVAL_SAMPLES_NAME]
+    for directory, mark in zip(dirs, marks):  # the earlier, finished run
+        (directory / "checkpoint-2").mkdir(parents=True)
+        (directory / mark).write_text("earlier run")
+    ran = []
+    for (stage, _, run_name), directory, mark in zip(STAGES, dirs, marks):
+        def run(config, stage=stage, directory=directory, mark=mark):
+            ran.append((stage, config.resume))
+            if stage == "rm" and not config.resume:
+                raise Killed
+            (directory / mark).write_text("this run")
+            (directory / pipeline.EVAL_NAME).write_text("{}")
+
+        monkeypatch.setattr(pipeline, run_name, run)
+    with pytest.raises(Killed):
+        run_stages(PipelineConfig(output_dir=str(tmp_path)), *map(str, dirs))
+    assert os.listdir(dirs[1]) == os.listdir(dirs[2]) == []  # made from the earlier run's sft policy: forgotten
+    assert run_stages(PipelineConfig(output_dir=str(tmp_path), resume=True), *map(str, dirs)) == {}
+    assert ran == [("sft", False), ("rm", False), ("rm", True), ("rl", True)]
