@@ -250,14 +250,17 @@ void advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
-// Calls fn(row_index, row_pointer) for every row, OpenMP-parallel. fn must not throw.
+// Calls fn(row_index, row_pointer) for every row, OpenMP-parallel from kParallelLogits logits on (below
+// that, waking the other threads costs more than the work, and far more on a loaded machine). fn must not throw.
+constexpr int64_t kParallelLogits = 1 << 16;
+
 template <typename scalar_t, typename Fn>
 void for_each_row(const at::Tensor& logits, Fn fn) {
   const int64_t rows = logits.size(0) * logits.size(1);
   const int64_t steps = logits.size(1);
   const int64_t stride_b = logits.stride(0), stride_t = logits.stride(1);
   const scalar_t* data = logits.const_data_ptr<scalar_t>();
-#pragma omp parallel for schedule(dynamic, 8)
+#pragma omp parallel for schedule(dynamic, 8) if (rows * logits.size(2) >= kParallelLogits)
   for (int64_t r = 0; r < rows; ++r) fn(r, data + (r / steps) * stride_b + (r % steps) * stride_t);
 }
 

@@ -160,7 +160,7 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         return torch.zeros(batch, steps, dtype=dtype, device=input_ids.device)
     scored = torch.zeros_like(input_ids, dtype=torch.bool)
     scored[:, 1:] = response_mask[:, 1:].bool()
-    targets = input_ids[scored]  # [N]
+    targets = input_ids[scored].long()  # [N]
     check_targets(targets, getattr(model.get_output_embeddings(), "out_features", None))
     hidden = final_hidden_states(model, input_ids, attention_mask)
     # Position t - 1 predicts token t: keep only the hidden states that predict a scored token.

@@ -152,6 +152,16 @@ def reference_gather(logits, ids, mask):
     return x, torch.where(live, logp, 0.0), live
 
 
+def grad_tolerance(logits, upstream):
+    """[B, T, 1]: rounding to the gradient's dtype, plus the accumulation's error in x - logsumexp, which
+    grows with the row's largest finite |logit|."""
+    x = logits.detach().double()
+    row_scale = x.abs().masked_fill(~x.isfinite(), 0).amax(-1)
+    accumulation = EPS[torch.float64 if logits.dtype == torch.float64 else torch.float32]
+    relative = 2 * EPS[logits.dtype] + 16 * accumulation * (1 + row_scale)
+    return (upstream.double().abs() * relative).unsqueeze(-1) + 1e-6
+
+
 def assert_matches_reference(logits, ids, mask, actual):
     """Values (and gradients, for float logits) of a successful call against the float64 reference."""
     x, expected, live = reference_gather(logits, ids, mask)
@@ -167,11 +177,7 @@ def assert_matches_reference(logits, ids, mask, actual):
     upstream = torch.randn(ids.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     (grad,) = torch.autograd.grad(actual, logits, upstream.to(actual.dtype))
     (expected_grad,) = torch.autograd.grad(expected, x, upstream)
-    # Rounding of the gradient's dtype, plus the accumulation's error in x - logsumexp (relative to the row's scale).
-    accumulation = EPS[torch.float64 if logits.dtype == torch.float64 else torch.float32]
-    relative = 2 * EPS[logits.dtype] + 16 * accumulation * (1 + torch.as_tensor(row_scale, dtype=torch.float64))
-    grad_tolerance = upstream.abs().unsqueeze(-1) * relative.unsqueeze(-1) + 1e-6
-    assert bool(((grad.double() - expected_grad).abs() <= grad_tolerance).all())
+    assert bool(((grad.double() - expected_grad).abs() <= grad_tolerance(logits, upstream)).all())
 
 
 def run_and_check(call, expected_errors: set, check_values):
@@ -321,10 +327,10 @@ def raw_op_call(case: GatherCase, op: str):
             return
         grad = logits if op == "backward_" else result
         x = logits_before.double()
-        expected = grad_logp.double().unsqueeze(-1) * (torch.nn.functional.one_hot(ids, x.shape[-1]) - torch.softmax(x, -1))
-        expected = torch.where(mask.unsqueeze(-1), expected, 0.0)
-        tolerance = 8 * EPS[logits.dtype] * grad_logp.double().abs().unsqueeze(-1) + 1e-6
-        close = ((grad.double() - expected).abs() <= tolerance) | ~expected.isfinite()  # NaN rows: the forward raises
+        onehot = torch.nn.functional.one_hot(torch.where(mask, ids, 0), x.shape[-1])
+        expected = torch.where(mask.unsqueeze(-1), grad_logp.double().unsqueeze(-1) * (onehot - torch.softmax(x, -1)), 0.0)
+        close = (grad.double() - expected).abs() <= grad_tolerance(logits_before, grad_logp)
+        close |= ~expected.isfinite()  # rows with NaN / +inf: the forward raises for them
         assert bool(close.all())
 
     logits_before = logits.clone()

@@ -173,3 +173,11 @@ def test_nan_in_the_model_raises_value_error():
     for backend in ("eager", "cpp"):
         with pytest.raises(ValueError, match="NaN"):
             sequence_logprobs(model, *rollout_batch(), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+def test_int32_input_ids(backend):
+    """int32 ids reach the fused kernels as int64 (found by tests/test_fuzz_gather.py)."""
+    model, batch = tiny_llama(), rollout_batch(seed=6)
+    expected = sequence_logprobs(model, *batch, backend=backend)
+    torch.testing.assert_close(sequence_logprobs(model, batch[0].int(), *batch[1:], backend=backend), expected)
