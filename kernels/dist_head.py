@@ -111,6 +111,17 @@ def _dpl_log_prob(log_pc, log_pr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _store_gradient(ptrs, grad, mask):
+    """Store ``grad`` (ACC) in the pointers' dtype. The two rows of a pair may differ in dtype, so a float64 ACC
+    can meet bfloat16 gradients: that cast goes through float32 (the interpreter's float64 -> bfloat16 gives garbage).
+    """
+    if ptrs.dtype.element_ty == tl.float64:
+        tl.store(ptrs, grad.to(tl.float64), mask=mask)
+    else:
+        tl.store(ptrs, grad.to(tl.float32).to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _row_forward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_target, centers_ptr, stride_centers,
                         mean_ptr, std_ptr, kl_ptr, n_rows, n_bins, label_scale,
                         WITH_MOMENTS: tl.constexpr, WITH_KL: tl.constexpr, ACC: tl.constexpr,
@@ -198,9 +209,8 @@ def _pair_loss_kernel(chosen_ptr, stride_chosen_row, stride_chosen_bin, rejected
     if WITH_GRAD:
         offsets = rows[:, None] * n_bins + bins[None, :]
         mask = row_mask[:, None] & bin_mask[None, :]
-        tl.store(grad_chosen_ptr + offsets, (inv_n_rows * grad_chosen).to(grad_chosen_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_rejected_ptr + offsets, (inv_n_rows * grad_rejected).to(grad_rejected_ptr.dtype.element_ty),
-                 mask=mask)
+        _store_gradient(grad_chosen_ptr + offsets, inv_n_rows * grad_chosen, mask)
+        _store_gradient(grad_rejected_ptr + offsets, inv_n_rows * grad_rejected, mask)
 
 
 def _launch_settings(logits: torch.Tensor, tile_per_row: int):
@@ -325,7 +335,8 @@ class PairLossFunction(torch.autograd.Function):
         n_rows, n_bins = logits_chosen.shape
         dpl, with_kl = kind == "dpl", kind != "bt_mean" and score_weight != 0
         block_n, num_warps, grid = _launch_settings(logits_chosen, block_k * block_k if dpl else block_k)
-        partial_loss = torch.empty(grid[0], dtype=_compute_dtype(logits_chosen), device=logits_chosen.device)
+        wider = logits_rejected if logits_rejected.dtype == torch.float64 else logits_chosen  # float64 if either is
+        partial_loss = torch.empty(grid[0], dtype=_compute_dtype(wider), device=logits_chosen.device)
         grads = [torch.empty(z.shape, dtype=z.dtype, device=z.device) if with_grad else None
                  for z in (logits_chosen, logits_rejected)]
         if not with_kl:
@@ -336,7 +347,7 @@ class PairLossFunction(torch.autograd.Function):
             target_chosen, _stride(target_chosen), target_rejected, _stride(target_rejected),
             centers, centers.stride(0), grads[0], grads[1], partial_loss,
             n_rows, n_bins, _label_scale(sigma), float(score_weight), 1.0 / n_rows,
-            DPL=dpl, WITH_KL=with_kl, WITH_GRAD=with_grad, ACC=_acc_dtype(logits_chosen),
+            DPL=dpl, WITH_KL=with_kl, WITH_GRAD=with_grad, ACC=_acc_dtype(wider),
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
         if with_grad:
             ctx.save_for_backward(*grads)

@@ -165,6 +165,20 @@ def test_strided_centers_of_another_range_are_read_in_place(kind):
     assert_values_close(fused_std, std)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float64, torch.bfloat16), (torch.float16, torch.float64)], ids=str)
+def test_pair_rows_of_different_dtypes(dtypes):
+    """Found by the fuzz: a float64 chosen row made the bfloat16 rejected gradient garbage (a cast the interpreter
+    gets wrong); each gradient comes back in its row's dtype."""
+    g = torch.Generator().manual_seed(17)
+    chosen, rejected = ((torch.randn(5, 10, generator=g) * 3).to(device=DEVICE, dtype=dtype).requires_grad_(True)
+                        for dtype in dtypes)
+    targets = torch.rand(5, generator=g).to(DEVICE), torch.rand(5, generator=g).to(DEVICE)
+    losses = eager_and_triton(ops.pair_loss, chosen, rejected, *targets)
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-5, atol=1e-5)
+    for fused_grad, grad in zip(*(torch.autograd.grad(loss, (chosen, rejected)) for loss in reversed(losses))):
+        torch.testing.assert_close(fused_grad.float(), grad.float(), rtol=2e-2, atol=2e-2 * float(grad.abs().max()))
+
+
 def test_one_hot_rows_have_zero_std_and_finite_gradient():
     """exp underflow makes p one-hot: std = 0 exactly, and its gradient is 0 (not NaN), as reference.safe_sqrt."""
     logits = torch.full((3, 10), -1e4, device=DEVICE)

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from distreward import ops
@@ -48,19 +48,26 @@ def _layout(draw, values: torch.Tensor, dtype) -> torch.Tensor:
     return values.to(dtype)
 
 
-def _device(draw, x):
-    """Now and then the tensor moves to the meta device (a wrong device with no values)."""
-    return x.to("meta") if isinstance(x, torch.Tensor) and draw(st.integers(0, 19)) == 0 else x
+def _choose(draw, faulty: bool, good: list, bad: list):
+    """One of ``good``, or of ``good + bad`` in a faulty example (half of them: the rest are well-formed)."""
+    return draw(st.sampled_from(good + bad if faulty else good))
+
+
+def _device(draw, faulty: bool, x):
+    """Now and then (faulty examples only) the tensor moves to the meta device: a wrong device with no values."""
+    return x.to("meta") if _choose(draw, faulty, [False] * 9, [True]) else x
 
 
 @st.composite
-def logits(draw, rows: int, bins: int):
-    """[rows, bins] logits: any float dtype (or int64), scales up to 1e4, a few NaN / +-inf entries or -inf rows."""
-    dtype = draw(st.sampled_from(FLOATS + FLOATS + (torch.int64,)))
+def logits(draw, faulty: bool, rows: int, bins: int):
+    """[rows, bins] logits: any float dtype, scales up to 1e4; faulty: int64, NaN / +-inf entries or -inf rows."""
+    dtype = _choose(draw, faulty, list(FLOATS) * 3, [torch.int64])
+    if dtype == torch.int64:
+        return torch.zeros(rows, bins, dtype=dtype)
     seed = draw(st.integers(0, 2**31 - 1))
     values = torch.randn(rows, bins, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     values *= draw(st.sampled_from([1.0, 30.0, 1e4]))
-    for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2]))):
+    for _ in range(_choose(draw, faulty, [0] * 3, [1, 2])):
         if rows and bins:
             row, column = draw(st.integers(0, rows - 1)), draw(st.integers(0, bins - 1))
             special = draw(st.sampled_from(["nan", "inf", "-inf", "-inf row"]))
@@ -68,15 +75,13 @@ def logits(draw, rows: int, bins: int):
                 values[row] = -INF
             else:
                 values[row, column] = float(special)
-    if dtype == torch.int64:
-        return torch.zeros(rows, bins, dtype=dtype)
-    return _device(draw, _layout(draw, values, dtype))
+    return _device(draw, faulty, _layout(draw, values, dtype))
 
 
 @st.composite
-def targets(draw, rows: int):
-    """[rows] targets in [0, 1] (end points included), now and then out of range, NaN, inf, None or misshapen."""
-    shape = draw(st.sampled_from(["ok"] * 8 + ["none", "longer", "2-d", "int"]))
+def targets(draw, faulty: bool, rows: int):
+    """[rows] targets in [0, 1] (end points included); faulty: out of range, NaN, inf, None or misshapen."""
+    shape = _choose(draw, faulty, ["ok"] * 4, ["none", "longer", "2-d", "int"])
     if shape == "none":
         return None
     if shape == "int":
@@ -86,17 +91,17 @@ def targets(draw, rows: int):
                         dtype=torch.float64)
     values[::4] = 0.0
     values[1::4] = 1.0
-    if length and draw(st.integers(0, 4)) == 0:
+    if length and _choose(draw, faulty, [False] * 3, [True]):
         values[draw(st.integers(0, length - 1))] = draw(st.sampled_from([-0.01, 1.5, NAN, INF, -INF]))
     if shape == "2-d":
         values = values[:, None]
-    return _device(draw, _layout(draw, values, draw(st.sampled_from(FLOATS))))
+    return _device(draw, faulty, _layout(draw, values, draw(st.sampled_from(FLOATS))))
 
 
 @st.composite
-def centers(draw, bins: int):
-    """None (the default linspace(0, 1, K)) or centers over another range, now and then miscounted or not finite."""
-    kind = draw(st.sampled_from(["none"] * 4 + ["range", "range", "count", "special", "int"]))
+def centers(draw, faulty: bool, bins: int):
+    """None (the default linspace(0, 1, K)) or centers over another range; faulty: miscounted, int or not finite."""
+    kind = _choose(draw, faulty, ["none", "range"], ["count", "special", "int"])
     if kind == "none":
         return None
     count = max(0, bins + draw(st.sampled_from([-1, 1]))) if kind == "count" else bins
@@ -106,13 +111,18 @@ def centers(draw, bins: int):
     values = torch.linspace(low, low + draw(st.floats(0.1, 10)), count, dtype=torch.float64)
     if kind == "special" and count:
         values[draw(st.integers(0, count - 1))] = draw(st.sampled_from([NAN, INF, -INF]))
-    return _device(draw, _layout(draw, values, draw(st.sampled_from(FLOATS))))
+    return _device(draw, faulty, _layout(draw, values, draw(st.sampled_from(FLOATS))))
 
 
-SIGMAS = st.sampled_from([0.02, 0.1, 0.1, 0.5, 1.0, 0.0, -1.0, NAN, INF, True, "0.1"])
-WEIGHTS = st.sampled_from([0.0, 1.0, 1.0, 2.5, -1.0, NAN, None])
-ROWS = st.one_of(st.just(0), st.integers(1, 48))
-BINS = st.sampled_from([2, 3, 10, 10, 16, 33, 64, 65, 1, 0])
+@st.composite
+def settings_of(draw, faulty: bool, kinds: tuple = ("bt_kl",)):
+    """(rows, bins, kind, sigma, score_weight); faulty: bins outside 2..64, unknown kind, bad sigma or weight."""
+    rows = draw(st.integers(0, 48))
+    bins = _choose(draw, faulty, [2, 3, 10, 16, 33, 64], [65, 1, 0])
+    kind = _choose(draw, faulty, list(kinds), ["hinge"])
+    sigma = _choose(draw, faulty, [0.02, 0.1, 0.5, 1.0], [0.0, -1.0, NAN, INF, True, "0.1"])
+    score_weight = _choose(draw, faulty, [0.0, 1.0, 2.5], [-1.0, NAN, None])
+    return rows, bins, kind, sigma, score_weight
 
 
 # ---------------------------------------------------------------- the rules, restated independently
@@ -144,7 +154,8 @@ def _f64(x):
 
 
 def _centers64(c, z):
-    return ops.bin_centers(z.shape[-1], dtype=torch.float64) if c is None else c.double()
+    """The centers the op uses (float32 linspace(0, 1, K) by default) in float64."""
+    return (ops.bin_centers(z.shape[-1]) if c is None else c).double()
 
 
 def check_call(call, valid: bool, expected):
@@ -152,6 +163,7 @@ def check_call(call, valid: bool, expected):
     structurally ``valid`` input), or raises ValueError/IndexError where the input is not valid.
     Returns the results (None where it raised)."""
     well_defined = valid and all(bool(torch.isfinite(e).all()) for e in expected)
+    event("well-defined input" if well_defined else "valid input, non-finite result" if valid else "invalid input")
     try:
         results = call()
     except (ValueError, IndexError) as error:
@@ -161,6 +173,7 @@ def check_call(call, valid: bool, expected):
     results = results if isinstance(results, tuple) else (results,)
     for result, exact in zip(results, expected, strict=True):
         assert bool(torch.isfinite(result).all()), "a non-finite result was returned"
+        exact = exact.detach()
         atol = 1e-4 * (1.0 + float(exact.abs().max())) if exact.numel() else 0.0
         torch.testing.assert_close(result.double(), exact, rtol=1e-4, atol=atol)
     return results
@@ -177,9 +190,10 @@ def _leaf(z):
 
 @pytest.mark.parametrize("backend", _backends())
 @FUZZ
-@given(data=st.data(), rows=ROWS, bins=BINS)
-def test_fuzz_dist_moments(backend, data, rows, bins):
-    z, c = data.draw(logits(rows, bins)), data.draw(centers(bins))
+@given(data=st.data(), faulty=st.booleans())
+def test_fuzz_dist_moments(backend, data, faulty):
+    rows, bins, *_ = data.draw(settings_of(faulty))
+    z, c = data.draw(logits(faulty, rows, bins)), data.draw(centers(faulty, bins))
     valid = _logits_ok(z, backend) and _centers_ok(c, z)
     expected = reference.dist_moments(z.double(), _centers64(c, z)) if valid else ()
     check_call(lambda: ops.dist_moments(z, c, backend=backend), valid, expected)
@@ -187,9 +201,11 @@ def test_fuzz_dist_moments(backend, data, rows, bins):
 
 @pytest.mark.parametrize("backend", _backends())
 @FUZZ
-@given(data=st.data(), rows=ROWS, bins=BINS, sigma=SIGMAS)
-def test_fuzz_gaussian_kl(backend, data, rows, bins, sigma):
-    z, t, c = data.draw(logits(rows, bins)), data.draw(targets(rows)), data.draw(centers(bins))
+@given(data=st.data(), faulty=st.booleans())
+def test_fuzz_gaussian_kl(backend, data, faulty):
+    rows, bins, _, sigma, _ = data.draw(settings_of(faulty))
+    z, t = data.draw(logits(faulty, rows, bins)), data.draw(targets(faulty, rows))
+    c = data.draw(centers(faulty, bins))
     valid = _logits_ok(z, backend) and _target_ok(t, z) and _centers_ok(c, z) and _setting_ok(sigma, False)
     expected = (reference.gaussian_kl(z.double(), t.double(), sigma, _centers64(c, z)),) if valid else ()
     check_call(lambda: ops.gaussian_kl(z, t, sigma, c, backend=backend), valid, expected)
@@ -197,13 +213,14 @@ def test_fuzz_gaussian_kl(backend, data, rows, bins, sigma):
 
 @pytest.mark.parametrize("backend", _backends())
 @FUZZ
-@given(data=st.data(), rows=ROWS, bins=BINS, kind=st.sampled_from(ops.LOSS_KINDS + ("hinge",)), sigma=SIGMAS,
-       score_weight=WEIGHTS)
-def test_fuzz_pair_loss(backend, data, rows, bins, kind, sigma, score_weight):
+@given(data=st.data(), faulty=st.booleans())
+def test_fuzz_pair_loss(backend, data, faulty):
     """Values, and the gradients of both logits against the float64 reference's where the call returns."""
-    chosen = _leaf(data.draw(logits(rows, bins)))
-    rejected = _leaf(data.draw(logits(rows, data.draw(st.sampled_from([bins] * 9 + [bins + 1])))))
-    target_chosen, target_rejected, c = data.draw(targets(rows)), data.draw(targets(rows)), data.draw(centers(bins))
+    rows, bins, kind, sigma, score_weight = data.draw(settings_of(faulty, ops.LOSS_KINDS))
+    chosen = _leaf(data.draw(logits(faulty, rows, bins)))
+    rejected = _leaf(data.draw(logits(faulty, rows, _choose(data.draw, faulty, [bins] * 3, [bins + 1]))))
+    target_chosen, target_rejected = data.draw(targets(faulty, rows)), data.draw(targets(faulty, rows))
+    c = data.draw(centers(faulty, bins))
     valid = (kind in ops.LOSS_KINDS and _logits_ok(chosen, backend) and _logits_ok(rejected, backend)
              and chosen.shape == rejected.shape and rows > 0 and _centers_ok(c, chosen)
              and _setting_ok(sigma, False) and _setting_ok(score_weight, True)
@@ -215,7 +232,13 @@ def test_fuzz_pair_loss(backend, data, rows, bins, kind, sigma, score_weight):
                          valid, expected)
     if results is not None:
         grads, exact_grads = (torch.autograd.grad(loss, (chosen, rejected)) for loss in (results[0], expected[0]))
+        # The coarsest input sets the precision: the labels are computed in float32 unless the targets are float64.
+        label_dtypes = {torch.float32 for t in (target_chosen, target_rejected)
+                        if kind != "bt_mean" and t.dtype != torch.float64}
+        rtol = max(GRAD_RTOL[dtype] for dtype in {chosen.dtype, rejected.dtype} | label_dtypes)
+        # Each entry sums terms of size <= (1 + score_weight) * (1 + centers' span) / N: rounding is relative to those.
+        span = float(_centers64(c, chosen).max() - _centers64(c, chosen).min())
+        term = (1 + score_weight) * (1 + span) / rows
         for grad, exact, z in zip(grads, exact_grads, (chosen, rejected)):
             assert grad.dtype == z.dtype and bool(torch.isfinite(grad).all()), "a non-finite gradient"
-            atol = GRAD_RTOL[z.dtype] * float(exact.abs().max()) + 1e-12
-            torch.testing.assert_close(grad.double(), exact, rtol=GRAD_RTOL[z.dtype], atol=atol)
+            torch.testing.assert_close(grad, exact, rtol=rtol, atol=rtol * (float(exact.abs().max()) + term))

@@ -55,7 +55,7 @@ def gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float, center
 
 def dpl_log_prob(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor) -> torch.Tensor:
     """log( sum_{i>j} p_c,i p_r,j + 0.5 sum_i p_c,i p_r,i ) [N], in log-sum-exp form."""
-    dtype = compute_dtype(logits_chosen)
+    dtype = torch.promote_types(compute_dtype(logits_chosen), compute_dtype(logits_rejected))
     log_pc = torch.log_softmax(logits_chosen.to(dtype), dim=-1)
     log_pr = torch.log_softmax(logits_rejected.to(dtype), dim=-1)
     k = log_pc.shape[-1]
