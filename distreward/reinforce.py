@@ -73,8 +73,8 @@ class ReinforceConfig(TrainingConfig):
     ema_decay: float = field(default=0.9, metadata={"help": "Decay of the ema baseline."})
     eval_samples_per_prompt: int = field(default=2, metadata={"help": "Responses sampled per held-out prompt."})
     eval_batch_size: int = field(default=64, metadata={"help": "Held-out prompts per generation batch."})
-    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate (tuned on validation prompts "
-                                                                 "for the embedded tiny Llama; use ~1e-6 for SmolLM2)."})
+    learning_rate: float = field(default=5e-4, metadata={
+        "help": "AdamW learning rate (tuned on validation prompts for the embedded tiny Llama; ~1e-6 for SmolLM2)."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Prompts per step per process."})
     max_steps: int = field(default=60, metadata={"help": "Optimizer steps (-1: --num_train_epochs passes over "
                                                          "the training prompts)."})
