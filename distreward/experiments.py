@@ -3,7 +3,8 @@
 For every seed it trains one SFT policy, one reward model per loss (shared by the shapings) and one
 REINFORCE run per (loss, shaping), all in ``output_dir/seed{s}/`` (finished stages are reused, so
 an interrupted grid picks up where it stopped). It writes ``results.json`` (every run's gains) and
-``results.md``: one row per run (the ground-truth and reward gains of the trained over the SFT
+``results.md``: one row per run (the reward model's accuracy on the test pairs, on all and on those
+whose ground truth differs; the ground-truth and reward gains of the trained over the SFT
 policy on the same held-out prompts, each with its 95% paired bootstrap interval over prompts, the
 KL to the reference and the verdict), then per (loss, shaping) the mean gain over seeds with its
 95% t-interval over seeds. The budget flags (``--rl_steps``, ``--sft_epochs``, ...) are the
@@ -24,8 +25,8 @@ from distreward.train import USER_ERRORS, parse_config
 
 LOSS_KINDS = ("bt_mean", "bt_kl")
 METRICS = (("ground-truth gain", "ground_truth_gain"), ("reward gain", "reward_gain"), ("KL to ref", "kl_to_ref"))
-RUN_COLUMNS = ("seed", "RM loss", "shaping", "SFT ground truth", "trained ground truth",
-               "ground-truth gain [95% CI]", "RM reward gain [95% CI]", "KL to ref", "verdict")
+RUN_COLUMNS = ("seed", "RM loss", "shaping", "RM test accuracy (truth differs)", "SFT ground truth",
+               "trained ground truth", "ground-truth gain [95% CI]", "RM reward gain [95% CI]", "KL to ref", "verdict")
 
 
 @dataclass
@@ -67,7 +68,8 @@ def runs_table(runs: list) -> str:
     lines = ["| " + " | ".join(RUN_COLUMNS) + " |", "|---:|---|---|" + "---:|" * (len(RUN_COLUMNS) - 4) + "---|"]
     for run in runs:
         truth, reward = run["ground_truth_ci95"], run["reward_ci95"]
-        lines.append(f"| {run['seed']} | {run['loss_kind']} | {run['shaping']} | {run['sft_ground_truth']:.3f} | "
+        lines.append(f"| {run['seed']} | {run['loss_kind']} | {run['shaping']} | {run['rm_accuracy']:.3f} "
+                     f"({run['rm_truth_differs_accuracy']:.3f}) | {run['sft_ground_truth']:.3f} | "
                      f"{run['trained_ground_truth']:.3f} | {run['ground_truth_gain']:+.3f} [{truth[0]:+.3f}, "
                      f"{truth[1]:+.3f}] | {run['reward_gain']:+.3f} [{reward[0]:+.3f}, {reward[1]:+.3f}] | "
                      f"{run['kl_to_ref']:.3f} | {run['verdict']} |")
@@ -99,9 +101,15 @@ def run_experiments(config: ExperimentConfig) -> list:
         for loss_kind in config.loss_kinds:
             for shaping in config.shapings:
                 run_config = replace(config, seed=seed, loss_kind=loss_kind, shaping=shaping)
-                report = run_stages(run_config, os.path.join(root, "sft"), os.path.join(root, f"rm_{loss_kind}"),
+                rm_dir = os.path.join(root, f"rm_{loss_kind}")
+                report = run_stages(run_config, os.path.join(root, "sft"), rm_dir,
                                     os.path.join(root, f"rl_{loss_kind}_{shaping}"))
-                runs.append({"seed": seed, "loss_kind": loss_kind, "shaping": shaping, **gains(report)})
+                with open(os.path.join(rm_dir, "eval.json")) as handle:
+                    rm_report = json.load(handle)
+                runs.append({"seed": seed, "loss_kind": loss_kind, "shaping": shaping,
+                             "rm_accuracy": rm_report["pairwise_accuracy"],
+                             "rm_truth_differs_accuracy": rm_report.get("truth_differs_accuracy", float("nan")),
+                             **gains(report)})
     table = runs_table(runs) + "\n\n" + results_table(runs)
     with open(os.path.join(config.output_dir, "results.json"), "w") as handle:
         json.dump(runs, handle, indent=2)

@@ -66,9 +66,11 @@ def test_experiment_gains_and_tables():
     assert gains(report) == {"sft_ground_truth": 2.0, "trained_ground_truth": 2.5, "ground_truth_gain": 0.5,
                              "ground_truth_ci95": [0.25, 0.75], "reward_gain": 0.25, "reward_ci95": [0.125, 0.375],
                              "kl_to_ref": 0.3, "verdict": "IMPROVED"}
-    runs = [{"seed": seed, "loss_kind": "bt_kl", "shaping": "none", **gains(report), "ground_truth_gain": gain}
+    runs = [{"seed": seed, "loss_kind": "bt_kl", "shaping": "none", "rm_accuracy": 0.8,
+             "rm_truth_differs_accuracy": 0.9, **gains(report), "ground_truth_gain": gain}
             for seed, gain in enumerate([0.1, 0.3])]
-    assert runs_table(runs).splitlines()[2] == ("| 0 | bt_kl | none | 2.000 | 2.500 | +0.100 [+0.250, +0.750] | "
+    assert runs_table(runs).splitlines()[2] == ("| 0 | bt_kl | none | 0.800 (0.900) | 2.000 | 2.500 | "
+                                                "+0.100 [+0.250, +0.750] | "
                                                 "+0.250 [+0.125, +0.375] | 0.300 | IMPROVED |")
     row = results_table(runs).splitlines()[-1]
     # mean 0.2, sample std 0.1414, t(0.975, 1 df) = 12.706: half-width 12.706 * 0.1414 / sqrt(2) = 1.2706
@@ -95,7 +97,8 @@ def test_reward_up_ground_truth_down_is_flagged_as_over_optimisation():
     assert comparison["num_prompts"] == 4 and comparison["over_optimisation"]
     assert comparison["ground_truth"]["gain"] == pytest.approx(-0.5)
     assert comparison["ground_truth"]["ci95"] == pytest.approx([-0.5, -0.5])  # every prompt lost 0.5
-    assert comparison["verdict"].startswith("OVER-OPTIMISATION: the RM reward rose while the ground truth 3.000 -> 2.500")
+    assert comparison["verdict"].startswith(
+        "OVER-OPTIMISATION: the RM reward rose while the ground truth 3.000 -> 2.500")
 
 
 def test_a_clear_ground_truth_gain_is_reported_as_improved():
