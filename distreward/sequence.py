@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from distreward import ops
 from distreward.ops.logprobs import gather_kernels, resolve_backend
+from distreward.ops.validation import first_position
 
 
 def _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size) -> None:
@@ -46,7 +47,7 @@ def _check_ids(model, input_ids) -> None:
     if vocab is not None and input_ids.numel() and not torch.compiler.is_compiling():
         bad = (input_ids < 0) | (input_ids >= vocab)
         if bool(bad.any()):
-            b, t = (int(i) for i in torch.nonzero(bad)[0])
+            b, t = first_position(bad)
             raise IndexError(f"input_ids[{b}, {t}] = {int(input_ids[b, t])} is outside the model's vocabulary [0, {vocab})")
 
 
