@@ -88,7 +88,7 @@ def results_table(runs: list) -> str:
         cells = []
         for _, key in METRICS:
             mean, low, high = t_interval([run[key] for run in group])
-            cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
+            cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" if len(group) > 1 else f"{mean:+.3f} (one seed)")
         lines.append(f"| {loss_kind} | {shaping} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

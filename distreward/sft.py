@@ -8,8 +8,8 @@ start from a real SFT model. ``--model_name_or_path HuggingFaceTB/SmolLM2-135M-I
 Outputs in ``output_dir``: the policy and tokenizer in ``save_pretrained`` form (so
 ``AutoModelForCausalLM.from_pretrained(output_dir)`` loads it; its ``config.json`` is the model's,
 so the run's settings go to ``sft_config.json``), ``metrics.jsonl``, ``checkpoint-{step}/`` and, for
-the embedded task, ``eval.json`` with the ground-truth score of greedy answers to test prompts. It trains on the
-``train`` prompts' pairs only (:mod:`distreward.splits`).
+the embedded task, ``eval.json`` with the ground-truth score of greedy answers to test prompts.
+It trains on the ``train`` prompts' pairs only (:mod:`distreward.splits`).
 """
 import json
 import os
