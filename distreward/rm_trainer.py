@@ -91,8 +91,9 @@ def load_backbone(config: RewardConfig, print_fn=print):
     return model, tokenizer
 
 
-def pair_loss_fn(config: RewardConfig):
-    """``compute_loss(model, batch) -> (loss, metrics)`` for :func:`train_loop`: both sides in one forward."""
+def pair_loss_fn(config: RewardConfig, centers: torch.Tensor):
+    """``compute_loss(model, batch) -> (loss, metrics)`` for :func:`train_loop`: both sides in one forward, the
+    loss over the model's bin ``centers`` [K]."""
 
     def compute_loss(model, batch):
         output = model(torch.cat([batch["input_ids_chosen"], batch["input_ids_rejected"]]),
@@ -100,7 +101,7 @@ def pair_loss_fn(config: RewardConfig):
         logits_chosen, logits_rejected = output.logits.chunk(2)
         loss = ops.pair_loss(logits_chosen, logits_rejected, batch["target_chosen"], batch["target_rejected"],
                              kind=config.loss_kind, sigma=config.sigma, score_weight=config.score_weight,
-                             backend=config.ops_backend)  # bins linspace(0, 1, K), as the model's
+                             centers=centers.to(logits_chosen.device), backend=config.ops_backend)
         mean_chosen, mean_rejected = output.mean.detach().chunk(2)
         return loss, {"accuracy": (mean_chosen > mean_rejected).float().mean(), "mean_std": output.std.detach().mean()}
 
@@ -120,7 +121,7 @@ def run_reward_training(config: RewardConfig):
         save_run_config(config, config.output_dir)
     loader = DataLoader(data["train"], batch_size=config.per_device_train_batch_size, shuffle=True,
                         collate_fn=PreferenceCollator(tokenizer.pad_token_id))
-    model = train_loop(config, accelerator, model, loader, pair_loss_fn(config), tokenizer,
+    model = train_loop(config, accelerator, model, loader, pair_loss_fn(config, model.centers), tokenizer,
                        description=f"rm ({config.loss_kind})")
     if accelerator.is_main_process:
         model.save_pretrained(config.output_dir)
