@@ -40,8 +40,8 @@ class PreferenceTrainingConfig(TrainingConfig):
     max_length: int = field(default=256, metadata={"help": "Conversations (a pair's sides) longer than this "
                                                            "many tokens are dropped."})
 
-    def validate(self) -> None:
-        super().validate()
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_pairs < 1 or self.max_length < 1:
             raise ValueError(f"--num_pairs and --max_length must be >= 1, got {self.num_pairs} and {self.max_length}")
 

@@ -114,12 +114,12 @@ def run_experiments(config: ExperimentConfig) -> list:
 
 
 def main(argv=None) -> int:
-    config, unknown = parse_config(ExperimentConfig, list(sys.argv[1:] if argv is None else argv),
-                                   prog="python -m distreward.experiments")
-    if unknown:
-        print(f"error: unknown argument(s): {' '.join(unknown)} (see --help)", file=sys.stderr)
-        return 2
-    try:
+    try:  # a config validates when it is built: a bad setting raises while parsing
+        config, unknown = parse_config(ExperimentConfig, list(sys.argv[1:] if argv is None else argv),
+                                       prog="python -m distreward.experiments")
+        if unknown:
+            print(f"error: unknown argument(s): {' '.join(unknown)} (see --help)", file=sys.stderr)
+            return 2
         run_experiments(config)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)

@@ -15,12 +15,10 @@ from dataclasses import dataclass, field
 
 from accelerate import PartialState
 
-from distreward import ops
 from distreward.reinforce import EVAL_NAME, EVAL_SAMPLES_NAME, ReinforceConfig, format_report, run_reinforce
-from distreward.rewards import BASELINES, SHAPINGS
 from distreward.rm_trainer import DISTRIBUTIONS_NAME, RewardConfig, run_reward_training
 from distreward.sft import SFTConfig, run_sft
-from distreward.trainer_utils import METRICS_NAME, list_checkpoints, save_run_config
+from distreward.trainer_utils import DEFAULT_RUN_DIR, METRICS_NAME, TrainingConfig, list_checkpoints, save_run_config
 
 REPORT_NAME = "report.json"
 HISTOGRAM_NAME = "reward_histogram.png"
@@ -31,17 +29,20 @@ CURVES = (("reward", "reward-model mean E"), ("reward_sd", "reward-model std"), 
 
 @dataclass
 class PipelineConfig:
-    """Settings of the whole pipeline; everything else takes the stage's own default."""
+    """Settings of the whole pipeline; their defaults and everything else are the stage configs' own, and
+    ``__post_init__`` builds the stage configs, so a setting a stage would reject cannot be built."""
 
-    output_dir: str = field(default="runs/pipeline", metadata={"help": "Root directory: sft/, rm/ and rl/ "
+    output_dir: str = field(default=DEFAULT_RUN_DIR, metadata={"help": "Root directory: sft/, rm/ and rl/ "
                                                                        "sub-directories, report.json, plots."})
-    seed: int = field(default=0, metadata={"help": "Seed of every stage (data, initialisation, sampling)."})
-    num_pairs: int = field(default=4000, metadata={"help": "Preference pairs of the embedded task (SFT and RM)."})
-    sft_epochs: float = field(default=6.0, metadata={
-        "help": "SFT passes over the chosen answers (a weaker SFT policy samples answers unlike the reward "
-                "model's training pairs, and REINFORCE then exploits the reward model instead of improving)."})
-    rm_epochs: float = field(default=2.0, metadata={"help": "Reward-model passes over the training pairs."})
-    loss_kind: str = field(default="bt_kl", metadata={"help": "Reward-model loss: bt_mean, bt_kl or dpl."})
+    seed: int = field(default=TrainingConfig.seed, metadata={
+        "help": "Seed of every stage (data, initialisation, sampling)."})
+    num_pairs: int = field(default=SFTConfig.num_pairs, metadata={
+        "help": "Preference pairs of the embedded task (SFT and RM)."})
+    sft_epochs: float = field(default=SFTConfig.num_train_epochs, metadata={
+        "help": "SFT passes over the chosen answers (the sft stage's --num_train_epochs)."})
+    rm_epochs: float = field(default=RewardConfig.num_train_epochs, metadata={
+        "help": "Reward-model passes over the training pairs."})
+    loss_kind: str = field(default=RewardConfig.loss_kind, metadata={"help": "Reward-model loss: bt_mean, bt_kl or dpl."})
     rl_steps: int = field(default=ReinforceConfig.max_steps, metadata={"help": "REINFORCE optimizer steps."})
     shaping: str = field(default=ReinforceConfig.shaping, metadata={
         "help": "Reward shaping: none, std_penalty (H2.1) or std_scale (H2.2)."})
@@ -58,13 +59,8 @@ class PipelineConfig:
         "help": "Continue a killed run: skip the finished stages and resume the stage it was in from its latest "
                 "checkpoint (the outputs are those of an uninterrupted run)."})
 
-    def validate(self) -> None:
-        if self.loss_kind not in ops.LOSS_KINDS:
-            raise ValueError(f"--loss_kind must be one of {', '.join(ops.LOSS_KINDS)}, got {self.loss_kind!r}")
-        if self.shaping not in SHAPINGS:
-            raise ValueError(f"--shaping must be one of {', '.join(SHAPINGS)}, got {self.shaping!r}")
-        if self.baseline not in BASELINES:
-            raise ValueError(f"--baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+    def __post_init__(self) -> None:
+        stage_configs(self, *(os.path.join(self.output_dir, name) for name in ("sft", "rm", "rl")))
 
 
 def stage_configs(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str) -> tuple:
@@ -101,7 +97,6 @@ def run_stages(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str) -
     experiment grid shares one SFT policy and one reward model between several REINFORCE runs); with
     ``resume`` the other stages continue from their latest checkpoint, if any.
     """
-    config.validate()
     sft, rm, rl = stage_configs(config, sft_dir, rm_dir, rl_dir)
     # (settings, run function, the file a finished run writes last: sft's eval.json of the embedded task)
     stages = ((sft, run_sft, EVAL_NAME), (rm, run_reward_training, DISTRIBUTIONS_NAME),
@@ -165,7 +160,6 @@ def plot_training_curves(metrics: list, path: str) -> None:
 def run_pipeline(config: PipelineConfig) -> dict:
     """Run every stage, write ``report.json`` and the plots, print the SFT vs trained table; returns the report."""
     start = time.perf_counter()
-    config.validate()
     main_process = PartialState().is_main_process  # under torchrun only process 0 writes and prints
     if main_process:
         save_run_config(config, config.output_dir)

@@ -17,6 +17,8 @@ import json
 import os
 import random
 from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
 import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -27,7 +29,8 @@ from distreward.distributed import call_in_forward
 from distreward.evaluation import compare_policies
 from distreward.modeling import CONFIG_NAME as REWARD_MODEL_CONFIG_NAME
 from distreward.modeling import DistributionalRewardModel
-from distreward.rewards import BASELINES, SHAPINGS, make_baseline, policy_loss, shape_rewards
+from distreward.ops.validation import check_choice
+from distreward.rewards import check_shaping, make_baseline, policy_loss, shape_rewards
 from distreward.rollout import RolloutScorer, generate_rollouts, token_logprobs
 from distreward.trainer_utils import TrainingConfig, make_accelerator, save_run_config, train_loop
 
@@ -41,12 +44,12 @@ HELD_OUT_SPLITS = ("test", "validation")
 class ReinforceConfig(TrainingConfig):
     """Settings of the ``rl`` stage (shared training flags from TrainingConfig; a batch is prompts per step)."""
 
-    output_dir: str = field(default="runs/rl", metadata={"help": "Where config.json, metrics.jsonl, checkpoints, "
-                                                                 "policy/ and eval.json go."})
-    policy_path: str = field(default="runs/sft", metadata={
+    stage: ClassVar[str] = "rl"
+    policy_path: Optional[str] = field(default=None, metadata={
         "help": "The SFT policy (a save_pretrained directory with its tokenizer): the starting point and the "
-                "frozen reference of the KL term."})
-    reward_model_path: str = field(default="runs/rm", metadata={"help": "The rm stage's output directory."})
+                "frozen reference of the KL term (default: RUN_DIR/sft)."})
+    reward_model_path: Optional[str] = field(default=None, metadata={
+        "help": "The rm stage's output directory (default: RUN_DIR/rm)."})
     dataset_name: str = field(default=EMBEDDED, metadata={
         "help": "Prompt source: 'embedded' (the generated task, with a ground-truth scorer), or a local "
                 ".jsonl/.parquet file / hub id with a 'prompt' column (no ground truth)."})
@@ -81,24 +84,17 @@ class ReinforceConfig(TrainingConfig):
     logging_steps: int = field(default=1, metadata={"help": "Write a metrics.jsonl line every this many steps."})
     save_steps: int = field(default=20, metadata={"help": "Save a checkpoint-{step}/ every this many steps."})
 
-    def validate(self) -> None:
-        super().validate()
-        if self.shaping not in SHAPINGS:
-            raise ValueError(f"--shaping must be one of {', '.join(SHAPINGS)}, got {self.shaping!r}")
-        if self.baseline not in BASELINES:
-            raise ValueError(f"--baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
-        if self.eval_split not in HELD_OUT_SPLITS:
-            raise ValueError(f"--eval_split must be one of {', '.join(HELD_OUT_SPLITS)}, got {self.eval_split!r}")
-        if self.baseline == "rloo" and self.samples_per_prompt < 2:
-            raise ValueError(f"--baseline rloo needs --samples_per_prompt >= 2, got {self.samples_per_prompt}")
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.policy_path = self.policy_path or os.path.join(self.run_dir, "sft")
+        self.reward_model_path = self.reward_model_path or os.path.join(self.run_dir, "rm")
+        check_shaping(self.shaping, self.beta, self.alpha, prefix="--")
+        make_baseline(self.baseline, self.samples_per_prompt, self.ema_decay)  # raises on a setting it cannot take
+        check_choice("--eval_split", self.eval_split, HELD_OUT_SPLITS)
         for name in ("num_train_prompts", "num_eval_prompts", "samples_per_prompt", "max_new_tokens",
                      "eval_samples_per_prompt", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.beta < 0 or self.alpha < 0:
-            raise ValueError(f"--beta and --alpha must be >= 0, got {self.beta} and {self.alpha}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"--ema_decay must lie in [0, 1), got {self.ema_decay}")
 
 
 def unique_prompts(raw, seed: int) -> list:
@@ -135,7 +131,6 @@ class ReinforceTrainer:
     :func:`~distreward.trainer_utils.train_loop`; :meth:`evaluate` scores a policy on held-out prompts."""
 
     def __init__(self, config: ReinforceConfig, policy, tokenizer, scorer: RolloutScorer, train_prompts: list):
-        config.validate()
         self.config, self.policy, self.tokenizer, self.scorer = config, policy, tokenizer, scorer
         self.accelerator = make_accelerator(config)
         scorer.reference.to(self.accelerator.device)
@@ -248,7 +243,6 @@ def write_jsonl(path: str, records: list) -> None:
 
 def run_reinforce(config: ReinforceConfig) -> dict:
     """Train the policy with REINFORCE, save it to ``output_dir/policy`` and write ``eval.json``; returns it."""
-    config.validate()
     policy, reference, tokenizer = load_policy_and_reference(config.policy_path)
     reward_model, reward_tokenizer = load_reward_model(config.reward_model_path, tokenizer)
     train_prompts, eval_prompts, ground_truth = load_prompts(config)

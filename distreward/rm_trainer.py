@@ -3,7 +3,7 @@
 ``loss_kind`` picks the objective: ``bt_mean`` (hypothesis 1.1, Bradley-Terry on the means only),
 ``bt_kl`` (hypothesis 1.2, the default: Bradley-Terry plus KL to Gaussian score labels) or ``dpl``.
 
-Backbone: ``--model_name_or_path`` (default ``runs/sft``, the ``sft`` stage's output). When that
+Backbone: ``--model_name_or_path`` (default ``RUN_DIR/sft``, the ``sft`` stage's output). When that
 default directory does not exist, a freshly initialised embedded tiny Llama is used instead and a
 line says so; any other path or hub id that fails to load is an error.
 
@@ -17,6 +17,7 @@ task; the validation pairs' under ``validation``), ``predictions.safetensors`` a
 import json
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -26,10 +27,10 @@ from distreward import evaluation, ops
 from distreward.data import (EMBEDDED, PreferenceCollator, PreferenceTrainingConfig, load_preference_data,
                              local_path_or_hub_id)
 from distreward.modeling import DistributionalRewardModel
+from distreward.ops.validation import check_choice, check_positive
 from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
 from distreward.trainer_utils import make_accelerator, save_run_config, train_loop
 
-DEFAULT_BACKBONE = "runs/sft"
 DISTRIBUTIONS_NAME = "distributions.png"
 
 
@@ -37,10 +38,9 @@ DISTRIBUTIONS_NAME = "distributions.png"
 class RewardConfig(PreferenceTrainingConfig):
     """Settings of the ``rm`` stage (shared training and data flags come from PreferenceTrainingConfig)."""
 
-    output_dir: str = field(default="runs/rm", metadata={"help": "Where the reward model, eval.json, "
-                                                                 "metrics.jsonl and checkpoints go."})
-    model_name_or_path: str = field(default=DEFAULT_BACKBONE, metadata={
-        "help": "Backbone: a causal LM directory (default: the sft stage's output; if that default is "
+    stage: ClassVar[str] = "rm"
+    model_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "Backbone: a causal LM directory (default: RUN_DIR/sft, the sft stage's output; if that default is "
                 "missing, a fresh embedded tiny Llama), 'embedded' for a fresh tiny Llama, or a hub id "
                 "such as HuggingFaceTB/SmolLM2-135M-Instruct."})
     eval_fraction: float = field(default=0.1, metadata={
@@ -59,23 +59,25 @@ class RewardConfig(PreferenceTrainingConfig):
                                                                    "(ignored when --max_steps > 0)."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Pairs per batch in evaluation."})
 
-    def validate(self) -> None:
-        super().validate()
-        if self.loss_kind not in ops.LOSS_KINDS:
-            raise ValueError(f"--loss_kind must be one of {', '.join(ops.LOSS_KINDS)}, got {self.loss_kind!r}")
-        if self.ops_backend not in ("auto", "eager", "triton"):
-            raise ValueError(f"--ops_backend must be auto, eager or triton, got {self.ops_backend!r}")
-        if self.num_bins < 2:
-            raise ValueError(f"--num_bins must be >= 2, got {self.num_bins}")
-        if not self.sigma > 0 or self.score_weight < 0:
-            raise ValueError(f"--sigma must be > 0 and --score_weight >= 0, got {self.sigma} and {self.score_weight}")
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.model_name_or_path is None:
+            self.model_name_or_path = self.default_backbone()
+        check_choice("--loss_kind", self.loss_kind, ops.LOSS_KINDS)
+        check_choice("--ops_backend", self.ops_backend, ("auto", "eager", "triton"))
+        ops.bin_centers(self.num_bins)  # raises unless num_bins is an integer >= 2
+        check_positive("--sigma", self.sigma)
+        check_positive("--score_weight", self.score_weight, allow_zero=True)
+
+    def default_backbone(self) -> str:
+        return os.path.join(self.run_dir, "sft")
 
 
 def load_backbone(config: RewardConfig, print_fn=print):
     """(reward model with a fresh head, tokenizer) for ``config.model_name_or_path`` (see module doc)."""
     path = config.model_name_or_path
-    if path == DEFAULT_BACKBONE and not os.path.isdir(path):
-        print_fn(f"{DEFAULT_BACKBONE} not found: using a freshly initialised embedded tiny Llama as the backbone "
+    if path == config.default_backbone() and not os.path.isdir(path):
+        print_fn(f"{path} not found: using a freshly initialised embedded tiny Llama as the backbone "
                  f"(run `python -m distreward.train sft` first for an SFT-initialised one)")
         path = EMBEDDED
     if path == EMBEDDED:
@@ -110,7 +112,6 @@ def pair_loss_fn(config: RewardConfig, centers: torch.Tensor):
 
 def run_reward_training(config: RewardConfig):
     """Train, save and evaluate the reward model; returns the trained model (eval.json's numbers are printed)."""
-    config.validate()
     accelerator = make_accelerator(config)
     model, tokenizer = load_backbone(config, accelerator.print)
     with accelerator.main_process_first():  # rank 0 downloads and caches the data, the others then read it

@@ -14,6 +14,7 @@ the embedded task, ``eval.json`` with the ground-truth score of greedy answers t
 import json
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch.utils.data import DataLoader
@@ -31,14 +32,14 @@ RUN_CONFIG_NAME = "sft_config.json"
 class SFTConfig(PreferenceTrainingConfig):
     """Settings of the ``sft`` stage (shared training and data flags come from PreferenceTrainingConfig)."""
 
-    output_dir: str = field(default="runs/sft", metadata={"help": "Where the SFT policy, tokenizer, "
-                                                                  "metrics.jsonl and checkpoints go."})
+    stage: ClassVar[str] = "sft"
     model_name_or_path: str = field(default=EMBEDDED, metadata={
         "help": "Policy to fine-tune: 'embedded' builds the tiny offline Llama, otherwise a hub id "
                 "(e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or a local directory."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (use ~2e-5 for SmolLM2)."})
-    num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the chosen answers "
-                                                                   "(ignored when --max_steps > 0)."})
+    num_train_epochs: float = field(default=6.0, metadata={
+        "help": "Passes over the chosen answers (ignored when --max_steps > 0; a weaker SFT policy samples answers "
+                "unlike the reward model's training pairs, and REINFORCE then exploits the reward model)."})
     num_eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts answered greedily for "
                                                                 "eval.json (embedded task only; 0 skips it)."})
 
@@ -85,7 +86,6 @@ def sft_loss(model, batch):
 
 def run_sft(config: SFTConfig):
     """Fine-tune the policy on the chosen answers; save it with its tokenizer to ``config.output_dir``."""
-    config.validate()
     accelerator = make_accelerator(config)
     policy, tokenizer = load_policy(config.model_name_or_path, config.seed)
     with accelerator.main_process_first():  # rank 0 downloads and caches the data, the others then read it

@@ -80,11 +80,11 @@ def main(argv=None) -> int:
             raise
         print(f"error: stage {stage!r} is not implemented yet ({module_name} is missing)", file=sys.stderr)
         return 2
-    config, unknown = parse_config(getattr(module, config_name), argv, prog=f"python -m distreward.train {stage}")
-    if unknown:
-        print(f"error: unknown argument(s) for stage {stage!r}: {' '.join(unknown)} (see --help)", file=sys.stderr)
-        return 2
-    try:
+    try:  # a config validates when it is built: a bad setting raises while parsing
+        config, unknown = parse_config(getattr(module, config_name), argv, prog=f"python -m distreward.train {stage}")
+        if unknown:
+            print(f"error: unknown argument(s) for stage {stage!r}: {' '.join(unknown)} (see --help)", file=sys.stderr)
+            return 2
         getattr(module, run_name)(config)
     except USER_ERRORS as error:  # bad settings, data or paths: one clear line, no traceback
         print(f"error: {error}", file=sys.stderr)

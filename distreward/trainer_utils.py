@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -30,14 +30,23 @@ METRICS_NAME = "metrics.jsonl"
 TRAINER_STATE_NAME = "trainer_state.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
+DEFAULT_RUN_DIR = "runs/pipeline"  # where `python -m distreward.train` writes sft/, rm/ and rl/
 
 
 @dataclass
 class TrainingConfig:
-    """Settings every trainer shares (the stage configs subclass it, as TRL's configs subclass TrainingArguments)."""
+    """Settings every trainer shares (the stage configs subclass it, as TRL's configs subclass TrainingArguments).
 
-    output_dir: str = field(default="runs/train", metadata={"help": "Directory for config.json, metrics.jsonl, "
-                                                                    "checkpoints and the final model."})
+    Built only when valid: ``__post_init__`` raises ValueError, one line, on a setting that cannot work.
+    """
+
+    stage: ClassVar[str] = "train"  # the sub-directory of run_dir that output_dir defaults to
+    output_dir: Optional[str] = field(default=None, metadata={
+        "help": "Where the stage writes config.json, metrics.jsonl, checkpoints, its model and eval.json "
+                "(default: RUN_DIR/STAGE, STAGE being sft, rm or rl)."})
+    run_dir: str = field(default=DEFAULT_RUN_DIR, metadata={
+        "help": "Root of a pipeline run: --output_dir and the stage's inputs default to its sft/, rm/ and rl/ "
+                "sub-directories, where `python -m distreward.train` writes them."})
     seed: int = field(default=0, metadata={"help": "Seed for the model head, data order and every RNG."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -59,8 +68,9 @@ class TrainingConfig:
     mixed_precision: str = field(default="auto", metadata={"help": "Autocast dtype: auto (bf16 on a GPU that "
                                                                    "has it, else no), no, bf16 or fp16."})
 
-    def validate(self) -> None:
-        """Raise ValueError, one line, on a setting that cannot work."""
+    def __post_init__(self) -> None:
+        if self.output_dir is None:
+            self.output_dir = os.path.join(self.run_dir, self.stage)
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")

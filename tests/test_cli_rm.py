@@ -66,10 +66,10 @@ def test_bad_data_gives_one_line(capsys, tmp_path, drop, message):
 def test_rm_without_sft_output_says_it_builds_a_fresh_backbone(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["rm", *TINY_RUN]) == 0
-    assert "runs/sft not found: using a freshly initialised embedded tiny Llama" in capsys.readouterr().out
-    report = json.loads((tmp_path / "runs/rm/eval.json").read_text())
+    assert "runs/pipeline/sft not found: using a freshly initialised embedded tiny Llama" in capsys.readouterr().out
+    report = json.loads((tmp_path / "runs/pipeline/rm/eval.json").read_text())
     assert set(report) >= {"pairwise_accuracy", "mean_std", "std_error_spearman", "label_kl", "by_kind"}
-    assert (tmp_path / "runs/rm/distributions.png").stat().st_size > 0
+    assert (tmp_path / "runs/pipeline/rm/distributions.png").stat().st_size > 0
 
 
 def test_sft_then_rm_on_local_data_through_the_hub_code_path(tmp_path):

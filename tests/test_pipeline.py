@@ -48,6 +48,16 @@ def test_pipeline_reuses_finished_stages(pipeline_run):
                       for d in dirs]
 
 
+def test_rl_alone_finds_the_pipelines_policy_and_reward_model(pipeline_run, tmp_path):
+    output_dir, _ = pipeline_run
+    rl_dir = tmp_path / "rl"
+    assert train.main(["rl", "--run_dir", str(output_dir), "--output_dir", str(rl_dir), "--max_steps", "1",
+                       "--num_train_prompts", "8", "--per_device_train_batch_size", "4", "--num_eval_prompts", "2",
+                       "--samples_per_prompt", "2"]) == 0
+    settings = json.load(open(rl_dir / "config.json"))
+    assert (settings["policy_path"], settings["reward_model_path"]) == (str(output_dir / "sft"), str(output_dir / "rm"))
+
+
 def test_cli_rejects_a_bad_setting(capsys):
     assert train.main(["pipeline", "--shaping", "sqrt"]) == 2
     assert "shaping" in capsys.readouterr().err

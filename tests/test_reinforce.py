@@ -218,7 +218,7 @@ def test_embedded_held_out_prompts_are_distinct_and_from_their_split(eval_split)
 
 def test_eval_split_must_be_held_out():
     with pytest.raises(ValueError, match="--eval_split must be one of test, validation"):
-        ReinforceConfig(eval_split="train").validate()
+        ReinforceConfig(eval_split="train")
 
 
 @pytest.fixture(scope="module")

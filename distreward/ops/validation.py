@@ -88,6 +88,12 @@ def check_results(op: str, results: tuple, logits: dict, targets: dict, centers:
                      "probability, or logits or centers too large for float32")
 
 
+def check_choice(name: str, value, choices: tuple) -> None:
+    """A setting that must be one of ``choices`` (a loss kind, a backend, a shaping, ...)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
     """A finite scalar setting such as ``sigma`` (> 0) or ``score_weight`` (>= 0)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
