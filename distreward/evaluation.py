@@ -173,6 +173,32 @@ def verdict(comparison: dict) -> str:
     return f"NO CLEAR CHANGE: {truth_text}, its interval holds 0; {reward_text}"
 
 
+def summarize(scores: list) -> dict:
+    """SPEC §7 numbers over a list of :class:`~distreward.rollout.RolloutScores`."""
+    reward = torch.cat([s.reward for s in scores]).cpu()
+    summary = {"reward": {"min": reward.min().item(), "max": reward.max().item(), "mean": reward.mean().item(),
+                          "std": reward.std(correction=0).item()},
+               "mean_sd": torch.cat([s.std for s in scores]).mean().item(),
+               "kl_to_ref": torch.cat([s.kl for s in scores]).mean().item()}
+    if scores[0].ground_truth is not None:
+        summary["ground_truth"] = {"mean": torch.cat([s.ground_truth for s in scores]).mean().item()}
+    return summary
+
+
+def format_report(report: dict) -> str:
+    """The write-up's table, SFT vs trained (reward min / max / mean, mean sd, KL, ground truth), and the verdict."""
+    columns = [("reward min", lambda r: r["reward"]["min"]), ("reward max", lambda r: r["reward"]["max"]),
+               ("reward mean", lambda r: r["reward"]["mean"]), ("mean sd", lambda r: r["mean_sd"]),
+               ("KL to ref", lambda r: r["kl_to_ref"])]
+    if "ground_truth" in report["sft"]:
+        columns.append(("ground truth (0-4)", lambda r: r["ground_truth"]["mean"]))
+    lines = ["| policy | " + " | ".join(name for name, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for name in ("sft", "trained"):
+        lines.append(f"| {name} | " + " | ".join(f"{value(report[name]):.3f}" for _, value in columns) + " |")
+    return "\n".join(lines + ["", "verdict: " + report["comparison"]["verdict"]])
+
+
 def save_predictions(predictions: dict, output_dir: str) -> None:
     save_file({key: value.contiguous() for key, value in predictions.items()},
               os.path.join(output_dir, PREDICTIONS_NAME))

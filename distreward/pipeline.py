@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 from accelerate import PartialState
 
-from distreward.reinforce import EVAL_NAME, EVAL_SAMPLES_NAME, ReinforceConfig, format_report, run_reinforce
+from distreward.evaluation import format_report
+from distreward.rl_trainer import EVAL_NAME, EVAL_SAMPLES_NAME, ReinforceConfig, run_reinforce
 from distreward.rm_trainer import DISTRIBUTIONS_NAME, RewardConfig, run_reward_training
-from distreward.sft import SFTConfig, run_sft
+from distreward.sft_trainer import SFTConfig, run_sft
 from distreward.trainer_utils import DEFAULT_RUN_DIR, METRICS_NAME, TrainingConfig, list_checkpoints, save_run_config
 
 REPORT_NAME = "report.json"

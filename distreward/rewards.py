@@ -114,11 +114,3 @@ def make_baseline(kind: str, samples_per_prompt: int = 1, ema_decay: float = 0.9
     if kind == "rloo":
         return RLOOBaseline(samples_per_prompt)
     return BatchMeanBaseline()
-
-
-def policy_loss(advantages: torch.Tensor, sequence_logprobs: torch.Tensor) -> torch.Tensor:
-    """REINFORCE loss ``mean_i -(R_i - b_i) * sum_t log pi(y_i,t)``: advantages [N] (held constant), log-probs [N]."""
-    if advantages.shape != sequence_logprobs.shape or advantages.dim() != 1:
-        raise ValueError(f"advantages {tuple(advantages.shape)} and sequence_logprobs "
-                         f"{tuple(sequence_logprobs.shape)} must be 1-D of the same length")
-    return -(advantages.detach() * sequence_logprobs).mean()

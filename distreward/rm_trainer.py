@@ -21,14 +21,11 @@ from typing import ClassVar, Optional
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer
 
 from distreward import evaluation, ops
-from distreward.data import (EMBEDDED, PreferenceCollator, PreferenceTrainingConfig, load_preference_data,
-                             local_path_or_hub_id)
-from distreward.modeling import DistributionalRewardModel
+from distreward.data import EMBEDDED, PreferenceCollator, PreferenceTrainingConfig, load_preference_data
+from distreward.modeling import DistributionalRewardModel, load_policy
 from distreward.ops.validation import check_choice, check_positive
-from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
 from distreward.trainer_utils import make_accelerator, save_run_config, train_loop
 
 DISTRIBUTIONS_NAME = "distributions.png"
@@ -80,14 +77,7 @@ def load_backbone(config: RewardConfig, print_fn=print):
         print_fn(f"{path} not found: using a freshly initialised embedded tiny Llama as the backbone "
                  f"(run `python -m distreward.train sft` first for an SFT-initialised one)")
         path = EMBEDDED
-    if path == EMBEDDED:
-        tokenizer = build_tiny_tokenizer()
-        backbone = build_tiny_policy(tokenizer, seed=config.seed)
-    else:
-        backbone = local_path_or_hub_id(path, "model directory", "config.json")
-        tokenizer = AutoTokenizer.from_pretrained(backbone)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    backbone, tokenizer = load_policy(path, config.seed)
     model = DistributionalRewardModel.from_backbone(backbone, num_bins=config.num_bins,
                                                     moments_backend=config.ops_backend)
     return model, tokenizer

@@ -7,7 +7,7 @@ import torch
 
 from distreward.modeling import DistributionalRewardModel
 from distreward.rm_trainer import RewardConfig
-from distreward.sft import SFTConfig
+from distreward.sft_trainer import SFTConfig
 from distreward.synthetic import make_preference_dataset
 from distreward.train import main
 

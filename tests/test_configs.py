@@ -4,9 +4,9 @@ import os
 import pytest
 
 from distreward.pipeline import PipelineConfig, stage_configs
-from distreward.reinforce import ReinforceConfig
+from distreward.rl_trainer import ReinforceConfig
 from distreward.rm_trainer import RewardConfig
-from distreward.sft import SFTConfig
+from distreward.sft_trainer import SFTConfig
 from distreward.trainer_utils import TrainingConfig
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distreward.modeling import DistributionalRewardModel, RewardOutput
+from distreward.data import load_prompts
+from distreward.modeling import DistributionalRewardModel, RewardOutput, load_policy_and_reference, load_reward_model
 from distreward import synthetic
 from distreward.evaluation import compare_policies
-from distreward.reinforce import (ReinforceConfig, ReinforceTrainer, load_policy_and_reference, load_prompts,
-                                  load_reward_model, run_reinforce)
+from distreward.rl_trainer import ReinforceConfig, ReinforceTrainer, run_reinforce
 from distreward.rollout import RolloutScorer, generate_rollouts, left_align, mask_through_eos, prompt_text, \
     token_logprobs
 from distreward.splits import prompt_split

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from distreward.rewards import (BASELINES, SHAPINGS, BatchMeanBaseline, EMABaseline, RLOOBaseline, make_baseline,
-                                policy_loss, shape_rewards)
+                                shape_rewards)
+from distreward.rl_trainer import policy_loss
 
 REWARD = torch.tensor([0.8, 0.2, 0.5])
 STD = torch.tensor([0.1, 0.3, 0.0])

@@ -16,13 +16,12 @@ import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distreward import synthetic
-from distreward.data import EMBEDDED, CompletionCollator, PreferenceTrainingConfig, load_sft_data, local_path_or_hub_id
-from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
+from distreward.data import EMBEDDED, CompletionCollator, PreferenceTrainingConfig, load_sft_data
+from distreward.modeling import load_policy
+from distreward.rollout import generate_rollouts
 from distreward.trainer_utils import make_accelerator, save_run_config, train_loop
 
 RUN_CONFIG_NAME = "sft_config.json"
@@ -44,36 +43,10 @@ class SFTConfig(PreferenceTrainingConfig):
                                                                 "eval.json (embedded task only; 0 skips it)."})
 
 
-def load_policy(model_name_or_path: str, seed: int):
-    """(policy, tokenizer): the embedded tiny pair, or a causal LM and its tokenizer from the hub / disk."""
-    if model_name_or_path == EMBEDDED:
-        tokenizer = build_tiny_tokenizer()
-        return build_tiny_policy(tokenizer, seed=seed), tokenizer
-    model_name_or_path = local_path_or_hub_id(model_name_or_path, "model directory", "config.json")
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return AutoModelForCausalLM.from_pretrained(model_name_or_path), tokenizer
-
-
-@torch.no_grad()
-def greedy_answers(policy, tokenizer, prompts: list, max_new_tokens: int = 16) -> list:
-    """Greedy answers (decoded text without special tokens) of ``policy`` to user ``prompts``."""
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True) for prompt in prompts]
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues every row's end
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.device)
-    tokenizer.padding_side = padding_side
-    policy.eval()
-    output = policy.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
 def evaluate_policy(policy, tokenizer, num_prompts: int, seed: int) -> dict:
     """Mean ground-truth score (0-4) of greedy answers to ``num_prompts`` distinct test prompts of the embedded task."""
     prompts = synthetic.make_prompts(num_prompts, seed=seed, split="test", unique=True)
-    answers = greedy_answers(policy, tokenizer, prompts)
+    answers = generate_rollouts(policy, tokenizer, prompts, max_new_tokens=16, temperature=0).responses
     scores = [synthetic.score_response(prompt, answer) for prompt, answer in zip(prompts, answers)]
     return {"ground_truth": {"mean": sum(scores) / len(scores)}, "num_prompts": num_prompts, "decoding": "greedy",
             "examples": [{"prompt": p, "answer": a} for p, a in list(zip(prompts, answers))[:8]]}

@@ -15,36 +15,30 @@ evaluated response with its scores).
 """
 import json
 import os
-import random
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distreward import synthetic
-from distreward.data import EMBEDDED, load_raw_preferences
+from distreward.data import EMBEDDED, HELD_OUT_SPLITS, load_prompts
 from distreward.distributed import call_in_forward
-from distreward.evaluation import compare_policies
-from distreward.modeling import CONFIG_NAME as REWARD_MODEL_CONFIG_NAME
-from distreward.modeling import DistributionalRewardModel
+from distreward.evaluation import compare_policies, format_report, summarize
+from distreward.modeling import load_policy_and_reference, load_reward_model
 from distreward.ops.validation import check_choice
-from distreward.rewards import check_shaping, make_baseline, policy_loss, shape_rewards
+from distreward.rewards import check_shaping, make_baseline, shape_rewards
 from distreward.rollout import RolloutScorer, generate_rollouts, token_logprobs
 from distreward.trainer_utils import TrainingConfig, make_accelerator, save_run_config, train_loop
 
 POLICY_DIR = "policy"
 EVAL_NAME = "eval.json"
 EVAL_SAMPLES_NAME = "eval_samples.jsonl"
-HELD_OUT_SPLITS = ("test", "validation")
 
 
 @dataclass
 class ReinforceConfig(TrainingConfig):
     """Settings of the ``rl`` stage (shared training flags from TrainingConfig; a batch is prompts per step)."""
 
-    stage: ClassVar[str] = "rl"
     policy_path: Optional[str] = field(default=None, metadata={
         "help": "The SFT policy (a save_pretrained directory with its tokenizer): the starting point and the "
                 "frozen reference of the KL term (default: RUN_DIR/sft)."})
@@ -84,6 +78,8 @@ class ReinforceConfig(TrainingConfig):
     logging_steps: int = field(default=1, metadata={"help": "Write a metrics.jsonl line every this many steps."})
     save_steps: int = field(default=20, metadata={"help": "Save a checkpoint-{step}/ every this many steps."})
 
+    stage: ClassVar[str] = "rl"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.policy_path = self.policy_path or os.path.join(self.run_dir, "sft")
@@ -97,33 +93,12 @@ class ReinforceConfig(TrainingConfig):
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
 
-def unique_prompts(raw, seed: int) -> list:
-    """The distinct ``prompt`` values of a data set, shuffled by ``seed``."""
-    unique = list({json.dumps(prompt): prompt for prompt in raw["prompt"]}.values())
-    random.Random(seed).shuffle(unique)
-    return unique
-
-
-def load_prompts(config: ReinforceConfig):
-    """(train prompts, evaluation prompts, ground-truth scorer or None), split by prompt.
-
-    Training prompts come from the ``train`` split; the evaluation prompts are
-    ``num_eval_prompts`` distinct prompts of ``config.eval_split`` (``test`` for reports,
-    ``validation`` for tuning), so no evaluation prompt was seen by SFT, the RM or REINFORCE.
-    """
-    if config.dataset_name == EMBEDDED:
-        train = synthetic.make_prompts(config.num_train_prompts, seed=config.seed, split="train")
-        held_out = synthetic.make_prompts(config.num_eval_prompts, seed=config.seed, split=config.eval_split,
-                                          unique=True)
-        return train, held_out, synthetic.score_response
-    train = unique_prompts(load_raw_preferences(config.dataset_name, config.dataset_split, split="train"),
-                           config.seed)[:config.num_train_prompts]
-    held_out = unique_prompts(load_raw_preferences(config.dataset_name, config.dataset_split,
-                                                   split=config.eval_split), config.seed)[:config.num_eval_prompts]
-    if not train or not held_out:
-        raise ValueError(f"{config.dataset_name} has {len(train)} train and {len(held_out)} {config.eval_split} "
-                         f"prompts (split by prompt): it needs at least one of each")
-    return train, held_out, None
+def policy_loss(advantages: torch.Tensor, sequence_logprobs: torch.Tensor) -> torch.Tensor:
+    """REINFORCE loss ``mean_i -(R_i - b_i) * sum_t log pi(y_i,t)``: advantages [N] (held constant), log-probs [N]."""
+    if advantages.shape != sequence_logprobs.shape or advantages.dim() != 1:
+        raise ValueError(f"advantages {tuple(advantages.shape)} and sequence_logprobs "
+                         f"{tuple(sequence_logprobs.shape)} must be 1-D of the same length")
+    return -(advantages.detach() * sequence_logprobs).mean()
 
 
 class ReinforceTrainer:
@@ -188,52 +163,6 @@ class ReinforceTrainer:
                 scores.append(batch)
                 records += batch.records(rollout)
         return summarize(scores), records
-
-
-def summarize(scores: list) -> dict:
-    """SPEC §7 numbers over a list of :class:`~distreward.rollout.RolloutScores`."""
-    reward = torch.cat([s.reward for s in scores]).cpu()
-    summary = {"reward": {"min": reward.min().item(), "max": reward.max().item(), "mean": reward.mean().item(),
-                          "std": reward.std(correction=0).item()},
-               "mean_sd": torch.cat([s.std for s in scores]).mean().item(),
-               "kl_to_ref": torch.cat([s.kl for s in scores]).mean().item()}
-    if scores[0].ground_truth is not None:
-        summary["ground_truth"] = {"mean": torch.cat([s.ground_truth for s in scores]).mean().item()}
-    return summary
-
-
-def format_report(report: dict) -> str:
-    """The write-up's table, SFT vs trained (reward min / max / mean, mean sd, KL, ground truth), and the verdict."""
-    columns = [("reward min", lambda r: r["reward"]["min"]), ("reward max", lambda r: r["reward"]["max"]),
-               ("reward mean", lambda r: r["reward"]["mean"]), ("mean sd", lambda r: r["mean_sd"]),
-               ("KL to ref", lambda r: r["kl_to_ref"])]
-    if "ground_truth" in report["sft"]:
-        columns.append(("ground truth (0-4)", lambda r: r["ground_truth"]["mean"]))
-    lines = ["| policy | " + " | ".join(name for name, _ in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
-    for name in ("sft", "trained"):
-        lines.append(f"| {name} | " + " | ".join(f"{value(report[name]):.3f}" for _, value in columns) + " |")
-    return "\n".join(lines + ["", "verdict: " + report["comparison"]["verdict"]])
-
-
-def load_reward_model(path: str, fallback_tokenizer):
-    """(DistributionalRewardModel, its tokenizer: the one saved beside it, else ``fallback_tokenizer``)."""
-    if not os.path.isfile(os.path.join(path, REWARD_MODEL_CONFIG_NAME)):
-        raise ValueError(f"no reward model in {path}: run `python -m distreward.train rm` first or set "
-                         f"--reward_model_path")
-    has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer_config.json"))
-    return (DistributionalRewardModel.from_pretrained(path),
-            AutoTokenizer.from_pretrained(path) if has_tokenizer else fallback_tokenizer)
-
-
-def load_policy_and_reference(path: str):
-    """(policy, frozen reference copy, tokenizer) from an SFT output directory."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"no policy in {path}: run `python -m distreward.train sft` first or set --policy_path")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return AutoModelForCausalLM.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path), tokenizer
 
 
 def write_jsonl(path: str, records: list) -> None:
