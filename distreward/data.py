@@ -1,4 +1,4 @@
-"""Preference data in the ``esfrankel17/HelpSteer2_binarized`` schema, tokenised for training (SPEC §2).
+"""Preference data in the ``esfrankel17/HelpSteer2_binarized`` schema, tokenised for training (docs/math.md §2).
 
 Accepted rows: ``prompt`` (a string, or a list of chat messages), ``chosen`` / ``rejected`` (either
 a list of ``{role, content}`` messages whose last turn is the assistant's answer, or the answer as a

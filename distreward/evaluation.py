@@ -1,4 +1,4 @@
-"""Held-out evaluation of a distributional reward model (SPEC §7) and the H1.1 vs H1.2 comparison.
+"""Held-out evaluation of a distributional reward model (docs/math.md §7) and the H1.1 vs H1.2 comparison.
 
 :func:`predict` runs the model over tokenised pairs; :func:`reward_metrics` turns the predictions
 into ``eval.json``'s numbers; :func:`plot_runs` draws, per run, the predicted distributions of a few
@@ -57,7 +57,8 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def reward_metrics(predictions: dict, sigma: float = 0.1) -> dict:
-    """SPEC §7 numbers from :func:`predict`'s output (over its ``centers``; ``linspace(0, 1, K)`` without them).
+    """docs/math.md §7 numbers from :func:`predict`'s output (over its ``centers``; ``linspace(0, 1, K)``
+    without them).
 
     ``pairwise_accuracy``: share of pairs with E_chosen > E_rejected (a tie counts half);
     ``mean_std``: mean predicted std over all answers; ``std_error_spearman``: Spearman between
@@ -174,7 +175,7 @@ def verdict(comparison: dict) -> str:
 
 
 def summarize(scores: list) -> dict:
-    """SPEC §7 numbers over a list of :class:`~distreward.rollout.RolloutScores`."""
+    """docs/math.md §7 numbers over a list of :class:`~distreward.rollout.RolloutScores`."""
     reward = torch.cat([s.reward for s in scores]).cpu()
     summary = {"reward": {"min": reward.min().item(), "max": reward.max().item(), "mean": reward.mean().item(),
                           "std": reward.std(correction=0).item()},

@@ -144,7 +144,8 @@ def load_reward_model(path: str, fallback_tokenizer):
         raise ValueError(f"no reward model in {path}: run `python -m distreward.train rm` first or set "
                          f"--reward_model_path")
     has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer_config.json"))
-    return DistributionalRewardModel.from_pretrained(path), load_tokenizer(path) if has_tokenizer else fallback_tokenizer
+    tokenizer = load_tokenizer(path) if has_tokenizer else fallback_tokenizer
+    return DistributionalRewardModel.from_pretrained(path), tokenizer
 
 
 def load_policy_and_reference(path: str):

@@ -3,24 +3,24 @@
 SFT warm-up of the tiny policy -> distributional reward model on its backbone -> REINFORCE with the
 shaped reward -> evaluation of the SFT and the trained policy on the same held-out prompts. Each
 stage writes to its own sub-directory of ``output_dir`` (``sft/``, ``rm/``, ``rl/``); the pipeline
-adds ``report.json`` (SPEC §7, with the paired SFT-vs-trained comparison and its verdict),
+adds ``report.json`` (docs/math.md §7, with the paired SFT-vs-trained comparison and its verdict),
 ``reward_histogram.png`` (reward-model mean and ground truth of SFT vs trained responses) and
-``training_curves.png`` (REINFORCE metrics by step), and prints the write-up's table and verdict.
+``training_curves.png`` (REINFORCE metrics by step). The console shows a header per stage; the rl stage
+prints the write-up's table and verdict once, and the pipeline where the report and the plots are.
 """
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 
 from accelerate import PartialState
 
-from distreward.evaluation import format_report
 from distreward.rl_trainer import EVAL_NAME, EVAL_SAMPLES_NAME, ReinforceConfig, run_reinforce
 from distreward.rm_trainer import DISTRIBUTIONS_NAME, RewardConfig, run_reward_training
 from distreward.sft_trainer import SFTConfig, run_sft
-from distreward.trainer_utils import DEFAULT_RUN_DIR, METRICS_NAME, TrainingConfig, list_checkpoints, save_run_config
+from distreward.trainer_utils import DEFAULT_RUN_DIR, METRICS_NAME, TrainingConfig, remove_checkpoints, save_run_config
 
+STAGE_TITLES = ("SFT warm-up", "reward model", "REINFORCE")
 REPORT_NAME = "report.json"
 HISTOGRAM_NAME = "reward_histogram.png"
 CURVES_NAME = "training_curves.png"
@@ -43,7 +43,8 @@ class PipelineConfig:
         "help": "SFT passes over the chosen answers (the sft stage's --num_train_epochs)."})
     rm_epochs: float = field(default=RewardConfig.num_train_epochs, metadata={
         "help": "Reward-model passes over the training pairs."})
-    loss_kind: str = field(default=RewardConfig.loss_kind, metadata={"help": "Reward-model loss: bt_mean, bt_kl or dpl."})
+    loss_kind: str = field(default=RewardConfig.loss_kind, metadata={
+        "help": "Reward-model loss: bt_mean, bt_kl or dpl."})
     rl_steps: int = field(default=ReinforceConfig.max_steps, metadata={"help": "REINFORCE optimizer steps."})
     shaping: str = field(default=ReinforceConfig.shaping, metadata={
         "help": "Reward shaping: none, std_penalty (H2.1) or std_scale (H2.2)."})
@@ -56,6 +57,8 @@ class PipelineConfig:
         "help": "Prompts of that comparison: test (reports) or validation (tuning settings)."})
     reuse_finished_stages: bool = field(default=False, metadata={
         "help": "Skip a stage whose finished output is already in its sub-directory."})
+    keep_checkpoints: bool = field(default=TrainingConfig.keep_checkpoints, metadata={
+        "help": "Keep each stage's checkpoint-{step}/ folders once it finishes (deleted otherwise)."})
     resume: bool = field(default=False, metadata={
         "help": "Continue a killed run: skip the finished stages and resume the stage it was in from its latest "
                 "checkpoint (the outputs are those of an uninterrupted run)."})
@@ -66,14 +69,14 @@ class PipelineConfig:
 
 def stage_configs(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str) -> tuple:
     """(SFTConfig, RewardConfig, ReinforceConfig) of a pipeline run with the given stage directories."""
-    sft = SFTConfig(output_dir=sft_dir, seed=config.seed, num_pairs=config.num_pairs,
-                    num_train_epochs=config.sft_epochs, resume=config.resume)
-    rm = RewardConfig(output_dir=rm_dir, model_name_or_path=sft_dir, seed=config.seed, num_pairs=config.num_pairs,
-                      num_train_epochs=config.rm_epochs, loss_kind=config.loss_kind, resume=config.resume)
-    rl = ReinforceConfig(output_dir=rl_dir, policy_path=sft_dir, reward_model_path=rm_dir, seed=config.seed,
+    shared = dict(seed=config.seed, resume=config.resume, keep_checkpoints=config.keep_checkpoints)
+    sft = SFTConfig(output_dir=sft_dir, num_pairs=config.num_pairs, num_train_epochs=config.sft_epochs, **shared)
+    rm = RewardConfig(output_dir=rm_dir, model_name_or_path=sft_dir, num_pairs=config.num_pairs,
+                      num_train_epochs=config.rm_epochs, loss_kind=config.loss_kind, **shared)
+    rl = ReinforceConfig(output_dir=rl_dir, policy_path=sft_dir, reward_model_path=rm_dir,
                          max_steps=config.rl_steps, shaping=config.shaping, baseline=config.baseline,
                          beta=config.beta, alpha=config.alpha, num_eval_prompts=config.num_eval_prompts,
-                         eval_split=config.eval_split, resume=config.resume)
+                         eval_split=config.eval_split, **shared)
     return sft, rm, rl
 
 
@@ -87,8 +90,8 @@ def forget_outputs(stages: tuple, index: int) -> None:
         mark = os.path.join(stage_config.output_dir, last_output)
         if os.path.isfile(mark):
             os.remove(mark)
-        for checkpoint in list_checkpoints(stage_config.output_dir) if position > 0 else []:
-            shutil.rmtree(checkpoint)
+        if position > 0:
+            remove_checkpoints(stage_config.output_dir)
 
 
 def run_stages(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str) -> dict:
@@ -102,9 +105,14 @@ def run_stages(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str) -
     # (settings, run function, the file a finished run writes last: sft's eval.json of the embedded task)
     stages = ((sft, run_sft, EVAL_NAME), (rm, run_reward_training, DISTRIBUTIONS_NAME),
               (rl, run_reinforce, EVAL_SAMPLES_NAME))
+    main_process = PartialState().is_main_process
     for index, (stage_config, run, last_output) in enumerate(stages):
+        header = f"\n[{index + 1}/{len(stages)}] {STAGE_TITLES[index]} -> {stage_config.output_dir}"
         done = os.path.isfile(os.path.join(stage_config.output_dir, last_output))
-        if (config.reuse_finished_stages or config.resume) and done:
+        reused = (config.reuse_finished_stages or config.resume) and done
+        if main_process:
+            print(header + (": finished earlier, reused" if reused else ""), flush=True)
+        if reused:
             continue
         forget_outputs(stages, index)
         run(stage_config)
@@ -171,12 +179,11 @@ def run_pipeline(config: PipelineConfig) -> dict:
     rl_dir = stage_dirs[-1]
     with open(os.path.join(config.output_dir, REPORT_NAME), "w") as handle:
         json.dump(report, handle, indent=2)
-    plot_reward_histograms(read_jsonl(os.path.join(rl_dir, EVAL_SAMPLES_NAME)),
-                           os.path.join(config.output_dir, HISTOGRAM_NAME))
-    plot_training_curves(read_jsonl(os.path.join(rl_dir, METRICS_NAME)), os.path.join(config.output_dir, CURVES_NAME))
-    print(f"\nSFT vs trained policy on {config.num_eval_prompts} held-out {config.eval_split} prompts, sampled "
-          f"(shaping {config.shaping}, RM loss {config.loss_kind}):")
-    print(format_report(report))
-    print(f"\npipeline finished in {time.perf_counter() - start:.0f} s; report: "
-          f"{os.path.join(config.output_dir, REPORT_NAME)}")
+    histogram, curves = (os.path.join(config.output_dir, name) for name in (HISTOGRAM_NAME, CURVES_NAME))
+    plot_reward_histograms(read_jsonl(os.path.join(rl_dir, EVAL_SAMPLES_NAME)), histogram)
+    plot_training_curves(read_jsonl(os.path.join(rl_dir, METRICS_NAME)), curves)
+    print(f"\npipeline finished in {time.perf_counter() - start:.0f} s (shaping {config.shaping}, RM loss "
+          f"{config.loss_kind}); SFT vs trained numbers and verdict: {os.path.join(config.output_dir, REPORT_NAME)}\n"
+          f"plots: {histogram} (RM reward and ground truth of SFT vs trained responses), "
+          f"{curves} (REINFORCE metrics by step)")
     return report

@@ -1,4 +1,4 @@
-"""Total reward and baselines of SPEC §5: uncertainty shaping and the REINFORCE baseline.
+"""Total reward and baselines of docs/math.md §5: uncertainty shaping and the REINFORCE baseline.
 
 Shaping turns the reward model's mean ``r``, its std ``sd`` and the per-sequence KL to the
 reference into the total reward ``R``; a baseline ``b`` turns ``R`` into the advantage ``R - b``.

@@ -1,4 +1,4 @@
-"""Stage ``rl``: REINFORCE with the uncertainty-shaped distributional reward (SPEC §5, §7).
+"""Stage ``rl``: REINFORCE with the uncertainty-shaped distributional reward (docs/math.md §5, §7).
 
 Each optimizer step samples ``samples_per_prompt`` responses to a batch of prompts from the policy,
 scores them with the distributional reward model (mean ``r`` and std ``sd``) and the per-sequence KL
@@ -7,11 +7,12 @@ subtracts a baseline and minimises ``-(R - b) * sum_t log pi(y_t)``. The loop (a
 clipping, tqdm, ``metrics.jsonl``, checkpoints, ``--resume``) is :func:`distreward.trainer_utils.train_loop`;
 the baseline's state travels in the checkpoints.
 
-Outputs in ``output_dir``: ``config.json`` (these settings), ``metrics.jsonl``, ``checkpoint-{step}/``,
-``policy/`` (the trained policy and tokenizer, ``save_pretrained`` form), ``eval.json`` (SPEC §7:
-the SFT and the trained policy on the same held-out prompts, with the paired comparison and verdict
-of :func:`distreward.evaluation.compare_policies` under ``comparison``) and ``eval_samples.jsonl`` (every
-evaluated response with its scores).
+Outputs in ``output_dir``: ``config.json`` (these settings), ``metrics.jsonl``, ``checkpoint-{step}/``
+(until the run finishes, unless ``--keep_checkpoints``), ``policy/`` (the trained policy and
+tokenizer, ``save_pretrained`` form), ``eval.json`` (docs/math.md §7: the SFT and the trained policy
+on the same held-out prompts, with the paired comparison and verdict of
+:func:`distreward.evaluation.compare_policies` under ``comparison``) and ``eval_samples.jsonl``
+(every evaluated response with its scores).
 """
 import json
 import os
@@ -144,7 +145,7 @@ class ReinforceTrainer:
 
     @torch.no_grad()
     def evaluate(self, policy, prompts: list):
-        """(SPEC §7 summary, per-sample records) of ``policy`` on ``prompts``.
+        """(docs/math.md §7 summary, per-sample records) of ``policy`` on ``prompts``.
 
         Sampling is seeded by ``config.seed`` (and leaves the training RNG alone), so two policies
         evaluated in turn see the same prompts and the same random stream.
@@ -192,6 +193,9 @@ def run_reinforce(config: ReinforceConfig) -> dict:
         with open(os.path.join(config.output_dir, EVAL_NAME), "w") as handle:
             json.dump(report, handle, indent=2)
         write_jsonl(os.path.join(config.output_dir, EVAL_SAMPLES_NAME), samples)
+        accelerator.print(f"\nSFT vs trained policy: {config.num_eval_prompts} held-out {config.eval_split} prompts, "
+                          f"{config.eval_samples_per_prompt} sampled responses each "
+                          f"(temperature {config.temperature}):")
         accelerator.print(format_report(report))
     accelerator.wait_for_everyone()
     return report

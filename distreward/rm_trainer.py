@@ -1,4 +1,4 @@
-"""Stage ``rm``: train the distributional reward model on preference pairs and evaluate it (SPEC §1-3, §7).
+"""Stage ``rm``: train the distributional reward model on preference pairs and evaluate it (docs/math.md §1-3, §7).
 
 ``loss_kind`` picks the objective: ``bt_mean`` (hypothesis 1.1, Bradley-Terry on the means only),
 ``bt_kl`` (hypothesis 1.2, the default: Bradley-Terry plus KL to Gaussian score labels) or ``dpl``.
@@ -7,12 +7,12 @@ Backbone: ``--model_name_or_path`` (default ``RUN_DIR/sft``, the ``sft`` stage's
 default directory does not exist, a freshly initialised embedded tiny Llama is used instead and a
 line says so; any other path or hub id that fails to load is an error.
 
-Outputs in ``output_dir``: ``config.json`` (these settings), ``metrics.jsonl``,
-``checkpoint-{step}/``, the model (``model.safetensors`` + ``reward_model_config.json``, see
-:class:`~distreward.modeling.DistributionalRewardModel`) and its tokenizer, ``eval.json`` (held-out
-metrics on the test pairs, per prompt kind and against the ground truth too for the embedded
-task; the validation pairs' under ``validation``), ``predictions.safetensors`` and
-``distributions.png``.
+Outputs in ``output_dir``: ``config.json`` (these settings), ``metrics.jsonl``, ``checkpoint-{step}/``
+(until the run finishes, unless ``--keep_checkpoints``), the model (``model.safetensors`` +
+``reward_model_config.json``, see :class:`~distreward.modeling.DistributionalRewardModel`) and its
+tokenizer, ``eval.json`` (held-out metrics on the test pairs, per prompt kind and against the ground
+truth too for the embedded task; the validation pairs' under ``validation``),
+``predictions.safetensors`` and ``distributions.png``.
 """
 import json
 import os

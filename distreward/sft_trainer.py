@@ -77,6 +77,7 @@ def run_sft(config: SFTConfig):
             with open(os.path.join(config.output_dir, "eval.json"), "w") as handle:
                 json.dump(report, handle, indent=2)
             accelerator.print(f"SFT policy, greedy answers to {config.num_eval_prompts} test prompts: mean ground "
-                              f"truth {report['ground_truth']['mean']:.2f} / 4")
+                              f"truth {report['ground_truth']['mean']:.2f} / 4 (greedy decoding; REINFORCE's table "
+                              f"scores sampled answers, so its sft row differs)")
     accelerator.wait_for_everyone()
     return policy

@@ -60,6 +60,9 @@ def parse_config(config_class, argv: list, prog: str) -> tuple:
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(config_class, prog=prog, allow_abbrev=False)
+    for action in parser._actions:  # HfArgumentParser gives --no_FLAG the help of --FLAG
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            action.help = f"Turn --{action.dest} off (it is on by default)."
     config, unknown = parser.parse_args_into_dataclasses(args=join_negative_values(argv),
                                                          return_remaining_strings=True)
     return config, unknown

@@ -78,6 +78,7 @@ def test_sft_then_rm_on_local_data_through_the_hub_code_path(tmp_path):
     assert main(["sft", *TINY_RUN, "--output_dir", str(sft_dir), "--num_eval_prompts", "4"]) == 0
     assert json.loads((sft_dir / "sft_config.json").read_text())["max_steps"] == 3
     assert 0 <= json.loads((sft_dir / "eval.json").read_text())["ground_truth"]["mean"] <= 4
+    assert not list(sft_dir.glob("checkpoint-*"))  # a finished run keeps its final model, not its checkpoints
     data = tmp_path / "pairs.jsonl"
     rows = [row for split, num in (("train", 16), ("validation", 4), ("test", 6))
             for row in make_preference_dataset(num, seed=5, split=split).to_list()]
@@ -85,7 +86,7 @@ def test_sft_then_rm_on_local_data_through_the_hub_code_path(tmp_path):
         row["chosen_rating"], row["rejected_rating"] = row.pop("score_chosen"), row.pop("score_rejected")
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     argv = ["rm", *TINY_RUN, "--model_name_or_path", str(sft_dir), "--dataset_name", str(data),
-            "--output_dir", str(rm_dir), "--loss_kind", "bt_mean"]
+            "--output_dir", str(rm_dir), "--loss_kind", "bt_mean", "--keep_checkpoints"]
     assert main(argv) == 0
 
     config = json.loads((rm_dir / "config.json").read_text())

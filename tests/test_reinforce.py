@@ -1,4 +1,4 @@
-"""REINFORCE (SPEC §5): rollout masking and log-probs, a step that raises a known reward, resume."""
+"""REINFORCE (docs/math.md §5): rollout masking and log-probs, a step that raises a known reward, resume."""
 import json
 import os
 

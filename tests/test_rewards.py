@@ -1,4 +1,4 @@
-"""Shaping, baselines and the policy loss of SPEC §5 against hand computations."""
+"""Shaping, baselines and the policy loss of docs/math.md §5 against hand computations."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Input checks shared by every backend of :mod:`distreward.ops` (SPEC §6).
+"""Input checks shared by every backend of :mod:`distreward.ops` (docs/math.md §6).
 
 Each check raises ``ValueError`` (``IndexError`` for token ids) naming the argument, so a bad call
 fails loudly instead of returning a silently wrong number. The bin ops check shapes, dtypes and
