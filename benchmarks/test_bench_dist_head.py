@@ -1,6 +1,6 @@
 """``pair_loss`` through the public call, against its raw Triton kernel, eager and ``torch.compile``.
 
-Every SPEC §3 kind (bt_kl, bt_mean, dpl) in fp32 and bf16, forward ("fwd", no autograd) and
+Every docs/math.md §3 kind (bt_kl, bt_mean, dpl) in fp32 and bf16, forward ("fwd", no autograd) and
 forward+backward ("fwd_bwd"), N = 1k to 4M pairs of K = 10 logits. Rows:
 
 - ``public``: ``ops.pair_loss(backend="auto")``, validation included (the Triton kernel on CUDA);

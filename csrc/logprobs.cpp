@@ -1,4 +1,4 @@
-// Fused rollout log-prob gather (SPEC §4) on CPU tensors:
+// Fused rollout log-prob gather (docs/math.md §4) on CPU tensors:
 //   forward   logp[b, t] = L[b, t, y] - logsumexp_v L[b, t, v]      (one read of each row)
 //   backward  dL[b, t, :] = g[b, t] * (onehot(y) - softmax(L[b, t])) (one read, one write of each row)
 // Rows are processed in chunks of kChunk logits: each chunk is loaded (and converted to the

@@ -1,4 +1,4 @@
-"""distreward: RLHF with a distributional reward model (SPEC: ../shared/SPEC.md)."""
+"""distreward: RLHF with a distributional reward model (the math: docs/math.md)."""
 from distreward import ops
 from distreward.sequence import sequence_logprobs
 

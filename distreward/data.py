@@ -1,4 +1,4 @@
-"""Preference data in the ``esfrankel17/HelpSteer2_binarized`` schema, tokenised for training (SPEC §2).
+"""Preference data in the ``esfrankel17/HelpSteer2_binarized`` schema, tokenised for training (docs/math.md §2).
 
 Accepted rows: ``prompt`` (a string, or a list of chat messages), ``chosen`` / ``rejected`` (either
 a list of ``{role, content}`` messages whose last turn is the assistant's answer, or the answer as a
@@ -9,7 +9,9 @@ Scores map to ``mu = (s - score_min) / (score_max - score_min)`` in [0, 1]; a sc
 range is an error, not a silent clip. Every source is split by prompt into train / validation /
 test (:mod:`distreward.splits`): SFT and the reward model train on ``train`` only.
 """
+import json
 import os
+import random
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -24,6 +26,7 @@ EMBEDDED = "embedded"
 SCORE_KEYS = (("score_chosen", "score_rejected"), ("chosen_rating", "rejected_rating"))
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 IGNORE_INDEX = -100
+HELD_OUT_SPLITS = ("test", "validation")  # where evaluation prompts may come from
 KEPT_COLUMNS = ("kind", "truth_chosen", "truth_rejected")  # carried through tokenisation for evaluation
 
 
@@ -40,8 +43,8 @@ class PreferenceTrainingConfig(TrainingConfig):
     max_length: int = field(default=256, metadata={"help": "Conversations (a pair's sides) longer than this "
                                                            "many tokens are dropped."})
 
-    def validate(self) -> None:
-        super().validate()
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_pairs < 1 or self.max_length < 1:
             raise ValueError(f"--num_pairs and --max_length must be >= 1, got {self.num_pairs} and {self.max_length}")
 
@@ -255,3 +258,33 @@ class CompletionCollator:
         length = max(len(sequence) for sequence in ids)
         return {"input_ids": pad(ids, self.pad_token_id, length), "attention_mask": attention_mask_for(ids, length),
                 "labels": pad([row["labels"] for row in rows], IGNORE_INDEX, length)}
+
+
+def unique_prompts(raw, seed: int) -> list:
+    """The distinct ``prompt`` values of a data set, shuffled by ``seed``."""
+    unique = list({json.dumps(prompt): prompt for prompt in raw["prompt"]}.values())
+    random.Random(seed).shuffle(unique)
+    return unique
+
+
+def load_prompts(config):
+    """(train prompts, evaluation prompts, ground-truth scorer or None), split by prompt, for the settings of
+    ``config`` (a :class:`~distreward.rl_trainer.ReinforceConfig`).
+
+    Training prompts come from the ``train`` split; the evaluation prompts are
+    ``num_eval_prompts`` distinct prompts of ``config.eval_split`` (``test`` for reports,
+    ``validation`` for tuning), so no evaluation prompt was seen by SFT, the RM or REINFORCE.
+    """
+    if config.dataset_name == EMBEDDED:
+        train = synthetic.make_prompts(config.num_train_prompts, seed=config.seed, split="train")
+        held_out = synthetic.make_prompts(config.num_eval_prompts, seed=config.seed, split=config.eval_split,
+                                          unique=True)
+        return train, held_out, synthetic.score_response
+    train = unique_prompts(load_raw_preferences(config.dataset_name, config.dataset_split, split="train"),
+                           config.seed)[:config.num_train_prompts]
+    held_out = unique_prompts(load_raw_preferences(config.dataset_name, config.dataset_split,
+                                                   split=config.eval_split), config.seed)[:config.num_eval_prompts]
+    if not train or not held_out:
+        raise ValueError(f"{config.dataset_name} has {len(train)} train and {len(held_out)} {config.eval_split} "
+                         f"prompts (split by prompt): it needs at least one of each")
+    return train, held_out, None

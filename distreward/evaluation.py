@@ -1,4 +1,4 @@
-"""Held-out evaluation of a distributional reward model (SPEC §7) and the H1.1 vs H1.2 comparison.
+"""Held-out evaluation of a distributional reward model (docs/math.md §7) and the H1.1 vs H1.2 comparison.
 
 :func:`predict` runs the model over tokenised pairs; :func:`reward_metrics` turns the predictions
 into ``eval.json``'s numbers; :func:`plot_runs` draws, per run, the predicted distributions of a few
@@ -24,7 +24,7 @@ METRIC_NAMES = ("pairwise_accuracy", "mean_std", "std_error_spearman", "label_kl
 @torch.no_grad()
 def predict(model, dataset, pad_token_id: int, batch_size: int = 64, device=None) -> dict:
     """Logits of both sides of every pair: ``logits_chosen`` / ``logits_rejected`` [N, K] fp32,
-    ``target_chosen`` / ``target_rejected`` [N] fp32 (labels mu in [0, 1])."""
+    ``target_chosen`` / ``target_rejected`` [N] fp32 (labels mu in [0, 1]), and the model's bin ``centers`` [K] fp32."""
     device = device or next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=PreferenceCollator(pad_token_id))
     was_training = model.training
@@ -36,7 +36,7 @@ def predict(model, dataset, pad_token_id: int, batch_size: int = 64, device=None
             parts[f"logits_{side}"].append(output.logits.float().cpu())
             parts[f"target_{side}"].append(batch[f"target_{side}"])
     model.train(was_training)
-    return {key: torch.cat(values) for key, values in parts.items()}
+    return {**{key: torch.cat(values) for key, values in parts.items()}, "centers": model.centers.float().cpu()}
 
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -57,23 +57,25 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def reward_metrics(predictions: dict, sigma: float = 0.1) -> dict:
-    """SPEC §7 numbers from :func:`predict`'s output.
+    """docs/math.md §7 numbers from :func:`predict`'s output (over its ``centers``; ``linspace(0, 1, K)``
+    without them).
 
     ``pairwise_accuracy``: share of pairs with E_chosen > E_rejected (a tie counts half);
     ``mean_std``: mean predicted std over all answers; ``std_error_spearman``: Spearman between
     the predicted std and |E - mu| over all answers; ``label_kl``: mean KL(q || p) against the
     Gaussian labels of width ``sigma``.
     """
-    mean_c, _ = ops.dist_moments(predictions["logits_chosen"])
-    mean_r, _ = ops.dist_moments(predictions["logits_rejected"])
+    centers = predictions.get("centers")
+    mean_c, _ = ops.dist_moments(predictions["logits_chosen"], centers)
+    mean_r, _ = ops.dist_moments(predictions["logits_rejected"], centers)
     logits = torch.cat([predictions["logits_chosen"], predictions["logits_rejected"]])
     targets = torch.cat([predictions["target_chosen"], predictions["target_rejected"]])
-    mean, std = ops.dist_moments(logits)
+    mean, std = ops.dist_moments(logits, centers)
     return {
         "pairwise_accuracy": pair_wins(mean_c, mean_r).mean().item(),
         "mean_std": std.mean().item(),
         "std_error_spearman": spearman(std, (mean - targets).abs()),
-        "label_kl": ops.gaussian_kl(logits, targets, sigma).mean().item(),
+        "label_kl": ops.gaussian_kl(logits, targets, sigma, centers).mean().item(),
         "num_pairs": int(mean_c.shape[0]),
     }
 
@@ -89,8 +91,8 @@ def truth_metrics(predictions: dict, truth_chosen: list, truth_rejected: list) -
     ``truth_differs_accuracy`` is the share ranked as labelled (chosen above rejected) and
     ``ground_truth_accuracy`` the share ranked as the ground truth ranks them; ``truth_tie_share`` is
     the share of pairs with equal ground truth."""
-    mean_c, _ = ops.dist_moments(predictions["logits_chosen"])
-    mean_r, _ = ops.dist_moments(predictions["logits_rejected"])
+    mean_c, _ = ops.dist_moments(predictions["logits_chosen"], predictions.get("centers"))
+    mean_r, _ = ops.dist_moments(predictions["logits_rejected"], predictions.get("centers"))
     truth_c = torch.tensor(truth_chosen, dtype=torch.float64)
     truth_r = torch.tensor(truth_rejected, dtype=torch.float64)
     differs = truth_c != truth_r
@@ -109,7 +111,8 @@ def metrics_by_group(predictions: dict, groups: list, sigma: float = 0.1) -> dic
     result = {}
     for name in sorted(set(groups)):
         rows = torch.tensor([group == name for group in groups])
-        result[name] = reward_metrics({key: value[rows] for key, value in predictions.items()}, sigma)
+        subset = {key: value if key == "centers" else value[rows] for key, value in predictions.items()}
+        result[name] = reward_metrics(subset, sigma)
     return result
 
 
@@ -171,6 +174,32 @@ def verdict(comparison: dict) -> str:
     return f"NO CLEAR CHANGE: {truth_text}, its interval holds 0; {reward_text}"
 
 
+def summarize(scores: list) -> dict:
+    """docs/math.md §7 numbers over a list of :class:`~distreward.rollout.RolloutScores`."""
+    reward = torch.cat([s.reward for s in scores]).cpu()
+    summary = {"reward": {"min": reward.min().item(), "max": reward.max().item(), "mean": reward.mean().item(),
+                          "std": reward.std(correction=0).item()},
+               "mean_sd": torch.cat([s.std for s in scores]).mean().item(),
+               "kl_to_ref": torch.cat([s.kl for s in scores]).mean().item()}
+    if scores[0].ground_truth is not None:
+        summary["ground_truth"] = {"mean": torch.cat([s.ground_truth for s in scores]).mean().item()}
+    return summary
+
+
+def format_report(report: dict) -> str:
+    """The write-up's table, SFT vs trained (reward min / max / mean, mean sd, KL, ground truth), and the verdict."""
+    columns = [("reward min", lambda r: r["reward"]["min"]), ("reward max", lambda r: r["reward"]["max"]),
+               ("reward mean", lambda r: r["reward"]["mean"]), ("mean sd", lambda r: r["mean_sd"]),
+               ("KL to ref", lambda r: r["kl_to_ref"])]
+    if "ground_truth" in report["sft"]:
+        columns.append(("ground truth (0-4)", lambda r: r["ground_truth"]["mean"]))
+    lines = ["| policy | " + " | ".join(name for name, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for name in ("sft", "trained"):
+        lines.append(f"| {name} | " + " | ".join(f"{value(report[name]):.3f}" for _, value in columns) + " |")
+    return "\n".join(lines + ["", "verdict: " + report["comparison"]["verdict"]])
+
+
 def save_predictions(predictions: dict, output_dir: str) -> None:
     save_file({key: value.contiguous() for key, value in predictions.items()},
               os.path.join(output_dir, PREDICTIONS_NAME))
@@ -191,16 +220,17 @@ def plot_runs(runs: dict, path: str, num_examples: int = 4) -> None:
         targets = torch.cat([predictions["target_chosen"], predictions["target_rejected"]])
         picked = targets.argsort()[torch.linspace(0, len(targets) - 1, num_examples).round().long()]
         logits, labels = all_logits[picked], targets[picked].tolist()
-        centers = ops.bin_centers(logits.shape[-1]).numpy()
-        width = 0.8 / (len(logits) * (logits.shape[-1] - 1))
+        centers = predictions.get("centers", ops.bin_centers(logits.shape[-1]))
+        bar_centers, low, span = centers.numpy(), float(centers[0]), float(centers[-1] - centers[0])
+        width = 0.8 * span / (len(logits) * (logits.shape[-1] - 1))
         for index, (probs, mu) in enumerate(zip(logits.softmax(-1).numpy(), labels)):
-            bars = axes[row, 0].bar(centers + (index - (len(logits) - 1) / 2) * width, probs, width=width,
+            bars = axes[row, 0].bar(bar_centers + (index - (len(logits) - 1) / 2) * width, probs, width=width,
                                     label=f"answer {index} (mu={mu:.2f})")
-            axes[row, 0].axvline(mu, color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
+            axes[row, 0].axvline(low + mu * span, color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
         axes[row, 0].set(title=f"{name}: predicted distributions", xlabel="reward bin", ylabel="probability")
         axes[row, 0].legend(fontsize=7)
-        _, std = ops.dist_moments(all_logits)
-        axes[row, 1].hist(std.numpy(), bins=30, range=(0.0, 0.5))
+        _, std = ops.dist_moments(all_logits, centers)
+        axes[row, 1].hist(std.numpy(), bins=30, range=(0.0, 0.5 * span))
         axes[row, 1].set(title=f"{name}: predicted std (mean {std.mean():.3f})", xlabel="std", ylabel="answers")
     figure.tight_layout()
     figure.savefig(path, dpi=100)

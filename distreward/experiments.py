@@ -15,7 +15,7 @@ import math
 import os
 import statistics
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import field, fields, make_dataclass
 
 from scipy.stats import t as student_t
 
@@ -24,23 +24,40 @@ from distreward.rewards import SHAPINGS
 from distreward.train import USER_ERRORS, parse_config
 
 LOSS_KINDS = ("bt_mean", "bt_kl")
+GRID_FIELDS = ("seed", "loss_kind", "shaping")  # PipelineConfig's settings that --seeds, --loss_kinds, --shapings set
 METRICS = (("ground-truth gain", "ground_truth_gain"), ("reward gain", "reward_gain"), ("KL to ref", "kl_to_ref"))
 RUN_COLUMNS = ("seed", "RM loss", "shaping", "RM test accuracy (truth differs)", "SFT ground truth",
                "trained ground truth", "ground-truth gain [95% CI]", "RM reward gain [95% CI]", "KL to ref", "verdict")
 
 
-@dataclass
-class ExperimentConfig(PipelineConfig):
-    """The pipeline's settings, run for every seed x loss x shaping."""
+def pipeline_config(config, seed: int, loss_kind: str, shaping: str) -> PipelineConfig:
+    """The settings of one run of the grid (raises ValueError on a setting that run cannot take)."""
+    settings = {f.name: getattr(config, f.name) for f in fields(PipelineConfig) if f.name not in GRID_FIELDS}
+    return PipelineConfig(**settings, seed=seed, loss_kind=loss_kind, shaping=shaping)
 
-    output_dir: str = field(default="runs/experiments", metadata={"help": "Root of the runs and the results."})
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds to run."})
-    shapings: list[str] = field(default_factory=lambda: list(SHAPINGS), metadata={
-        "help": "Reward shapings to compare."})
-    loss_kinds: list[str] = field(default_factory=lambda: list(LOSS_KINDS), metadata={
-        "help": "Reward-model losses to compare."})
-    reuse_finished_stages: bool = field(default=True, metadata={
-        "help": "Skip a stage whose finished output is already there (--no_reuse_finished_stages reruns all)."})
+
+def check_grid(config) -> None:
+    """Build every run's settings, so that a bad one fails before the first run starts."""
+    for seed in config.seeds:
+        for loss_kind in config.loss_kinds:
+            for shaping in config.shapings:
+                pipeline_config(config, seed, loss_kind, shaping)
+
+
+# The pipeline's settings, less the three the grid sets per run, plus the grid: a flag --help lists always acts.
+ExperimentConfig = make_dataclass("ExperimentConfig", [
+    ("output_dir", str, field(default="runs/experiments", metadata={"help": "Root of the runs and the results."})),
+    *[(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in fields(PipelineConfig)
+      if f.name not in GRID_FIELDS + ("output_dir", "reuse_finished_stages")],
+    ("seeds", list[int], field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds to run."})),
+    ("shapings", list[str], field(default_factory=lambda: list(SHAPINGS), metadata={
+        "help": "Reward shapings to compare."})),
+    ("loss_kinds", list[str], field(default_factory=lambda: list(LOSS_KINDS), metadata={
+        "help": "Reward-model losses to compare."})),
+    ("reuse_finished_stages", bool, field(default=True, metadata={
+        "help": "Skip a stage whose finished output is already there, so an interrupted grid picks up where it "
+                "stopped."})),
+], namespace={"__doc__": "The pipeline's settings, run for every seed x loss x shaping.", "__post_init__": check_grid})
 
 
 def gains(report: dict) -> dict:
@@ -93,14 +110,14 @@ def results_table(runs: list) -> str:
     return "\n".join(lines)
 
 
-def run_experiments(config: ExperimentConfig) -> list:
+def run_experiments(config) -> list:
     """Run the grid, write ``results.json`` and ``results.md``; returns the per-run records."""
     runs = []
     for seed in config.seeds:
         root = os.path.join(config.output_dir, f"seed{seed}")
         for loss_kind in config.loss_kinds:
             for shaping in config.shapings:
-                run_config = replace(config, seed=seed, loss_kind=loss_kind, shaping=shaping)
+                run_config = pipeline_config(config, seed, loss_kind, shaping)
                 rm_dir = os.path.join(root, f"rm_{loss_kind}")
                 report = run_stages(run_config, os.path.join(root, "sft"), rm_dir,
                                     os.path.join(root, f"rl_{loss_kind}_{shaping}"))
@@ -122,12 +139,12 @@ def run_experiments(config: ExperimentConfig) -> list:
 
 
 def main(argv=None) -> int:
-    config, unknown = parse_config(ExperimentConfig, list(sys.argv[1:] if argv is None else argv),
-                                   prog="python -m distreward.experiments")
-    if unknown:
-        print(f"error: unknown argument(s): {' '.join(unknown)} (see --help)", file=sys.stderr)
-        return 2
-    try:
+    try:  # a config validates when it is built: a bad setting raises while parsing
+        config, unknown = parse_config(ExperimentConfig, list(sys.argv[1:] if argv is None else argv),
+                                       prog="python -m distreward.experiments")
+        if unknown:
+            print(f"error: unknown argument(s): {' '.join(unknown)} (see --help)", file=sys.stderr)
+            return 2
         run_experiments(config)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)

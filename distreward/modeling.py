@@ -1,10 +1,12 @@
-"""The distributional reward model of SPEC §1: a causal-LM backbone and a K-bin softmax head.
+"""The models: :func:`load_policy` loads a causal LM and its tokenizer, and the distributional reward model of
+docs/math.md §1 is a causal-LM backbone and a K-bin softmax head.
 
 Saved by :meth:`DistributionalRewardModel.save_pretrained` as ``model.safetensors`` (backbone and
 head weights) and ``reward_model_config.json`` (head settings and the backbone's config), so the
 ``config.json`` of a run directory stays the run's own settings; the trainer saves the tokenizer
 beside them.
 """
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -13,13 +15,33 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from distreward import ops
+from distreward.data import EMBEDDED, local_path_or_hub_id
+from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "reward_model_config.json"
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a hub id or directory; one without a pad token pads with its EOS (as SmolLM2 needs)."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(model_name_or_path: str, seed: int = 0) -> tuple:
+    """(causal LM, tokenizer): ``"embedded"`` builds the tiny offline pair (initialised by ``seed``), anything else
+    is a hub id or a ``save_pretrained`` directory (a path that does not exist is a ValueError, never a download)."""
+    if model_name_or_path == EMBEDDED:
+        tokenizer = build_tiny_tokenizer()
+        return build_tiny_policy(tokenizer, seed=seed), tokenizer
+    path = local_path_or_hub_id(model_name_or_path, "model directory", "config.json")
+    return AutoModelForCausalLM.from_pretrained(path), load_tokenizer(path)
 
 
 @dataclass
@@ -114,3 +136,21 @@ class DistributionalRewardModel(nn.Module):
         model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME)))
         model.eval()
         return model.to(torch_dtype) if torch_dtype is not None else model
+
+
+def load_reward_model(path: str, fallback_tokenizer):
+    """(DistributionalRewardModel, its tokenizer: the one saved beside it, else ``fallback_tokenizer``)."""
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        raise ValueError(f"no reward model in {path}: run `python -m distreward.train rm` first or set "
+                         f"--reward_model_path")
+    has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+    tokenizer = load_tokenizer(path) if has_tokenizer else fallback_tokenizer
+    return DistributionalRewardModel.from_pretrained(path), tokenizer
+
+
+def load_policy_and_reference(path: str):
+    """(policy, frozen reference copy, tokenizer) from an SFT output directory."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"no policy in {path}: run `python -m distreward.train sft` first or set --policy_path")
+    policy, tokenizer = load_policy(path)
+    return policy, copy.deepcopy(policy), tokenizer

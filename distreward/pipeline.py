@@ -3,25 +3,24 @@
 SFT warm-up of the tiny policy -> distributional reward model on its backbone -> REINFORCE with the
 shaped reward -> evaluation of the SFT and the trained policy on the same held-out prompts. Each
 stage writes to its own sub-directory of ``output_dir`` (``sft/``, ``rm/``, ``rl/``); the pipeline
-adds ``report.json`` (SPEC §7, with the paired SFT-vs-trained comparison and its verdict),
+adds ``report.json`` (docs/math.md §7, with the paired SFT-vs-trained comparison and its verdict),
 ``reward_histogram.png`` (reward-model mean and ground truth of SFT vs trained responses) and
-``training_curves.png`` (REINFORCE metrics by step), and prints the write-up's table and verdict.
+``training_curves.png`` (REINFORCE metrics by step). The console shows a header per stage; the rl stage
+prints the write-up's table and verdict once, and the pipeline where the report and the plots are.
 """
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 
 from accelerate import PartialState
 
-from distreward import ops
-from distreward.reinforce import EVAL_NAME, EVAL_SAMPLES_NAME, ReinforceConfig, format_report, run_reinforce
-from distreward.rewards import BASELINES, SHAPINGS
+from distreward.rl_trainer import EVAL_NAME, EVAL_SAMPLES_NAME, ReinforceConfig, run_reinforce
 from distreward.rm_trainer import DISTRIBUTIONS_NAME, RewardConfig, run_reward_training
-from distreward.sft import SFTConfig, run_sft
-from distreward.trainer_utils import METRICS_NAME, list_checkpoints, save_run_config
+from distreward.sft_trainer import SFTConfig, run_sft
+from distreward.trainer_utils import DEFAULT_RUN_DIR, METRICS_NAME, TrainingConfig, remove_checkpoints, save_run_config
 
+STAGE_TITLES = ("SFT warm-up", "reward model", "REINFORCE")
 REPORT_NAME = "report.json"
 HISTOGRAM_NAME = "reward_histogram.png"
 CURVES_NAME = "training_curves.png"
@@ -31,17 +30,21 @@ CURVES = (("reward", "reward-model mean E"), ("reward_sd", "reward-model std"), 
 
 @dataclass
 class PipelineConfig:
-    """Settings of the whole pipeline; everything else takes the stage's own default."""
+    """Settings of the whole pipeline; their defaults and everything else are the stage configs' own, and
+    ``__post_init__`` builds the stage configs, so a setting a stage would reject cannot be built."""
 
-    output_dir: str = field(default="runs/pipeline", metadata={"help": "Root directory: sft/, rm/ and rl/ "
+    output_dir: str = field(default=DEFAULT_RUN_DIR, metadata={"help": "Root directory: sft/, rm/ and rl/ "
                                                                        "sub-directories, report.json, plots."})
-    seed: int = field(default=0, metadata={"help": "Seed of every stage (data, initialisation, sampling)."})
-    num_pairs: int = field(default=4000, metadata={"help": "Preference pairs of the embedded task (SFT and RM)."})
-    sft_epochs: float = field(default=6.0, metadata={
-        "help": "SFT passes over the chosen answers (a weaker SFT policy samples answers unlike the reward "
-                "model's training pairs, and REINFORCE then exploits the reward model instead of improving)."})
-    rm_epochs: float = field(default=2.0, metadata={"help": "Reward-model passes over the training pairs."})
-    loss_kind: str = field(default="bt_kl", metadata={"help": "Reward-model loss: bt_mean, bt_kl or dpl."})
+    seed: int = field(default=TrainingConfig.seed, metadata={
+        "help": "Seed of every stage (data, initialisation, sampling)."})
+    num_pairs: int = field(default=SFTConfig.num_pairs, metadata={
+        "help": "Preference pairs of the embedded task (SFT and RM)."})
+    sft_epochs: float = field(default=SFTConfig.num_train_epochs, metadata={
+        "help": "SFT passes over the chosen answers (the sft stage's --num_train_epochs)."})
+    rm_epochs: float = field(default=RewardConfig.num_train_epochs, metadata={
+        "help": "Reward-model passes over the training pairs."})
+    loss_kind: str = field(default=RewardConfig.loss_kind, metadata={
+        "help": "Reward-model loss: bt_mean, bt_kl or dpl."})
     rl_steps: int = field(default=ReinforceConfig.max_steps, metadata={"help": "REINFORCE optimizer steps."})
     shaping: str = field(default=ReinforceConfig.shaping, metadata={
         "help": "Reward shaping: none, std_penalty (H2.1) or std_scale (H2.2)."})
@@ -54,29 +57,26 @@ class PipelineConfig:
         "help": "Prompts of that comparison: test (reports) or validation (tuning settings)."})
     reuse_finished_stages: bool = field(default=False, metadata={
         "help": "Skip a stage whose finished output is already in its sub-directory."})
+    keep_checkpoints: bool = field(default=TrainingConfig.keep_checkpoints, metadata={
+        "help": "Keep each stage's checkpoint-{step}/ folders once it finishes (deleted otherwise)."})
     resume: bool = field(default=False, metadata={
         "help": "Continue a killed run: skip the finished stages and resume the stage it was in from its latest "
                 "checkpoint (the outputs are those of an uninterrupted run)."})
 
-    def validate(self) -> None:
-        if self.loss_kind not in ops.LOSS_KINDS:
-            raise ValueError(f"--loss_kind must be one of {', '.join(ops.LOSS_KINDS)}, got {self.loss_kind!r}")
-        if self.shaping not in SHAPINGS:
-            raise ValueError(f"--shaping must be one of {', '.join(SHAPINGS)}, got {self.shaping!r}")
-        if self.baseline not in BASELINES:
-            raise ValueError(f"--baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+    def __post_init__(self) -> None:
+        stage_configs(self, *(os.path.join(self.output_dir, name) for name in ("sft", "rm", "rl")))
 
 
 def stage_configs(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str) -> tuple:
     """(SFTConfig, RewardConfig, ReinforceConfig) of a pipeline run with the given stage directories."""
-    sft = SFTConfig(output_dir=sft_dir, seed=config.seed, num_pairs=config.num_pairs,
-                    num_train_epochs=config.sft_epochs, resume=config.resume)
-    rm = RewardConfig(output_dir=rm_dir, model_name_or_path=sft_dir, seed=config.seed, num_pairs=config.num_pairs,
-                      num_train_epochs=config.rm_epochs, loss_kind=config.loss_kind, resume=config.resume)
-    rl = ReinforceConfig(output_dir=rl_dir, policy_path=sft_dir, reward_model_path=rm_dir, seed=config.seed,
+    shared = dict(seed=config.seed, resume=config.resume, keep_checkpoints=config.keep_checkpoints)
+    sft = SFTConfig(output_dir=sft_dir, num_pairs=config.num_pairs, num_train_epochs=config.sft_epochs, **shared)
+    rm = RewardConfig(output_dir=rm_dir, model_name_or_path=sft_dir, num_pairs=config.num_pairs,
+                      num_train_epochs=config.rm_epochs, loss_kind=config.loss_kind, **shared)
+    rl = ReinforceConfig(output_dir=rl_dir, policy_path=sft_dir, reward_model_path=rm_dir,
                          max_steps=config.rl_steps, shaping=config.shaping, baseline=config.baseline,
                          beta=config.beta, alpha=config.alpha, num_eval_prompts=config.num_eval_prompts,
-                         eval_split=config.eval_split, resume=config.resume)
+                         eval_split=config.eval_split, **shared)
     return sft, rm, rl
 
 
@@ -90,8 +90,8 @@ def forget_outputs(stages: tuple, index: int) -> None:
         mark = os.path.join(stage_config.output_dir, last_output)
         if os.path.isfile(mark):
             os.remove(mark)
-        for checkpoint in list_checkpoints(stage_config.output_dir) if position > 0 else []:
-            shutil.rmtree(checkpoint)
+        if position > 0:
+            remove_checkpoints(stage_config.output_dir)
 
 
 def run_stages(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str) -> dict:
@@ -101,14 +101,18 @@ def run_stages(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str) -
     experiment grid shares one SFT policy and one reward model between several REINFORCE runs); with
     ``resume`` the other stages continue from their latest checkpoint, if any.
     """
-    config.validate()
     sft, rm, rl = stage_configs(config, sft_dir, rm_dir, rl_dir)
     # (settings, run function, the file a finished run writes last: sft's eval.json of the embedded task)
     stages = ((sft, run_sft, EVAL_NAME), (rm, run_reward_training, DISTRIBUTIONS_NAME),
               (rl, run_reinforce, EVAL_SAMPLES_NAME))
+    main_process = PartialState().is_main_process
     for index, (stage_config, run, last_output) in enumerate(stages):
+        header = f"\n[{index + 1}/{len(stages)}] {STAGE_TITLES[index]} -> {stage_config.output_dir}"
         done = os.path.isfile(os.path.join(stage_config.output_dir, last_output))
-        if (config.reuse_finished_stages or config.resume) and done:
+        reused = (config.reuse_finished_stages or config.resume) and done
+        if main_process:
+            print(header + (": finished earlier, reused" if reused else ""), flush=True)
+        if reused:
             continue
         forget_outputs(stages, index)
         run(stage_config)
@@ -165,7 +169,6 @@ def plot_training_curves(metrics: list, path: str) -> None:
 def run_pipeline(config: PipelineConfig) -> dict:
     """Run every stage, write ``report.json`` and the plots, print the SFT vs trained table; returns the report."""
     start = time.perf_counter()
-    config.validate()
     main_process = PartialState().is_main_process  # under torchrun only process 0 writes and prints
     if main_process:
         save_run_config(config, config.output_dir)
@@ -176,12 +179,11 @@ def run_pipeline(config: PipelineConfig) -> dict:
     rl_dir = stage_dirs[-1]
     with open(os.path.join(config.output_dir, REPORT_NAME), "w") as handle:
         json.dump(report, handle, indent=2)
-    plot_reward_histograms(read_jsonl(os.path.join(rl_dir, EVAL_SAMPLES_NAME)),
-                           os.path.join(config.output_dir, HISTOGRAM_NAME))
-    plot_training_curves(read_jsonl(os.path.join(rl_dir, METRICS_NAME)), os.path.join(config.output_dir, CURVES_NAME))
-    print(f"\nSFT vs trained policy on {config.num_eval_prompts} held-out {config.eval_split} prompts, sampled "
-          f"(shaping {config.shaping}, RM loss {config.loss_kind}):")
-    print(format_report(report))
-    print(f"\npipeline finished in {time.perf_counter() - start:.0f} s; report: "
-          f"{os.path.join(config.output_dir, REPORT_NAME)}")
+    histogram, curves = (os.path.join(config.output_dir, name) for name in (HISTOGRAM_NAME, CURVES_NAME))
+    plot_reward_histograms(read_jsonl(os.path.join(rl_dir, EVAL_SAMPLES_NAME)), histogram)
+    plot_training_curves(read_jsonl(os.path.join(rl_dir, METRICS_NAME)), curves)
+    print(f"\npipeline finished in {time.perf_counter() - start:.0f} s (shaping {config.shaping}, RM loss "
+          f"{config.loss_kind}); SFT vs trained numbers and verdict: {os.path.join(config.output_dir, REPORT_NAME)}\n"
+          f"plots: {histogram} (RM reward and ground truth of SFT vs trained responses), "
+          f"{curves} (REINFORCE metrics by step)")
     return report

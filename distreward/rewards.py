@@ -1,4 +1,4 @@
-"""Total reward and baselines of SPEC §5: uncertainty shaping and the REINFORCE baseline.
+"""Total reward and baselines of docs/math.md §5: uncertainty shaping and the REINFORCE baseline.
 
 Shaping turns the reward model's mean ``r``, its std ``sd`` and the per-sequence KL to the
 reference into the total reward ``R``; a baseline ``b`` turns ``R`` into the advantage ``R - b``.
@@ -7,6 +7,8 @@ restores them, and take the batch mean as an argument so that, under data parall
 trainer can pass the mean over all ranks and the EMA stays identical on every rank.
 """
 import torch
+
+from distreward.ops.validation import check_choice, check_positive
 
 SHAPINGS = ("none", "std_penalty", "std_scale")
 BASELINES = ("ema", "rloo", "batch")
@@ -20,19 +22,24 @@ def shape_rewards(reward: torch.Tensor, std: torch.Tensor, kl: torch.Tensor, sha
     - ``std_penalty``: ``R = r - beta * kl - alpha * sd``   (hypothesis 2.1)
     - ``std_scale``:   ``R = (r - beta * kl) / (sd + 1)``   (hypothesis 2.2)
     """
-    if shaping not in SHAPINGS:
-        raise ValueError(f"shaping must be one of {SHAPINGS}, got {shaping!r}")
+    check_shaping(shaping, beta, alpha)
     if not reward.shape == std.shape == kl.shape or reward.dim() != 1:
         raise ValueError(f"reward, std and kl must be 1-D of the same length, got {tuple(reward.shape)}, "
                          f"{tuple(std.shape)} and {tuple(kl.shape)}")
-    if beta < 0 or alpha < 0:
-        raise ValueError(f"beta and alpha must be >= 0, got beta={beta}, alpha={alpha}")
     penalised = reward - beta * kl
     if shaping == "std_penalty":
         return penalised - alpha * std
     if shaping == "std_scale":
         return penalised / (std + 1.0)
     return penalised
+
+
+def check_shaping(shaping: str, beta: float, alpha: float, prefix: str = "") -> None:
+    """Raise ValueError unless ``shaping`` is one of :data:`SHAPINGS` and ``beta``, ``alpha`` are >= 0
+    (``prefix`` goes before each name in the message, e.g. ``--`` for command-line flags)."""
+    check_choice(f"{prefix}shaping", shaping, SHAPINGS)
+    check_positive(f"{prefix}beta", beta, allow_zero=True)
+    check_positive(f"{prefix}alpha", alpha, allow_zero=True)
 
 
 class Baseline:
@@ -100,19 +107,10 @@ class BatchMeanBaseline(Baseline):
 
 
 def make_baseline(kind: str, samples_per_prompt: int = 1, ema_decay: float = 0.9) -> Baseline:
-    """The baseline ``kind`` ("ema", "rloo" or "batch")."""
+    """The baseline ``kind`` ("ema", "rloo" or "batch"); ValueError on a kind or setting that cannot work."""
+    check_choice("baseline", kind, BASELINES)
     if kind == "ema":
         return EMABaseline(ema_decay)
     if kind == "rloo":
         return RLOOBaseline(samples_per_prompt)
-    if kind == "batch":
-        return BatchMeanBaseline()
-    raise ValueError(f"baseline must be one of {BASELINES}, got {kind!r}")
-
-
-def policy_loss(advantages: torch.Tensor, sequence_logprobs: torch.Tensor) -> torch.Tensor:
-    """REINFORCE loss ``mean_i -(R_i - b_i) * sum_t log pi(y_i,t)``: advantages [N] (held constant), log-probs [N]."""
-    if advantages.shape != sequence_logprobs.shape or advantages.dim() != 1:
-        raise ValueError(f"advantages {tuple(advantages.shape)} and sequence_logprobs "
-                         f"{tuple(sequence_logprobs.shape)} must be 1-D of the same length")
-    return -(advantages.detach() * sequence_logprobs).mean()
+    return BatchMeanBaseline()

@@ -1,35 +1,33 @@
-"""Stage ``rm``: train the distributional reward model on preference pairs and evaluate it (SPEC §1-3, §7).
+"""Stage ``rm``: train the distributional reward model on preference pairs and evaluate it (docs/math.md §1-3, §7).
 
 ``loss_kind`` picks the objective: ``bt_mean`` (hypothesis 1.1, Bradley-Terry on the means only),
 ``bt_kl`` (hypothesis 1.2, the default: Bradley-Terry plus KL to Gaussian score labels) or ``dpl``.
 
-Backbone: ``--model_name_or_path`` (default ``runs/sft``, the ``sft`` stage's output). When that
+Backbone: ``--model_name_or_path`` (default ``RUN_DIR/sft``, the ``sft`` stage's output). When that
 default directory does not exist, a freshly initialised embedded tiny Llama is used instead and a
 line says so; any other path or hub id that fails to load is an error.
 
-Outputs in ``output_dir``: ``config.json`` (these settings), ``metrics.jsonl``,
-``checkpoint-{step}/``, the model (``model.safetensors`` + ``reward_model_config.json``, see
-:class:`~distreward.modeling.DistributionalRewardModel`) and its tokenizer, ``eval.json`` (held-out
-metrics on the test pairs, per prompt kind and against the ground truth too for the embedded
-task; the validation pairs' under ``validation``), ``predictions.safetensors`` and
-``distributions.png``.
+Outputs in ``output_dir``: ``config.json`` (these settings), ``metrics.jsonl``, ``checkpoint-{step}/``
+(until the run finishes, unless ``--keep_checkpoints``), the model (``model.safetensors`` +
+``reward_model_config.json``, see :class:`~distreward.modeling.DistributionalRewardModel`) and its
+tokenizer, ``eval.json`` (held-out metrics on the test pairs, per prompt kind and against the ground
+truth too for the embedded task; the validation pairs' under ``validation``),
+``predictions.safetensors`` and ``distributions.png``.
 """
 import json
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar, Optional
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer
 
 from distreward import evaluation, ops
-from distreward.data import (EMBEDDED, PreferenceCollator, PreferenceTrainingConfig, load_preference_data,
-                             local_path_or_hub_id)
-from distreward.modeling import DistributionalRewardModel
-from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
+from distreward.data import EMBEDDED, PreferenceCollator, PreferenceTrainingConfig, load_preference_data
+from distreward.modeling import DistributionalRewardModel, load_policy
+from distreward.ops.validation import check_choice, check_positive
 from distreward.trainer_utils import make_accelerator, save_run_config, train_loop
 
-DEFAULT_BACKBONE = "runs/sft"
 DISTRIBUTIONS_NAME = "distributions.png"
 
 
@@ -37,10 +35,9 @@ DISTRIBUTIONS_NAME = "distributions.png"
 class RewardConfig(PreferenceTrainingConfig):
     """Settings of the ``rm`` stage (shared training and data flags come from PreferenceTrainingConfig)."""
 
-    output_dir: str = field(default="runs/rm", metadata={"help": "Where the reward model, eval.json, "
-                                                                 "metrics.jsonl and checkpoints go."})
-    model_name_or_path: str = field(default=DEFAULT_BACKBONE, metadata={
-        "help": "Backbone: a causal LM directory (default: the sft stage's output; if that default is "
+    stage: ClassVar[str] = "rm"
+    model_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "Backbone: a causal LM directory (default: RUN_DIR/sft, the sft stage's output; if that default is "
                 "missing, a fresh embedded tiny Llama), 'embedded' for a fresh tiny Llama, or a hub id "
                 "such as HuggingFaceTB/SmolLM2-135M-Instruct."})
     eval_fraction: float = field(default=0.1, metadata={
@@ -59,40 +56,36 @@ class RewardConfig(PreferenceTrainingConfig):
                                                                    "(ignored when --max_steps > 0)."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Pairs per batch in evaluation."})
 
-    def validate(self) -> None:
-        super().validate()
-        if self.loss_kind not in ops.LOSS_KINDS:
-            raise ValueError(f"--loss_kind must be one of {', '.join(ops.LOSS_KINDS)}, got {self.loss_kind!r}")
-        if self.ops_backend not in ("auto", "eager", "triton"):
-            raise ValueError(f"--ops_backend must be auto, eager or triton, got {self.ops_backend!r}")
-        if self.num_bins < 2:
-            raise ValueError(f"--num_bins must be >= 2, got {self.num_bins}")
-        if not self.sigma > 0 or self.score_weight < 0:
-            raise ValueError(f"--sigma must be > 0 and --score_weight >= 0, got {self.sigma} and {self.score_weight}")
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.model_name_or_path is None:
+            self.model_name_or_path = self.default_backbone()
+        check_choice("--loss_kind", self.loss_kind, ops.LOSS_KINDS)
+        check_choice("--ops_backend", self.ops_backend, ("auto", "eager", "triton"))
+        ops.bin_centers(self.num_bins)  # raises unless num_bins is an integer >= 2
+        check_positive("--sigma", self.sigma)
+        check_positive("--score_weight", self.score_weight, allow_zero=True)
+
+    def default_backbone(self) -> str:
+        return os.path.join(self.run_dir, "sft")
 
 
 def load_backbone(config: RewardConfig, print_fn=print):
     """(reward model with a fresh head, tokenizer) for ``config.model_name_or_path`` (see module doc)."""
     path = config.model_name_or_path
-    if path == DEFAULT_BACKBONE and not os.path.isdir(path):
-        print_fn(f"{DEFAULT_BACKBONE} not found: using a freshly initialised embedded tiny Llama as the backbone "
+    if path == config.default_backbone() and not os.path.isdir(path):
+        print_fn(f"{path} not found: using a freshly initialised embedded tiny Llama as the backbone "
                  f"(run `python -m distreward.train sft` first for an SFT-initialised one)")
         path = EMBEDDED
-    if path == EMBEDDED:
-        tokenizer = build_tiny_tokenizer()
-        backbone = build_tiny_policy(tokenizer, seed=config.seed)
-    else:
-        backbone = local_path_or_hub_id(path, "model directory", "config.json")
-        tokenizer = AutoTokenizer.from_pretrained(backbone)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    backbone, tokenizer = load_policy(path, config.seed)
     model = DistributionalRewardModel.from_backbone(backbone, num_bins=config.num_bins,
                                                     moments_backend=config.ops_backend)
     return model, tokenizer
 
 
-def pair_loss_fn(config: RewardConfig):
-    """``compute_loss(model, batch) -> (loss, metrics)`` for :func:`train_loop`: both sides in one forward."""
+def pair_loss_fn(config: RewardConfig, centers: torch.Tensor):
+    """``compute_loss(model, batch) -> (loss, metrics)`` for :func:`train_loop`: both sides in one forward, the
+    loss over the model's bin ``centers`` [K]."""
 
     def compute_loss(model, batch):
         output = model(torch.cat([batch["input_ids_chosen"], batch["input_ids_rejected"]]),
@@ -100,7 +93,7 @@ def pair_loss_fn(config: RewardConfig):
         logits_chosen, logits_rejected = output.logits.chunk(2)
         loss = ops.pair_loss(logits_chosen, logits_rejected, batch["target_chosen"], batch["target_rejected"],
                              kind=config.loss_kind, sigma=config.sigma, score_weight=config.score_weight,
-                             backend=config.ops_backend)  # bins linspace(0, 1, K), as the model's
+                             centers=centers.to(logits_chosen.device), backend=config.ops_backend)
         mean_chosen, mean_rejected = output.mean.detach().chunk(2)
         return loss, {"accuracy": (mean_chosen > mean_rejected).float().mean(), "mean_std": output.std.detach().mean()}
 
@@ -109,7 +102,6 @@ def pair_loss_fn(config: RewardConfig):
 
 def run_reward_training(config: RewardConfig):
     """Train, save and evaluate the reward model; returns the trained model (eval.json's numbers are printed)."""
-    config.validate()
     accelerator = make_accelerator(config)
     model, tokenizer = load_backbone(config, accelerator.print)
     with accelerator.main_process_first():  # rank 0 downloads and caches the data, the others then read it
@@ -120,7 +112,7 @@ def run_reward_training(config: RewardConfig):
         save_run_config(config, config.output_dir)
     loader = DataLoader(data["train"], batch_size=config.per_device_train_batch_size, shuffle=True,
                         collate_fn=PreferenceCollator(tokenizer.pad_token_id))
-    model = train_loop(config, accelerator, model, loader, pair_loss_fn(config), tokenizer,
+    model = train_loop(config, accelerator, model, loader, pair_loss_fn(config, model.centers), tokenizer,
                        description=f"rm ({config.loss_kind})")
     if accelerator.is_main_process:
         model.save_pretrained(config.output_dir)

@@ -1,4 +1,4 @@
-"""Rollouts for REINFORCE (SPEC §5): sample responses, take their log-probs, score them.
+"""Rollouts for REINFORCE (docs/math.md §5): sample responses, take their log-probs, score them.
 
 A :class:`Rollout` is stored *right-padded*: each row is its prompt tokens, then its response
 tokens, then padding. ``generate`` needs left padding; the rows are re-packed afterwards so later

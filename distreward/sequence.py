@@ -1,7 +1,7 @@
 """Per-token log-probs of sampled responses under a causal LM, without its full ``[B, T, V]`` logits.
 
 REINFORCE needs ``log pi(y_t)`` of every response token for the policy (with gradients) and the
-frozen reference (SPEC §4-5). :func:`sequence_logprobs` runs the model's trunk once, keeps the
+frozen reference (docs/math.md §4-5). :func:`sequence_logprobs` runs the model's trunk once, keeps the
 hidden states of the positions that predict a response token, and applies the LM head and the
 fused gather ``chunk_size`` positions per row at a time, so at most one chunk of logits exists at
 any moment. For a plain ``nn.Linear`` head and a fused backend (C++ on CPU, Triton on CUDA: the

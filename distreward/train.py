@@ -1,21 +1,23 @@
-"""``python -m distreward.train [STAGE] [--flags]``: the command-line entry point.
+"""``python -m distreward.train [STAGE] [--flags]`` (or ``distreward [STAGE] [--flags]``): the command-line entry point.
 
 Each stage is a config dataclass (its fields are the flags, their ``help`` metadata the ``--help``
 text, parsed by ``transformers.HfArgumentParser`` as TRL's scripts do) and a ``run`` function that
 takes it. With no stage the whole embedded pipeline runs.
 """
-import importlib
 import sys
 
-# stage -> (module, config class, run function, one-line description)
+from distreward import pipeline
+from distreward.rl_trainer import ReinforceConfig, run_reinforce
+from distreward.rm_trainer import RewardConfig, run_reward_training
+from distreward.sft_trainer import SFTConfig, run_sft
+
+# stage -> (config class, run function, one-line description)
 STAGES = {
-    "pipeline": ("distreward.pipeline", "PipelineConfig", "run_pipeline",
+    "pipeline": (pipeline.PipelineConfig, pipeline.run_pipeline,
                  "the whole embedded pipeline: SFT warm-up, reward model, REINFORCE, evaluation (default)"),
-    "sft": ("distreward.sft", "SFTConfig", "run_sft", "supervised warm-up of the policy on chosen answers"),
-    "rm": ("distreward.rm_trainer", "RewardConfig", "run_reward_training",
-           "train and evaluate the distributional reward model"),
-    "rl": ("distreward.reinforce", "ReinforceConfig", "run_reinforce",
-           "REINFORCE with the uncertainty-shaped distributional reward"),
+    "sft": (SFTConfig, run_sft, "supervised warm-up of the policy on chosen answers"),
+    "rm": (RewardConfig, run_reward_training, "train and evaluate the distributional reward model"),
+    "rl": (ReinforceConfig, run_reinforce, "REINFORCE with the uncertainty-shaped distributional reward"),
 }
 DEFAULT_STAGE = "pipeline"
 # A user's mistake: bad settings or data (ValueError), a model or data set that cannot be read (OSError: transformers
@@ -25,7 +27,7 @@ USER_ERRORS = (ValueError, OSError)
 
 def usage() -> str:
     lines = ["usage: python -m distreward.train [STAGE] [--flags]   (STAGE --help lists its flags)", "", "stages:"]
-    lines += [f"  {name:<9} {spec[3]}" for name, spec in STAGES.items()]
+    lines += [f"  {name:<9} {description}" for name, (_, _, description) in STAGES.items()]
     return "\n".join(lines)
 
 
@@ -58,6 +60,9 @@ def parse_config(config_class, argv: list, prog: str) -> tuple:
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(config_class, prog=prog, allow_abbrev=False)
+    for action in parser._actions:  # HfArgumentParser gives --no_FLAG the help of --FLAG
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            action.help = f"Turn --{action.dest} off (it is on by default)."
     config, unknown = parser.parse_args_into_dataclasses(args=join_negative_values(argv),
                                                          return_remaining_strings=True)
     return config, unknown
@@ -72,20 +77,13 @@ def main(argv=None) -> int:
     if stage not in STAGES:
         print(f"error: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module_name, config_name, run_name, _ = STAGES[stage]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name:
-            raise
-        print(f"error: stage {stage!r} is not implemented yet ({module_name} is missing)", file=sys.stderr)
-        return 2
-    config, unknown = parse_config(getattr(module, config_name), argv, prog=f"python -m distreward.train {stage}")
-    if unknown:
-        print(f"error: unknown argument(s) for stage {stage!r}: {' '.join(unknown)} (see --help)", file=sys.stderr)
-        return 2
-    try:
-        getattr(module, run_name)(config)
+    config_class, run, _ = STAGES[stage]
+    try:  # a config validates when it is built: a bad setting raises while parsing
+        config, unknown = parse_config(config_class, argv, prog=f"python -m distreward.train {stage}")
+        if unknown:
+            print(f"error: unknown argument(s) for stage {stage!r}: {' '.join(unknown)} (see --help)", file=sys.stderr)
+            return 2
+        run(config)
     except USER_ERRORS as error:  # bad settings, data or paths: one clear line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2

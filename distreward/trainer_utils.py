@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
+from transformers.utils import logging as transformers_logging
 
 from distreward.distributed import check_data_parallel, has_accelerator
 
@@ -30,14 +31,23 @@ METRICS_NAME = "metrics.jsonl"
 TRAINER_STATE_NAME = "trainer_state.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
+DEFAULT_RUN_DIR = "runs/pipeline"  # where `python -m distreward.train` writes sft/, rm/ and rl/
 
 
 @dataclass
 class TrainingConfig:
-    """Settings every trainer shares (the stage configs subclass it, as TRL's configs subclass TrainingArguments)."""
+    """Settings every trainer shares (the stage configs subclass it, as TRL's configs subclass TrainingArguments).
 
-    output_dir: str = field(default="runs/train", metadata={"help": "Directory for config.json, metrics.jsonl, "
-                                                                    "checkpoints and the final model."})
+    Built only when valid: ``__post_init__`` raises ValueError, one line, on a setting that cannot work.
+    """
+
+    stage: ClassVar[str] = "train"  # the sub-directory of run_dir that output_dir defaults to
+    output_dir: Optional[str] = field(default=None, metadata={
+        "help": "Where the stage writes config.json, metrics.jsonl, checkpoints, its model and eval.json "
+                "(default: RUN_DIR/STAGE, STAGE being sft, rm or rl)."})
+    run_dir: str = field(default=DEFAULT_RUN_DIR, metadata={
+        "help": "Root of a pipeline run: --output_dir and the stage's inputs default to its sft/, rm/ and rl/ "
+                "sub-directories, where `python -m distreward.train` writes them."})
     seed: int = field(default=0, metadata={"help": "Seed for the model head, data order and every RNG."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -56,11 +66,15 @@ class TrainingConfig:
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints to keep (older ones are deleted)."})
     resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in --output_dir "
                                                           "(a fresh start otherwise, which deletes old checkpoints)."})
+    keep_checkpoints: bool = field(default=False, metadata={
+        "help": "Keep the checkpoint-{step}/ folders when the run finishes (they only serve --resume of a killed "
+                "run, so by default a finished run keeps its final model, eval, metrics and plots alone)."})
     mixed_precision: str = field(default="auto", metadata={"help": "Autocast dtype: auto (bf16 on a GPU that "
                                                                    "has it, else no), no, bf16 or fp16."})
 
-    def validate(self) -> None:
-        """Raise ValueError, one line, on a setting that cannot work."""
+    def __post_init__(self) -> None:
+        if self.output_dir is None:
+            self.output_dir = os.path.join(self.run_dir, self.stage)
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -151,6 +165,7 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
     check_data_parallel(accelerator)
+    transformers_logging.disable_progress_bar()  # no "Writing model shards" bar per save: the trainer's bar tells it
 
     def save_models(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -176,6 +191,13 @@ def list_checkpoints(output_dir: str) -> list:
     return [os.path.join(output_dir, f"checkpoint-{step}") for step in steps]
 
 
+def remove_checkpoints(output_dir: str, keep: int = 0) -> None:
+    """Delete the ``checkpoint-{step}`` folders of ``output_dir`` but the newest ``keep``."""
+    checkpoints = list_checkpoints(output_dir)
+    for stale in checkpoints[:len(checkpoints) - keep]:
+        shutil.rmtree(stale)
+
+
 def save_checkpoint(accelerator: Accelerator, state: TrainerState, output_dir: str, tokenizer=None,
                     save_total_limit: int = 0) -> str:
     """Save model, optimizer, scheduler, RNG and ``state`` to ``output_dir/checkpoint-{step}``; returns it.
@@ -189,8 +211,8 @@ def save_checkpoint(accelerator: Accelerator, state: TrainerState, output_dir: s
             json.dump(asdict(state), handle)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
-        for stale in list_checkpoints(output_dir)[:-save_total_limit] if save_total_limit > 0 else []:
-            shutil.rmtree(stale)
+        if save_total_limit > 0:
+            remove_checkpoints(output_dir, keep=save_total_limit)
     accelerator.wait_for_everyone()
     return path
 
@@ -212,8 +234,7 @@ def start_or_resume(accelerator: Accelerator, config: TrainingConfig) -> Trainer
     if config.resume:
         accelerator.print(f"no checkpoint in {config.output_dir}: starting from scratch")
     elif accelerator.is_main_process:
-        for stale in checkpoints:
-            shutil.rmtree(stale)
+        remove_checkpoints(config.output_dir)
     accelerator.wait_for_everyone()
     return TrainerState()
 
@@ -233,7 +254,8 @@ def train_loop(config: TrainingConfig, accelerator: Accelerator, model: torch.nn
     scalar tensors to log (averaged over the micro-batches since the last logged step and over
     processes). Handles gradient
     accumulation, clipping, the LR schedule, tqdm, ``metrics.jsonl``, checkpoints every
-    ``save_steps`` and ``config.resume``. The caller saves the final model.
+    ``save_steps`` and ``config.resume``; a finished run deletes its checkpoints unless ``config.keep_checkpoints``.
+    The caller saves the final model.
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
@@ -280,5 +302,7 @@ def train_loop(config: TrainingConfig, accelerator: Accelerator, model: torch.nn
             if state.global_step >= total:
                 break
     progress.close()
+    if accelerator.is_main_process and not config.keep_checkpoints:
+        remove_checkpoints(config.output_dir)
     accelerator.wait_for_everyone()
     return accelerator.unwrap_model(model)

@@ -1,9 +1,9 @@
-"""Fused Triton kernels for the distributional reward head (SPEC §1-3).
+"""Fused Triton kernels for the distributional reward head (docs/math.md §1-3).
 
 Each program takes ``BLOCK_N`` rows of ``[N, K]`` logits (any strides) and keeps them in registers,
 K padded to ``BLOCK_K`` (a power of two, 2 <= K <= 64) with masks. Per row it computes softmax in
 log-sum-exp form, the mean E and std of the bin centers, the Gaussian label distribution q around
-the target, KL(q || p), and the pair losses of SPEC §3. Math is float32 (float64 for float64
+the target, KL(q || p), and the pair losses of docs/math.md §3. Math is float32 (float64 for float64
 logits) whatever the input dtype; outputs are float32 (float64), gradients come in the logits'
 dtype.
 
@@ -19,7 +19,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 
 TRITON_MAX_BINS = 64  # a row of K logits lives in registers: 2 <= K <= 64
-PAIR_LOSS_KINDS = ("bt_mean", "bt_kl", "dpl")  # the SPEC §3 losses the pair kernel knows
+PAIR_LOSS_KINDS = ("bt_mean", "bt_kl", "dpl")  # the docs/math.md §3 losses the pair kernel knows
 # Elements of one [BLOCK_N, BLOCK_K] tile. The pair kernel keeps ~12 tiles live, so a GPU thread holds
 # ELEMENTS_PER_THREAD of each (~50 registers, no spills): 1024 elements = 64 rows of K <= 16 at 8 warps.
 # The CPU interpreter costs ~1 ms per program, so 2^20 there.
@@ -175,7 +175,7 @@ def _pair_loss_kernel(chosen_ptr, stride_chosen_row, stride_chosen_bin, rejected
                       partial_loss_ptr, n_rows, n_bins, label_scale, score_weight, inv_n_rows,
                       DPL: tl.constexpr, WITH_KL: tl.constexpr, WITH_GRAD: tl.constexpr, ACC: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """This program's share of the mean SPEC §3 pair loss (its BLOCK_N pairs' sum / N) into
+    """This program's share of the mean docs/math.md §3 pair loss (its BLOCK_N pairs' sum / N) into
     ``partial_loss[pid]``; with WITH_GRAD, the mean's gradients w.r.t. both rows into the contiguous [N, K] grads."""
     rows, row_mask, bins, bin_mask, centers = _program_tile(centers_ptr, stride_centers, n_rows, n_bins, ACC,
                                                             BLOCK_N, BLOCK_K)
@@ -324,7 +324,7 @@ class GaussianKLFunction(torch.autograd.Function):
 
 
 class PairLossFunction(torch.autograd.Function):
-    """Mean SPEC §3 pair loss; the forward kernel writes the gradients, backward scales them by grad_output."""
+    """Mean docs/math.md §3 pair loss; the forward kernel writes the gradients, backward scales them by grad_output."""
 
     @staticmethod
     def forward(ctx, logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight,
@@ -377,7 +377,7 @@ def triton_gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float,
 
 def triton_pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight,
                      centers):
-    """Mean over N pairs of the SPEC §3 loss ``kind`` ("bt_mean", "bt_kl", "dpl"): logits [N, K] each,
+    """Mean over N pairs of the docs/math.md §3 loss ``kind`` ("bt_mean", "bt_kl", "dpl"): logits [N, K] each,
     targets [N] each (None for "bt_mean") -> scalar fp32 (fp64). Inputs are validated by ``ops.pair_loss``;
     an unknown ``kind`` raises ValueError here too."""
     with_grad = torch.is_grad_enabled() and (logits_chosen.requires_grad or logits_rejected.requires_grad)

@@ -1,4 +1,4 @@
-"""Fused Triton rollout log-prob gather (SPEC §4), the CUDA path of ``ops.gather_logprobs``.
+"""Fused Triton rollout log-prob gather (docs/math.md §4), the CUDA path of ``ops.gather_logprobs``.
 
 One program per row of ``[B, T, V]`` logits (any strides). The forward streams the row in
 ``BLOCK_V`` chunks with an online max / sum-exp, so each logit is read once, and writes

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from distreward import train
-from distreward.reinforce import ReinforceTrainer
+from distreward.rl_trainer import ReinforceTrainer
 
 
 class Killed(Exception):

@@ -7,7 +7,7 @@ import torch
 
 from distreward.modeling import DistributionalRewardModel
 from distreward.rm_trainer import RewardConfig
-from distreward.sft import SFTConfig
+from distreward.sft_trainer import SFTConfig
 from distreward.synthetic import make_preference_dataset
 from distreward.train import main
 
@@ -66,10 +66,10 @@ def test_bad_data_gives_one_line(capsys, tmp_path, drop, message):
 def test_rm_without_sft_output_says_it_builds_a_fresh_backbone(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["rm", *TINY_RUN]) == 0
-    assert "runs/sft not found: using a freshly initialised embedded tiny Llama" in capsys.readouterr().out
-    report = json.loads((tmp_path / "runs/rm/eval.json").read_text())
+    assert "runs/pipeline/sft not found: using a freshly initialised embedded tiny Llama" in capsys.readouterr().out
+    report = json.loads((tmp_path / "runs/pipeline/rm/eval.json").read_text())
     assert set(report) >= {"pairwise_accuracy", "mean_std", "std_error_spearman", "label_kl", "by_kind"}
-    assert (tmp_path / "runs/rm/distributions.png").stat().st_size > 0
+    assert (tmp_path / "runs/pipeline/rm/distributions.png").stat().st_size > 0
 
 
 def test_sft_then_rm_on_local_data_through_the_hub_code_path(tmp_path):
@@ -78,6 +78,7 @@ def test_sft_then_rm_on_local_data_through_the_hub_code_path(tmp_path):
     assert main(["sft", *TINY_RUN, "--output_dir", str(sft_dir), "--num_eval_prompts", "4"]) == 0
     assert json.loads((sft_dir / "sft_config.json").read_text())["max_steps"] == 3
     assert 0 <= json.loads((sft_dir / "eval.json").read_text())["ground_truth"]["mean"] <= 4
+    assert not list(sft_dir.glob("checkpoint-*"))  # a finished run keeps its final model, not its checkpoints
     data = tmp_path / "pairs.jsonl"
     rows = [row for split, num in (("train", 16), ("validation", 4), ("test", 6))
             for row in make_preference_dataset(num, seed=5, split=split).to_list()]
@@ -85,7 +86,7 @@ def test_sft_then_rm_on_local_data_through_the_hub_code_path(tmp_path):
         row["chosen_rating"], row["rejected_rating"] = row.pop("score_chosen"), row.pop("score_rejected")
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     argv = ["rm", *TINY_RUN, "--model_name_or_path", str(sft_dir), "--dataset_name", str(data),
-            "--output_dir", str(rm_dir), "--loss_kind", "bt_mean"]
+            "--output_dir", str(rm_dir), "--loss_kind", "bt_mean", "--keep_checkpoints"]
     assert main(argv) == 0
 
     config = json.loads((rm_dir / "config.json").read_text())

@@ -109,7 +109,8 @@ def runs(models, tmp_path_factory):
     (root / "runs.json").write_text(json.dumps(plan))
     torchrun(WORKER, str(root / "runs.json"))
     assert os.path.isdir(root / "rl_killed" / "checkpoint-2") and not os.path.exists(root / "rl_killed" / "policy")
-    torchrun("-m", "distreward.train", *sampled_rl_argv(models, root / "rl_killed", "--resume"))
+    # --keep_checkpoints: test_rank_zero_alone_writes_metrics_and_checkpoints reads the finished run's checkpoint
+    torchrun("-m", "distreward.train", *sampled_rl_argv(models, root / "rl_killed", "--resume", "--keep_checkpoints"))
     return root
 
 

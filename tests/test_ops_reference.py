@@ -1,5 +1,5 @@
-"""The eager reference ops (SPEC §1-4) pinned independently: hand-computed cases, a NumPy/SciPy
-computation of the same formulas, float64 gradcheck, and every bad-input case of SPEC §6."""
+"""The eager reference ops (docs/math.md §1-4) pinned independently: hand-computed cases, a NumPy/SciPy
+computation of the same formulas, float64 gradcheck, and every bad-input case of docs/math.md §6."""
 import math
 
 import numpy as np
@@ -201,7 +201,7 @@ def test_gather_gradient_is_onehot_minus_softmax():
     torch.testing.assert_close(z.grad, expected)
 
 
-# ---------------------------------------------------------------- bad input (SPEC §6)
+# ---------------------------------------------------------------- bad input (docs/math.md §6)
 
 GOOD = torch.randn(4, 10)
 TARGET = torch.rand(4)

@@ -20,3 +20,11 @@ def test_kernels_ship_inside_the_package_not_as_a_top_level_module():
     assert distreward.kernels.__name__ == "distreward.kernels"
     top_level = importlib.metadata.distribution("distreward").read_text("top_level.txt").split()
     assert top_level == ["distreward"]
+
+
+def test_the_distreward_console_script_runs_the_train_entry_point():
+    from distreward import train
+
+    (script,) = importlib.metadata.distribution("distreward").entry_points.select(group="console_scripts",
+                                                                                   name="distreward")
+    assert script.load() is train.main

@@ -1,11 +1,12 @@
 """The whole embedded pipeline (SFT -> RM -> REINFORCE -> report) in a tiny configuration."""
 import json
 import os
+import re
 
 import pytest
 import torch
 
-from distreward import train
+from distreward import experiments, train
 from distreward.evaluation import compare_policies, paired_bootstrap
 from distreward.experiments import gains, results_table, runs_table
 from distreward.pipeline import PipelineConfig, run_pipeline, run_stages
@@ -36,6 +37,18 @@ def test_pipeline_writes_report_and_plots(pipeline_run):
                           ("rl", "metrics.jsonl"), ("rl", "config.json")):
         assert os.path.isfile(output_dir / stage / output)
     assert json.load(open(output_dir / "config.json"))["rl_steps"] == 2
+    assert not list(output_dir.glob("*/checkpoint-*"))  # finished stages keep no checkpoints
+
+
+def test_pipeline_console_tells_the_story_once(tmp_path, capsys):
+    run_pipeline(PipelineConfig(output_dir=str(tmp_path), **TINY))
+    out, err = capsys.readouterr()
+    assert [line.split(" ->")[0] for line in out.splitlines() if line.startswith("[")] == [
+        "[1/3] SFT warm-up", "[2/3] reward model", "[3/3] REINFORCE"]
+    assert out.count("| policy |") == 1 and out.count("verdict: ") == 1  # the table and its verdict, once
+    assert "greedy answers to" in out and "sampled responses each" in out  # the two SFT scores, labelled
+    assert "reward_histogram.png" in out and "training_curves.png" in out
+    assert "Writing model shards" not in err
 
 
 def test_pipeline_reuses_finished_stages(pipeline_run):
@@ -46,6 +59,27 @@ def test_pipeline_reuses_finished_stages(pipeline_run):
     assert again == report
     assert stamps == [os.path.getmtime(os.path.join(d, "config.json" if "sft" not in d else "model.safetensors"))
                       for d in dirs]
+
+
+def test_rl_alone_finds_the_pipelines_policy_and_reward_model(pipeline_run, tmp_path):
+    output_dir, _ = pipeline_run
+    rl_dir = tmp_path / "rl"
+    assert train.main(["rl", "--run_dir", str(output_dir), "--output_dir", str(rl_dir), "--max_steps", "1",
+                       "--num_train_prompts", "8", "--per_device_train_batch_size", "4", "--num_eval_prompts", "2",
+                       "--samples_per_prompt", "2"]) == 0
+    settings = json.load(open(rl_dir / "config.json"))
+    assert (settings["policy_path"], settings["reward_model_path"]) == (str(output_dir / "sft"), str(output_dir / "rm"))
+
+
+def test_experiments_help_lists_only_flags_that_act(capsys):
+    with pytest.raises(SystemExit):
+        experiments.main(["--help"])
+    text = capsys.readouterr().out
+    assert all(f"--{name}s" in text for name in experiments.GRID_FIELDS)
+    assert not any(re.search(rf"--{name}\b(?!s)", text) for name in experiments.GRID_FIELDS)
+    flat = " ".join(text.split())  # argparse wraps the help lines
+    assert flat.count("Skip a stage whose finished output") == 1
+    assert "Turn --reuse_finished_stages off (it is on by default)." in flat
 
 
 def test_cli_rejects_a_bad_setting(capsys):

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from distreward import pipeline, reinforce, rm_trainer, sft, train, trainer_utils
+from distreward import pipeline, rl_trainer, rm_trainer, sft_trainer, train, trainer_utils
 from distreward.pipeline import PipelineConfig, run_stages
 
 TINY = {"num_pairs": 64, "sft_epochs": 2, "rm_epochs": 2, "rl_steps": 4, "num_eval_prompts": 2}  # 4 steps a stage
@@ -16,7 +16,8 @@ TINY = {"num_pairs": 64, "sft_epochs": 2, "rm_epochs": 2, "rl_steps": 4, "num_ev
 STAGE_SETTINGS = ({"save_steps": 2, "num_eval_prompts": 2}, {"save_steps": 2},
                   {"save_steps": 2, "per_device_train_batch_size": 4, "samples_per_prompt": 2, "max_new_tokens": 6})
 KILL_AT = 4  # the killed stage raises in step 4: step 3 was logged after checkpoint-2 and must be run again
-STAGES = (("sft", sft, "run_sft"), ("rm", rm_trainer, "run_reward_training"), ("rl", reinforce, "run_reinforce"))
+STAGES = (("sft", sft_trainer, "run_sft"), ("rm", rm_trainer, "run_reward_training"),
+          ("rl", rl_trainer, "run_reinforce"))
 
 
 class Killed(Exception):

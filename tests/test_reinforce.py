@@ -1,4 +1,4 @@
-"""REINFORCE (SPEC §5): rollout masking and log-probs, a step that raises a known reward, resume."""
+"""REINFORCE (docs/math.md §5): rollout masking and log-probs, a step that raises a known reward, resume."""
 import json
 import os
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distreward.modeling import DistributionalRewardModel, RewardOutput
+from distreward.data import load_prompts
+from distreward.modeling import DistributionalRewardModel, RewardOutput, load_policy_and_reference, load_reward_model
 from distreward import synthetic
 from distreward.evaluation import compare_policies
-from distreward.reinforce import (ReinforceConfig, ReinforceTrainer, load_policy_and_reference, load_prompts,
-                                  load_reward_model, run_reinforce)
+from distreward.rl_trainer import ReinforceConfig, ReinforceTrainer, run_reinforce
 from distreward.rollout import RolloutScorer, generate_rollouts, left_align, mask_through_eos, prompt_text, \
     token_logprobs
 from distreward.splits import prompt_split
@@ -218,7 +218,7 @@ def test_embedded_held_out_prompts_are_distinct_and_from_their_split(eval_split)
 
 def test_eval_split_must_be_held_out():
     with pytest.raises(ValueError, match="--eval_split must be one of test, validation"):
-        ReinforceConfig(eval_split="train").validate()
+        ReinforceConfig(eval_split="train")
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
-"""Shaping, baselines and the policy loss of SPEC §5 against hand computations."""
+"""Shaping, baselines and the policy loss of docs/math.md §5 against hand computations."""
 import pytest
 import torch
 
 from distreward.rewards import (BASELINES, SHAPINGS, BatchMeanBaseline, EMABaseline, RLOOBaseline, make_baseline,
-                                policy_loss, shape_rewards)
+                                shape_rewards)
+from distreward.rl_trainer import policy_loss
 
 REWARD = torch.tensor([0.8, 0.2, 0.5])
 STD = torch.tensor([0.1, 0.3, 0.0])

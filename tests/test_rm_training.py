@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader
 
 from distreward import ops
 from distreward.data import PreferenceCollator, load_preference_data
-from distreward.evaluation import (average_ranks, markdown_table, metrics_by_group, reward_metrics, spearman,
-                                   truth_metrics)
+from distreward.evaluation import (average_ranks, markdown_table, metrics_by_group, predict, reward_metrics,
+                                   spearman, truth_metrics)
 from distreward.modeling import DistributionalRewardModel
 from distreward.rm_trainer import RewardConfig, pair_loss_fn
 from distreward.tiny import build_tiny_policy
@@ -33,7 +33,7 @@ def train(config, tokenizer, pairs, kill_at_micro_step=None):
     model = DistributionalRewardModel.from_backbone(build_tiny_policy(tokenizer, seed=0, **SMALL))
     loader = DataLoader(pairs, batch_size=config.per_device_train_batch_size, shuffle=True,
                         collate_fn=PreferenceCollator(tokenizer.pad_token_id))
-    compute_loss, calls = pair_loss_fn(config), []
+    compute_loss, calls = pair_loss_fn(config, model.centers), []
 
     def maybe_killed(model, batch):
         calls.append(batch["input_ids_chosen"])
@@ -89,6 +89,28 @@ def test_a_fresh_run_deletes_old_checkpoints_and_keeps_the_newest(tmp_path, toke
     train(config, tokenizer, pairs)  # not --resume: a new run must not leave checkpoint-6 to be resumed
     assert list_checkpoints(config.output_dir) == []
     assert [record["step"] for record in read_metrics(config.output_dir)] == [1, 2]
+
+
+def test_loss_and_evaluation_use_the_models_own_bin_centers(tmp_path, tokenizer, pairs):
+    """A model on scores [1, 5]: the bt_mean loss and the held-out metrics read its means and stds, not
+    those of linspace(0, 1, K)."""
+    torch.manual_seed(0)
+    model = DistributionalRewardModel.from_backbone(build_tiny_policy(tokenizer, seed=0, **SMALL), low=1.0, high=5.0)
+    model.eval()
+    batch = next(iter(DataLoader(pairs, batch_size=8, collate_fn=PreferenceCollator(tokenizer.pad_token_id))))
+    config = config_for(tmp_path, "centers", loss_kind="bt_mean")
+    loss, metrics = pair_loss_fn(config, model.centers)(model, batch)
+    with torch.no_grad():
+        chosen = model(batch["input_ids_chosen"], batch["attention_mask_chosen"])
+        rejected = model(batch["input_ids_rejected"], batch["attention_mask_rejected"])
+    expected = -torch.nn.functional.logsigmoid(chosen.mean - rejected.mean).mean()
+    torch.testing.assert_close(loss.detach(), expected)
+    predictions = predict(model, pairs.select(range(8)), tokenizer.pad_token_id)
+    torch.testing.assert_close(predictions["centers"], torch.linspace(1.0, 5.0, 10))
+    evaluated = reward_metrics(predictions)
+    assert evaluated["mean_std"] == pytest.approx(torch.cat([chosen.std, rejected.std]).mean().item(), rel=1e-5)
+    assert evaluated["pairwise_accuracy"] == pytest.approx(
+        ((chosen.mean > rejected.mean).float() + 0.5 * (chosen.mean == rejected.mean).float()).mean().item())
 
 
 # --- held-out metrics -----------------------------------------------------------------------------------

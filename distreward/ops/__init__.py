@@ -1,4 +1,4 @@
-"""Public ops of SPEC §6, each with ``backend="auto" | "eager" | "triton" | "cpp"``.
+"""Public ops of docs/math.md §6, each with ``backend="auto" | "eager" | "triton" | "cpp"``.
 
 ``eager`` is the plain-PyTorch reference (:mod:`distreward.ops.reference`). ``auto`` picks the
 fused path for the tensor's device: the Triton kernels for CUDA tensors, the C++ extension for
@@ -26,8 +26,7 @@ def bin_centers(num_bins: int = 10, low: float = 0.0, high: float = 1.0, device=
 
 def _pick(backend: str, device: torch.device, available: tuple) -> str:
     """Resolve ``backend`` to one of ``available`` (eager always is); raise on anything else."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check.check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         if device.type == "cuda" and "triton" in available:
             return "triton"
@@ -101,13 +100,12 @@ def gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float = 0.1, 
 def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target_chosen=None, target_rejected=None,
               kind: str = "bt_kl", sigma: float = 0.1, score_weight: float = 1.0, centers=None,
               backend: str = "auto") -> torch.Tensor:
-    """Mean SPEC §3 loss over N pairs: logits [N, K] each, targets [N] each in [0, 1] -> scalar fp32.
+    """Mean docs/math.md §3 loss over N pairs: logits [N, K] each, targets [N] each in [0, 1] -> scalar fp32.
 
     ``kind`` is "bt_mean" (targets unused), "bt_kl" (default) or "dpl"; with ``score_weight=0`` the
     targets' values are unused too (and not read).
     """
-    if kind not in LOSS_KINDS:
-        raise ValueError(f"kind must be one of {LOSS_KINDS}, got {kind!r}")
+    check.check_choice("kind", kind, LOSS_KINDS)
     check.check_logits("logits_chosen", logits_chosen)
     check.check_logits("logits_rejected", logits_rejected)
     if logits_chosen.shape != logits_rejected.shape:

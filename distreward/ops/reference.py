@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference implementations of SPEC §1-4 (the ``eager`` backend).
+"""Plain-PyTorch reference implementations of docs/math.md §1-4 (the ``eager`` backend).
 
 Every function computes in float32 (float64 stays float64) whatever the input dtype, in
 log-sum-exp form, so it is stable for logits of any magnitude. The fused backends are tested
@@ -67,7 +67,7 @@ def dpl_log_prob(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor) -> 
 
 def pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected,
               kind: str = "bt_kl", sigma: float = 0.1, score_weight: float = 1.0, centers=None) -> torch.Tensor:
-    """Mean over N pairs of the SPEC §3 loss ``kind`` ("bt_mean", "bt_kl" or "dpl"); scalar fp32."""
+    """Mean over N pairs of the docs/math.md §3 loss ``kind`` ("bt_mean", "bt_kl" or "dpl"); scalar fp32."""
     if kind not in LOSS_KINDS:
         raise ValueError(f"kind must be one of {LOSS_KINDS}, got {kind!r}")
     if kind == "dpl":

@@ -1,4 +1,4 @@
-"""Input checks shared by every backend of :mod:`distreward.ops` (SPEC §6).
+"""Input checks shared by every backend of :mod:`distreward.ops` (docs/math.md §6).
 
 Each check raises ``ValueError`` (``IndexError`` for token ids) naming the argument, so a bad call
 fails loudly instead of returning a silently wrong number. The bin ops check shapes, dtypes and
@@ -86,6 +86,12 @@ def check_results(op: str, results: tuple, logits: dict, targets: dict, centers:
         raise ValueError("centers must be finite")
     raise ValueError(f"{op} is not finite for these finite inputs: a -inf logit where the loss needs "
                      "probability, or logits or centers too large for float32")
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    """A setting that must be one of ``choices`` (a loss kind, a backend, a shaping, ...)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""Stage ``rl``: REINFORCE with the uncertainty-shaped distributional reward (SPEC §5, §7).
+"""Stage ``rl``: REINFORCE with the uncertainty-shaped distributional reward (docs/math.md §5, §7).
 
 Each optimizer step samples ``samples_per_prompt`` responses to a batch of prompts from the policy,
 scores them with the distributional reward model (mean ``r`` and std ``sd``) and the per-sequence KL
@@ -7,46 +7,44 @@ subtracts a baseline and minimises ``-(R - b) * sum_t log pi(y_t)``. The loop (a
 clipping, tqdm, ``metrics.jsonl``, checkpoints, ``--resume``) is :func:`distreward.trainer_utils.train_loop`;
 the baseline's state travels in the checkpoints.
 
-Outputs in ``output_dir``: ``config.json`` (these settings), ``metrics.jsonl``, ``checkpoint-{step}/``,
-``policy/`` (the trained policy and tokenizer, ``save_pretrained`` form), ``eval.json`` (SPEC §7:
-the SFT and the trained policy on the same held-out prompts, with the paired comparison and verdict
-of :func:`distreward.evaluation.compare_policies` under ``comparison``) and ``eval_samples.jsonl`` (every
-evaluated response with its scores).
+Outputs in ``output_dir``: ``config.json`` (these settings), ``metrics.jsonl``, ``checkpoint-{step}/``
+(until the run finishes, unless ``--keep_checkpoints``), ``policy/`` (the trained policy and
+tokenizer, ``save_pretrained`` form), ``eval.json`` (docs/math.md §7: the SFT and the trained policy
+on the same held-out prompts, with the paired comparison and verdict of
+:func:`distreward.evaluation.compare_policies` under ``comparison``) and ``eval_samples.jsonl``
+(every evaluated response with its scores).
 """
 import json
 import os
-import random
 from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distreward import synthetic
-from distreward.data import EMBEDDED, load_raw_preferences
+from distreward.data import EMBEDDED, HELD_OUT_SPLITS, load_prompts
 from distreward.distributed import call_in_forward
-from distreward.evaluation import compare_policies
-from distreward.modeling import CONFIG_NAME as REWARD_MODEL_CONFIG_NAME
-from distreward.modeling import DistributionalRewardModel
-from distreward.rewards import BASELINES, SHAPINGS, make_baseline, policy_loss, shape_rewards
+from distreward.evaluation import compare_policies, format_report, summarize
+from distreward.modeling import load_policy_and_reference, load_reward_model
+from distreward.ops.validation import check_choice
+from distreward.rewards import check_shaping, make_baseline, shape_rewards
 from distreward.rollout import RolloutScorer, generate_rollouts, token_logprobs
 from distreward.trainer_utils import TrainingConfig, make_accelerator, save_run_config, train_loop
 
 POLICY_DIR = "policy"
 EVAL_NAME = "eval.json"
 EVAL_SAMPLES_NAME = "eval_samples.jsonl"
-HELD_OUT_SPLITS = ("test", "validation")
 
 
 @dataclass
 class ReinforceConfig(TrainingConfig):
     """Settings of the ``rl`` stage (shared training flags from TrainingConfig; a batch is prompts per step)."""
 
-    output_dir: str = field(default="runs/rl", metadata={"help": "Where config.json, metrics.jsonl, checkpoints, "
-                                                                 "policy/ and eval.json go."})
-    policy_path: str = field(default="runs/sft", metadata={
+    policy_path: Optional[str] = field(default=None, metadata={
         "help": "The SFT policy (a save_pretrained directory with its tokenizer): the starting point and the "
-                "frozen reference of the KL term."})
-    reward_model_path: str = field(default="runs/rm", metadata={"help": "The rm stage's output directory."})
+                "frozen reference of the KL term (default: RUN_DIR/sft)."})
+    reward_model_path: Optional[str] = field(default=None, metadata={
+        "help": "The rm stage's output directory (default: RUN_DIR/rm)."})
     dataset_name: str = field(default=EMBEDDED, metadata={
         "help": "Prompt source: 'embedded' (the generated task, with a ground-truth scorer), or a local "
                 ".jsonl/.parquet file / hub id with a 'prompt' column (no ground truth)."})
@@ -83,53 +81,27 @@ class ReinforceConfig(TrainingConfig):
     logging_steps: int = field(default=1, metadata={"help": "Write a metrics.jsonl line every this many steps."})
     save_steps: int = field(default=20, metadata={"help": "Save a checkpoint-{step}/ every this many steps."})
 
-    def validate(self) -> None:
-        super().validate()
-        if self.shaping not in SHAPINGS:
-            raise ValueError(f"--shaping must be one of {', '.join(SHAPINGS)}, got {self.shaping!r}")
-        if self.baseline not in BASELINES:
-            raise ValueError(f"--baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
-        if self.eval_split not in HELD_OUT_SPLITS:
-            raise ValueError(f"--eval_split must be one of {', '.join(HELD_OUT_SPLITS)}, got {self.eval_split!r}")
-        if self.baseline == "rloo" and self.samples_per_prompt < 2:
-            raise ValueError(f"--baseline rloo needs --samples_per_prompt >= 2, got {self.samples_per_prompt}")
+    stage: ClassVar[str] = "rl"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.policy_path = self.policy_path or os.path.join(self.run_dir, "sft")
+        self.reward_model_path = self.reward_model_path or os.path.join(self.run_dir, "rm")
+        check_shaping(self.shaping, self.beta, self.alpha, prefix="--")
+        make_baseline(self.baseline, self.samples_per_prompt, self.ema_decay)  # raises on a setting it cannot take
+        check_choice("--eval_split", self.eval_split, HELD_OUT_SPLITS)
         for name in ("num_train_prompts", "num_eval_prompts", "samples_per_prompt", "max_new_tokens",
                      "eval_samples_per_prompt", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.beta < 0 or self.alpha < 0:
-            raise ValueError(f"--beta and --alpha must be >= 0, got {self.beta} and {self.alpha}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"--ema_decay must lie in [0, 1), got {self.ema_decay}")
 
 
-def unique_prompts(raw, seed: int) -> list:
-    """The distinct ``prompt`` values of a data set, shuffled by ``seed``."""
-    unique = list({json.dumps(prompt): prompt for prompt in raw["prompt"]}.values())
-    random.Random(seed).shuffle(unique)
-    return unique
-
-
-def load_prompts(config: ReinforceConfig):
-    """(train prompts, evaluation prompts, ground-truth scorer or None), split by prompt.
-
-    Training prompts come from the ``train`` split; the evaluation prompts are
-    ``num_eval_prompts`` distinct prompts of ``config.eval_split`` (``test`` for reports,
-    ``validation`` for tuning), so no evaluation prompt was seen by SFT, the RM or REINFORCE.
-    """
-    if config.dataset_name == EMBEDDED:
-        train = synthetic.make_prompts(config.num_train_prompts, seed=config.seed, split="train")
-        held_out = synthetic.make_prompts(config.num_eval_prompts, seed=config.seed, split=config.eval_split,
-                                          unique=True)
-        return train, held_out, synthetic.score_response
-    train = unique_prompts(load_raw_preferences(config.dataset_name, config.dataset_split, split="train"),
-                           config.seed)[:config.num_train_prompts]
-    held_out = unique_prompts(load_raw_preferences(config.dataset_name, config.dataset_split,
-                                                   split=config.eval_split), config.seed)[:config.num_eval_prompts]
-    if not train or not held_out:
-        raise ValueError(f"{config.dataset_name} has {len(train)} train and {len(held_out)} {config.eval_split} "
-                         f"prompts (split by prompt): it needs at least one of each")
-    return train, held_out, None
+def policy_loss(advantages: torch.Tensor, sequence_logprobs: torch.Tensor) -> torch.Tensor:
+    """REINFORCE loss ``mean_i -(R_i - b_i) * sum_t log pi(y_i,t)``: advantages [N] (held constant), log-probs [N]."""
+    if advantages.shape != sequence_logprobs.shape or advantages.dim() != 1:
+        raise ValueError(f"advantages {tuple(advantages.shape)} and sequence_logprobs "
+                         f"{tuple(sequence_logprobs.shape)} must be 1-D of the same length")
+    return -(advantages.detach() * sequence_logprobs).mean()
 
 
 class ReinforceTrainer:
@@ -137,7 +109,6 @@ class ReinforceTrainer:
     :func:`~distreward.trainer_utils.train_loop`; :meth:`evaluate` scores a policy on held-out prompts."""
 
     def __init__(self, config: ReinforceConfig, policy, tokenizer, scorer: RolloutScorer, train_prompts: list):
-        config.validate()
         self.config, self.policy, self.tokenizer, self.scorer = config, policy, tokenizer, scorer
         self.accelerator = make_accelerator(config)
         scorer.reference.to(self.accelerator.device)
@@ -176,7 +147,7 @@ class ReinforceTrainer:
 
     @torch.no_grad()
     def evaluate(self, policy, prompts: list):
-        """(SPEC §7 summary, per-sample records) of ``policy`` on ``prompts``.
+        """(docs/math.md §7 summary, per-sample records) of ``policy`` on ``prompts``.
 
         Sampling is seeded by ``config.seed`` (and leaves the training RNG alone), so two policies
         evaluated in turn see the same prompts and the same random stream.
@@ -197,52 +168,6 @@ class ReinforceTrainer:
         return summarize(scores), records
 
 
-def summarize(scores: list) -> dict:
-    """SPEC §7 numbers over a list of :class:`~distreward.rollout.RolloutScores`."""
-    reward = torch.cat([s.reward for s in scores]).cpu()
-    summary = {"reward": {"min": reward.min().item(), "max": reward.max().item(), "mean": reward.mean().item(),
-                          "std": reward.std(correction=0).item()},
-               "mean_sd": torch.cat([s.std for s in scores]).mean().item(),
-               "kl_to_ref": torch.cat([s.kl for s in scores]).mean().item()}
-    if scores[0].ground_truth is not None:
-        summary["ground_truth"] = {"mean": torch.cat([s.ground_truth for s in scores]).mean().item()}
-    return summary
-
-
-def format_report(report: dict) -> str:
-    """The write-up's table, SFT vs trained (reward min / max / mean, mean sd, KL, ground truth), and the verdict."""
-    columns = [("reward min", lambda r: r["reward"]["min"]), ("reward max", lambda r: r["reward"]["max"]),
-               ("reward mean", lambda r: r["reward"]["mean"]), ("mean sd", lambda r: r["mean_sd"]),
-               ("KL to ref", lambda r: r["kl_to_ref"])]
-    if "ground_truth" in report["sft"]:
-        columns.append(("ground truth (0-4)", lambda r: r["ground_truth"]["mean"]))
-    lines = ["| policy | " + " | ".join(name for name, _ in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
-    for name in ("sft", "trained"):
-        lines.append(f"| {name} | " + " | ".join(f"{value(report[name]):.3f}" for _, value in columns) + " |")
-    return "\n".join(lines + ["", "verdict: " + report["comparison"]["verdict"]])
-
-
-def load_reward_model(path: str, fallback_tokenizer):
-    """(DistributionalRewardModel, its tokenizer: the one saved beside it, else ``fallback_tokenizer``)."""
-    if not os.path.isfile(os.path.join(path, REWARD_MODEL_CONFIG_NAME)):
-        raise ValueError(f"no reward model in {path}: run `python -m distreward.train rm` first or set "
-                         f"--reward_model_path")
-    has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer_config.json"))
-    return (DistributionalRewardModel.from_pretrained(path),
-            AutoTokenizer.from_pretrained(path) if has_tokenizer else fallback_tokenizer)
-
-
-def load_policy_and_reference(path: str):
-    """(policy, frozen reference copy, tokenizer) from an SFT output directory."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"no policy in {path}: run `python -m distreward.train sft` first or set --policy_path")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return AutoModelForCausalLM.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path), tokenizer
-
-
 def write_jsonl(path: str, records: list) -> None:
     with open(path, "w") as handle:
         handle.writelines(json.dumps(record) + "\n" for record in records)
@@ -250,7 +175,6 @@ def write_jsonl(path: str, records: list) -> None:
 
 def run_reinforce(config: ReinforceConfig) -> dict:
     """Train the policy with REINFORCE, save it to ``output_dir/policy`` and write ``eval.json``; returns it."""
-    config.validate()
     policy, reference, tokenizer = load_policy_and_reference(config.policy_path)
     reward_model, reward_tokenizer = load_reward_model(config.reward_model_path, tokenizer)
     train_prompts, eval_prompts, ground_truth = load_prompts(config)
@@ -271,6 +195,9 @@ def run_reinforce(config: ReinforceConfig) -> dict:
         with open(os.path.join(config.output_dir, EVAL_NAME), "w") as handle:
             json.dump(report, handle, indent=2)
         write_jsonl(os.path.join(config.output_dir, EVAL_SAMPLES_NAME), samples)
+        accelerator.print(f"\nSFT vs trained policy: {config.num_eval_prompts} held-out {config.eval_split} prompts, "
+                          f"{config.eval_samples_per_prompt} sampled responses each "
+                          f"(temperature {config.temperature}):")
         accelerator.print(format_report(report))
     accelerator.wait_for_everyone()
     return report

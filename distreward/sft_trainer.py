@@ -14,14 +14,14 @@ It trains on the ``train`` prompts' pairs only (:mod:`distreward.splits`).
 import json
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-import torch
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distreward import synthetic
-from distreward.data import EMBEDDED, CompletionCollator, PreferenceTrainingConfig, load_sft_data, local_path_or_hub_id
-from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
+from distreward.data import EMBEDDED, CompletionCollator, PreferenceTrainingConfig, load_sft_data
+from distreward.modeling import load_policy
+from distreward.rollout import generate_rollouts
 from distreward.trainer_utils import make_accelerator, save_run_config, train_loop
 
 RUN_CONFIG_NAME = "sft_config.json"
@@ -31,48 +31,22 @@ RUN_CONFIG_NAME = "sft_config.json"
 class SFTConfig(PreferenceTrainingConfig):
     """Settings of the ``sft`` stage (shared training and data flags come from PreferenceTrainingConfig)."""
 
-    output_dir: str = field(default="runs/sft", metadata={"help": "Where the SFT policy, tokenizer, "
-                                                                  "metrics.jsonl and checkpoints go."})
+    stage: ClassVar[str] = "sft"
     model_name_or_path: str = field(default=EMBEDDED, metadata={
         "help": "Policy to fine-tune: 'embedded' builds the tiny offline Llama, otherwise a hub id "
                 "(e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or a local directory."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (use ~2e-5 for SmolLM2)."})
-    num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the chosen answers "
-                                                                   "(ignored when --max_steps > 0)."})
+    num_train_epochs: float = field(default=6.0, metadata={
+        "help": "Passes over the chosen answers (ignored when --max_steps > 0; a weaker SFT policy samples answers "
+                "unlike the reward model's training pairs, and REINFORCE then exploits the reward model)."})
     num_eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts answered greedily for "
                                                                 "eval.json (embedded task only; 0 skips it)."})
-
-
-def load_policy(model_name_or_path: str, seed: int):
-    """(policy, tokenizer): the embedded tiny pair, or a causal LM and its tokenizer from the hub / disk."""
-    if model_name_or_path == EMBEDDED:
-        tokenizer = build_tiny_tokenizer()
-        return build_tiny_policy(tokenizer, seed=seed), tokenizer
-    model_name_or_path = local_path_or_hub_id(model_name_or_path, "model directory", "config.json")
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return AutoModelForCausalLM.from_pretrained(model_name_or_path), tokenizer
-
-
-@torch.no_grad()
-def greedy_answers(policy, tokenizer, prompts: list, max_new_tokens: int = 16) -> list:
-    """Greedy answers (decoded text without special tokens) of ``policy`` to user ``prompts``."""
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True) for prompt in prompts]
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues every row's end
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.device)
-    tokenizer.padding_side = padding_side
-    policy.eval()
-    output = policy.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def evaluate_policy(policy, tokenizer, num_prompts: int, seed: int) -> dict:
     """Mean ground-truth score (0-4) of greedy answers to ``num_prompts`` distinct test prompts of the embedded task."""
     prompts = synthetic.make_prompts(num_prompts, seed=seed, split="test", unique=True)
-    answers = greedy_answers(policy, tokenizer, prompts)
+    answers = generate_rollouts(policy, tokenizer, prompts, max_new_tokens=16, temperature=0).responses
     scores = [synthetic.score_response(prompt, answer) for prompt, answer in zip(prompts, answers)]
     return {"ground_truth": {"mean": sum(scores) / len(scores)}, "num_prompts": num_prompts, "decoding": "greedy",
             "examples": [{"prompt": p, "answer": a} for p, a in list(zip(prompts, answers))[:8]]}
@@ -85,7 +59,6 @@ def sft_loss(model, batch):
 
 def run_sft(config: SFTConfig):
     """Fine-tune the policy on the chosen answers; save it with its tokenizer to ``config.output_dir``."""
-    config.validate()
     accelerator = make_accelerator(config)
     policy, tokenizer = load_policy(config.model_name_or_path, config.seed)
     with accelerator.main_process_first():  # rank 0 downloads and caches the data, the others then read it
@@ -104,6 +77,7 @@ def run_sft(config: SFTConfig):
             with open(os.path.join(config.output_dir, "eval.json"), "w") as handle:
                 json.dump(report, handle, indent=2)
             accelerator.print(f"SFT policy, greedy answers to {config.num_eval_prompts} test prompts: mean ground "
-                              f"truth {report['ground_truth']['mean']:.2f} / 4")
+                              f"truth {report['ground_truth']['mean']:.2f} / 4 (greedy decoding; REINFORCE's table "
+                              f"scores sampled answers, so its sft row differs)")
     accelerator.wait_for_everyone()
     return policy
