@@ -61,9 +61,11 @@ def rm_argv(models, output_dir, per_device: int, accumulation: int) -> list:
 
 
 def rl_argv(models, output_dir, *flags: str) -> list:
+    """The rl stage's flags; the ema baseline unless ``flags`` name another (the last --baseline wins)."""
     return ["rl", "--policy_path", str(models / "sft"), "--reward_model_path", str(models / "rm"),
             "--num_eval_prompts", "2", "--eval_samples_per_prompt", "1", "--max_new_tokens", "4",
-            "--learning_rate", "1e-2", "--logging_steps", "1", "--output_dir", str(output_dir), *flags]
+            "--learning_rate", "1e-2", "--logging_steps", "1", "--baseline", "ema", "--output_dir", str(output_dir),
+            *flags]
 
 
 def greedy_rl_argv(models, output_dir, per_device: int) -> list:
