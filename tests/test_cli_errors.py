@@ -68,7 +68,8 @@ def test_abbreviated_flags_are_unknown_arguments(capsys, never_run, argv, unknow
     assert error_lines(capsys) == [f"error: unknown argument(s) for stage 'rm': {unknown} (see --help)"]
 
 
-@pytest.mark.parametrize("argv", [["--no_such_flag", "1"], ["--rl-step", "5"], ["--seeds", "1", "--rl_step", "5"]])
+@pytest.mark.parametrize("argv", [["--no_such_flag", "1"], ["--rl-step", "5"], ["--seeds", "1", "--rl_step", "5"],
+                                  ["--seed", "1"]])  # the grid sets each run's seed: --seed would not act
 def test_experiments_unknown_or_abbreviated_flags_give_one_line(capsys, never_run, argv):
     assert experiments.main(argv) == 2
     unknown = " ".join(argv[2:] if argv[0] == "--seeds" else argv)

@@ -82,13 +82,19 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, tokenizer, p
 
 
 def test_a_fresh_run_deletes_old_checkpoints_and_keeps_the_newest(tmp_path, tokenizer, pairs):
-    config = config_for(tmp_path, "run", max_steps=7, save_steps=2, save_total_limit=2)
+    config = config_for(tmp_path, "run", max_steps=7, save_steps=2, save_total_limit=2, keep_checkpoints=True)
     train(config, tokenizer, pairs)
     assert [path.rsplit("-", 1)[1] for path in list_checkpoints(config.output_dir)] == ["4", "6"]
     config.max_steps, config.save_steps = 2, 5
     train(config, tokenizer, pairs)  # not --resume: a new run must not leave checkpoint-6 to be resumed
     assert list_checkpoints(config.output_dir) == []
     assert [record["step"] for record in read_metrics(config.output_dir)] == [1, 2]
+
+
+def test_a_finished_run_keeps_no_checkpoint_unless_asked(tmp_path, tokenizer, pairs):
+    config = config_for(tmp_path, "run", max_steps=4, save_steps=2)
+    train(config, tokenizer, pairs)
+    assert list_checkpoints(config.output_dir) == [] and read_metrics(config.output_dir)
 
 
 def test_loss_and_evaluation_use_the_models_own_bin_centers(tmp_path, tokenizer, pairs):
