@@ -183,7 +183,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
     plot_reward_histograms(read_jsonl(os.path.join(rl_dir, EVAL_SAMPLES_NAME)), histogram)
     plot_training_curves(read_jsonl(os.path.join(rl_dir, METRICS_NAME)), curves)
     print(f"\npipeline finished in {time.perf_counter() - start:.0f} s (shaping {config.shaping}, RM loss "
-          f"{config.loss_kind}); the SFT vs trained numbers and the verdict are in {os.path.join(config.output_dir, REPORT_NAME)}\n"
+          f"{config.loss_kind}); the SFT vs trained numbers and the verdict are in "
+          f"{os.path.join(config.output_dir, REPORT_NAME)}\n"
           f"plots: {histogram} (RM reward and ground truth of SFT vs trained responses), "
           f"{curves} (REINFORCE metrics by step)")
     return report

@@ -19,7 +19,7 @@ from distreward.trainer_utils import TrainingConfig
     (ReinforceConfig, {"shaping": "sqrt"}, "--shaping must be one of none, std_penalty, std_scale"),
     (ReinforceConfig, {"beta": -1.0}, "--beta must be >= 0"),
     (ReinforceConfig, {"baseline": "rloo", "samples_per_prompt": 1}, "samples_per_prompt >= 2"),
-    (ReinforceConfig, {"ema_decay": 1.0}, "decay"),
+    (ReinforceConfig, {"baseline": "ema", "ema_decay": 1.0}, "decay"),
     (PipelineConfig, {"baseline": "median"}, "baseline must be one of ema, rloo, batch"),
     (PipelineConfig, {"loss_kind": "mse"}, "--loss_kind"),
     (PipelineConfig, {"sft_epochs": 0.0}, "--num_train_epochs"),
