@@ -45,8 +45,7 @@ def unavailable(backend: str):
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``backend`` ("auto", "eager", "triton" or "cpp") -> the one that runs on ``device``; ValueError when
     it is unknown, cannot run there, or did not build."""
-    if backend not in ("auto",) + tuple(GATHER):
-        raise ValueError(f"backend must be one of {('auto',) + tuple(GATHER)}, got {backend!r}")
+    check.check_choice("backend", backend, ("auto",) + tuple(GATHER))
     if backend == "auto":
         fused = AUTO.get(device.type)
         return fused if fused and not unavailable(fused) else "eager"
