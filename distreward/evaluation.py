@@ -1,9 +1,11 @@
 """Held-out evaluation of a distributional reward model (docs/math.md §7) and the H1.1 vs H1.2 comparison.
 
 :func:`predict` runs the model over tokenised pairs; :func:`reward_metrics` turns the predictions
-into ``eval.json``'s numbers; :func:`plot_runs` draws, per run, the predicted distributions of a few
-answers and the histogram of the predicted std. ``python -m distreward.evaluation RUN_DIR RUN_DIR``
-compares finished ``rm`` runs side by side (a markdown table and one PNG).
+into ``eval.json``'s numbers (a scalar head's, whose logits are [N, 1], have no std, label KL or
+calibration: those are None); :func:`plot_runs` draws, per run, the predicted distributions of a few
+answers and the histogram of the predicted std; :func:`plot_reliability` the quantile calibration
+curves. ``python -m distreward.evaluation RUN_DIR RUN_DIR`` compares finished ``rm`` runs side by side
+(a markdown table and one PNG).
 """
 import argparse
 import json
@@ -18,7 +20,9 @@ from distreward import ops
 from distreward.data import PreferenceCollator
 
 PREDICTIONS_NAME = "predictions.safetensors"
-METRIC_NAMES = ("pairwise_accuracy", "mean_std", "std_error_spearman", "label_kl")
+METRIC_NAMES = ("pairwise_accuracy", "mean_std", "std_error_spearman", "label_kl", "calibration_ece")
+CALIBRATION_LEVELS = torch.arange(1, 20, dtype=torch.float64) / 20  # p = 0.05, 0.10, ..., 0.95
+PROMPT_GROUPS = {"add": "clear", "sort": "clear", "count": "clear", "ambiguous": "ambiguous"}  # embedded task
 
 
 @torch.no_grad()
@@ -36,7 +40,46 @@ def predict(model, dataset, pad_token_id: int, batch_size: int = 64, device=None
             parts[f"logits_{side}"].append(output.logits.float().cpu())
             parts[f"target_{side}"].append(batch[f"target_{side}"])
     model.train(was_training)
-    return {**{key: torch.cat(values) for key, values in parts.items()}, "centers": model.centers.float().cpu()}
+    result = {key: torch.cat(values) for key, values in parts.items()}
+    if model.centers is not None:
+        result["centers"] = model.centers.float().cpu()
+    return result
+
+
+def is_scalar(predictions: dict) -> bool:
+    """Whether ``predictions`` come from a scalar head (logits [N, 1]: one reward, no distribution)."""
+    return predictions["logits_chosen"].shape[-1] == 1
+
+
+def rewards(logits: torch.Tensor, centers=None) -> torch.Tensor:
+    """The reward [N] fp32 of logits [N, K]: E of the distribution, or a scalar head's value (K = 1)."""
+    return logits[:, 0].float() if logits.shape[-1] == 1 else ops.dist_moments(logits, centers)[0]
+
+
+def pit_values(logits: torch.Tensor, labels: torch.Tensor, centers=None) -> torch.Tensor:
+    """Probability integral transform [N] float64: the predicted CDF at each label.
+
+    logits [N, K], labels [N] on the centers' scale. Bin k is the interval ``[low + k w, low + (k+1) w)``
+    with ``w = (high - low) / K`` (``low``, ``high`` = the first and last center), its mass spread
+    uniformly inside, so ``PIT = sum_k p_k clamp((label - low - k w) / w, 0, 1)``.
+    """
+    centers = ops.bin_centers(logits.shape[-1]) if centers is None else centers
+    probs = logits.double().softmax(-1)
+    low, high = float(centers[0]), float(centers[-1])
+    width = (high - low) / logits.shape[-1]
+    edges = low + width * torch.arange(logits.shape[-1], dtype=torch.float64)
+    filled = ((labels.double().unsqueeze(-1) - edges) / width).clamp(0.0, 1.0)
+    return (probs * filled).sum(-1)
+
+
+def calibration_curve(pit: torch.Tensor) -> torch.Tensor:
+    """[L] float64: the observed share of PIT values <= p for each level p of ``CALIBRATION_LEVELS``."""
+    return (pit.unsqueeze(-1) <= CALIBRATION_LEVELS).double().mean(0)
+
+
+def calibration_ece(pit: torch.Tensor) -> float:
+    """Mean |observed share - p| over ``CALIBRATION_LEVELS``: 0 for a calibrated predicted distribution."""
+    return (calibration_curve(pit) - CALIBRATION_LEVELS).abs().mean().item()
 
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -63,20 +106,24 @@ def reward_metrics(predictions: dict, sigma: float = 0.1) -> dict:
     ``pairwise_accuracy``: share of pairs with E_chosen > E_rejected (a tie counts half);
     ``mean_std``: mean predicted std over all answers; ``std_error_spearman``: Spearman between
     the predicted std and |E - mu| over all answers; ``label_kl``: mean KL(q || p) against the
-    Gaussian labels of width ``sigma``.
+    Gaussian labels of width ``sigma``; ``calibration_ece``: :func:`calibration_ece` of the labels'
+    PIT values. A scalar head has only the accuracy (the others are None).
     """
     centers = predictions.get("centers")
-    mean_c, _ = ops.dist_moments(predictions["logits_chosen"], centers)
-    mean_r, _ = ops.dist_moments(predictions["logits_rejected"], centers)
+    mean_c = rewards(predictions["logits_chosen"], centers)
+    mean_r = rewards(predictions["logits_rejected"], centers)
+    report = {"pairwise_accuracy": pair_wins(mean_c, mean_r).mean().item(), "num_pairs": int(mean_c.shape[0])}
+    if is_scalar(predictions):
+        return {**report, **{key: None for key in METRIC_NAMES[1:]}}
     logits = torch.cat([predictions["logits_chosen"], predictions["logits_rejected"]])
     targets = torch.cat([predictions["target_chosen"], predictions["target_rejected"]])
     mean, std = ops.dist_moments(logits, centers)
     return {
-        "pairwise_accuracy": pair_wins(mean_c, mean_r).mean().item(),
+        **report,
         "mean_std": std.mean().item(),
         "std_error_spearman": spearman(std, (mean - targets).abs()),
         "label_kl": ops.gaussian_kl(logits, targets, sigma, centers).mean().item(),
-        "num_pairs": int(mean_c.shape[0]),
+        "calibration_ece": calibration_ece(pit_values(logits, targets, centers)),
     }
 
 
@@ -91,8 +138,8 @@ def truth_metrics(predictions: dict, truth_chosen: list, truth_rejected: list) -
     ``truth_differs_accuracy`` is the share ranked as labelled (chosen above rejected) and
     ``ground_truth_accuracy`` the share ranked as the ground truth ranks them; ``truth_tie_share`` is
     the share of pairs with equal ground truth."""
-    mean_c, _ = ops.dist_moments(predictions["logits_chosen"], predictions.get("centers"))
-    mean_r, _ = ops.dist_moments(predictions["logits_rejected"], predictions.get("centers"))
+    mean_c = rewards(predictions["logits_chosen"], predictions.get("centers"))
+    mean_r = rewards(predictions["logits_rejected"], predictions.get("centers"))
     truth_c = torch.tensor(truth_chosen, dtype=torch.float64)
     truth_r = torch.tensor(truth_rejected, dtype=torch.float64)
     differs = truth_c != truth_r
@@ -106,14 +153,20 @@ def truth_metrics(predictions: dict, truth_chosen: list, truth_rejected: list) -
     }
 
 
+def pair_subset(predictions: dict, rows: torch.Tensor) -> dict:
+    """``predictions`` restricted to the pairs where ``rows`` [N] (bool) is True."""
+    return {key: value if key == "centers" else value[rows] for key, value in predictions.items()}
+
+
 def metrics_by_group(predictions: dict, groups: list, sigma: float = 0.1) -> dict:
     """:func:`reward_metrics` for each value of ``groups`` (one label per pair, e.g. the prompt kind)."""
-    result = {}
-    for name in sorted(set(groups)):
-        rows = torch.tensor([group == name for group in groups])
-        subset = {key: value if key == "centers" else value[rows] for key, value in predictions.items()}
-        result[name] = reward_metrics(subset, sigma)
-    return result
+    return {name: reward_metrics(pair_subset(predictions, torch.tensor([group == name for group in groups])), sigma)
+            for name in sorted(set(groups))}
+
+
+def prompt_groups(kinds: list) -> list:
+    """The embedded task's prompt kinds -> "clear" (add, sort, count) or "ambiguous", one per pair."""
+    return [PROMPT_GROUPS[kind] for kind in kinds]
 
 
 def per_prompt_means(samples: list, policy: str, key: str) -> torch.Tensor:
@@ -205,19 +258,35 @@ def save_predictions(predictions: dict, output_dir: str) -> None:
               os.path.join(output_dir, PREDICTIONS_NAME))
 
 
-def plot_runs(runs: dict, path: str, num_examples: int = 4) -> None:
-    """One row per run (name -> predictions): the predicted distributions of ``num_examples`` answers
-    spread over the label range (the same answers for every run), with their label mu, and the
-    histogram of the predicted std over all answers."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot_scalar_run(axes, name: str, rewards_: torch.Tensor, targets: torch.Tensor) -> None:
+    """A scalar head's row of :func:`plot_runs`: its reward against the label mu (it has no distribution)."""
+    axes[0].scatter(targets.numpy(), rewards_.numpy(), s=4, alpha=0.5)
+    axes[0].set(title=f"{name}: scalar reward vs label", xlabel="label mu", ylabel="reward")
+    axes[1].set_axis_off()
+    axes[1].set_title(f"{name}: scalar head, no std")
+
+
+def plot_runs(runs: dict, path: str, num_examples: int = 4) -> None:
+    """One row per run (name -> predictions): the predicted distributions of ``num_examples`` answers
+    spread over the label range (the same answers for every run), with their label mu, and the
+    histogram of the predicted std over all answers (a scalar head: its reward against the label)."""
+    plt = _pyplot()
     figure, axes = plt.subplots(len(runs), 2, figsize=(11, 3.2 * len(runs)), squeeze=False)
     for row, (name, predictions) in enumerate(runs.items()):
         all_logits = torch.cat([predictions["logits_chosen"], predictions["logits_rejected"]])
         targets = torch.cat([predictions["target_chosen"], predictions["target_rejected"]])
+        if is_scalar(predictions):
+            _plot_scalar_run(axes[row], name, all_logits[:, 0], targets)
+            continue
         picked = targets.argsort()[torch.linspace(0, len(targets) - 1, num_examples).round().long()]
         logits, labels = all_logits[picked], targets[picked].tolist()
         centers = predictions.get("centers", ops.bin_centers(logits.shape[-1]))
@@ -237,10 +306,39 @@ def plot_runs(runs: dict, path: str, num_examples: int = 4) -> None:
     plt.close(figure)
 
 
+def plot_reliability(predictions: dict, groups: list, path: str) -> None:
+    """Quantile reliability diagram of a distributional head: the observed share of labels with PIT <= p
+    against p, one curve for all answers and one per value of ``groups`` (one label per pair), and the
+    diagonal of perfect calibration; the legend gives each curve's ECE."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="calibrated")
+    subsets = {"all": predictions}
+    subsets.update({name: pair_subset(predictions, torch.tensor([group == name for group in groups]))
+                    for name in sorted(set(groups))})
+    for name, subset in subsets.items():
+        logits = torch.cat([subset["logits_chosen"], subset["logits_rejected"]])
+        targets = torch.cat([subset["target_chosen"], subset["target_rejected"]])
+        pit = pit_values(logits, targets, subset.get("centers"))
+        axis.plot(CALIBRATION_LEVELS.numpy(), calibration_curve(pit).numpy(), marker="o", markersize=3,
+                  label=f"{name} ({len(targets)} answers, ECE {calibration_ece(pit):.3f})")
+    axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="level p", ylabel="share of labels with PIT <= p",
+             title="reward-model calibration (held-out answers)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _cell(value) -> str:
+    """A table cell: 3 decimals, or "—" for a metric the run does not have (a scalar head's std, an old run)."""
+    return "—" if value is None else f"{value:.3f}"
+
+
 def markdown_table(metrics: dict) -> str:
     """Markdown table, one row per run (name -> :func:`reward_metrics` output)."""
     lines = ["| run | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{values[key]:.3f}" for key in METRIC_NAMES) + " |"
+    lines += [f"| {name} | " + " | ".join(_cell(values.get(key)) for key in METRIC_NAMES) + " |"
               for name, values in metrics.items()]
     return "\n".join(lines)
 

@@ -1,5 +1,5 @@
 """The models: :func:`load_policy` loads a causal LM and its tokenizer, and the distributional reward model of
-docs/math.md §1 is a causal-LM backbone and a K-bin softmax head.
+docs/math.md §1 is a causal-LM backbone and a K-bin softmax head (or, as a baseline, a scalar head).
 
 Saved by :meth:`DistributionalRewardModel.save_pretrained` as ``model.safetensors`` (backbone and
 head weights) and ``reward_model_config.json`` (head settings and the backbone's config), so the
@@ -20,6 +20,7 @@ from transformers.utils import ModelOutput
 
 from distreward import ops
 from distreward.data import EMBEDDED, local_path_or_hub_id
+from distreward.ops.validation import check_choice
 from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -46,7 +47,8 @@ def load_policy(model_name_or_path: str, seed: int = 0) -> tuple:
 
 @dataclass
 class RewardOutput(ModelOutput):
-    """``logits`` [B, K] fp32, and the distribution's ``mean`` (the reward E) and ``std`` [B] fp32."""
+    """``logits`` [B, K] fp32, and the distribution's ``mean`` (the reward E) and ``std`` [B] fp32
+    (a scalar head: ``logits`` [B, 1], ``mean`` its value, ``std`` zeros)."""
 
     logits: Optional[torch.Tensor] = None
     mean: Optional[torch.Tensor] = None
@@ -69,23 +71,35 @@ def base_model_of(model: PreTrainedModel) -> PreTrainedModel:
     return model.base_model if isinstance(model, PreTrainedModel) else model
 
 
+HEADS = ("distribution", "scalar")
+
+
 class DistributionalRewardModel(nn.Module):
     """Backbone + ``nn.Linear(hidden_size, num_bins)`` on the hidden state of the last real token.
 
     ``forward(input_ids [B, T], attention_mask [B, T]) -> RewardOutput`` with the K-bin logits and
-    the mean / std of ``softmax(logits)`` over ``bin_centers(num_bins, low, high)``.
+    the mean / std of ``softmax(logits)`` over ``bin_centers(num_bins, low, high)``. With
+    ``head="scalar"`` (the scalar reward-model baseline) the head is ``nn.Linear(hidden_size, 1)``, its
+    output the reward itself, and ``centers`` is None.
     """
 
     def __init__(self, backbone: PreTrainedModel, num_bins: int = 10, low: float = 0.0, high: float = 1.0,
-                 moments_backend: str = "auto"):
+                 moments_backend: str = "auto", head: str = "distribution"):
         super().__init__()
+        check_choice("head", head, HEADS)
         self.backbone = base_model_of(backbone)
-        self.num_bins, self.low, self.high = num_bins, float(low), float(high)
+        self.num_bins, self.low, self.high, self.head_kind = num_bins, float(low), float(high), head
         self.moments_backend = moments_backend
-        self.head = nn.Linear(self.backbone.config.hidden_size, num_bins)
+        centers = None if self.is_scalar else ops.bin_centers(num_bins, low, high)
+        self.head = nn.Linear(self.backbone.config.hidden_size, 1 if self.is_scalar else num_bins)
         nn.init.normal_(self.head.weight, std=1.0 / (self.backbone.config.hidden_size + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)
-        self.register_buffer("centers", ops.bin_centers(num_bins, low, high), persistent=False)
+        self.register_buffer("centers", centers, persistent=False)
+
+    @property
+    def is_scalar(self) -> bool:
+        """Whether the head is the scalar baseline (one output, no distribution)."""
+        return self.head_kind == "scalar"
 
     @classmethod
     def from_backbone(cls, backbone_or_path, num_bins: int = 10, low: float = 0.0, high: float = 1.0,
@@ -105,11 +119,13 @@ class DistributionalRewardModel(nn.Module):
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         last_hidden = hidden[rows, last_token_index(attention_mask)]  # [B, H]
         logits = self.head(last_hidden.to(self.head.weight.dtype)).float()
+        if self.is_scalar:
+            return RewardOutput(logits=logits, mean=logits[:, 0], std=torch.zeros_like(logits[:, 0]))
         mean, std = ops.dist_moments(logits, self.centers.to(logits.device), backend=self.moments_backend)
         return RewardOutput(logits=logits, mean=mean, std=std)
 
     def head_config(self) -> dict:
-        return {"num_bins": self.num_bins, "low": self.low, "high": self.high,
+        return {"num_bins": self.num_bins, "low": self.low, "high": self.high, "head": self.head_kind,
                 "backbone_config": self.backbone.config.to_dict()}
 
     def save_pretrained(self, save_directory) -> None:

@@ -1,7 +1,9 @@
 """Stage ``rm``: train the distributional reward model on preference pairs and evaluate it (docs/math.md §1-3, §7).
 
 ``loss_kind`` picks the objective: ``bt_mean`` (hypothesis 1.1, Bradley-Terry on the means only),
-``bt_kl`` (hypothesis 1.2, the default: Bradley-Terry plus KL to Gaussian score labels) or ``dpl``.
+``bt_kl`` (hypothesis 1.2, the default: Bradley-Terry plus KL to Gaussian score labels) or ``dpl``;
+the baselines ``scalar_bt`` (TRL's Bradley-Terry loss) and ``scalar_reg`` (plus a squared error to the
+score labels) train a scalar head instead. ``margin_temperature`` divides every Bradley-Terry margin.
 
 Backbone: ``--model_name_or_path`` (default ``RUN_DIR/sft``, the ``sft`` stage's output). When that
 default directory does not exist, a freshly initialised embedded tiny Llama is used instead and a
@@ -12,7 +14,7 @@ Outputs in ``output_dir``: ``config.json`` (these settings), ``metrics.jsonl``, 
 ``reward_model_config.json``, see :class:`~distreward.modeling.DistributionalRewardModel`) and its
 tokenizer, ``eval.json`` (held-out metrics on the test pairs, per prompt kind and against the ground
 truth too for the embedded task; the validation pairs' under ``validation``),
-``predictions.safetensors`` and ``distributions.png``.
+``predictions.safetensors``, ``distributions.png`` and (distributional heads) ``reliability.png``.
 """
 import json
 import os
@@ -29,6 +31,7 @@ from distreward.ops.validation import check_choice, check_positive
 from distreward.trainer_utils import make_accelerator, save_run_config, train_loop
 
 DISTRIBUTIONS_NAME = "distributions.png"
+RELIABILITY_NAME = "reliability.png"
 
 
 @dataclass
@@ -47,9 +50,13 @@ class RewardConfig(PreferenceTrainingConfig):
     score_max: float = field(default=4.0, metadata={"help": "Highest possible score (HelpSteer2 average_rating: 4)."})
     num_bins: int = field(default=10, metadata={"help": "Bins K of the reward distribution over [0, 1]."})
     loss_kind: str = field(default="bt_kl", metadata={
-        "help": "bt_mean (H1.1: Bradley-Terry on E), bt_kl (H1.2: + KL to Gaussian labels) or dpl."})
+        "help": "bt_mean (H1.1: Bradley-Terry on E), bt_kl (H1.2: + KL to Gaussian labels), dpl, or the scalar "
+                "baselines scalar_bt (TRL Bradley-Terry) and scalar_reg (+ squared error to the labels)."})
     sigma: float = field(default=0.1, metadata={"help": "Width of the Gaussian label distribution."})
-    score_weight: float = field(default=1.0, metadata={"help": "Weight of the KL term (bt_kl, dpl)."})
+    score_weight: float = field(default=1.0, metadata={
+        "help": "Weight of the KL term (bt_kl, dpl) or of the squared error (scalar_reg)."})
+    margin_temperature: float = field(default=1.0, metadata={
+        "help": "The Bradley-Terry term is -log sigmoid((E_c - E_r) / T) (dpl: only 1)."})
     ops_backend: str = field(default="auto", metadata={"help": "distreward.ops backend: auto, eager or triton."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate (use ~1e-5 for SmolLM2)."})
     num_train_epochs: float = field(default=2.0, metadata={"help": "Passes over the training pairs "
@@ -60,11 +67,21 @@ class RewardConfig(PreferenceTrainingConfig):
         super().__post_init__()
         if self.model_name_or_path is None:
             self.model_name_or_path = self.default_backbone()
-        check_choice("--loss_kind", self.loss_kind, ops.LOSS_KINDS)
+        check_choice("--loss_kind", self.loss_kind, ops.REWARD_LOSS_KINDS)
         check_choice("--ops_backend", self.ops_backend, ("auto", "eager", "triton"))
+        check_positive("--margin_temperature", self.margin_temperature)
+        if self.loss_kind == "dpl" and self.margin_temperature != 1:
+            raise ValueError("--margin_temperature applies to a Bradley-Terry margin: dpl has none (leave it 1)")
+        if self.is_scalar and self.ops_backend == "triton":
+            raise ValueError(f"--loss_kind {self.loss_kind} trains a scalar head, which has no triton backend")
         ops.bin_centers(self.num_bins)  # raises unless num_bins is an integer >= 2
         check_positive("--sigma", self.sigma)
         check_positive("--score_weight", self.score_weight, allow_zero=True)
+
+    @property
+    def is_scalar(self) -> bool:
+        """Whether ``loss_kind`` trains a scalar head (the baselines) rather than a distribution."""
+        return self.loss_kind in ops.SCALAR_LOSS_KINDS
 
     def default_backbone(self) -> str:
         return os.path.join(self.run_dir, "sft")
@@ -79,13 +96,14 @@ def load_backbone(config: RewardConfig, print_fn=print):
         path = EMBEDDED
     backbone, tokenizer = load_policy(path, config.seed)
     model = DistributionalRewardModel.from_backbone(backbone, num_bins=config.num_bins,
-                                                    moments_backend=config.ops_backend)
+                                                    moments_backend=config.ops_backend,
+                                                    head="scalar" if config.is_scalar else "distribution")
     return model, tokenizer
 
 
-def pair_loss_fn(config: RewardConfig, centers: torch.Tensor):
+def pair_loss_fn(config: RewardConfig, centers: Optional[torch.Tensor]):
     """``compute_loss(model, batch) -> (loss, metrics)`` for :func:`train_loop`: both sides in one forward, the
-    loss over the model's bin ``centers`` [K]."""
+    loss over the model's bin ``centers`` [K] (None for a scalar head, which logs no ``mean_std``)."""
 
     def compute_loss(model, batch):
         output = model(torch.cat([batch["input_ids_chosen"], batch["input_ids_rejected"]]),
@@ -93,9 +111,13 @@ def pair_loss_fn(config: RewardConfig, centers: torch.Tensor):
         logits_chosen, logits_rejected = output.logits.chunk(2)
         loss = ops.pair_loss(logits_chosen, logits_rejected, batch["target_chosen"], batch["target_rejected"],
                              kind=config.loss_kind, sigma=config.sigma, score_weight=config.score_weight,
-                             centers=centers.to(logits_chosen.device), backend=config.ops_backend)
+                             centers=None if centers is None else centers.to(logits_chosen.device),
+                             backend=config.ops_backend, temperature=config.margin_temperature)
         mean_chosen, mean_rejected = output.mean.detach().chunk(2)
-        return loss, {"accuracy": (mean_chosen > mean_rejected).float().mean(), "mean_std": output.std.detach().mean()}
+        metrics = {"accuracy": (mean_chosen > mean_rejected).float().mean()}
+        if centers is not None:
+            metrics["mean_std"] = output.std.detach().mean()
+        return loss, metrics
 
     return compute_loss
 
@@ -123,28 +145,34 @@ def run_reward_training(config: RewardConfig):
 
 
 def held_out_metrics(model, tokenizer, pairs, config: RewardConfig) -> tuple:
-    """(metrics, predictions) of the reward model on held-out ``pairs`` (with the ground-truth and
-    per-kind metrics where the pairs carry those columns)."""
+    """(metrics, predictions) of the reward model on held-out ``pairs`` (with the ground-truth, per-kind and
+    per prompt group (clear / ambiguous) metrics where the pairs carry those columns)."""
     predictions = evaluation.predict(model, pairs, tokenizer.pad_token_id, config.per_device_eval_batch_size)
     report = evaluation.reward_metrics(predictions, config.sigma)
     if "truth_chosen" in pairs.column_names:
         report.update(evaluation.truth_metrics(predictions, pairs["truth_chosen"], pairs["truth_rejected"]))
     if "kind" in pairs.column_names:
         report["by_kind"] = evaluation.metrics_by_group(predictions, pairs["kind"], config.sigma)
+        report["by_prompt_group"] = evaluation.metrics_by_group(
+            predictions, evaluation.prompt_groups(pairs["kind"]), config.sigma)
     return report, predictions
 
 
 def evaluate_and_report(model, tokenizer, data, config: RewardConfig, print_fn=print) -> dict:
     """Write ``eval.json`` (the test pairs' metrics, and the validation pairs' under ``validation``),
-    ``predictions.safetensors`` and ``distributions.png`` (test pairs)."""
+    ``predictions.safetensors``, ``distributions.png`` and, for a distributional head, ``reliability.png``
+    (test pairs, a curve per prompt group where the pairs have kinds)."""
     report, predictions = held_out_metrics(model, tokenizer, data["test"], config)
     report["validation"], _ = held_out_metrics(model, tokenizer, data["validation"], config)
     with open(os.path.join(config.output_dir, "eval.json"), "w") as handle:
         json.dump(report, handle, indent=2)
     evaluation.save_predictions(predictions, config.output_dir)
     evaluation.plot_runs({config.loss_kind: predictions}, os.path.join(config.output_dir, DISTRIBUTIONS_NAME))
-    names = evaluation.METRIC_NAMES + tuple(key for key in ("truth_differs_accuracy", "ground_truth_accuracy")
-                                            if key in report)
+    if not evaluation.is_scalar(predictions):
+        kinds = data["test"]["kind"] if "kind" in data["test"].column_names else []
+        evaluation.plot_reliability(predictions, evaluation.prompt_groups(kinds),
+                                    os.path.join(config.output_dir, RELIABILITY_NAME))
+    names = evaluation.METRIC_NAMES + ("truth_differs_accuracy", "ground_truth_accuracy")
     print_fn(f"test pairs ({report['num_pairs']}, prompts unseen in training): "
-             + ", ".join(f"{key} {report[key]:.3f}" for key in names))
+             + ", ".join(f"{key} {report[key]:.3f}" for key in names if report.get(key) is not None))
     return report

@@ -172,11 +172,12 @@ def _row_backward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_
 def _pair_loss_kernel(chosen_ptr, stride_chosen_row, stride_chosen_bin, rejected_ptr, stride_rejected_row,
                       stride_rejected_bin, target_chosen_ptr, stride_target_chosen, target_rejected_ptr,
                       stride_target_rejected, centers_ptr, stride_centers, grad_chosen_ptr, grad_rejected_ptr,
-                      partial_loss_ptr, n_rows, n_bins, label_scale, score_weight, inv_n_rows,
+                      partial_loss_ptr, n_rows, n_bins, label_scale, score_weight, inv_n_rows, inv_temperature,
                       DPL: tl.constexpr, WITH_KL: tl.constexpr, WITH_GRAD: tl.constexpr, ACC: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """This program's share of the mean docs/math.md §3 pair loss (its BLOCK_N pairs' sum / N) into
-    ``partial_loss[pid]``; with WITH_GRAD, the mean's gradients w.r.t. both rows into the contiguous [N, K] grads."""
+    ``partial_loss[pid]``; with WITH_GRAD, the mean's gradients w.r.t. both rows into the contiguous [N, K] grads.
+    The Bradley-Terry margin is E_c - E_r times ``inv_temperature`` (unused by DPL)."""
     rows, row_mask, bins, bin_mask, centers = _program_tile(centers_ptr, stride_centers, n_rows, n_bins, ACC,
                                                             BLOCK_N, BLOCK_K)
     log_pc, pc = _log_softmax(_load_logits(chosen_ptr, rows, row_mask, stride_chosen_row, stride_chosen_bin,
@@ -191,9 +192,9 @@ def _pair_loss_kernel(chosen_ptr, stride_chosen_row, stride_chosen_bin, rejected
     else:
         mean_c, _, deviation_c = _moments(pc, centers)
         mean_r, _, deviation_r = _moments(pr, centers)
-        margin = mean_r - mean_c
-        loss = tl.maximum(margin, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(margin)))  # softplus = -log sigmoid(E_c - E_r)
-        slope = tl.sigmoid(margin)[:, None]
+        margin = (mean_r - mean_c) * inv_temperature
+        loss = tl.maximum(margin, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(margin)))  # softplus = -log sigmoid(-margin)
+        slope = (tl.sigmoid(margin) * inv_temperature)[:, None]
         grad_chosen = -slope * pc * deviation_c
         grad_rejected = slope * pr * deviation_r
     if WITH_KL:
@@ -328,9 +329,11 @@ class PairLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight,
-                centers, with_grad):
+                centers, with_grad, temperature):
         if kind not in PAIR_LOSS_KINDS:
             raise ValueError(f"kind must be one of {PAIR_LOSS_KINDS}, got {kind!r}")
+        if kind == "dpl" and temperature != 1:
+            raise ValueError(f"kind 'dpl' has no Bradley-Terry margin: temperature must be 1, got {temperature}")
         block_k = _check_launchable(logits_chosen)
         n_rows, n_bins = logits_chosen.shape
         dpl, with_kl = kind == "dpl", kind != "bt_mean" and score_weight != 0
@@ -346,7 +349,7 @@ class PairLossFunction(torch.autograd.Function):
             logits_rejected, logits_rejected.stride(0), logits_rejected.stride(1),
             target_chosen, _stride(target_chosen), target_rejected, _stride(target_rejected),
             centers, centers.stride(0), grads[0], grads[1], partial_loss,
-            n_rows, n_bins, _label_scale(sigma), float(score_weight), 1.0 / n_rows,
+            n_rows, n_bins, _label_scale(sigma), float(score_weight), 1.0 / n_rows, 1.0 / float(temperature),
             DPL=dpl, WITH_KL=with_kl, WITH_GRAD=with_grad, ACC=_acc_dtype(wider),
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
         if with_grad:
@@ -357,12 +360,12 @@ class PairLossFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         if not ctx.saved_tensors:  # neither logits required a gradient (only centers or targets did: they get none)
-            return (None,) * 9
+            return (None,) * 10
         grad_chosen, grad_rejected = ctx.saved_tensors
         if grad_output.item() != 1:  # the usual loss.backward() passes 1: skip two [N, K] passes (one host read)
             grad_chosen = grad_chosen * grad_output.to(grad_chosen.dtype)
             grad_rejected = grad_rejected * grad_output.to(grad_rejected.dtype)
-        return grad_chosen, grad_rejected, None, None, None, None, None, None, None
+        return grad_chosen, grad_rejected, None, None, None, None, None, None, None, None
 
 
 def triton_dist_moments(logits: torch.Tensor, centers: torch.Tensor):
@@ -376,10 +379,11 @@ def triton_gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float,
 
 
 def triton_pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight,
-                     centers):
+                     centers, temperature=1.0):
     """Mean over N pairs of the docs/math.md §3 loss ``kind`` ("bt_mean", "bt_kl", "dpl"): logits [N, K] each,
-    targets [N] each (None for "bt_mean") -> scalar fp32 (fp64). Inputs are validated by ``ops.pair_loss``;
-    an unknown ``kind`` raises ValueError here too."""
+    targets [N] each (None for "bt_mean") -> scalar fp32 (fp64); ``temperature`` divides the Bradley-Terry margin.
+    Inputs are validated by ``ops.pair_loss``; an unknown ``kind`` (or dpl with temperature != 1) raises ValueError
+    here too."""
     with_grad = torch.is_grad_enabled() and (logits_chosen.requires_grad or logits_rejected.requires_grad)
     return PairLossFunction.apply(logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma,
-                                  score_weight, centers, with_grad)
+                                  score_weight, centers, with_grad, temperature)

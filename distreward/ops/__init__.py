@@ -10,7 +10,9 @@ import torch
 from distreward.ops import logprobs, reference
 from distreward.ops import validation as check
 
-LOSS_KINDS = reference.LOSS_KINDS
+LOSS_KINDS = reference.LOSS_KINDS  # distributional heads: logits [N, K]
+SCALAR_LOSS_KINDS = reference.SCALAR_LOSS_KINDS  # scalar heads: logits [N, 1]
+REWARD_LOSS_KINDS = reference.REWARD_LOSS_KINDS
 BACKENDS = ("auto", "eager", "triton", "cpp")
 
 
@@ -40,9 +42,9 @@ def _pick(backend: str, device: torch.device, available: tuple) -> str:
 
 def _head_kernel(name: str):
     """The fused Triton op ``name`` of kernels/dist_head.py, imported on first call (Triton is optional)."""
-    def run(*args):
+    def run(*args, **kwargs):
         from distreward.kernels import dist_head
-        return getattr(dist_head, name)(*args)
+        return getattr(dist_head, name)(*args, **kwargs)
 
     return run
 
@@ -99,15 +101,21 @@ def gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float = 0.1, 
 
 def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target_chosen=None, target_rejected=None,
               kind: str = "bt_kl", sigma: float = 0.1, score_weight: float = 1.0, centers=None,
-              backend: str = "auto") -> torch.Tensor:
+              backend: str = "auto", temperature: float = 1.0) -> torch.Tensor:
     """Mean docs/math.md §3 loss over N pairs: logits [N, K] each, targets [N] each in [0, 1] -> scalar fp32.
 
     ``kind`` is "bt_mean" (targets unused), "bt_kl" (default) or "dpl"; with ``score_weight=0`` the
-    targets' values are unused too (and not read).
+    targets' values are unused too (and not read). ``temperature`` (> 0) divides the Bradley-Terry
+    margin (dpl takes only 1). The scalar kinds "scalar_bt" and "scalar_reg" take a scalar head's
+    rewards as logits [N, 1] (eager only; ``sigma`` and ``centers`` unused).
     """
-    check.check_choice("kind", kind, LOSS_KINDS)
-    check.check_logits("logits_chosen", logits_chosen)
-    check.check_logits("logits_rejected", logits_rejected)
+    check.check_choice("kind", kind, REWARD_LOSS_KINDS)
+    check.check_positive("temperature", temperature)
+    if kind == "dpl" and temperature != 1:
+        raise ValueError(f"kind 'dpl' has no Bradley-Terry margin: temperature must be 1, got {temperature}")
+    scalar = kind in SCALAR_LOSS_KINDS
+    for name, logits in (("logits_chosen", logits_chosen), ("logits_rejected", logits_rejected)):
+        check.check_logits(name, logits, num_bins=1 if scalar else None)
     if logits_chosen.shape != logits_rejected.shape:
         raise ValueError(f"logits_chosen {tuple(logits_chosen.shape)} and logits_rejected "
                          f"{tuple(logits_rejected.shape)} must have the same shape")
@@ -118,14 +126,21 @@ def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target
     check.check_positive("sigma", sigma)
     check.check_positive("score_weight", score_weight, allow_zero=True)
     rows, device = logits_chosen.shape[0], logits_chosen.device
-    with_kl = kind != "bt_mean" and score_weight != 0
-    if kind != "bt_mean":
+    with_targets = kind not in ("bt_mean", "scalar_bt") and score_weight != 0
+    if kind not in ("bt_mean", "scalar_bt"):
         check.check_target("target_chosen", target_chosen, rows, device)
         check.check_target("target_rejected", target_rejected, rows, device)
-    centers = _centers_for(logits_chosen, centers)
-    loss = _dist_implementation(_PAIR_LOSS, backend, logits_chosen)(
-        logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight, centers)
-    targets = {"target_chosen": target_chosen, "target_rejected": target_rejected} if with_kl else {}
+    if scalar:
+        _pick(backend, device, ())  # the scalar losses have only the eager backend
+        centers = None
+        loss = reference.scalar_pair_loss(logits_chosen[:, 0], logits_rejected[:, 0], target_chosen,
+                                          target_rejected, kind, score_weight, temperature)
+    else:
+        centers = _centers_for(logits_chosen, centers)
+        loss = _dist_implementation(_PAIR_LOSS, backend, logits_chosen)(
+            logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight, centers,
+            temperature=temperature)
+    targets = {"target_chosen": target_chosen, "target_rejected": target_rejected} if with_targets else {}
     check.check_results("pair_loss", (loss,), {"logits_chosen": logits_chosen, "logits_rejected": logits_rejected},
                         targets, centers)
     return loss
@@ -144,4 +159,4 @@ def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None, backend:
 
 
 __all__ = ["bin_centers", "dist_moments", "gaussian_kl", "pair_loss", "gather_logprobs", "reference",
-           "LOSS_KINDS", "BACKENDS"]
+           "LOSS_KINDS", "SCALAR_LOSS_KINDS", "REWARD_LOSS_KINDS", "BACKENDS"]

@@ -7,7 +7,9 @@ against these.
 import torch
 import torch.nn.functional as F
 
-LOSS_KINDS = ("bt_mean", "bt_kl", "dpl")
+LOSS_KINDS = ("bt_mean", "bt_kl", "dpl")  # losses of a distributional head (logits [N, K])
+SCALAR_LOSS_KINDS = ("scalar_bt", "scalar_reg")  # losses of a scalar head (rewards [N])
+REWARD_LOSS_KINDS = LOSS_KINDS + SCALAR_LOSS_KINDS
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -65,22 +67,54 @@ def dpl_log_prob(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor) -> 
     return torch.logsumexp(joint.flatten(-2), dim=-1)
 
 
+def bt_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Bradley-Terry term ``-log sigmoid((r_c - r_r) / temperature)`` [N], as a stable softplus."""
+    return F.softplus((reward_rejected - reward_chosen) / temperature)
+
+
 def pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected,
-              kind: str = "bt_kl", sigma: float = 0.1, score_weight: float = 1.0, centers=None) -> torch.Tensor:
-    """Mean over N pairs of the docs/math.md §3 loss ``kind`` ("bt_mean", "bt_kl" or "dpl"); scalar fp32."""
+              kind: str = "bt_kl", sigma: float = 0.1, score_weight: float = 1.0, centers=None,
+              temperature: float = 1.0) -> torch.Tensor:
+    """Mean over N pairs of the docs/math.md §3 loss ``kind`` ("bt_mean", "bt_kl" or "dpl"); scalar fp32.
+
+    ``temperature`` divides the margin E_c - E_r of the Bradley-Terry term (bt_mean, bt_kl); dpl has
+    no margin and takes only ``temperature=1``.
+    """
     if kind not in LOSS_KINDS:
         raise ValueError(f"kind must be one of {LOSS_KINDS}, got {kind!r}")
     if kind == "dpl":
+        if temperature != 1:
+            raise ValueError(f"kind 'dpl' has no Bradley-Terry margin: temperature must be 1, got {temperature}")
         pref = -dpl_log_prob(logits_chosen, logits_rejected)
     else:
         mean_c, _ = dist_moments(logits_chosen, centers)
         mean_r, _ = dist_moments(logits_rejected, centers)
-        pref = F.softplus(mean_r - mean_c)  # = -log sigmoid(E_c - E_r)
+        pref = bt_loss(mean_c, mean_r, temperature)
     if kind == "bt_mean" or score_weight == 0:
         return pref.mean()
     score = 0.5 * (gaussian_kl(logits_chosen, target_chosen, sigma, centers)
                    + gaussian_kl(logits_rejected, target_rejected, sigma, centers))
     return (pref + score_weight * score).mean()
+
+
+def scalar_pair_loss(reward_chosen, reward_rejected, target_chosen=None, target_rejected=None,
+                     kind: str = "scalar_bt", score_weight: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over N pairs of a scalar reward model's loss; rewards [N] each -> scalar fp32 (fp64 stays fp64).
+
+    ``scalar_bt``: TRL RewardTrainer's ``-log sigmoid(r_c - r_r)`` (the margin divided by ``temperature``);
+    ``scalar_reg``: that plus ``score_weight * ((r_c - mu_c)^2 + (r_r - mu_r)^2) / 2`` with the labels
+    mu [N] in [0, 1] (a label outside [0, 1] makes its row NaN, as the Gaussian labels do).
+    """
+    if kind not in SCALAR_LOSS_KINDS:
+        raise ValueError(f"kind must be one of {SCALAR_LOSS_KINDS}, got {kind!r}")
+    dtype = torch.promote_types(compute_dtype(reward_chosen), compute_dtype(reward_rejected))
+    r_c, r_r = reward_chosen.to(dtype), reward_rejected.to(dtype)
+    pref = bt_loss(r_c, r_r, temperature)
+    if kind == "scalar_bt" or score_weight == 0:
+        return pref.mean()
+    squared = [(r - t.to(dtype).where((t >= 0) & (t <= 1), torch.nan)).square()
+               for r, t in ((r_c, target_chosen), (r_r, target_rejected))]
+    return (pref + score_weight * 0.5 * (squared[0] + squared[1])).mean()
 
 
 def gather_logprobs_and_lse(logits: torch.Tensor, ids: torch.Tensor, mask=None):

@@ -28,12 +28,15 @@ def _check_no_nan_or_posinf(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or +inf")
 
 
-def check_logits(name: str, logits, ndim: int = 2) -> None:
-    """Bin logits ``[N, K]`` (K >= 2); their values are checked by :func:`check_results`."""
+def check_logits(name: str, logits, ndim: int = 2, num_bins=None) -> None:
+    """Bin logits ``[N, K]`` (K >= 2, or exactly ``num_bins``: 1 for a scalar head's rewards [N, 1]); their
+    values are checked by :func:`check_results`."""
     check_float_type(name, logits, ndim)
     if logits.device.type == "meta":
         raise ValueError(f"{name} is on the meta device: the bin ops need tensors that hold values")
-    if logits.shape[-1] < 2:
+    if num_bins is not None and logits.shape[-1] != num_bins:
+        raise ValueError(f"{name} must have {num_bins} entries in its last dimension, got {logits.shape[-1]}")
+    if num_bins is None and logits.shape[-1] < 2:
         raise ValueError(f"{name} must have at least 2 bins in its last dimension, got {logits.shape[-1]}")
 
 
@@ -64,11 +67,12 @@ def _sum_is_finite(results) -> bool:
     return math.isfinite(total.item())
 
 
-def check_results(op: str, results: tuple, logits: dict, targets: dict, centers: torch.Tensor) -> None:
+def check_results(op: str, results: tuple, logits: dict, targets: dict, centers) -> None:
     """Raise ValueError naming the bad input when a result of ``op`` is not finite.
 
     Every backend makes the results of a row NaN where its logits hold NaN or +inf or are all -inf,
-    its target lies outside [0, 1] or a center it uses is not finite. ``logits`` and ``targets`` map
+    its target lies outside [0, 1] or a center it uses is not finite (``centers`` None: a scalar head's
+    loss, which has none). ``logits`` and ``targets`` map
     argument names to the tensors given; they are read only when a result is not finite. Skipped while
     torch.compile traces (the check is data-dependent).
     """
@@ -82,7 +86,7 @@ def check_results(op: str, results: tuple, logits: dict, targets: dict, centers:
         _check_no_nan_or_posinf(name, target)
         if bool(((target < 0) | (target > 1)).any()):
             raise ValueError(f"{name} must lie in [0, 1]")
-    if not bool(torch.isfinite(centers).all()):
+    if centers is not None and not bool(torch.isfinite(centers).all()):
         raise ValueError("centers must be finite")
     raise ValueError(f"{op} is not finite for these finite inputs: a -inf logit where the loss needs "
                      "probability, or logits or centers too large for float32")
