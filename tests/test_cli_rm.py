@@ -38,7 +38,8 @@ def test_malformed_value_exits_with_a_usage_error(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--loss_kind", "mse"], "error: --loss_kind must be one of bt_mean, bt_kl, dpl, got 'mse'"),
+    (["--loss_kind", "mse"], "error: --loss_kind must be one of bt_mean, bt_kl, dpl, scalar_bt, scalar_reg, got 'mse'"),
+    (["--margin_temperature", "-1"], "error: --margin_temperature must be > 0, got -1.0"),
     (["--gradient_accumulation_steps", "0"], "error: --gradient_accumulation_steps must be >= 1, got 0"),
     (["--dataset_name", "missing.jsonl"], "error: data file missing.jsonl does not exist"),
 ])
@@ -68,8 +69,23 @@ def test_rm_without_sft_output_says_it_builds_a_fresh_backbone(capsys, tmp_path,
     assert main(["rm", *TINY_RUN]) == 0
     assert "runs/pipeline/sft not found: using a freshly initialised embedded tiny Llama" in capsys.readouterr().out
     report = json.loads((tmp_path / "runs/pipeline/rm/eval.json").read_text())
-    assert set(report) >= {"pairwise_accuracy", "mean_std", "std_error_spearman", "label_kl", "by_kind"}
+    assert set(report) >= {"pairwise_accuracy", "mean_std", "std_error_spearman", "label_kl", "calibration_ece",
+                           "by_kind", "by_prompt_group"}
+    assert set(report["by_prompt_group"]) <= {"clear", "ambiguous"}
+    assert all(0 <= group["calibration_ece"] <= 1 for group in report["by_prompt_group"].values())
     assert (tmp_path / "runs/pipeline/rm/distributions.png").stat().st_size > 0
+    assert (tmp_path / "runs/pipeline/rm/reliability.png").stat().st_size > 0
+
+
+def test_a_scalar_baseline_trains_saves_and_evaluates(tmp_path):
+    rm_dir = tmp_path / "rm"
+    assert main(["rm", *TINY_RUN, "--model_name_or_path", "embedded", "--output_dir", str(rm_dir),
+                 "--loss_kind", "scalar_reg", "--margin_temperature", "0.5"]) == 0
+    report = json.loads((rm_dir / "eval.json").read_text())
+    assert 0 <= report["pairwise_accuracy"] <= 1 and report["mean_std"] is None and report["calibration_ece"] is None
+    assert all(group["mean_std"] is None for group in report["by_prompt_group"].values())
+    assert (rm_dir / "distributions.png").exists() and not (rm_dir / "reliability.png").exists()
+    assert DistributionalRewardModel.from_pretrained(rm_dir).is_scalar
 
 
 def test_sft_then_rm_on_local_data_through_the_hub_code_path(tmp_path):

@@ -13,7 +13,8 @@ from distreward.trainer_utils import TrainingConfig
 @pytest.mark.parametrize("config_class, settings, match", [
     (TrainingConfig, {"gradient_accumulation_steps": 0}, "--gradient_accumulation_steps must be >= 1"),
     (SFTConfig, {"num_pairs": 0}, "--num_pairs"),
-    (RewardConfig, {"loss_kind": "mse"}, "--loss_kind must be one of bt_mean, bt_kl, dpl, got 'mse'"),
+    (RewardConfig, {"loss_kind": "mse"}, "--loss_kind must be one of bt_mean, bt_kl, dpl, scalar_bt, scalar_reg, got 'mse'"),
+    (RewardConfig, {"margin_temperature": 0.0}, "--margin_temperature must be > 0"),
     (RewardConfig, {"sigma": 0.0}, "--sigma must be > 0"),
     (RewardConfig, {"num_bins": 1}, "num_bins must be an integer >= 2"),
     (ReinforceConfig, {"shaping": "sqrt"}, "--shaping must be one of none, std_penalty, std_scale"),

@@ -28,9 +28,11 @@ class Killed(Exception):
 
 
 def train(config, tokenizer, pairs, kill_at_micro_step=None):
-    """train_loop on a fresh small reward model (same seed every time); returns the trained model."""
+    """train_loop on a fresh small reward model (same seed every time; the head the loss kind needs);
+    returns the trained model."""
     accelerator = make_accelerator(config)
-    model = DistributionalRewardModel.from_backbone(build_tiny_policy(tokenizer, seed=0, **SMALL))
+    model = DistributionalRewardModel.from_backbone(build_tiny_policy(tokenizer, seed=0, **SMALL),
+                                                    head="scalar" if config.is_scalar else "distribution")
     loader = DataLoader(pairs, batch_size=config.per_device_train_batch_size, shuffle=True,
                         collate_fn=PreferenceCollator(tokenizer.pad_token_id))
     compute_loss, calls = pair_loss_fn(config, model.centers), []
@@ -55,7 +57,7 @@ def read_metrics(output_dir):
         return [json.loads(line) for line in handle]
 
 
-@pytest.mark.parametrize("loss_kind", ops.LOSS_KINDS)
+@pytest.mark.parametrize("loss_kind", ops.REWARD_LOSS_KINDS)
 def test_training_steps_lower_the_loss(tmp_path, tokenizer, pairs, loss_kind):
     config = config_for(tmp_path, loss_kind, loss_kind=loss_kind, max_steps=15, learning_rate=1e-2, save_steps=100)
     train(config, tokenizer, pairs)
@@ -170,18 +172,24 @@ def test_spearman_handles_ties_like_scipy():
 def test_compare_runs_tables_and_plots_finished_runs(tmp_path):
     from distreward.evaluation import compare_runs, save_predictions
 
-    for kind, sharpness in (("bt_mean", 200.0), ("bt_kl", 5.0)):
+    for kind, sharpness in (("bt_mean", 200.0), ("bt_kl", 5.0), ("scalar_bt", None)):
         run_dir = tmp_path / f"rm_{kind}"
         run_dir.mkdir()
-        predictions = {"logits_chosen": logits_with_means([0.9, 0.6], sharpness),
-                       "logits_rejected": logits_with_means([0.2, 0.7], sharpness),
+        predictions = {"logits_chosen": logits_with_means([0.9, 0.6], sharpness) if sharpness else
+                       torch.tensor([[0.9], [0.6]]),
+                       "logits_rejected": logits_with_means([0.2, 0.7], sharpness) if sharpness else
+                       torch.tensor([[0.2], [0.7]]),
                        "target_chosen": torch.tensor([0.9, 0.6]), "target_rejected": torch.tensor([0.2, 0.5])}
         save_predictions(predictions, str(run_dir))
         (run_dir / "config.json").write_text(json.dumps({"loss_kind": kind}))
         (run_dir / "eval.json").write_text(json.dumps(reward_metrics(predictions)))
-    table = compare_runs([str(tmp_path / "rm_bt_mean"), str(tmp_path / "rm_bt_kl")], str(tmp_path / "cmp.png"))
+    table = compare_runs([str(tmp_path / f"rm_{kind}") for kind in ("bt_mean", "bt_kl", "scalar_bt")],
+                         str(tmp_path / "cmp.png"))
+    assert table.splitlines()[0].endswith("| calibration_ece |")
     rows = table.splitlines()[2:]
-    assert [row.split(" | ")[0] for row in rows] == ["| bt_mean (rm_bt_mean)", "| bt_kl (rm_bt_kl)"]
-    sharp_std, wide_std = (float(row.split(" | ")[2]) for row in rows)  # the mean_std column
+    assert [row.split(" | ")[0] for row in rows] == ["| bt_mean (rm_bt_mean)", "| bt_kl (rm_bt_kl)",
+                                                     "| scalar_bt (rm_scalar_bt)"]
+    sharp_std, wide_std = (float(row.split(" | ")[2]) for row in rows[:2])  # the mean_std column
     assert sharp_std < wide_std
+    assert rows[2].split(" | ")[1] == "0.500" and rows[2].split(" | ")[2] == "—"
     assert (tmp_path / "cmp.png").stat().st_size > 10_000
