@@ -147,6 +147,22 @@ def arm_table(runs: list, arms: list) -> list:
     return lines
 
 
+def runs_table(runs: list) -> list:
+    """One row per run: the RM's test accuracy (on the pairs whose ground truth differs), both policies' ground
+    truth, the gains with their 95% intervals over prompts, the KL and the run's own verdict."""
+    lines = ["| seed | RM loss | shaping | RM test accuracy (truth differs) | SFT ground truth | trained ground truth "
+             "| ground-truth gain [95% CI] | RM reward gain [95% CI] | KL to ref | verdict |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for run in runs:
+        truth, reward, differs = run["ground_truth_ci95"], run["reward_ci95"], run["rm_truth_differs_accuracy"]
+        lines.append(f"| {run['seed']} | {' | '.join(split_arm(run['arm']))} | {run['rm_accuracy']:.3f} "
+                     f"({'n/a' if differs is None else f'{differs:.3f}'}) | {run['sft_ground_truth']:.3f} | "
+                     f"{run['trained_ground_truth']:.3f} | {run['ground_truth_gain']:+.3f} [{truth[0]:+.3f}, "
+                     f"{truth[1]:+.3f}] | {run['reward_gain']:+.3f} [{reward[0]:+.3f}, {reward[1]:+.3f}] | "
+                     f"{run['kl_to_ref']:.3f} | {run['verdict']} |")
+    return lines
+
+
 def comparison_table(runs: list, pairs: list) -> list:
     lines = ["| comparison (paired by seed) | seeds | ground-truth gain difference [95% CI] | KL difference "
              "[95% CI] | RM accuracy difference [95% CI] | claim | verdict |", "|---|---:|---:|---:|---:|---|---|"]
@@ -178,7 +194,8 @@ def matched_kl_table(runs: list, pairs: list) -> list:
 
 
 def results_markdown(runs: list, arms: list) -> str:
-    """results.md: (a) per arm, (b) paired comparisons of the final gains, (c) ground truth at matched KL."""
+    """results.md: (a) per arm, (b) paired comparisons of the final gains, (c) ground truth at matched KL,
+    (d) one row per run."""
     pairs = comparisons([arm for arm in arms if any(run["arm"] == arm for run in runs)])
     sections = [
         "## Per arm (mean over seeds [95% t-interval])", *arm_table(runs, arms), "",
@@ -190,7 +207,7 @@ def results_markdown(runs: list, arms: list) -> str:
         "## Paired by seed: ground truth at matched KL", *matched_kl_table(runs, pairs), "",
         "Each run's ground truth where its curve.jsonl first reaches the KL (linear between evaluation points), at "
         "a third, two thirds and all of the largest KL every run of the comparison reaches: an arm that moves "
-        "less gets no credit for it here."]
+        "less gets no credit for it here.", "", "## Per run", *runs_table(runs)]
     return "\n".join(sections) + "\n"
 
 

@@ -162,6 +162,8 @@ def test_results_from_synthetic_runs(tmp_path):
     assert f"| {2 * k:+.3f} [{2 * k - T_2DF * k / math.sqrt(3):+.3f}, {2 * k + T_2DF * k / math.sqrt(3):+.3f}] |" \
         in matched[0]
     assert "bt_mean/none" not in markdown.split("at matched KL")[1].split("Not finished")[0]  # no curves, no row
+    assert "| 2 | bt_mean | none | 0.580 (0.680) | 2.000 | 2.000 | +0.000 [-0.100, +0.100] | +0.100 [+0.000, +0.200] " \
+           "| 1.500 | IMPROVED |" in lines
     assert lines[-1] == "Not finished (left out): dpl/none seed 0, dpl/none seed 1, dpl/none seed 2"
     # the per-arm table: ECE and accuracy means, one row per finished arm
     assert next(line for line in lines if line.startswith("| bt_mean/none |")).startswith(
