@@ -78,12 +78,13 @@ def t_interval(values: list) -> tuple:
     return mean, mean - half, mean + half
 
 
-def interval_text(values: list) -> str:
-    """``"+0.200 [-1.071, +1.471]"``; ``n/a`` when a value is missing (None), ``(one seed)`` for one value."""
+def interval_text(values: list, spec: str = "+.3f") -> str:
+    """``"+0.200 [-1.071, +1.471]"`` (each number in format ``spec``); ``n/a`` when a value is missing (None),
+    ``(one seed)`` for one value."""
     if not values or any(value is None for value in values):
         return "n/a"
     mean, low, high = t_interval(values)
-    return f"{mean:+.3f} (one seed)" if len(values) == 1 else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+    return f"{mean:{spec}} (one seed)" if len(values) == 1 else f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]"
 
 
 def verdict(differences: list) -> str:
@@ -141,8 +142,9 @@ def arm_table(runs: list, arms: list) -> list:
     for arm in arms:
         group = [run for run in runs if run["arm"] == arm]
         if group:
-            lines.append(f"| {arm} | {len(group)} | " + " | ".join(interval_text([run[key] for run in group]) for key in (
-                "rm_truth_differs_accuracy", "rm_calibration_ece", "ground_truth_gain", "reward_gain", "kl_to_ref"))
+            lines.append(f"| {arm} | {len(group)} | " + " | ".join(
+                interval_text([run[key] for run in group], "+.3f" if key.endswith("gain") else ".3f") for key in (
+                    "rm_truth_differs_accuracy", "rm_calibration_ece", "ground_truth_gain", "reward_gain", "kl_to_ref"))
                 + " |")
     return lines
 
@@ -187,8 +189,8 @@ def matched_kl_table(runs: list, pairs: list) -> list:
         for level in matched_kl_levels([run["curve"] for pair in matched for run in pair]):
             truths = [(truth_at_kl(a["curve"], level), truth_at_kl(b["curve"], level)) for a, b in matched]
             differences = [a - b for a, b in truths]
-            lines.append(f"| {better} − {other} | {len(matched)} | {level:.3f} | "
-                         f"{interval_text([a for a, _ in truths])} | {interval_text([b for _, b in truths])} | "
+            cells = [interval_text([pair[side] for pair in truths], ".3f") for side in (0, 1)]
+            lines.append(f"| {better} − {other} | {len(matched)} | {level:.3f} | {' | '.join(cells)} | "
                          f"{interval_text(differences)} | {verdict(differences)} |")
     return lines
 
@@ -244,8 +246,9 @@ def plot_overoptimisation(runs: list, arms: list, path: str) -> None:
             group = [run for run in runs if run["arm"] == arm]
             if group:
                 kls, truths, halves = mean_curve(group)
+                note = "" if all(run["curve"] for run in group) else ", start and end only"
                 axis.errorbar(kls, truths, yerr=halves, marker="o", markersize=3, capsize=2, color=colours[arm],
-                              label=f"{arm} ({len(group)} seeds)")
+                              label=f"{arm} ({len(group)} seeds{note})")
         axis.set(xlabel="KL to the SFT reference", ylabel="ground truth (0-4)", title=title)
         axis.legend(fontsize=8)
     figure.tight_layout()

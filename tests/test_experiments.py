@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import subprocess
 
 import pytest
 
@@ -90,6 +91,24 @@ def test_worker_command_line_rebuilds_the_config(tmp_path):
         "rl_steps": config.rl_steps, "output_dir": str(tmp_path)}
 
 
+def test_workers_run_one_seed_each_and_report_failures(tmp_path, monkeypatch, capsys):
+    commands = []
+
+    def fake_run(command, stdout, stderr):
+        commands.append(command)
+        seed = int(command[command.index("--seeds") + 1])
+        return subprocess.CompletedProcess(command, returncode=1 if seed == 2 else 0)
+
+    monkeypatch.setattr(experiments.subprocess, "run", fake_run)
+    config = config_from(["--output_dir", str(tmp_path), "--seeds", "1", "2", "--jobs", "2", "--threads", "1",
+                          "--arms", "bt_kl/none"])
+    assert experiments.run_workers(config) == [2]
+    assert sorted(command[command.index("--seeds") + 1] for command in commands) == ["1", "2"]
+    assert all(command[1:3] == ["-m", "distreward.experiments"] for command in commands)
+    assert os.path.isfile(tmp_path / "seed1" / "log.txt")
+    assert capsys.readouterr().err == f"seed 2 failed, see {tmp_path / 'seed2' / 'log.txt'}\n"
+
+
 def test_t_interval_and_verdicts():
     mean, low, high = t_interval([0.1, 0.2, 0.3])
     half = T_2DF * 0.1 / math.sqrt(3)  # sample std 0.1
@@ -167,7 +186,7 @@ def test_results_from_synthetic_runs(tmp_path):
     assert lines[-1] == "Not finished (left out): dpl/none seed 0, dpl/none seed 1, dpl/none seed 2"
     # the per-arm table: ECE and accuracy means, one row per finished arm
     assert next(line for line in lines if line.startswith("| bt_mean/none |")).startswith(
-        "| bt_mean/none | 3 | +0.690 [")
+        "| bt_mean/none | 3 | 0.690 [0.665, 0.715] | 0.050 [0.050, 0.050] | -0.100 [")
 
 
 def test_aggregate_only_trains_nothing(tmp_path, capsys):
