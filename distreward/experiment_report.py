@@ -192,7 +192,7 @@ def matched_kl_table(runs: list, pairs: list) -> list:
             cells = [interval_text([pair[side] for pair in truths], ".3f") for side in (0, 1)]
             lines.append(f"| {better} − {other} | {len(matched)} | {level:.3f} | {' | '.join(cells)} | "
                          f"{interval_text(differences)} | {verdict(differences)} |")
-    return lines
+    return lines if len(lines) > 2 else ["No pair of runs with curve.jsonl on both sides (--curve_eval_steps 0?)."]
 
 
 def results_markdown(runs: list, arms: list) -> str:
@@ -202,7 +202,7 @@ def results_markdown(runs: list, arms: list) -> str:
     sections = [
         "## Per arm (mean over seeds [95% t-interval])", *arm_table(runs, arms), "",
         "Gains are the trained minus the SFT policy on the same held-out prompts (each run's own 95% interval over "
-        "prompts is in results.json). ECE is n/a for a scalar reward model.", "",
+        "prompts is in results.json). ECE is n/a for a scalar reward model (or an RM eval.json without it).", "",
         "## Paired by seed: final gains", *comparison_table(runs, pairs), "",
         "\"supported\": the 95% t-interval of the per-seed differences excludes 0 in the claimed direction; \"not "
         "separated from 0\": it holds 0, which does not show the arms equal.", "",

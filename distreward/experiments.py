@@ -145,7 +145,7 @@ def optional(name: str, help_text: str) -> tuple:
 
 
 PIPELINE_FIELDS = {f.name: f for f in fields(PipelineConfig)}
-ExperimentConfig = make_dataclass("ExperimentConfig", [
+OWN_FIELDS = [  # the experiment's settings; then every other pipeline setting that the arms and --seeds leave alone
     ("output_dir", str, field(default="runs/experiments", metadata={"help": "Root of the runs and the results."})),
     ("arms", list[str], field(default_factory=lambda: list(DEFAULT_ARMS), metadata={
         "help": f"Arms RM/SHAPING to run; RM one of {', '.join(RM_VARIANTS)}, SHAPING one of {', '.join(SHAPINGS)}."})),
@@ -156,8 +156,6 @@ ExperimentConfig = make_dataclass("ExperimentConfig", [
     optional("rl_batch_size", "Prompts per REINFORCE step"),
     optional("curve_eval_steps", "Evaluate ground truth and KL every this many REINFORCE steps, 0: off"),
     optional("curve_eval_prompts", "Held-out prompts of each curve point"),
-    *[(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in fields(PipelineConfig)
-      if f.name not in GRID_FIELDS + PIPELINE_BUDGET + ("output_dir", "reuse_finished_stages")],
     ("reuse_finished_stages", bool, field(default=True, metadata={
         "help": "Skip a stage whose finished output is already there, so an interrupted experiment picks up "
                 "where it stopped."})),
@@ -167,8 +165,12 @@ ExperimentConfig = make_dataclass("ExperimentConfig", [
     ("aggregate", bool, field(default=True, metadata={"help": "Write the results once the runs finish."})),
     ("aggregate_only", bool, field(default=False, metadata={
         "help": "Train nothing: rebuild the results from the finished runs on disk."})),
-], namespace={"__doc__": "The over-optimisation experiment: every arm at every seed.",
-              "__post_init__": check_experiment})
+]
+ExperimentConfig = make_dataclass("ExperimentConfig", OWN_FIELDS + [
+    (f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in fields(PipelineConfig)
+    if f.name not in GRID_FIELDS and f.name not in {name for name, _, _ in OWN_FIELDS}],
+    namespace={"__doc__": "The over-optimisation experiment: every arm at every seed.",
+               "__post_init__": check_experiment})
 
 
 def main(argv=None) -> int:

@@ -193,7 +193,9 @@ def test_aggregate_only_trains_nothing(tmp_path, capsys):
     write_run(tmp_path, 0, "bt_kl", "none", 0.1, 1.0, 0.8)
     assert experiments.main(["--output_dir", str(tmp_path), "--arms", "bt_kl/none", "--seeds", "0",
                              "--aggregate_only"]) == 0
-    assert "| bt_kl/none | 1 |" in open(tmp_path / "results.md").read()
+    markdown = open(tmp_path / "results.md").read()
+    assert "| bt_kl/none | 1 |" in markdown
+    assert "No pair of runs with curve.jsonl on both sides" in markdown
     assert not (tmp_path / "seed0" / "sft").exists()
     assert experiments.main(["--output_dir", str(tmp_path / "empty"), "--aggregate_only"]) == 2
     assert capsys.readouterr().err.startswith("error: no finished run of")
