@@ -1,141 +1,176 @@
-"""``python -m distreward.experiments``: reward shaping x reward-model loss on the embedded task, over seeds.
+"""``python -m distreward.experiments``: the over-optimisation experiment (after Gao et al. 2022, Coste et al. 2023).
 
-For every seed it trains one SFT policy, one reward model per loss (shared by the shapings) and one
-REINFORCE run per (loss, shaping), all in ``output_dir/seed{s}/`` (finished stages are reused, so
-an interrupted grid picks up where it stopped). It writes ``results.json`` (every run's gains) and
-``results.md``: one row per run (the reward model's accuracy on the test pairs, on all and on those
-whose ground truth differs; the ground-truth and reward gains of the trained over the SFT
-policy on the same held-out prompts, each with its 95% paired bootstrap interval over prompts, the
-KL to the reference and the verdict), then per (loss, shaping) the mean gain over seeds with its
-95% t-interval over seeds. The budget flags (``--rl_steps``, ``--sft_epochs``, ...) are the
-pipeline's.
+An arm is ``RM/SHAPING``: a reward-model variant (:data:`RM_VARIANTS`, RewardConfig settings) and a reward
+shaping (:data:`SHAPINGS`, ReinforceConfig settings). For every seed it trains one SFT policy, one reward
+model per variant used and one REINFORCE run per arm, in ``output_dir/seed{s}/`` (``sft/``,
+``rm_{variant}/``, ``rl_{variant}_{shaping}/``; finished stages are reused, so an interrupted experiment
+picks up where it stopped), each REINFORCE run logging ground truth and KL along training
+(``curve.jsonl``). ``--budget`` picks the stage settings (:data:`BUDGETS`; an explicit flag overrides
+one), ``--jobs`` runs seeds in parallel worker processes. The results (results.json, results.md,
+overoptimisation.png) come from the files on disk: :mod:`distreward.experiment_report`.
 """
-import json
-import math
 import os
-import statistics
+import subprocess
 import sys
-from dataclasses import field, fields, make_dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import field, fields, make_dataclass, replace
+from typing import Optional
 
-from scipy.stats import t as student_t
-
-from distreward.pipeline import PipelineConfig, run_stages
-from distreward.rewards import SHAPINGS
+from distreward.experiment_report import run_dirs, split_arm, write_results
+from distreward.pipeline import PipelineConfig, run_configured_stages, stage_configs
+from distreward.rl_trainer import ReinforceConfig
 from distreward.train import USER_ERRORS, parse_config
 
-LOSS_KINDS = ("bt_mean", "bt_kl")
-GRID_FIELDS = ("seed", "loss_kind", "shaping")  # PipelineConfig's settings that --seeds, --loss_kinds, --shapings set
-METRICS = (("ground-truth gain", "ground_truth_gain"), ("reward gain", "reward_gain"), ("KL to ref", "kl_to_ref"))
-RUN_COLUMNS = ("seed", "RM loss", "shaping", "RM test accuracy (truth differs)", "SFT ground truth",
-               "trained ground truth", "ground-truth gain [95% CI]", "RM reward gain [95% CI]", "KL to ref", "verdict")
+# name -> RewardConfig settings
+RM_VARIANTS = {"bt_mean": {"loss_kind": "bt_mean"}, "bt_mean_t0.1": {"loss_kind": "bt_mean", "margin_temperature": 0.1},
+               "bt_kl": {"loss_kind": "bt_kl"}, "dpl": {"loss_kind": "dpl"},
+               "scalar_bt": {"loss_kind": "scalar_bt"}, "scalar_reg": {"loss_kind": "scalar_reg"}}
+# name -> ReinforceConfig settings
+SHAPINGS = {"none": {"shaping": "none"}, "std_penalty": {"shaping": "std_penalty"},
+            "std_scale": {"shaping": "std_scale"}, "quantile": {"shaping": "quantile"},
+            "std_scale_constant": {"shaping": "std_scale", "std_source": "constant"},
+            "std_scale_shuffled": {"shaping": "std_scale", "std_source": "shuffled"}}
+# H2 and its controls on the bt_kl reward model, and H1 as RL sees it: every RM variant under shaping none
+DEFAULT_ARMS = [f"bt_kl/{shaping}" for shaping in SHAPINGS] + [
+    f"{variant}/none" for variant in RM_VARIANTS if variant != "bt_kl"]
+GRID_FIELDS = ("seed", "loss_kind", "shaping")  # PipelineConfig's settings that the arms and --seeds set
+# The pipeline's stage settings a budget sets (it sets --rl_batch_size and the curve's settings too).
+PIPELINE_BUDGET = ("num_pairs", "sft_epochs", "rm_epochs", "rl_steps", "num_eval_prompts")
+# full: the pipeline's defaults, a curve point every 10 steps. cpu: 8 seeds x 11 arms in about an hour on 2 cores
+# (--jobs 2; measured at 1 thread on a loaded 2-core machine, CPU seconds per run: sft 27, rm 21, rl 28 + curve).
+BUDGETS = {
+    "full": {**{f.name: f.default for f in fields(PipelineConfig) if f.name in PIPELINE_BUDGET},
+             "rl_batch_size": ReinforceConfig.per_device_train_batch_size, "curve_eval_steps": 10,
+             "curve_eval_prompts": 64},
+    "cpu": {"num_pairs": 1000, "sft_epochs": 3.0, "rm_epochs": 1.0, "rl_steps": 30, "num_eval_prompts": 128,
+            "rl_batch_size": 8, "curve_eval_steps": 5, "curve_eval_prompts": 32},
+}
+WORKER_FLAGS = ("seeds", "jobs", "threads", "aggregate", "aggregate_only")  # set per worker
 
 
-def pipeline_config(config, seed: int, loss_kind: str, shaping: str) -> PipelineConfig:
-    """The settings of one run of the grid (raises ValueError on a setting that run cannot take)."""
-    settings = {f.name: getattr(config, f.name) for f in fields(PipelineConfig) if f.name not in GRID_FIELDS}
-    return PipelineConfig(**settings, seed=seed, loss_kind=loss_kind, shaping=shaping)
+def check_arm(arm: str) -> None:
+    variant, shaping = split_arm(arm)
+    if variant not in RM_VARIANTS or shaping not in SHAPINGS:
+        raise ValueError(f"unknown arm {arm!r}: RM one of {', '.join(RM_VARIANTS)}; shaping one of "
+                         f"{', '.join(SHAPINGS)}")
 
 
-def check_grid(config) -> None:
-    """Build every run's settings, so that a bad one fails before the first run starts."""
-    for seed in config.seeds:
-        for loss_kind in config.loss_kinds:
-            for shaping in config.shapings:
-                pipeline_config(config, seed, loss_kind, shaping)
+def check_experiment(config) -> None:
+    """Check the arms, budget and parallelism, and fill the budget's settings that no flag gave."""
+    for arm in config.arms:
+        check_arm(arm)
+    if config.budget not in BUDGETS:
+        raise ValueError(f"--budget must be one of {', '.join(BUDGETS)}, got {config.budget!r}")
+    if config.jobs < 1 or config.threads < 0:
+        raise ValueError(f"--jobs must be >= 1 and --threads >= 0, got {config.jobs} and {config.threads}")
+    for name, value in BUDGETS[config.budget].items():
+        if getattr(config, name) is None:
+            setattr(config, name, value)
 
 
-# The pipeline's settings, less the three the grid sets per run, plus the grid: a flag --help lists always acts.
-ExperimentConfig = make_dataclass("ExperimentConfig", [
-    ("output_dir", str, field(default="runs/experiments", metadata={"help": "Root of the runs and the results."})),
-    *[(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in fields(PipelineConfig)
-      if f.name not in GRID_FIELDS + ("output_dir", "reuse_finished_stages")],
-    ("seeds", list[int], field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds to run."})),
-    ("shapings", list[str], field(default_factory=lambda: list(SHAPINGS), metadata={
-        "help": "Reward shapings to compare."})),
-    ("loss_kinds", list[str], field(default_factory=lambda: list(LOSS_KINDS), metadata={
-        "help": "Reward-model losses to compare."})),
-    ("reuse_finished_stages", bool, field(default=True, metadata={
-        "help": "Skip a stage whose finished output is already there, so an interrupted grid picks up where it "
-                "stopped."})),
-], namespace={"__doc__": "The pipeline's settings, run for every seed x loss x shaping.", "__post_init__": check_grid})
+def arm_stage_configs(config, seed: int, arm: str) -> tuple:
+    """(SFTConfig, RewardConfig, ReinforceConfig) of one arm at one seed (ValueError on a setting a stage rejects)."""
+    variant, shaping = split_arm(arm)
+    shared = {f.name: getattr(config, f.name) for f in fields(PipelineConfig) if f.name not in GRID_FIELDS}
+    sft, rm, rl = stage_configs(PipelineConfig(**shared, seed=seed), *run_dirs(config.output_dir, seed, arm))
+    curves = ({"curve_eval_steps": config.curve_eval_steps, "curve_eval_prompts": config.curve_eval_prompts}
+              if config.curve_eval_steps > 0 else {})  # 0: off, the rl stage's default
+    return sft, replace(rm, **RM_VARIANTS[variant]), replace(
+        rl, per_device_train_batch_size=config.rl_batch_size, **SHAPINGS[shaping], **curves)
 
 
-def gains(report: dict) -> dict:
-    """One run's ``eval.json`` -> ground truth of both policies, the gains with their 95% intervals over
-    prompts, the trained policy's KL and the verdict (:func:`distreward.evaluation.compare_policies`)."""
-    comparison = report["comparison"]
-    truth, reward = comparison["ground_truth"], comparison["reward"]
-    return {"sft_ground_truth": truth["sft"], "trained_ground_truth": truth["trained"],
-            "ground_truth_gain": truth["gain"], "ground_truth_ci95": truth["ci95"],
-            "reward_gain": reward["gain"], "reward_ci95": reward["ci95"],
-            "kl_to_ref": report["trained"]["kl_to_ref"], "verdict": comparison["verdict"].split(":")[0]}
+def run_seed(config, seed: int) -> None:
+    """Every arm at one seed, in this process (finished stages reused)."""
+    for arm in config.arms:
+        print(f"\n=== seed {seed}, arm {arm}", flush=True)
+        run_configured_stages(arm_stage_configs(config, seed, arm), config.reuse_finished_stages or config.resume)
 
 
-def t_interval(values: list) -> tuple:
-    """(mean, low, high): the mean of ``values`` and its 95% Student-t interval (NaN bounds for one value)."""
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    half = student_t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
+def worker_argv(config, seed: int, threads: int) -> list:
+    """The command line of the worker process that runs ``seed`` with ``config``'s settings."""
+    argv = ["--seeds", str(seed), "--threads", str(threads), "--aggregate", "false"]
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name not in WORKER_FLAGS and value is not None:
+            values = value if isinstance(value, list) else [str(value).lower() if isinstance(value, bool) else value]
+            argv += [f"--{f.name}", *map(str, values)]
+    return argv
 
 
-def runs_table(runs: list) -> str:
-    """Markdown table, one row per run (see :data:`RUN_COLUMNS`)."""
-    lines = ["| " + " | ".join(RUN_COLUMNS) + " |", "|---:|---|---|" + "---:|" * (len(RUN_COLUMNS) - 4) + "---|"]
-    for run in runs:
-        truth, reward = run["ground_truth_ci95"], run["reward_ci95"]
-        lines.append(f"| {run['seed']} | {run['loss_kind']} | {run['shaping']} | {run['rm_accuracy']:.3f} "
-                     f"({run['rm_truth_differs_accuracy']:.3f}) | {run['sft_ground_truth']:.3f} | "
-                     f"{run['trained_ground_truth']:.3f} | {run['ground_truth_gain']:+.3f} [{truth[0]:+.3f}, "
-                     f"{truth[1]:+.3f}] | {run['reward_gain']:+.3f} [{reward[0]:+.3f}, {reward[1]:+.3f}] | "
-                     f"{run['kl_to_ref']:.3f} | {run['verdict']} |")
-    return "\n".join(lines)
+def run_workers(config) -> list:
+    """Run the seeds in ``config.jobs`` worker processes (output in ``seed{s}/log.txt``); returns the failed seeds."""
+    threads = config.threads or max(1, (os.cpu_count() or 1) // config.jobs)
 
+    def run_one(seed: int) -> int:
+        log_path = os.path.join(config.output_dir, f"seed{seed}", "log.txt")
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        print(f"seed {seed}: worker started ({threads} threads), log in {log_path}", flush=True)
+        with open(log_path, "w") as log:
+            command = [sys.executable, "-m", "distreward.experiments", *worker_argv(config, seed, threads)]
+            return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
 
-def results_table(runs: list) -> str:
-    """Markdown table: per (loss, shaping), the mean over seeds of each metric in :data:`METRICS`
-    with its 95% t-interval over seeds."""
-    lines = ["| RM loss | shaping | seeds | " + " | ".join(f"{name} [95% CI]" for name, _ in METRICS) + " |",
-             "|---|---|---:|" + "---:|" * len(METRICS)]
-    groups = {}
-    for run in runs:
-        groups.setdefault((run["loss_kind"], run["shaping"]), []).append(run)
-    for (loss_kind, shaping), group in groups.items():
-        cells = []
-        for _, key in METRICS:
-            mean, low, high = t_interval([run[key] for run in group])
-            cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" if len(group) > 1 else f"{mean:+.3f} (one seed)")
-        lines.append(f"| {loss_kind} | {shaping} | {len(group)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    with ThreadPoolExecutor(config.jobs) as pool:
+        codes = list(pool.map(run_one, config.seeds))
+    failed = [seed for seed, code in zip(config.seeds, codes) if code != 0]
+    for seed in failed:
+        print(f"seed {seed} failed, see {os.path.join(config.output_dir, f'seed{seed}', 'log.txt')}", file=sys.stderr)
+    return failed
 
 
 def run_experiments(config) -> list:
-    """Run the grid, write ``results.json`` and ``results.md``; returns the per-run records."""
-    runs = []
-    for seed in config.seeds:
-        root = os.path.join(config.output_dir, f"seed{seed}")
-        for loss_kind in config.loss_kinds:
-            for shaping in config.shapings:
-                run_config = pipeline_config(config, seed, loss_kind, shaping)
-                rm_dir = os.path.join(root, f"rm_{loss_kind}")
-                report = run_stages(run_config, os.path.join(root, "sft"), rm_dir,
-                                    os.path.join(root, f"rl_{loss_kind}_{shaping}"))
-                with open(os.path.join(rm_dir, "eval.json")) as handle:
-                    rm_report = json.load(handle)
-                runs.append({"seed": seed, "loss_kind": loss_kind, "shaping": shaping,
-                             "rm_accuracy": rm_report["pairwise_accuracy"],
-                             "rm_truth_differs_accuracy": rm_report.get("truth_differs_accuracy", float("nan")),
-                             **gains(report)})
-    table = runs_table(runs) + "\n\n" + results_table(runs)
-    with open(os.path.join(config.output_dir, "results.json"), "w") as handle:
-        json.dump(runs, handle, indent=2)
-    with open(os.path.join(config.output_dir, "results.md"), "w") as handle:
-        handle.write(table + "\n")
-    print(f"\ntrained minus SFT policy on {config.num_eval_prompts} held-out {config.eval_split} prompts, "
-          f"seeds {config.seeds}; last table: mean over seeds [95% t-interval]:")
-    print(table)
-    return runs
+    """Train what is not finished (unless ``aggregate_only``), then write the results; returns the failed seeds."""
+    failed = []
+    if not config.aggregate_only:
+        for seed in config.seeds:  # every setting checked before the first run starts
+            for arm in config.arms:
+                arm_stage_configs(config, seed, arm)
+        if config.jobs > 1 and len(config.seeds) > 1:
+            failed = run_workers(config)
+        else:
+            if config.threads:
+                import torch
+                torch.set_num_threads(config.threads)
+            for seed in config.seeds:
+                run_seed(config, seed)
+    if config.aggregate or config.aggregate_only:
+        _, markdown = write_results(config.output_dir, config.seeds, config.arms)
+        print(f"\n{markdown}\nwritten: results.json, results.md, overoptimisation.png in {config.output_dir}")
+    return failed
+
+
+def optional(name: str, help_text: str) -> tuple:
+    """A budget setting's field: None until :func:`check_experiment` fills it from the budget."""
+    kind = float if name.endswith("_epochs") else int
+    return name, Optional[kind], field(default=None, metadata={"help": f"{help_text} (unset: the --budget's)."})
+
+
+PIPELINE_FIELDS = {f.name: f for f in fields(PipelineConfig)}
+OWN_FIELDS = [  # the experiment's settings; then every other pipeline setting that the arms and --seeds leave alone
+    ("output_dir", str, field(default="runs/experiments", metadata={"help": "Root of the runs and the results."})),
+    ("arms", list[str], field(default_factory=lambda: list(DEFAULT_ARMS), metadata={
+        "help": f"Arms RM/SHAPING to run; RM one of {', '.join(RM_VARIANTS)}, SHAPING one of {', '.join(SHAPINGS)}."})),
+    ("seeds", list[int], field(default_factory=lambda: list(range(8)), metadata={"help": "Seeds to run."})),
+    ("budget", str, field(default="cpu", metadata={
+        "help": f"Stage settings: {'; '.join(f'{name}: {values}' for name, values in BUDGETS.items())}."})),
+    *[optional(name, PIPELINE_FIELDS[name].metadata["help"].rstrip(".")) for name in PIPELINE_BUDGET],
+    optional("rl_batch_size", "Prompts per REINFORCE step"),
+    optional("curve_eval_steps", "Evaluate ground truth and KL every this many REINFORCE steps, 0: off"),
+    optional("curve_eval_prompts", "Held-out prompts of each curve point"),
+    ("reuse_finished_stages", bool, field(default=True, metadata={
+        "help": "Skip a stage whose finished output is already there, so an interrupted experiment picks up "
+                "where it stopped."})),
+    ("jobs", int, field(default=1, metadata={"help": "Worker processes, one seed each at a time."})),
+    ("threads", int, field(default=0, metadata={"help": "Torch threads per process (0: cores // jobs with "
+                                                        "--jobs > 1, torch's default otherwise)."})),
+    ("aggregate", bool, field(default=True, metadata={"help": "Write the results once the runs finish."})),
+    ("aggregate_only", bool, field(default=False, metadata={
+        "help": "Train nothing: rebuild the results from the finished runs on disk."})),
+]
+ExperimentConfig = make_dataclass("ExperimentConfig", OWN_FIELDS + [
+    (f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in fields(PipelineConfig)
+    if f.name not in GRID_FIELDS and f.name not in {name for name, _, _ in OWN_FIELDS}],
+    namespace={"__doc__": "The over-optimisation experiment: every arm at every seed.",
+               "__post_init__": check_experiment})
 
 
 def main(argv=None) -> int:
@@ -145,10 +180,13 @@ def main(argv=None) -> int:
         if unknown:
             print(f"error: unknown argument(s): {' '.join(unknown)} (see --help)", file=sys.stderr)
             return 2
-        run_experiments(config)
+        failed = run_experiments(config)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if failed:
+        print(f"error: seeds {failed} failed, see their seed{{s}}/log.txt", file=sys.stderr)
+        return 1
     return 0
 
 

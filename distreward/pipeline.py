@@ -101,7 +101,14 @@ def run_stages(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str) -
     experiment grid shares one SFT policy and one reward model between several REINFORCE runs); with
     ``resume`` the other stages continue from their latest checkpoint, if any.
     """
-    sft, rm, rl = stage_configs(config, sft_dir, rm_dir, rl_dir)
+    return run_configured_stages(stage_configs(config, sft_dir, rm_dir, rl_dir),
+                                 config.reuse_finished_stages or config.resume)
+
+
+def run_configured_stages(configs: tuple, reuse: bool) -> dict:
+    """SFT -> RM -> REINFORCE with the given ``(SFTConfig, RewardConfig, ReinforceConfig)``; with ``reuse`` a
+    stage whose last output exists is not run again. Returns the REINFORCE ``eval.json`` report."""
+    sft, rm, rl = configs
     # (settings, run function, the file a finished run writes last: sft's eval.json of the embedded task)
     stages = ((sft, run_sft, EVAL_NAME), (rm, run_reward_training, DISTRIBUTIONS_NAME),
               (rl, run_reinforce, EVAL_SAMPLES_NAME))
@@ -109,14 +116,14 @@ def run_stages(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str) -
     for index, (stage_config, run, last_output) in enumerate(stages):
         header = f"\n[{index + 1}/{len(stages)}] {STAGE_TITLES[index]} -> {stage_config.output_dir}"
         done = os.path.isfile(os.path.join(stage_config.output_dir, last_output))
-        reused = (config.reuse_finished_stages or config.resume) and done
+        reused = reuse and done
         if main_process:
             print(header + (": finished earlier, reused" if reused else ""), flush=True)
         if reused:
             continue
         forget_outputs(stages, index)
         run(stage_config)
-    with open(os.path.join(rl_dir, EVAL_NAME)) as handle:
+    with open(os.path.join(rl.output_dir, EVAL_NAME)) as handle:
         return json.load(handle)
 
 

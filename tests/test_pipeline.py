@@ -1,14 +1,12 @@
 """The whole embedded pipeline (SFT -> RM -> REINFORCE -> report) in a tiny configuration."""
 import json
 import os
-import re
 
 import pytest
 import torch
 
-from distreward import experiments, train
+from distreward import train
 from distreward.evaluation import compare_policies, paired_bootstrap
-from distreward.experiments import gains, results_table, runs_table
 from distreward.pipeline import PipelineConfig, run_pipeline, run_stages
 
 TINY = dict(num_pairs=64, sft_epochs=1.0, rm_epochs=1.0, rl_steps=2, num_eval_prompts=4)
@@ -71,17 +69,6 @@ def test_rl_alone_finds_the_pipelines_policy_and_reward_model(pipeline_run, tmp_
     assert (settings["policy_path"], settings["reward_model_path"]) == (str(output_dir / "sft"), str(output_dir / "rm"))
 
 
-def test_experiments_help_lists_only_flags_that_act(capsys):
-    with pytest.raises(SystemExit):
-        experiments.main(["--help"])
-    text = capsys.readouterr().out
-    assert all(f"--{name}s" in text for name in experiments.GRID_FIELDS)
-    assert not any(re.search(rf"--{name}\b(?!s)", text) for name in experiments.GRID_FIELDS)
-    flat = " ".join(text.split())  # argparse wraps the help lines
-    assert flat.count("Skip a stage whose finished output") == 1
-    assert "Turn --reuse_finished_stages off (it is on by default)." in flat
-
-
 def test_cli_rejects_a_bad_setting(capsys):
     assert train.main(["pipeline", "--shaping", "sqrt"]) == 2
     assert "shaping" in capsys.readouterr().err
@@ -90,25 +77,6 @@ def test_cli_rejects_a_bad_setting(capsys):
 def test_cli_rl_stage_explains_a_missing_policy(tmp_path, capsys):
     assert train.main(["rl", "--policy_path", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path)]) == 2
     assert "run `python -m distreward.train sft` first" in capsys.readouterr().err
-
-
-def test_experiment_gains_and_tables():
-    comparison = {"ground_truth": {"sft": 2.0, "trained": 2.5, "gain": 0.5, "ci95": [0.25, 0.75]},
-                  "reward": {"sft": 0.5, "trained": 0.75, "gain": 0.25, "ci95": [0.125, 0.375]},
-                  "verdict": "IMPROVED: ground truth ..."}
-    report = {"sft": {"kl_to_ref": 0.0}, "trained": {"kl_to_ref": 0.3}, "comparison": comparison}
-    assert gains(report) == {"sft_ground_truth": 2.0, "trained_ground_truth": 2.5, "ground_truth_gain": 0.5,
-                             "ground_truth_ci95": [0.25, 0.75], "reward_gain": 0.25, "reward_ci95": [0.125, 0.375],
-                             "kl_to_ref": 0.3, "verdict": "IMPROVED"}
-    runs = [{"seed": seed, "loss_kind": "bt_kl", "shaping": "none", "rm_accuracy": 0.8,
-             "rm_truth_differs_accuracy": 0.9, **gains(report), "ground_truth_gain": gain}
-            for seed, gain in enumerate([0.1, 0.3])]
-    assert runs_table(runs).splitlines()[2] == ("| 0 | bt_kl | none | 0.800 (0.900) | 2.000 | 2.500 | "
-                                                "+0.100 [+0.250, +0.750] | "
-                                                "+0.250 [+0.125, +0.375] | 0.300 | IMPROVED |")
-    row = results_table(runs).splitlines()[-1]
-    # mean 0.2, sample std 0.1414, t(0.975, 1 df) = 12.706: half-width 12.706 * 0.1414 / sqrt(2) = 1.2706
-    assert row == "| bt_kl | none | 2 | +0.200 [-1.071, +1.471] | +0.250 [+0.250, +0.250] | +0.300 [+0.300, +0.300] |"
 
 
 def samples_for(rewards: dict, truths: dict) -> list:
