@@ -59,16 +59,15 @@ def rewards(logits: torch.Tensor, centers=None) -> torch.Tensor:
 def pit_values(logits: torch.Tensor, labels: torch.Tensor, centers=None) -> torch.Tensor:
     """Probability integral transform [N] float64: the predicted CDF at each label.
 
-    logits [N, K], labels [N] on the centers' scale. Bin k is the interval ``[low + k w, low + (k+1) w)``
-    with ``w = (high - low) / K`` (``low``, ``high`` = the first and last center), its mass spread
-    uniformly inside, so ``PIT = sum_k p_k clamp((label - low - k w) / w, 0, 1)``.
+    logits [N, K], labels [N] on the centers' scale. Bin k is the interval ``[e_k, e_k + w)`` centred on
+    center k (:func:`distreward.ops.bin_edges`, ``w`` the spacing of the centers), its mass spread
+    uniformly inside, so ``PIT = sum_k p_k clamp((label - e_k) / w, 0, 1)``.
     """
     centers = ops.bin_centers(logits.shape[-1]) if centers is None else centers
-    probs = logits.double().softmax(-1)
-    low, high = float(centers[0]), float(centers[-1])
-    width = (high - low) / logits.shape[-1]
-    edges = low + width * torch.arange(logits.shape[-1], dtype=torch.float64)
-    filled = ((labels.double().unsqueeze(-1) - edges) / width).clamp(0.0, 1.0)
+    probs = logits.double().cpu().softmax(-1)
+    edges = ops.bin_edges(logits.shape[-1], float(centers[0]), float(centers[-1]))[:-1]
+    width = float(edges[1] - edges[0])
+    filled = ((labels.double().cpu().unsqueeze(-1) - edges) / width).clamp(0.0, 1.0)
     return (probs * filled).sum(-1)
 
 

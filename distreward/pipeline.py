@@ -47,7 +47,12 @@ class PipelineConfig:
         "help": "Reward-model loss: bt_mean, bt_kl or dpl."})
     rl_steps: int = field(default=ReinforceConfig.max_steps, metadata={"help": "REINFORCE optimizer steps."})
     shaping: str = field(default=ReinforceConfig.shaping, metadata={
-        "help": "Reward shaping: none, std_penalty (H2.1) or std_scale (H2.2)."})
+        "help": "Reward shaping: none, std_penalty (H2.1), std_scale (H2.2) or quantile (a lower quantile of the "
+                "RM's distribution)."})
+    std_source: str = field(default=ReinforceConfig.std_source, metadata={
+        "help": "Std the std shapings read: model, or the controls constant (batch mean) and shuffled."})
+    quantile_level: float = field(default=ReinforceConfig.quantile_level, metadata={
+        "help": "Level in (0, 1) of the quantile shaping."})
     baseline: str = field(default=ReinforceConfig.baseline, metadata={"help": "REINFORCE baseline: ema, rloo or batch."})
     beta: float = field(default=ReinforceConfig.beta, metadata={"help": "Weight of the KL to the reference."})
     alpha: float = field(default=ReinforceConfig.alpha, metadata={"help": "Weight of the std penalty (std_penalty)."})
@@ -55,6 +60,11 @@ class PipelineConfig:
         "help": "Held-out prompts on which the SFT and the trained policy are compared."})
     eval_split: str = field(default=ReinforceConfig.eval_split, metadata={
         "help": "Prompts of that comparison: test (reports) or validation (tuning settings)."})
+    curve_eval_steps: int = field(default=ReinforceConfig.curve_eval_steps, metadata={
+        "help": "Write rl/curve.jsonl (ground truth and KL to the reference along training) every this many "
+                "REINFORCE steps; 0: off."})
+    curve_eval_prompts: int = field(default=ReinforceConfig.curve_eval_prompts, metadata={
+        "help": "Held-out prompts of each curve.jsonl point (the first of the comparison's)."})
     reuse_finished_stages: bool = field(default=False, metadata={
         "help": "Skip a stage whose finished output is already in its sub-directory."})
     keep_checkpoints: bool = field(default=TrainingConfig.keep_checkpoints, metadata={
@@ -75,8 +85,10 @@ def stage_configs(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str
                       num_train_epochs=config.rm_epochs, loss_kind=config.loss_kind, **shared)
     rl = ReinforceConfig(output_dir=rl_dir, policy_path=sft_dir, reward_model_path=rm_dir,
                          max_steps=config.rl_steps, shaping=config.shaping, baseline=config.baseline,
-                         beta=config.beta, alpha=config.alpha, num_eval_prompts=config.num_eval_prompts,
-                         eval_split=config.eval_split, **shared)
+                         beta=config.beta, alpha=config.alpha, std_source=config.std_source,
+                         quantile_level=config.quantile_level, num_eval_prompts=config.num_eval_prompts,
+                         eval_split=config.eval_split, curve_eval_steps=config.curve_eval_steps,
+                         curve_eval_prompts=config.curve_eval_prompts, **shared)
     return sft, rm, rl
 
 

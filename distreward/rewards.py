@@ -1,28 +1,42 @@
 """Total reward and baselines of docs/math.md §5: uncertainty shaping and the REINFORCE baseline.
 
-Shaping turns the reward model's mean ``r``, its std ``sd`` and the per-sequence KL to the
-reference into the total reward ``R``; a baseline ``b`` turns ``R`` into the advantage ``R - b``.
+Shaping turns the reward model's mean ``r``, its std ``sd`` (or a lower quantile of its distribution)
+and the per-sequence KL to the reference into the total reward ``R``; :func:`replace_std` gives the
+controls of the std shapings (the std replaced by a constant or shuffled across the batch); a
+baseline ``b`` turns ``R`` into the advantage ``R - b``.
 Baselines are small stateful objects (``state_dict`` / ``load_state_dict``) so a checkpoint
 restores them, and take the batch mean as an argument so that, under data parallelism, the
 trainer can pass the mean over all ranks and the EMA stays identical on every rank.
 """
+import math
+from typing import Optional
+
 import torch
 
-from distreward.ops.validation import check_choice, check_positive
+from distreward.ops import bin_edges
+from distreward.ops.validation import check_choice, check_logits, check_positive
 
-SHAPINGS = ("none", "std_penalty", "std_scale")
+SHAPINGS = ("none", "std_penalty", "std_scale", "quantile")
+STD_SHAPINGS = ("std_penalty", "std_scale")  # the shapings that read the std, so the only ones its controls change
+STD_SOURCES = ("model", "constant", "shuffled")
 BASELINES = ("ema", "rloo", "batch")
 
 
 def shape_rewards(reward: torch.Tensor, std: torch.Tensor, kl: torch.Tensor, shaping: str = "std_scale",
-                  beta: float = 0.05, alpha: float = 0.5) -> torch.Tensor:
+                  beta: float = 0.05, alpha: float = 0.5, quantile: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Total reward R [N] from reward-model mean ``reward`` [N], std ``std`` [N] and KL ``kl`` [N].
 
     - ``none``:        ``R = r - beta * kl``
     - ``std_penalty``: ``R = r - beta * kl - alpha * sd``   (hypothesis 2.1)
     - ``std_scale``:   ``R = (r - beta * kl) / (sd + 1)``   (hypothesis 2.2)
+    - ``quantile``:    ``R = q - beta * kl``, ``q`` [N] = ``quantile``, a lower quantile of the RM's distribution
+      (:func:`distribution_quantile`; a risk-averse reward, as distributional preference learning suggests)
     """
     check_shaping(shaping, beta, alpha)
+    if shaping == "quantile":
+        if quantile is None:
+            raise ValueError("shaping 'quantile' needs the quantile of each reward distribution")
+        reward = quantile
     if not reward.shape == std.shape == kl.shape or reward.dim() != 1:
         raise ValueError(f"reward, std and kl must be 1-D of the same length, got {tuple(reward.shape)}, "
                          f"{tuple(std.shape)} and {tuple(kl.shape)}")
@@ -34,12 +48,66 @@ def shape_rewards(reward: torch.Tensor, std: torch.Tensor, kl: torch.Tensor, sha
     return penalised
 
 
-def check_shaping(shaping: str, beta: float, alpha: float, prefix: str = "") -> None:
-    """Raise ValueError unless ``shaping`` is one of :data:`SHAPINGS` and ``beta``, ``alpha`` are >= 0
-    (``prefix`` goes before each name in the message, e.g. ``--`` for command-line flags)."""
+def check_shaping(shaping: str, beta: float, alpha: float, prefix: str = "", std_source: str = "model",
+                  quantile_level: float = 0.25) -> None:
+    """Raise ValueError unless ``shaping`` is one of :data:`SHAPINGS`, ``beta``, ``alpha`` are >= 0,
+    ``std_source`` is one of :data:`STD_SOURCES` (other than ``model`` only for a shaping that reads the std)
+    and ``quantile_level`` lies in (0, 1) (``prefix`` goes before each name in the message, e.g. ``--``)."""
     check_choice(f"{prefix}shaping", shaping, SHAPINGS)
     check_positive(f"{prefix}beta", beta, allow_zero=True)
     check_positive(f"{prefix}alpha", alpha, allow_zero=True)
+    check_choice(f"{prefix}std_source", std_source, STD_SOURCES)
+    if std_source != "model" and shaping not in STD_SHAPINGS:
+        raise ValueError(f"{prefix}std_source {std_source!r} is a control of the std shapings "
+                         f"({', '.join(STD_SHAPINGS)}); shaping {shaping!r} does not read the std")
+    check_level(f"{prefix}quantile_level", quantile_level)
+
+
+def check_level(name: str, level: float) -> None:
+    """A quantile level: a number strictly between 0 and 1."""
+    if not isinstance(level, (int, float)) or isinstance(level, bool) or not 0.0 < level < 1.0:
+        raise ValueError(f"{name} must lie in (0, 1), got {level!r}")
+
+
+def distribution_quantile(logits: torch.Tensor, level: float, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    """The ``level``-quantile [N] fp32 of each row's K-bin distribution ``softmax(logits)``, logits [N, K].
+
+    ``low``, ``high`` are the first and last bin centers; bin k is the interval ``[e_k, e_k + w)`` centred on
+    its center (:func:`distreward.ops.bin_edges`, ``w = (high - low) / (K - 1)``), with its mass spread
+    uniformly, so the CDF is piecewise linear and the quantile is its inverse: with ``C_k = p_0 + ... + p_k``
+    and k the first bin with ``C_k >= level``, ``e_k + w (level - C_{k-1}) / p_k`` (``C_{-1} = 0``).
+    Not differentiable (a reward, read without gradient).
+    """
+    check_logits("logits", logits)
+    check_level("level", level)
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"low must be below high, both finite, got low={low}, high={high}")
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError("logits hold NaN or +inf, or a row whose logits are all -inf")
+    cdf = probs.cumsum(-1)
+    cdf[:, -1] = 1.0  # the rounding of the sum must not leave a level above the last bin
+    below = torch.cat([torch.zeros_like(cdf[:, :1]), cdf[:, :-1]], dim=-1)  # C_{k-1}
+    k = (cdf < level).sum(-1, keepdim=True)  # the first bin whose C_k >= level (<= K - 1 as C_{K-1} = 1)
+    before, upto = below.gather(-1, k), cdf.gather(-1, k)
+    inside = ((level - before) / (upto - before)).clamp(0.0, 1.0)  # upto > level > before
+    edges = bin_edges(logits.shape[-1], low, high)
+    width = float(edges[1] - edges[0])
+    return (float(edges[0]) + width * (k + inside)).squeeze(-1).float()
+
+
+def replace_std(std: torch.Tensor, source: str = "model", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The std [N] a std shaping reads, as its control ``source`` asks: ``model`` keeps ``std``; ``constant``
+    gives every entry the batch mean (detached); ``shuffled`` a random permutation of the batch's stds, drawn
+    on the CPU from ``generator`` (the global RNG when None, which checkpoints save and ``--resume`` restores)."""
+    check_choice("std_source", source, STD_SOURCES)
+    if std.dim() != 1:
+        raise ValueError(f"std must be 1-D, got shape {tuple(std.shape)}")
+    if source == "constant":
+        return std.detach().mean().expand_as(std).clone()
+    if source == "shuffled":
+        return std[torch.randperm(std.shape[0], generator=generator).to(std.device)]
+    return std
 
 
 class Baseline:

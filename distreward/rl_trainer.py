@@ -1,8 +1,9 @@
 """Stage ``rl``: REINFORCE with the uncertainty-shaped distributional reward (docs/math.md §5, §7).
 
 Each optimizer step samples ``samples_per_prompt`` responses to a batch of prompts from the policy,
-scores them with the distributional reward model (mean ``r`` and std ``sd``) and the per-sequence KL
-to the frozen SFT reference, shapes the total reward ``R`` (:func:`distreward.rewards.shape_rewards`),
+scores them with the distributional reward model (mean ``r`` and std ``sd``, or a lower quantile) and the
+per-sequence KL to the frozen SFT reference, shapes the total reward ``R`` (:func:`distreward.rewards.shape_rewards`;
+``std_source`` swaps the std for a control, :func:`distreward.rewards.replace_std`),
 subtracts a baseline and minimises ``-(R - b) * sum_t log pi(y_t)``. The loop (accelerate, gradient
 clipping, tqdm, ``metrics.jsonl``, checkpoints, ``--resume``) is :func:`distreward.trainer_utils.train_loop`;
 the baseline's state travels in the checkpoints.
@@ -11,8 +12,9 @@ Outputs in ``output_dir``: ``config.json`` (these settings), ``metrics.jsonl``, 
 (until the run finishes, unless ``--keep_checkpoints``), ``policy/`` (the trained policy and
 tokenizer, ``save_pretrained`` form), ``eval.json`` (docs/math.md §7: the SFT and the trained policy
 on the same held-out prompts, with the paired comparison and verdict of
-:func:`distreward.evaluation.compare_policies` under ``comparison``) and ``eval_samples.jsonl``
-(every evaluated response with its scores).
+:func:`distreward.evaluation.compare_policies` under ``comparison``), ``eval_samples.jsonl``
+(every evaluated response with its scores) and, with ``curve_eval_steps > 0``, ``curve.jsonl`` (the
+policy along training on the first held-out prompts: ground truth against KL to the reference).
 """
 import json
 import os
@@ -27,13 +29,14 @@ from distreward.distributed import call_in_forward
 from distreward.evaluation import compare_policies, format_report, summarize
 from distreward.modeling import load_policy_and_reference, load_reward_model
 from distreward.ops.validation import check_choice
-from distreward.rewards import check_shaping, make_baseline, shape_rewards
+from distreward.rewards import check_shaping, make_baseline, replace_std, shape_rewards
 from distreward.rollout import RolloutScorer, generate_rollouts, token_logprobs
-from distreward.trainer_utils import TrainingConfig, make_accelerator, save_run_config, train_loop
+from distreward.trainer_utils import MetricsLogger, TrainingConfig, make_accelerator, save_run_config, train_loop
 
 POLICY_DIR = "policy"
 EVAL_NAME = "eval.json"
 EVAL_SAMPLES_NAME = "eval_samples.jsonl"
+CURVE_NAME = "curve.jsonl"
 
 
 @dataclass
@@ -61,8 +64,13 @@ class ReinforceConfig(TrainingConfig):
         "help": "Sampling temperature (the loss uses the untempered policy, so keep 1.0 for unbiased gradients)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
     shaping: str = field(default="std_scale", metadata={
-        "help": "Total reward: none (r - beta kl), std_penalty (H2.1: - alpha sd) or std_scale "
-                "(H2.2: (r - beta kl) / (sd + 1))."})
+        "help": "Total reward: none (r - beta kl), std_penalty (H2.1: - alpha sd), std_scale "
+                "(H2.2: (r - beta kl) / (sd + 1)) or quantile (q - beta kl, q the --quantile_level quantile of "
+                "the RM's distribution)."})
+    std_source: str = field(default="model", metadata={
+        "help": "Std the std shapings read: model (the RM's), or a control: constant (each batch's mean std) or "
+                "shuffled (the batch's stds randomly permuted)."})
+    quantile_level: float = field(default=0.25, metadata={"help": "Level in (0, 1) of the quantile shaping."})
     beta: float = field(default=0.1, metadata={"help": "Weight of the KL to the reference (tuned on validation "
                                                        "prompts: 0.02 let the RM be exploited, 0.3 held the policy)."})
     alpha: float = field(default=0.5, metadata={"help": "Weight of the std penalty (std_penalty only)."})
@@ -71,6 +79,10 @@ class ReinforceConfig(TrainingConfig):
     ema_decay: float = field(default=0.9, metadata={"help": "Decay of the ema baseline."})
     eval_samples_per_prompt: int = field(default=2, metadata={"help": "Responses sampled per held-out prompt."})
     eval_batch_size: int = field(default=64, metadata={"help": "Held-out prompts per generation batch."})
+    curve_eval_steps: int = field(default=0, metadata={
+        "help": "Evaluate the policy every this many steps (and at steps 0 and the last) into curve.jsonl; 0: off."})
+    curve_eval_prompts: int = field(default=64, metadata={
+        "help": "The first this many held-out prompts (at most --num_eval_prompts) of each curve.jsonl point."})
     learning_rate: float = field(default=5e-4, metadata={
         "help": "AdamW learning rate (tuned on validation prompts for the embedded tiny Llama; ~1e-6 for SmolLM2)."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Prompts per step per process."})
@@ -87,13 +99,16 @@ class ReinforceConfig(TrainingConfig):
         super().__post_init__()
         self.policy_path = self.policy_path or os.path.join(self.run_dir, "sft")
         self.reward_model_path = self.reward_model_path or os.path.join(self.run_dir, "rm")
-        check_shaping(self.shaping, self.beta, self.alpha, prefix="--")
+        check_shaping(self.shaping, self.beta, self.alpha, prefix="--", std_source=self.std_source,
+                      quantile_level=self.quantile_level)
         make_baseline(self.baseline, self.samples_per_prompt, self.ema_decay)  # raises on a setting it cannot take
         check_choice("--eval_split", self.eval_split, HELD_OUT_SPLITS)
         for name in ("num_train_prompts", "num_eval_prompts", "samples_per_prompt", "max_new_tokens",
-                     "eval_samples_per_prompt", "eval_batch_size"):
+                     "eval_samples_per_prompt", "eval_batch_size", "curve_eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.curve_eval_steps < 0:
+            raise ValueError(f"--curve_eval_steps must be >= 0 (0: no curve), got {self.curve_eval_steps}")
 
 
 def policy_loss(advantages: torch.Tensor, sequence_logprobs: torch.Tensor) -> torch.Tensor:
@@ -106,10 +121,21 @@ def policy_loss(advantages: torch.Tensor, sequence_logprobs: torch.Tensor) -> to
 
 class ReinforceTrainer:
     """REINFORCE on ``train_prompts``: :meth:`compute_loss` is one rollout-and-update micro-batch of
-    :func:`~distreward.trainer_utils.train_loop`; :meth:`evaluate` scores a policy on held-out prompts."""
+    :func:`~distreward.trainer_utils.train_loop`; :meth:`evaluate` scores a policy on held-out prompts.
+    With ``config.curve_eval_steps > 0``, training writes ``curve.jsonl`` on the first
+    ``config.curve_eval_prompts`` of ``eval_prompts`` (:class:`CurveRecorder`)."""
 
-    def __init__(self, config: ReinforceConfig, policy, tokenizer, scorer: RolloutScorer, train_prompts: list):
+    def __init__(self, config: ReinforceConfig, policy, tokenizer, scorer: RolloutScorer, train_prompts: list,
+                 eval_prompts: Optional[list] = None):
+        if config.shaping == "quantile" and scorer.quantile_level != config.quantile_level:
+            raise ValueError(f"shaping 'quantile' needs a scorer with quantile_level={config.quantile_level}, "
+                             f"got {scorer.quantile_level}")
+        if config.curve_eval_steps > 0 and not eval_prompts:
+            raise ValueError("--curve_eval_steps > 0 needs held-out prompts to evaluate the policy on")
         self.config, self.policy, self.tokenizer, self.scorer = config, policy, tokenizer, scorer
+        self.curve = None
+        if config.curve_eval_steps > 0:
+            self.curve = CurveRecorder(self, eval_prompts[:config.curve_eval_prompts])
         self.accelerator = make_accelerator(config)
         scorer.reference.to(self.accelerator.device)
         scorer.reward_model.to(self.accelerator.device)
@@ -124,7 +150,8 @@ class ReinforceTrainer:
     def train(self):
         """Run the configured steps (resuming if asked); returns the unwrapped trained policy."""
         self.policy = train_loop(self.config, self.accelerator, self.policy, self.dataloader, self.compute_loss,
-                                 self.tokenizer, description=f"rl ({self.config.shaping}, {self.config.baseline})")
+                                 self.tokenizer, description=f"rl ({self.config.shaping}, {self.config.baseline})",
+                                 on_step=self.curve)
         return self.policy
 
     def compute_loss(self, model, prompts: list):
@@ -135,7 +162,8 @@ class ReinforceTrainer:
         rollout = rollout.to(self.accelerator.device)
         logprobs = call_in_forward(model, token_logprobs, rollout)  # inside DDP's forward: gradients all-reduced
         scores = self.scorer.score(rollout, logprobs)
-        total = shape_rewards(scores.reward, scores.std, scores.kl, config.shaping, config.beta, config.alpha)
+        std = replace_std(scores.std, config.std_source)
+        total = shape_rewards(scores.reward, std, scores.kl, config.shaping, config.beta, config.alpha, scores.quantile)
         baseline = self.baseline(total, self.accelerator.reduce(total.mean(), "mean"))
         loss = policy_loss(total - baseline, logprobs.sum(-1))
         metrics = {"reward": scores.reward.mean(), "reward_sd": scores.std.mean(), "kl": scores.kl.mean(),
@@ -143,6 +171,8 @@ class ReinforceTrainer:
                    "response_length": rollout.response_mask.sum(-1).float().mean()}
         if scores.ground_truth is not None:
             metrics["ground_truth"] = scores.ground_truth.mean()
+        if scores.quantile is not None:
+            metrics["reward_quantile"] = scores.quantile.mean()
         return loss, metrics
 
     @torch.no_grad()
@@ -168,6 +198,34 @@ class ReinforceTrainer:
         return summarize(scores), records
 
 
+class CurveRecorder:
+    """The ``on_step`` hook of :func:`~distreward.trainer_utils.train_loop` that writes ``curve.jsonl``: at step 0,
+    every ``config.curve_eval_steps`` steps and at the last, :meth:`ReinforceTrainer.evaluate` of the current
+    policy on ``prompts`` (the same seeded samples each time, so the points are paired) as one line
+    ``{"step", "kl_to_ref", "ground_truth" (where known), "reward", "reward_std", "num_prompts"}``: means over
+    the samples of the KL, the ground truth, the RM mean and the RM std. A resumed run keeps the lines up to
+    its checkpoint's step (written before that checkpoint) and drops the rest."""
+
+    def __init__(self, trainer: "ReinforceTrainer", prompts: list):
+        self.trainer, self.prompts, self.logger = trainer, prompts, None
+
+    def __call__(self, step: int, total: int, model) -> None:
+        config = self.trainer.config
+        if self.logger is None:  # the call before the first update: step 0, or the step a resumed run starts at
+            self.logger = MetricsLogger(config.output_dir, self.trainer.accelerator.is_main_process,
+                                        resume_step=step, filename=CURVE_NAME)
+            if step > 0:
+                return
+        elif step % config.curve_eval_steps and step < total:
+            return
+        summary, _ = self.trainer.evaluate(model, self.prompts)
+        point = {"kl_to_ref": summary["kl_to_ref"]}
+        if "ground_truth" in summary:
+            point["ground_truth"] = summary["ground_truth"]["mean"]
+        self.logger.log(step, **point, reward=summary["reward"]["mean"], reward_std=summary["mean_sd"],
+                        num_prompts=len(self.prompts))
+
+
 def write_jsonl(path: str, records: list) -> None:
     with open(path, "w") as handle:
         handle.writelines(json.dumps(record) + "\n" for record in records)
@@ -177,9 +235,13 @@ def run_reinforce(config: ReinforceConfig) -> dict:
     """Train the policy with REINFORCE, save it to ``output_dir/policy`` and write ``eval.json``; returns it."""
     policy, reference, tokenizer = load_policy_and_reference(config.policy_path)
     reward_model, reward_tokenizer = load_reward_model(config.reward_model_path, tokenizer)
+    if getattr(reward_model, "is_scalar", False) and config.shaping != "none":
+        raise ValueError(f"--shaping {config.shaping} reads the reward distribution, but {config.reward_model_path} "
+                         f"holds a scalar reward model: use --shaping none")
     train_prompts, eval_prompts, ground_truth = load_prompts(config)
-    scorer = RolloutScorer(reference, reward_model, reward_tokenizer, ground_truth)
-    trainer = ReinforceTrainer(config, policy, tokenizer, scorer, train_prompts)
+    scorer = RolloutScorer(reference, reward_model, reward_tokenizer, ground_truth,
+                           quantile_level=config.quantile_level if config.shaping == "quantile" else None)
+    trainer = ReinforceTrainer(config, policy, tokenizer, scorer, train_prompts, eval_prompts)
     accelerator = trainer.accelerator
     if accelerator.is_main_process:
         save_run_config(config, config.output_dir)

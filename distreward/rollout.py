@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from distreward.data import attention_mask_for, encode, pad, render, to_messages
+from distreward.rewards import check_level, distribution_quantile
 from distreward.sequence import sequence_logprobs
 
 
@@ -39,18 +40,21 @@ class Rollout:
 @dataclass
 class RolloutScores:
     """Per-sequence scores [B] fp32: reward-model mean ``reward`` and ``std``, ``kl`` to the reference
-    (sum over response tokens of log pi - log pi_ref), and the task's ``ground_truth`` score (or None)."""
+    (sum over response tokens of log pi - log pi_ref), the task's ``ground_truth`` score (or None) and a
+    ``quantile`` of the reward model's distribution (or None: only when the scorer was asked for one)."""
 
     reward: torch.Tensor
     std: torch.Tensor
     kl: torch.Tensor
     ground_truth: Optional[torch.Tensor] = None
+    quantile: Optional[torch.Tensor] = None
 
     def records(self, rollout: Rollout) -> list:
         """One JSON-ready dict per sequence: prompt, response and its scores."""
         columns = {"reward": self.reward, "std": self.std, "kl": self.kl}
-        if self.ground_truth is not None:
-            columns["ground_truth"] = self.ground_truth
+        for name in ("ground_truth", "quantile"):
+            if getattr(self, name) is not None:
+                columns[name] = getattr(self, name)
         values = {name: column.tolist() for name, column in columns.items()}
         return [{"prompt": prompt, "response": response, **{name: values[name][i] for name in values}}
                 for i, (prompt, response) in enumerate(zip(rollout.prompts, rollout.responses))]
@@ -123,19 +127,26 @@ class RolloutScorer:
     """Scores rollouts with a frozen reference policy, a distributional reward model and, optionally,
     a ground-truth ``scorer(prompt, response) -> float``.
 
-    ``reward_model(input_ids, attention_mask)`` returns an object with ``mean`` and ``std`` [B]
-    (:class:`distreward.modeling.RewardOutput`); ``reward_tokenizer`` renders its input.
+    ``reward_model(input_ids, attention_mask)`` returns an object with ``logits`` [B, K], ``mean`` and
+    ``std`` [B] (:class:`distreward.modeling.RewardOutput`); ``reward_tokenizer`` renders its input. With a
+    ``quantile_level`` in (0, 1), the scores also hold that quantile of each predicted distribution
+    (:func:`distreward.rewards.distribution_quantile` over the model's ``low`` / ``high`` range).
     """
 
-    def __init__(self, reference, reward_model, reward_tokenizer, ground_truth: Optional[Callable] = None):
+    def __init__(self, reference, reward_model, reward_tokenizer, ground_truth: Optional[Callable] = None,
+                 quantile_level: Optional[float] = None):
+        if quantile_level is not None:
+            check_level("quantile_level", quantile_level)
         self.reference = reference.eval().requires_grad_(False)
         self.reward_model = reward_model.eval().requires_grad_(False)
         self.reward_tokenizer = reward_tokenizer
         self.ground_truth = ground_truth
+        self.quantile_level = quantile_level
 
     @torch.no_grad()
     def reward(self, rollout: Rollout):
-        """Reward-model (mean [B], std [B]) fp32 of each (prompt, response) conversation."""
+        """The reward model's output (``logits`` [B, K], ``mean`` and ``std`` [B]) on each (prompt, response)
+        conversation."""
         sequences = []
         for prompt, response in zip(rollout.prompts, rollout.responses):
             prompt_ids, answer_ids = encode(self.reward_tokenizer, to_messages(prompt, response))
@@ -144,16 +155,19 @@ class RolloutScorer:
         device = rollout.input_ids.device
         output = self.reward_model(input_ids=pad(sequences, self.reward_tokenizer.pad_token_id, length).to(device),
                                    attention_mask=attention_mask_for(sequences, length).to(device))
-        return output.mean.float(), output.std.float()
+        return output
 
     @torch.no_grad()
     def score(self, rollout: Rollout, policy_logprobs: torch.Tensor) -> RolloutScores:
         """Scores of ``rollout`` given the policy's per-token log-probs [B, T] (from :func:`token_logprobs`)."""
         reference_logprobs = token_logprobs(self.reference, rollout)
         kl = (policy_logprobs.detach() - reference_logprobs).sum(-1)
-        reward, std = self.reward(rollout)
-        ground_truth = None
+        output = self.reward(rollout)
+        ground_truth = quantile = None
         if self.ground_truth is not None:
             ground_truth = torch.tensor([self.ground_truth(prompt, response) for prompt, response
                                          in zip(rollout.prompts, rollout.responses)], dtype=torch.float32)
-        return RolloutScores(reward, std, kl, ground_truth)
+        if self.quantile_level is not None:
+            quantile = distribution_quantile(output.logits, self.quantile_level, self.reward_model.low,
+                                             self.reward_model.high)
+        return RolloutScores(output.mean.float(), output.std.float(), kl, ground_truth, quantile)

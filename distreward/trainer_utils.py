@@ -106,14 +106,14 @@ def save_run_config(config, output_dir: str, filename: str = RUN_CONFIG_NAME) ->
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to ``output_dir/metrics.jsonl`` (main process only).
+    """Appends one JSON object per logged step to ``output_dir/filename`` (main process only).
 
     ``resume_step`` keeps the lines of an earlier run up to that step and drops the rest (the steps a
     killed run logged after its last checkpoint are run again); 0 starts an empty file.
     """
 
-    def __init__(self, output_dir: str, enabled: bool = True, resume_step: int = 0):
-        self.path = os.path.join(output_dir, METRICS_NAME)
+    def __init__(self, output_dir: str, enabled: bool = True, resume_step: int = 0, filename: str = METRICS_NAME):
+        self.path = os.path.join(output_dir, filename)
         self.enabled = enabled
         if not enabled:
             return
@@ -247,7 +247,8 @@ def total_optimizer_steps(config: TrainingConfig, batches_per_epoch: int) -> int
 
 
 def train_loop(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module, dataloader,
-               compute_loss: Callable, tokenizer=None, description: str = "train") -> torch.nn.Module:
+               compute_loss: Callable, tokenizer=None, description: str = "train",
+               on_step: Optional[Callable] = None) -> torch.nn.Module:
     """Train ``model`` with AdamW on ``dataloader``; returns the unwrapped trained model.
 
     ``compute_loss(model, batch) -> (loss, metrics)``: a scalar loss tensor and a dict of detached
@@ -255,6 +256,8 @@ def train_loop(config: TrainingConfig, accelerator: Accelerator, model: torch.nn
     processes). Handles gradient
     accumulation, clipping, the LR schedule, tqdm, ``metrics.jsonl``, checkpoints every
     ``save_steps`` and ``config.resume``; a finished run deletes its checkpoints unless ``config.keep_checkpoints``.
+    ``on_step(step, total, model)``, if given, is called on every process once before the first update (with
+    0, or the step a resumed run starts from) and after each optimizer step, before that step's checkpoint.
     The caller saves the final model.
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -270,6 +273,8 @@ def train_loop(config: TrainingConfig, accelerator: Accelerator, model: torch.nn
     logger = MetricsLogger(config.output_dir, accelerator.is_main_process, resume_step=state.global_step)
     progress = tqdm(total=total, initial=state.global_step, desc=description, disable=not accelerator.is_main_process)
     model.train()
+    if on_step is not None:
+        on_step(state.global_step, total, model)
     while state.global_step < total:
         epoch, done_in_epoch = divmod(state.micro_step, len(dataloader))
         dataloader.set_epoch(epoch)
@@ -297,6 +302,8 @@ def train_loop(config: TrainingConfig, accelerator: Accelerator, model: torch.nn
                            lr=scheduler.get_last_lr()[0], **means)
                 progress.set_postfix(loss=f"{means['loss']:.4f}")
                 state.metrics_window = {}
+            if on_step is not None:
+                on_step(state.global_step, total, model)
             if state.global_step % config.save_steps == 0 and state.global_step < total:
                 save_checkpoint(accelerator, state, config.output_dir, tokenizer, config.save_total_limit)
             if state.global_step >= total:

@@ -4,20 +4,21 @@ import math
 import pytest
 import torch
 
-from distreward import evaluation
+from distreward import evaluation, ops
 from distreward.evaluation import (CALIBRATION_LEVELS, calibration_curve, calibration_ece, pit_values,
                                    plot_reliability, prompt_groups, reward_metrics)
 
 
 def test_pit_by_hand_for_two_and_three_bins():
-    # 2 bins on [0, 1]: [0, 0.5) and [0.5, 1], masses 0.25 and 0.75.
+    # centers 0.25, 0.75: bins [0, 0.5) and [0.5, 1], masses 0.25 and 0.75.
     logits = torch.tensor([0.25, 0.75]).log().expand(4, 2)
-    pit = pit_values(logits, torch.tensor([0.0, 0.25, 0.75, 1.0]))
+    pit = pit_values(logits, torch.tensor([0.0, 0.25, 0.75, 1.0]), torch.tensor([0.25, 0.75]))
     torch.testing.assert_close(pit, torch.tensor([0.0, 0.125, 0.625, 1.0], dtype=torch.float64))
-    # 3 bins on [0, 1] (width 1/3), masses 0.5, 0.2, 0.3; label 0.5 fills bin 0 and half of bin 1.
+    # default centers 0, 0.5, 1: bins of width 0.5 from -0.25, masses 0.5, 0.2, 0.3; label 0.5 (the middle
+    # center) fills bin 0 and half of bin 1.
     logits = torch.tensor([[0.5, 0.2, 0.3]]).log()
     torch.testing.assert_close(pit_values(logits, torch.tensor([0.5])), torch.tensor([0.6], dtype=torch.float64))
-    # the same on centers of another range: [2, 5] in bins of width 1, label 3.5
+    # the same on centers of another range: 2, 3.5, 5 in bins of width 1.5, label 3.5
     centers = torch.tensor([2.0, 3.5, 5.0])
     torch.testing.assert_close(pit_values(logits, torch.tensor([3.5]), centers),
                                torch.tensor([0.6], dtype=torch.float64))
@@ -33,10 +34,12 @@ def test_curve_and_ece_by_hand():
 
 
 def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One label per row drawn from the predicted distribution: a bin by its mass, then uniform inside it."""
-    bins = logits.shape[-1]
+    """One label per row drawn from the predicted distribution (default centers): a bin by its mass, then
+    uniform inside it."""
+    edges = ops.bin_edges(logits.shape[-1])
     picked = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-    return ((picked + torch.rand(logits.shape[0], generator=generator, dtype=torch.float64)) / bins).float()
+    inside = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64)
+    return (edges[picked] + inside * (edges[1] - edges[0])).float()
 
 
 def test_labels_drawn_from_the_prediction_are_calibrated():
@@ -53,13 +56,14 @@ def test_an_overconfident_prediction_has_a_large_ece():
     n = 20000
     generator = torch.Generator().manual_seed(1)
     logits = torch.full((n, 10), -30.0)
-    logits[:, 5] = 0.0  # nearly all mass in [0.5, 0.6)
+    logits[:, 5] = 0.0  # nearly all mass in bin 5 = [0.5, 0.5 + 1/9) (centers k/9, bins of width 1/9)
     labels = torch.rand(n, generator=generator)  # the truth is uniform on [0, 1]
     ece = calibration_ece(pit_values(logits, labels))
-    # PIT = clamp((label - 0.5) / 0.1, 0, 1), so observed(p) = P(label <= 0.5 + 0.1 p) = 0.5 + 0.1 p and the
-    # ECE is mean_p |0.5 - 0.9 p| = 4.11 / 19 = 0.216 for infinitely many labels; sampling moves each level
-    # by under 5 sigma = 0.018 here.
-    assert abs(ece - 4.11 / 19) < 5 * 0.5 / math.sqrt(n)
+    # PIT = clamp((label - 0.5) * 9, 0, 1), so observed(p) = P(label <= 0.5 + p / 9) = 0.5 + p / 9 and the
+    # ECE is mean_p |0.5 - 8 p / 9| = 0.215 for infinitely many labels; sampling moves each level by under
+    # 5 sigma = 0.018 here.
+    expected = (0.5 - 8 * CALIBRATION_LEVELS / 9).abs().mean().item()
+    assert abs(expected - 0.215) < 1e-3 and abs(ece - expected) < 5 * 0.5 / math.sqrt(n)
 
 
 def predictions_of(logits_chosen, logits_rejected, targets_chosen, targets_rejected):

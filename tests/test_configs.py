@@ -17,7 +17,17 @@ from distreward.trainer_utils import TrainingConfig
     (RewardConfig, {"margin_temperature": 0.0}, "--margin_temperature must be > 0"),
     (RewardConfig, {"sigma": 0.0}, "--sigma must be > 0"),
     (RewardConfig, {"num_bins": 1}, "num_bins must be an integer >= 2"),
-    (ReinforceConfig, {"shaping": "sqrt"}, "--shaping must be one of none, std_penalty, std_scale"),
+    (ReinforceConfig, {"shaping": "sqrt"}, "--shaping must be one of none, std_penalty, std_scale, quantile"),
+    (ReinforceConfig, {"std_source": "sorted"}, "--std_source must be one of model, constant, shuffled"),
+    (ReinforceConfig, {"shaping": "none", "std_source": "shuffled"}, "--std_source 'shuffled' is a control"),
+    (ReinforceConfig, {"shaping": "quantile", "std_source": "constant"}, "--std_source 'constant' is a control"),
+    (ReinforceConfig, {"shaping": "quantile", "quantile_level": 1.0}, r"--quantile_level must lie in \(0, 1\)"),
+    (ReinforceConfig, {"quantile_level": -0.5}, "--quantile_level"),
+    (ReinforceConfig, {"curve_eval_steps": -1}, "--curve_eval_steps must be >= 0"),
+    (ReinforceConfig, {"curve_eval_prompts": 0}, "--curve_eval_prompts must be >= 1"),
+    (PipelineConfig, {"shaping": "none", "std_source": "constant"}, "--std_source 'constant' is a control"),
+    (PipelineConfig, {"quantile_level": 0.0}, "--quantile_level"),
+    (PipelineConfig, {"curve_eval_steps": -2}, "--curve_eval_steps"),
     (ReinforceConfig, {"beta": -1.0}, "--beta must be >= 0"),
     (ReinforceConfig, {"baseline": "rloo", "samples_per_prompt": 1}, "samples_per_prompt >= 2"),
     (ReinforceConfig, {"baseline": "ema", "ema_decay": 1.0}, "decay"),
@@ -38,6 +48,15 @@ def test_pipeline_defaults_are_the_stage_defaults():
     assert (pipeline.rl_steps, pipeline.shaping, pipeline.baseline, pipeline.beta, pipeline.alpha) == (
         rl.max_steps, rl.shaping, rl.baseline, rl.beta, rl.alpha)
     assert (pipeline.num_eval_prompts, pipeline.eval_split) == (rl.num_eval_prompts, rl.eval_split)
+    assert (pipeline.std_source, pipeline.quantile_level, pipeline.curve_eval_steps, pipeline.curve_eval_prompts) == (
+        rl.std_source, rl.quantile_level, rl.curve_eval_steps, rl.curve_eval_prompts)
+
+
+def test_pipeline_passes_the_shaping_controls_and_the_curve_to_the_rl_stage():
+    settings = dict(shaping="std_penalty", std_source="shuffled", quantile_level=0.1, curve_eval_steps=5,
+                    curve_eval_prompts=8)
+    rl = stage_configs(PipelineConfig(**settings), "sft", "rm", "rl")[2]
+    assert {name: getattr(rl, name) for name in settings} == settings
 
 
 @pytest.mark.parametrize("run_dir", [None, "elsewhere/run"])

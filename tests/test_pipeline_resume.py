@@ -14,7 +14,8 @@ TINY = {"num_pairs": 64, "sft_epochs": 2, "rm_epochs": 2, "rl_steps": 4, "num_ev
 # Stage settings the pipeline leaves at their defaults (sft, rm, rl): a checkpoint after step 2, small evaluation
 # and rollouts. sft and rm log every 10 steps, so their one logged step (4) averages over steps before the kill too.
 STAGE_SETTINGS = ({"save_steps": 2, "num_eval_prompts": 2}, {"save_steps": 2},
-                  {"save_steps": 2, "per_device_train_batch_size": 4, "samples_per_prompt": 2, "max_new_tokens": 6})
+                  {"save_steps": 2, "per_device_train_batch_size": 4, "samples_per_prompt": 2, "max_new_tokens": 6,
+                   "curve_eval_steps": 1})  # rl/curve.jsonl too: resumed without duplicate points
 KILL_AT = 4  # the killed stage raises in step 4: step 3 was logged after checkpoint-2 and must be run again
 STAGES = (("sft", sft_trainer, "run_sft"), ("rm", rm_trainer, "run_reward_training"),
           ("rl", rl_trainer, "run_reinforce"))
@@ -91,7 +92,7 @@ def test_a_killed_pipeline_resumes_to_the_outputs_of_an_uninterrupted_run(uninte
     assert train.main(argv(tmp_path, "--resume")) == 0
     assert ran == [stage for stage, _, _ in STAGES[killed:]]  # the finished stages were skipped
     resumed = outputs(tmp_path)
-    assert sorted(resumed) == sorted(uninterrupted)
+    assert sorted(resumed) == sorted(uninterrupted) and os.path.join("rl", "curve.jsonl") in resumed
     for path, content in uninterrupted.items():
         assert resumed[path] == content, path
 

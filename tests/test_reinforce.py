@@ -1,4 +1,5 @@
-"""REINFORCE (docs/math.md §5): rollout masking and log-probs, a step that raises a known reward, resume."""
+"""REINFORCE (docs/math.md §5): rollout masking and log-probs, a step that raises a known reward, the std
+controls and the quantile shaping, curve.jsonl, resume."""
 import json
 import os
 
@@ -8,8 +9,9 @@ from safetensors.torch import load_file
 
 from distreward.data import load_prompts
 from distreward.modeling import DistributionalRewardModel, RewardOutput, load_policy_and_reference, load_reward_model
-from distreward import synthetic
+from distreward import rl_trainer, synthetic
 from distreward.evaluation import compare_policies
+from distreward.rewards import SHAPINGS, distribution_quantile
 from distreward.rl_trainer import ReinforceConfig, ReinforceTrainer, run_reinforce
 from distreward.rollout import RolloutScorer, generate_rollouts, left_align, mask_through_eos, prompt_text, \
     token_logprobs
@@ -81,18 +83,24 @@ def test_generate_rollouts_rejects_bad_settings(tokenizer, kwargs):
 
 
 class DigitRewardModel(torch.nn.Module):
-    """A known reward: E = 1 if the conversation holds a digit (the prompts hold none) else 0; sd = 0.1."""
+    """A known reward: E = 1 if the conversation holds a digit (the prompts hold none) else 0; sd = 0.1 plus
+    ``std_per_digit`` per digit token; 10-bin logits on [0, 1] with most mass in the last bin where E = 1, in the
+    first elsewhere (so their quantiles differ by almost 1, as E does)."""
 
-    def __init__(self, tokenizer):
+    low, high = 0.0, 1.0
+
+    def __init__(self, tokenizer, std_per_digit: float = 0.0):
         super().__init__()
         digits = tokenizer.convert_tokens_to_ids(list("0123456789"))
         self.register_buffer("digit_ids", torch.tensor(digits))
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # so .to() / .eval() behave like a real model
+        self.std_per_digit = std_per_digit
 
     def forward(self, input_ids, attention_mask):
         is_digit = torch.isin(input_ids, self.digit_ids) & attention_mask.bool()
         mean = is_digit.any(-1).float()
-        return RewardOutput(logits=None, mean=mean, std=torch.full_like(mean, 0.1))
+        logits = 8.0 * (torch.arange(10, device=mean.device) == 9 * mean.long().unsqueeze(-1)).float()
+        return RewardOutput(logits=logits, mean=mean, std=0.1 + self.std_per_digit * is_digit.sum(-1).float())
 
 
 def digit_probability(policy, tokenizer) -> float:
@@ -104,16 +112,17 @@ def digit_probability(policy, tokenizer) -> float:
     return probs[:, tokenizer.convert_tokens_to_ids(list("0123456789"))].sum(-1).mean().item()
 
 
-def digit_trainer(tokenizer, output_dir, **overrides) -> ReinforceTrainer:
+def digit_trainer(tokenizer, output_dir, std_per_digit: float = 0.0, **overrides) -> ReinforceTrainer:
     torch.manual_seed(0)
     settings = dict(output_dir=str(output_dir), per_device_train_batch_size=2, samples_per_prompt=32,
                     max_new_tokens=3, beta=0.0)
     config = ReinforceConfig(**{**settings, **overrides})
-    scorer = RolloutScorer(build_tiny_policy(tokenizer, seed=2, **SMALL), DigitRewardModel(tokenizer), tokenizer)
+    scorer = RolloutScorer(build_tiny_policy(tokenizer, seed=2, **SMALL), DigitRewardModel(tokenizer, std_per_digit),
+                           tokenizer, quantile_level=config.quantile_level if config.shaping == "quantile" else None)
     return ReinforceTrainer(config, build_tiny_policy(tokenizer, seed=2, **SMALL), tokenizer, scorer, DIGIT_PROMPTS)
 
 
-@pytest.mark.parametrize("shaping", ["none", "std_penalty", "std_scale"])
+@pytest.mark.parametrize("shaping", SHAPINGS)
 @pytest.mark.parametrize("baseline", ["ema", "rloo", "batch"])
 def test_reinforce_gradient_step_raises_the_known_reward(tokenizer, tmp_path, shaping, baseline):
     """A small step along -grad of the REINFORCE loss makes the rewarded tokens (digits) likelier."""
@@ -128,6 +137,35 @@ def test_reinforce_gradient_step_raises_the_known_reward(tokenizer, tmp_path, sh
             parameter -= 0.5 * parameter.grad
     after = digit_probability(policy, tokenizer)
     assert after > before * 1.1, (before, after)
+
+
+@pytest.mark.parametrize("std_source", ["constant", "shuffled"])
+def test_the_std_shapings_read_the_std_control(tokenizer, tmp_path, monkeypatch, std_source):
+    """compute_loss hands the shaping the batch's mean std (constant) or its stds permuted (shuffled), and logs
+    the reward model's own std."""
+    trainer = digit_trainer(tokenizer, tmp_path, std_per_digit=0.1, shaping="std_penalty", std_source=std_source,
+                            samples_per_prompt=8)
+    seen = {}
+    score, shape = trainer.scorer.score, rl_trainer.shape_rewards
+
+    def recording_score(*args):
+        scores = score(*args)
+        seen["model"] = scores.std
+        return scores
+
+    def recording_shape(reward, std, *args):
+        seen["shaped"] = std
+        return shape(reward, std, *args)
+
+    monkeypatch.setattr(trainer.scorer, "score", recording_score)
+    monkeypatch.setattr(rl_trainer, "shape_rewards", recording_shape)
+    _, metrics = trainer.compute_loss(trainer.policy, DIGIT_PROMPTS)
+    model, shaped = seen["model"], seen["shaped"]
+    assert len(set(model.tolist())) > 1 and metrics["reward_sd"] == model.mean()
+    if std_source == "constant":
+        torch.testing.assert_close(shaped, torch.full_like(model, model.mean().item()))
+    else:
+        assert torch.equal(shaped.sort().values, model.sort().values) and not torch.equal(shaped, model)
 
 
 def test_reinforce_training_raises_the_known_reward(tokenizer, tmp_path):
@@ -181,6 +219,41 @@ def test_trainer_subtracts_beta_times_the_summed_kl(tokenizer, tmp_path):
     assert totals[0.0]["kl"] == totals[0.5]["kl"] and totals[0.0]["kl"].abs() > 1e-2
     torch.testing.assert_close(totals[0.0]["total_reward"], totals[0.0]["reward"])
     torch.testing.assert_close(totals[0.5]["total_reward"], totals[0.0]["reward"] - 0.5 * totals[0.0]["kl"])
+
+
+def test_the_quantile_shaping_needs_a_scorer_that_gives_its_quantile(tokenizer, tmp_path):
+    config = ReinforceConfig(output_dir=str(tmp_path), shaping="quantile", quantile_level=0.1)
+    policy = build_tiny_policy(tokenizer, seed=2, **SMALL)
+    for level in (None, 0.25):
+        scorer = RolloutScorer(policy, DigitRewardModel(tokenizer), tokenizer, quantile_level=level)
+        with pytest.raises(ValueError, match="needs a scorer with quantile_level=0.1"):
+            ReinforceTrainer(config, policy, tokenizer, scorer, DIGIT_PROMPTS)
+    with pytest.raises(ValueError, match="quantile_level must lie in"):
+        RolloutScorer(policy, DigitRewardModel(tokenizer), tokenizer, quantile_level=1.0)
+
+
+def test_a_curve_needs_held_out_prompts(tokenizer, tmp_path):
+    config = ReinforceConfig(output_dir=str(tmp_path), curve_eval_steps=1)
+    policy = build_tiny_policy(tokenizer, seed=2, **SMALL)
+    scorer = RolloutScorer(policy, DigitRewardModel(tokenizer), tokenizer)
+    with pytest.raises(ValueError, match="needs held-out prompts"):
+        ReinforceTrainer(config, policy, tokenizer, scorer, DIGIT_PROMPTS)
+
+
+@torch.no_grad()
+def test_scorer_gives_the_quantile_of_the_reward_distribution_only_when_asked(saved_models):
+    policy, reference, tokenizer = load_policy_and_reference(str(saved_models / "sft"))
+    reward_model, _ = load_reward_model(str(saved_models / "rm"), tokenizer)
+    torch.manual_seed(0)
+    rollout = generate_rollouts(policy, tokenizer, ["What is 3 + 4?", "Sort: 3 1 2"], samples_per_prompt=2,
+                                max_new_tokens=4)
+    logprobs = token_logprobs(policy, rollout)
+    assert RolloutScorer(reference, reward_model, tokenizer).score(rollout, logprobs).quantile is None
+    scorer = RolloutScorer(reference, reward_model, tokenizer, quantile_level=0.25)
+    scores = scorer.score(rollout, logprobs)
+    expected = distribution_quantile(scorer.reward(rollout).logits, 0.25, reward_model.low, reward_model.high)
+    torch.testing.assert_close(scores.quantile, expected)
+    assert [record["quantile"] for record in scores.records(rollout)] == scores.quantile.tolist()
 
 
 def test_evaluation_of_two_policies_is_paired(saved_models, tmp_path):
@@ -269,12 +342,54 @@ def test_run_reinforce_writes_spec_outputs(saved_models, tmp_path):
     assert len(samples) == 2 * 4 and {s["policy"] for s in samples} == {"sft", "trained"}
 
 
+def read_jsonl(path) -> list:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_curve_records_ground_truth_against_kl_and_leaves_training_alone(saved_models, tmp_path):
+    """curve.jsonl has a point at step 0 (the policy is the reference: KL 0), every curve_eval_steps steps and at
+    the last step; its evaluations draw from their own seeded stream, so training matches a run without them.
+    Runs with the quantile shaping, which the scorer feeds with the real reward model's quantile."""
+    settings = dict(max_steps=5, shaping="quantile", quantile_level=0.3)
+    run_reinforce(rl_config(saved_models, tmp_path / "plain", **settings))
+    run_reinforce(rl_config(saved_models, tmp_path / "curve", curve_eval_steps=2, curve_eval_prompts=3, **settings))
+    assert not os.path.exists(tmp_path / "plain" / "curve.jsonl")
+    curve = read_jsonl(tmp_path / "curve" / "curve.jsonl")
+    assert [point["step"] for point in curve] == [0, 2, 4, 5]
+    for point in curve:
+        assert list(point) == ["step", "kl_to_ref", "ground_truth", "reward", "reward_std", "num_prompts"]
+        assert point["num_prompts"] == 3 and 0 <= point["reward"] <= 1 and 0 <= point["ground_truth"] <= 4
+        assert 0 < point["reward_std"] < 0.5
+    assert abs(curve[0]["kl_to_ref"]) < 1e-6 and abs(curve[-1]["kl_to_ref"]) > 1e-3
+    for name in ("metrics.jsonl", "eval.json", "eval_samples.jsonl"):
+        assert open(tmp_path / "plain" / name).read() == open(tmp_path / "curve" / name).read(), name
+    assert "reward_quantile" in read_jsonl(tmp_path / "curve" / "metrics.jsonl")[0]
+
+
+@pytest.mark.parametrize("shaping", ["std_penalty", "std_scale", "quantile"])
+def test_a_scalar_reward_model_takes_only_shaping_none(saved_models, tmp_path, monkeypatch, shaping):
+    def load_scalar(path, tokenizer):
+        model, reward_tokenizer = load_reward_model(path, tokenizer)
+        model.is_scalar = True
+        return model, reward_tokenizer
+
+    monkeypatch.setattr(rl_trainer, "load_reward_model", load_scalar)
+    with pytest.raises(ValueError, match="scalar reward model: use --shaping none"):
+        run_reinforce(rl_config(saved_models, tmp_path, shaping=shaping))
+
+
 class Killed(Exception):
     """Stands in for the process being killed mid-run."""
 
 
-def test_resume_continues_exactly_where_a_killed_run_stopped(saved_models, tmp_path, monkeypatch):
-    run_reinforce(rl_config(saved_models, tmp_path / "whole", baseline="ema"))
+@pytest.mark.parametrize("settings", [dict(baseline="ema"),
+                                      dict(shaping="std_penalty", std_source="shuffled", curve_eval_steps=1)],
+                         ids=["ema", "shuffled-std-curve"])
+def test_resume_continues_exactly_where_a_killed_run_stopped(saved_models, tmp_path, monkeypatch, settings):
+    """Same weights, metrics.jsonl and curve.jsonl (no duplicate points) as an uninterrupted run; the shuffled
+    std draws from the RNG the checkpoint restores."""
+    run_reinforce(rl_config(saved_models, tmp_path / "whole", **settings))
 
     calls = {"n": 0}
     original = ReinforceTrainer.compute_loss
@@ -287,14 +402,16 @@ def test_resume_continues_exactly_where_a_killed_run_stopped(saved_models, tmp_p
 
     monkeypatch.setattr(ReinforceTrainer, "compute_loss", dies_at_step_four)
     with pytest.raises(Killed):
-        run_reinforce(rl_config(saved_models, tmp_path / "killed", baseline="ema"))
+        run_reinforce(rl_config(saved_models, tmp_path / "killed", **settings))
     assert os.path.isdir(tmp_path / "killed" / "checkpoint-2")
     monkeypatch.setattr(ReinforceTrainer, "compute_loss", original)
-    run_reinforce(rl_config(saved_models, tmp_path / "killed", baseline="ema", resume=True))
+    run_reinforce(rl_config(saved_models, tmp_path / "killed", resume=True, **settings))
 
     whole = load_file(tmp_path / "whole" / "policy" / "model.safetensors")
     resumed = load_file(tmp_path / "killed" / "policy" / "model.safetensors")
     for name in whole:
         torch.testing.assert_close(resumed[name], whole[name])
-    metrics = [open(tmp_path / run / "metrics.jsonl").read() for run in ("whole", "killed")]
-    assert metrics[0] == metrics[1]
+    for name in ("metrics.jsonl", "curve.jsonl") if "curve_eval_steps" in settings else ("metrics.jsonl",):
+        assert open(tmp_path / "whole" / name).read() == open(tmp_path / "killed" / name).read(), name
+    if "curve_eval_steps" in settings:
+        assert [point["step"] for point in read_jsonl(tmp_path / "killed" / "curve.jsonl")] == [0, 1, 2, 3, 4]

@@ -26,6 +26,13 @@ def bin_centers(num_bins: int = 10, low: float = 0.0, high: float = 1.0, device=
     return torch.linspace(float(low), float(high), num_bins, device=device, dtype=dtype)
 
 
+def bin_edges(num_bins: int = 10, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    """Edges [K + 1] fp64 of the K bins centred on ``bin_centers(num_bins, low, high)``: each bin is
+    ``[c_k - w / 2, c_k + w / 2)`` with ``w = (high - low) / (K - 1)`` the spacing of the centers (docs/math.md §1)."""
+    width = (float(high) - float(low)) / (bin_centers(num_bins, low, high).numel() - 1)
+    return torch.linspace(float(low) - width / 2, float(high) + width / 2, num_bins + 1, dtype=torch.float64)
+
+
 def _pick(backend: str, device: torch.device, available: tuple) -> str:
     """Resolve ``backend`` to one of ``available`` (eager always is); raise on anything else."""
     check.check_choice("backend", backend, BACKENDS)
@@ -158,5 +165,5 @@ def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None, backend:
     return logprobs.GATHER[logprobs.resolve_backend(backend, logits.device)](logits, ids, mask)
 
 
-__all__ = ["bin_centers", "dist_moments", "gaussian_kl", "pair_loss", "gather_logprobs", "reference",
+__all__ = ["bin_centers", "bin_edges", "dist_moments", "gaussian_kl", "pair_loss", "gather_logprobs", "reference",
            "LOSS_KINDS", "SCALAR_LOSS_KINDS", "REWARD_LOSS_KINDS", "BACKENDS"]
