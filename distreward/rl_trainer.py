@@ -86,7 +86,7 @@ class ReinforceConfig(TrainingConfig):
     learning_rate: float = field(default=5e-4, metadata={
         "help": "AdamW learning rate (tuned on validation prompts for the embedded tiny Llama; ~1e-6 for SmolLM2)."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Prompts per step per process."})
-    max_steps: int = field(default=60, metadata={"help": "Optimizer steps (-1: --num_train_epochs passes over "
+    max_steps: int = field(default=120, metadata={"help": "Optimizer steps (-1: --num_train_epochs passes over "
                                                          "the training prompts)."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Share of the steps spent on linear warm-up."})

@@ -371,7 +371,7 @@ def test_curve_records_ground_truth_against_kl_and_leaves_training_alone(saved_m
 def test_a_scalar_reward_model_takes_only_shaping_none(saved_models, tmp_path, monkeypatch, shaping):
     def load_scalar(path, tokenizer):
         model, reward_tokenizer = load_reward_model(path, tokenizer)
-        model.is_scalar = True
+        model.head_kind = "scalar"  # is_scalar: run_reinforce refuses before any forward pass
         return model, reward_tokenizer
 
     monkeypatch.setattr(rl_trainer, "load_reward_model", load_scalar)
