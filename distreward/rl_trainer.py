@@ -235,7 +235,7 @@ def run_reinforce(config: ReinforceConfig) -> dict:
     """Train the policy with REINFORCE, save it to ``output_dir/policy`` and write ``eval.json``; returns it."""
     policy, reference, tokenizer = load_policy_and_reference(config.policy_path)
     reward_model, reward_tokenizer = load_reward_model(config.reward_model_path, tokenizer)
-    if getattr(reward_model, "is_scalar", False) and config.shaping != "none":
+    if reward_model.is_scalar and config.shaping != "none":
         raise ValueError(f"--shaping {config.shaping} reads the reward distribution, but {config.reward_model_path} "
                          f"holds a scalar reward model: use --shaping none")
     train_prompts, eval_prompts, ground_truth = load_prompts(config)

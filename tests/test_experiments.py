@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from distreward import experiments
+from distreward.pipeline import PipelineConfig
 from distreward.experiment_report import (comparisons, gains, matched_kl_levels, t_interval, truth_at_kl, verdict,
                                           write_results)
 from distreward.train import parse_config
@@ -64,8 +65,9 @@ def test_budget_fills_unset_settings_and_a_flag_overrides_it():
     config = config_from(["--budget", "cpu", "--rl_steps", "7"])
     assert config.rl_steps == 7 and config.sft_epochs == experiments.BUDGETS["cpu"]["sft_epochs"]
     full = config_from(["--budget", "full"])
+    pipeline = PipelineConfig()
     assert (full.num_pairs, full.sft_epochs, full.rm_epochs, full.rl_steps, full.num_eval_prompts) == (
-        4000, 6.0, 2.0, 60, 256)  # the pipeline's defaults
+        pipeline.num_pairs, pipeline.sft_epochs, pipeline.rm_epochs, pipeline.rl_steps, pipeline.num_eval_prompts)
     assert full.curve_eval_steps == 10
 
 
