@@ -4,7 +4,8 @@
 An arm is ``RM/SHAPING``; seed ``s`` of arm ``v/h`` lives in ``output_dir/seed{s}/`` as ``sft/``,
 ``rm_{v}/`` and ``rl_{v}_{h}/``. Arms are compared paired by seed (the same SFT policy, and within an
 RM variant the same reward model, in both arms of a pair), with a 95% Student-t interval over the
-per-seed differences; a claim is "supported" only when that interval excludes 0 in its direction.
+per-seed differences; a claim is "supported" only when its interval (Bonferroni-widened over the claims of a table)
+excludes 0 in its direction.
 """
 import json
 import math
@@ -69,12 +70,13 @@ def load_run(output_dir: str, seed: int, arm: str):
             **gains(read_json(os.path.join(rl_dir, "eval.json"))), "curve": curve}
 
 
-def t_interval(values: list) -> tuple:
-    """(mean, low, high): the mean of ``values`` and its 95% Student-t interval (NaN bounds for one value)."""
+def t_interval(values: list, confidence: float = 0.95) -> tuple:
+    """(mean, low, high): the mean of ``values`` and its Student-t interval at ``confidence`` (NaN bounds for one
+    value)."""
     mean = statistics.mean(values)
     if len(values) < 2:
         return mean, float("nan"), float("nan")
-    half = student_t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    half = student_t.ppf(0.5 + confidence / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return mean, mean - half, mean + half
 
 
@@ -87,9 +89,11 @@ def interval_text(values: list, spec: str = "+.3f") -> str:
     return f"{mean:{spec}} (one seed)" if len(values) == 1 else f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]"
 
 
-def verdict(differences: list) -> str:
-    """Plain words for a claim that the paired ``differences`` are positive."""
-    _, low, high = t_interval(differences)
+def verdict(differences: list, family_size: int = 1) -> str:
+    """Plain words for a claim that the paired ``differences`` are positive, one of ``family_size`` claims judged
+    together: the t-interval at confidence ``1 - 0.05 / family_size`` (Bonferroni), so that all the claims of a
+    table together are wrongly "supported" with probability at most 5%."""
+    _, low, high = t_interval(differences, 1 - 0.05 / family_size)
     if math.isnan(low):
         return "not separated from 0 (one seed: no interval)"
     if low > 0:
@@ -175,13 +179,14 @@ def comparison_table(runs: list, pairs: list) -> list:
                        for key in ("ground_truth_gain", "kl_to_ref", "rm_truth_differs_accuracy")}
         lines.append(f"| {better} − {other} | {len(matched)} | " + " | ".join(
             interval_text(values) for values in differences.values())
-            + f" | {claim} | {verdict(differences['ground_truth_gain'])} |")
+            + f" | {claim} | {verdict(differences['ground_truth_gain'], len(pairs))} |")
     return lines
 
 
 def matched_kl_table(runs: list, pairs: list) -> list:
     lines = ["| comparison (paired by seed) | seeds | KL | ground truth, first arm | ground truth, second arm | "
              "difference [95% CI] | verdict |", "|---|---:|---:|---:|---:|---:|---|"]
+    family_size = len(pairs) * len(MATCHED_KL_FRACTIONS)
     for better, other, _ in pairs:
         matched = [(a, b) for a, b in paired(runs, better, other) if a["curve"] and b["curve"]]
         if not matched:
@@ -191,7 +196,7 @@ def matched_kl_table(runs: list, pairs: list) -> list:
             differences = [a - b for a, b in truths]
             cells = [interval_text([pair[side] for pair in truths], ".3f") for side in (0, 1)]
             lines.append(f"| {better} − {other} | {len(matched)} | {level:.3f} | {' | '.join(cells)} | "
-                         f"{interval_text(differences)} | {verdict(differences)} |")
+                         f"{interval_text(differences)} | {verdict(differences, family_size)} |")
     return lines if len(lines) > 2 else ["No pair of runs with curve.jsonl on both sides (--curve_eval_steps 0?)."]
 
 
@@ -204,8 +209,10 @@ def results_markdown(runs: list, arms: list) -> str:
         "Gains are the trained minus the SFT policy on the same held-out prompts (each run's own 95% interval over "
         "prompts is in results.json). ECE is n/a for a scalar reward model (or an RM eval.json without it).", "",
         "## Paired by seed: final gains", *comparison_table(runs, pairs), "",
-        "\"supported\": the 95% t-interval of the per-seed differences excludes 0 in the claimed direction; \"not "
-        "separated from 0\": it holds 0, which does not show the arms equal.", "",
+        "\"supported\": the t-interval of the per-seed differences excludes 0 in the claimed direction at confidence "
+        "1 - 0.05/m for the m claims of the table (Bonferroni: all of a table's claims together are wrongly "
+        "supported with probability at most 5%; the intervals shown are the plain 95% ones); \"not separated "
+        "from 0\": it holds 0, which does not show the arms equal.", "",
         "## Paired by seed: ground truth at matched KL", *matched_kl_table(runs, pairs), "",
         "Each run's ground truth where its curve.jsonl first reaches the KL (linear between evaluation points), at "
         "a third, two thirds and all of the largest KL every run of the comparison reaches: an arm that moves "

@@ -119,6 +119,9 @@ def test_t_interval_and_verdicts():
     assert verdict([0.2, 0.21, 0.22]) == "supported"
     assert verdict([-0.2, -0.21, -0.22]) == "contradicted (the interval lies below 0)"
     assert verdict([0.5]) == "not separated from 0 (one seed: no interval)"
+    # one of 1000 claims: the interval at 1 - 0.05 / 1000 (t quantile ~141 at 2 degrees of freedom) holds 0
+    assert verdict([0.2, 0.21, 0.22], family_size=1000) == "not separated from 0"
+    assert t_interval([0.2, 0.21, 0.22], 0.99)[1] < t_interval([0.2, 0.21, 0.22])[1]
 
 
 def test_comparisons_pair_each_arm_with_its_reference():
