@@ -221,8 +221,9 @@ def results_markdown(runs: list, arms: list) -> str:
 
 
 def mean_curve(group: list) -> tuple:
-    """(mean KL, mean ground truth, 95% half-width) per step every run of ``group`` evaluated; a run without
-    curve.jsonl contributes its SFT and final evaluation as steps 0 and 1."""
+    """(mean KL, mean ground-truth gain over the run's step-0 point, 95% half-width) per step every run of
+    ``group`` evaluated (the gain, paired within each run, leaves out how good each seed's SFT policy is); a run
+    without curve.jsonl contributes its SFT and final evaluation as steps 0 and 1."""
     curves = [run["curve"] or [{"step": 0, "kl_to_ref": run["sft_kl_to_ref"], "ground_truth": run["sft_ground_truth"]},
                                {"step": 1, "kl_to_ref": run["kl_to_ref"], "ground_truth": run["trained_ground_truth"]}]
               for run in group]
@@ -230,7 +231,8 @@ def mean_curve(group: list) -> tuple:
     kls, truths, halves = [], [], []
     for step in steps:
         points = [next(point for point in curve if point["step"] == step) for curve in curves]
-        mean, low, _ = t_interval([point["ground_truth"] for point in points])
+        mean, low, _ = t_interval([point["ground_truth"] - curve[0]["ground_truth"]
+                                   for point, curve in zip(points, curves)])
         kls.append(statistics.mean(point["kl_to_ref"] for point in points))
         truths.append(mean)
         halves.append(0.0 if math.isnan(low) else mean - low)
@@ -238,25 +240,26 @@ def mean_curve(group: list) -> tuple:
 
 
 def plot_overoptimisation(runs: list, arms: list, path: str) -> None:
-    """Ground truth against KL to the reference per arm (mean over seeds by step, 95% t error bars); left the
-    RM variants under shaping none, right the shapings."""
+    """Ground-truth gain over the SFT policy against KL to the reference per arm (mean over seeds by step, 95% t
+    error bars); left the RM variants under shaping none, right the shapings."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = (("RM variants, shaping none", [arm for arm in arms if split_arm(arm)[1] == "none"]),
-              ("shapings", [arm for arm in arms if split_arm(arm)[1] != "none" or arm == REFERENCE_ARM]))
+              ("shapings", [REFERENCE_ARM] * (REFERENCE_ARM in arms) + [
+                  arm for arm in arms if split_arm(arm)[1] != "none"]))
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = {arm: f"C{index % 10}" for index, arm in enumerate(arms)}
     for axis, (title, panel_arms) in zip(axes, panels):
-        for arm in panel_arms:
+        for index, arm in enumerate(panel_arms):  # the reference arm first, in C0, in both panels
             group = [run for run in runs if run["arm"] == arm]
             if group:
                 kls, truths, halves = mean_curve(group)
                 note = "" if all(run["curve"] for run in group) else ", start and end only"
-                axis.errorbar(kls, truths, yerr=halves, marker="o", markersize=3, capsize=2, color=colours[arm],
+                axis.errorbar(kls, truths, yerr=halves, marker="o", markersize=3, capsize=2, color=f"C{index % 10}",
                               label=f"{arm} ({len(group)} seeds{note})")
-        axis.set(xlabel="KL to the SFT reference", ylabel="ground truth (0-4)", title=title)
+        axis.axhline(0.0, color="grey", linewidth=0.8)
+        axis.set(xlabel="KL to the SFT reference", ylabel="ground-truth gain over step 0 (0-4 scale)", title=title)
         axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
