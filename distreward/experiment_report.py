@@ -260,7 +260,8 @@ def plot_overoptimisation(runs: list, arms: list, path: str) -> None:
                               label=f"{arm} ({len(group)} seeds{note})")
         axis.axhline(0.0, color="grey", linewidth=0.8)
         axis.set(xlabel="KL to the SFT reference", ylabel="ground-truth gain over step 0 (0-4 scale)", title=title)
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
