@@ -46,6 +46,12 @@ def predict(model, dataset, pad_token_id: int, batch_size: int = 64, device=None
     return result
 
 
+def answers(predictions: dict) -> tuple:
+    """(logits [2N, K], labels [2N]) of every answer: the chosen sides, then the rejected ones."""
+    return (torch.cat([predictions["logits_chosen"], predictions["logits_rejected"]]),
+            torch.cat([predictions["target_chosen"], predictions["target_rejected"]]))
+
+
 def is_scalar(predictions: dict) -> bool:
     """Whether ``predictions`` come from a scalar head (logits [N, 1]: one reward, no distribution)."""
     return predictions["logits_chosen"].shape[-1] == 1
@@ -114,8 +120,7 @@ def reward_metrics(predictions: dict, sigma: float = 0.1) -> dict:
     report = {"pairwise_accuracy": pair_wins(mean_c, mean_r).mean().item(), "num_pairs": int(mean_c.shape[0])}
     if is_scalar(predictions):
         return {**report, **{key: None for key in METRIC_NAMES[1:]}}
-    logits = torch.cat([predictions["logits_chosen"], predictions["logits_rejected"]])
-    targets = torch.cat([predictions["target_chosen"], predictions["target_rejected"]])
+    logits, targets = answers(predictions)
     mean, std = ops.dist_moments(logits, centers)
     return {
         **report,
@@ -157,10 +162,15 @@ def pair_subset(predictions: dict, rows: torch.Tensor) -> dict:
     return {key: value if key == "centers" else value[rows] for key, value in predictions.items()}
 
 
+def group_subsets(predictions: dict, groups: list) -> dict:
+    """Value of ``groups`` (one label per pair, e.g. the prompt kind) -> the predictions of its pairs, sorted."""
+    return {name: pair_subset(predictions, torch.tensor([group == name for group in groups]))
+            for name in sorted(set(groups))}
+
+
 def metrics_by_group(predictions: dict, groups: list, sigma: float = 0.1) -> dict:
     """:func:`reward_metrics` for each value of ``groups`` (one label per pair, e.g. the prompt kind)."""
-    return {name: reward_metrics(pair_subset(predictions, torch.tensor([group == name for group in groups])), sigma)
-            for name in sorted(set(groups))}
+    return {name: reward_metrics(subset, sigma) for name, subset in group_subsets(predictions, groups).items()}
 
 
 def prompt_groups(kinds: list) -> list:
@@ -281,8 +291,7 @@ def plot_runs(runs: dict, path: str, num_examples: int = 4) -> None:
     plt = _pyplot()
     figure, axes = plt.subplots(len(runs), 2, figsize=(11, 3.2 * len(runs)), squeeze=False)
     for row, (name, predictions) in enumerate(runs.items()):
-        all_logits = torch.cat([predictions["logits_chosen"], predictions["logits_rejected"]])
-        targets = torch.cat([predictions["target_chosen"], predictions["target_rejected"]])
+        all_logits, targets = answers(predictions)
         if is_scalar(predictions):
             _plot_scalar_run(axes[row], name, all_logits[:, 0], targets)
             continue
@@ -312,12 +321,8 @@ def plot_reliability(predictions: dict, groups: list, path: str) -> None:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(5, 5))
     axis.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="calibrated")
-    subsets = {"all": predictions}
-    subsets.update({name: pair_subset(predictions, torch.tensor([group == name for group in groups]))
-                    for name in sorted(set(groups))})
-    for name, subset in subsets.items():
-        logits = torch.cat([subset["logits_chosen"], subset["logits_rejected"]])
-        targets = torch.cat([subset["target_chosen"], subset["target_rejected"]])
+    for name, subset in {"all": predictions, **group_subsets(predictions, groups)}.items():
+        logits, targets = answers(subset)
         pit = pit_values(logits, targets, subset.get("centers"))
         axis.plot(CALIBRATION_LEVELS.numpy(), calibration_curve(pit).numpy(), marker="o", markersize=3,
                   label=f"{name} ({len(targets)} answers, ECE {calibration_ece(pit):.3f})")

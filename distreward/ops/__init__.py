@@ -133,8 +133,9 @@ def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target
     check.check_positive("sigma", sigma)
     check.check_positive("score_weight", score_weight, allow_zero=True)
     rows, device = logits_chosen.shape[0], logits_chosen.device
-    with_targets = kind not in ("bt_mean", "scalar_bt") and score_weight != 0
-    if kind not in ("bt_mean", "scalar_bt"):
+    reads_targets = kind not in ("bt_mean", "scalar_bt")
+    with_targets = reads_targets and score_weight != 0
+    if reads_targets:
         check.check_target("target_chosen", target_chosen, rows, device)
         check.check_target("target_rejected", target_rejected, rows, device)
     if scalar:
