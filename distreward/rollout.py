@@ -166,7 +166,8 @@ class RolloutScorer:
         ground_truth = quantile = None
         if self.ground_truth is not None:
             ground_truth = torch.tensor([self.ground_truth(prompt, response) for prompt, response
-                                         in zip(rollout.prompts, rollout.responses)], dtype=torch.float32)
+                                         in zip(rollout.prompts, rollout.responses)], dtype=torch.float32,
+                                        device=output.mean.device)
         if self.quantile_level is not None:
             quantile = distribution_quantile(output.logits, self.quantile_level, self.reward_model.low,
                                              self.reward_model.high)

@@ -33,9 +33,9 @@ def _forward_kernel(logits_ptr, stride_b, stride_t, stride_v, ids_ptr, mask_ptr,
     row_ptr = logits_ptr + _row_start(row, steps, stride_b, stride_t)
     running_max = tl.full((), float("-inf"), ACC)
     total = tl.zeros((), ACC)
-    for start in range(0, tl.where(live, vocab, 0), BLOCK_V):
+    for start in range(0, vocab, BLOCK_V):  # a tensor loop bound breaks triton 3.6's interpreter
         cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=cols < vocab, other=float("-inf")).to(ACC)
+        x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=(cols < vocab) & live, other=float("-inf")).to(ACC)
         new_max = tl.maximum(running_max, tl.max(x, axis=0))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row of -inf so far adds 0, not NaN
         total = total * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), axis=0)

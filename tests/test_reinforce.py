@@ -415,3 +415,20 @@ def test_resume_continues_exactly_where_a_killed_run_stopped(saved_models, tmp_p
         assert open(tmp_path / "whole" / name).read() == open(tmp_path / "killed" / name).read(), name
     if "curve_eval_steps" in settings:
         assert [point["step"] for point in read_jsonl(tmp_path / "killed" / "curve.jsonl")] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_every_score_is_on_the_rollouts_device(saved_models, device):
+    """The trainer stacks the scores into one metrics tensor: a score left on the CPU breaks a GPU run."""
+    policy, reference, tokenizer = load_policy_and_reference(str(saved_models / "sft"))
+    reward_model, _ = load_reward_model(str(saved_models / "rm"), tokenizer)
+    policy, reference, reward_model = policy.to(device), reference.to(device), reward_model.to(device)
+    torch.manual_seed(0)
+    rollout = generate_rollouts(policy, tokenizer, ["What is 3 + 4?", "Sort: 3 1 2"], samples_per_prompt=2,
+                                max_new_tokens=4).to(device)
+    scorer = RolloutScorer(reference, reward_model, tokenizer, ground_truth=synthetic.score_response,
+                           quantile_level=0.25)
+    scores = scorer.score(rollout, token_logprobs(policy, rollout))
+    for name in ("reward", "std", "kl", "ground_truth", "quantile"):
+        assert getattr(scores, name).device == rollout.input_ids.device, name
