@@ -137,8 +137,8 @@ class ReinforceTrainer:
         if config.curve_eval_steps > 0:
             self.curve = CurveRecorder(self, eval_prompts[:config.curve_eval_prompts])
         self.accelerator = make_accelerator(config)
-        scorer.reference.to(self.accelerator.device)
-        scorer.reward_model.to(self.accelerator.device)
+        for model in (policy, scorer.reference, scorer.reward_model):
+            model.to(self.accelerator.device)
         self.baseline = make_baseline(config.baseline, config.samples_per_prompt, config.ema_decay)
         self.accelerator.register_for_checkpointing(self.baseline)
         # Its own generator: starting an epoch must not draw from the global RNG that sampling uses,
@@ -180,10 +180,11 @@ class ReinforceTrainer:
         """(docs/math.md §7 summary, per-sample records) of ``policy`` on ``prompts``.
 
         Sampling is seeded by ``config.seed`` (and leaves the training RNG alone), so two policies
-        evaluated in turn see the same prompts and the same random stream.
+        evaluated in turn see the same prompts and the same random stream. ``policy`` is moved to the
+        trainer's device, as the policy, the reference and the reward model were when it was built.
         """
         config = self.config
-        policy = self.accelerator.unwrap_model(policy)
+        policy = self.accelerator.unwrap_model(policy).to(self.accelerator.device)
         scores, records = [], []
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)

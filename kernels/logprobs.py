@@ -26,23 +26,23 @@ def _row_start(row, steps, stride_b, stride_t):
 
 
 @triton.jit
-def _forward_kernel(logits_ptr, stride_b, stride_t, stride_v, ids_ptr, mask_ptr, logp_ptr, lse_ptr, steps, vocab,
-                    ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+def _forward_kernel(logits_ptr, stride_b, stride_t, stride_v, ids_ptr, mask_ptr, logp_ptr, lse_ptr, steps,
+                    VOCAB: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     live = tl.load(mask_ptr + row) != 0
     row_ptr = logits_ptr + _row_start(row, steps, stride_b, stride_t)
     running_max = tl.full((), float("-inf"), ACC)
     total = tl.zeros((), ACC)
-    for start in range(0, vocab, BLOCK_V):  # a tensor loop bound breaks triton 3.6's interpreter
+    for start in range(0, VOCAB, BLOCK_V):  # a constexpr bound: triton 3.6's interpreter takes no runtime one
         cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=(cols < vocab) & live, other=float("-inf")).to(ACC)
+        x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=(cols < VOCAB) & live, other=float("-inf")).to(ACC)
         new_max = tl.maximum(running_max, tl.max(x, axis=0))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row of -inf so far adds 0, not NaN
         total = total * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
         running_max = new_max
     lse = running_max + tl.log(tl.where(live, total, 1.0))
     token = tl.load(ids_ptr + row)
-    in_vocab = live & (token >= 0) & (token < vocab)  # ids are validated by the caller; never read outside
+    in_vocab = live & (token >= 0) & (token < VOCAB)  # ids are validated by the caller; never read outside
     picked = tl.load(row_ptr + token * stride_v, mask=in_vocab, other=float("nan")).to(ACC)
     tl.store(logp_ptr + row, tl.where(live, picked - lse, 0.0))
     tl.store(lse_ptr + row, tl.where(live, lse, 0.0))
@@ -50,26 +50,31 @@ def _forward_kernel(logits_ptr, stride_b, stride_t, stride_v, ids_ptr, mask_ptr,
 
 @triton.jit
 def _backward_kernel(logits_ptr, stride_b, stride_t, stride_v, ids_ptr, mask_ptr, lse_ptr, grad_logp_ptr,
-                     stride_grad, grad_ptr, steps, vocab, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+                     stride_grad, grad_ptr, steps, VOCAB: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     live = tl.load(mask_ptr + row) != 0
     row_ptr = logits_ptr + _row_start(row, steps, stride_b, stride_t)
-    grad_row_ptr = grad_ptr + row.to(tl.int64) * vocab
+    grad_row_ptr = grad_ptr + row.to(tl.int64) * VOCAB
     token = tl.load(ids_ptr + row)
     lse = tl.load(lse_ptr + row).to(ACC)
     g = tl.load(grad_logp_ptr + row * stride_grad).to(ACC)
-    for start in range(0, vocab, BLOCK_V):
+    for start in range(0, VOCAB, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        in_row = cols < vocab
+        in_row = cols < VOCAB
         x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=in_row & live, other=float("-inf")).to(ACC)
         grad = g * (tl.where(cols == token, 1.0, 0.0) - tl.exp(x - lse))
         tl.store(grad_row_ptr + cols, tl.where(live, grad, 0.0).to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
+def check_device(device: torch.device) -> None:
+    """ValueError unless the kernels run on ``device``: CUDA, or any device under TRITON_INTERPRET=1."""
+    if device.type != "cuda" and not isinstance(_forward_kernel, InterpretedFunction):
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got tensors on {device}")
+
+
 def _launch_settings(logits: torch.Tensor):
     """(ACC, BLOCK_V, num_warps) for ``logits`` [B, T, V]; raise ValueError where no kernel can run."""
-    if logits.device.type != "cuda" and not isinstance(_forward_kernel, InterpretedFunction):
-        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got logits on {logits.device}")
+    check_device(logits.device)
     limit = GPU_BLOCK_V if logits.device.type == "cuda" else INTERPRETER_BLOCK_V
     block_v = min(triton.next_power_of_2(logits.shape[-1]), limit)
     acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
@@ -86,7 +91,7 @@ def gather_logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, mask: torch
     if logp.numel():
         _forward_kernel[(logp.numel(),)](
             logits, logits.stride(0), logits.stride(1), logits.stride(2), ids, mask, logp, lse,
-            logits.shape[1], logits.shape[2], ACC=acc, BLOCK_V=block_v, num_warps=num_warps)
+            logits.shape[1], VOCAB=logits.shape[2], ACC=acc, BLOCK_V=block_v, num_warps=num_warps)
     return logp, lse
 
 
@@ -102,6 +107,6 @@ def gather_logprobs_backward(grad_logp, logits, ids, mask, lse, in_place: bool =
     if lse.numel():
         _backward_kernel[(lse.numel(),)](
             logits, logits.stride(0), logits.stride(1), logits.stride(2), ids.contiguous(), mask.contiguous(), lse,
-            grad_logp, grad_logp.stride(0), out, logits.shape[1], logits.shape[2], ACC=acc, BLOCK_V=block_v,
-            num_warps=num_warps)
+            grad_logp, grad_logp.stride(0), out, logits.shape[1], VOCAB=logits.shape[2], ACC=acc,
+            BLOCK_V=block_v, num_warps=num_warps)
     return out

@@ -348,3 +348,25 @@ print("ok")
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_triton_on_cpu_tensors_without_the_interpreter_is_refused_before_any_work():
+    """Compiled Triton takes only CUDA tensors: resolve_backend refuses CPU ones up front, so
+    sequence_logprobs raises before its model forward (not from inside a checkpointed chunk)."""
+    script = """
+import torch
+from distreward.ops.logprobs import resolve_backend
+try:
+    resolve_backend("triton", torch.device("cpu"))
+except ValueError as error:
+    assert "needs CUDA tensors" in str(error), error
+else:
+    raise AssertionError("backend='triton' was accepted for CPU tensors without the interpreter")
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

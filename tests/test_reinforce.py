@@ -106,7 +106,7 @@ class DigitRewardModel(torch.nn.Module):
 def digit_probability(policy, tokenizer) -> float:
     """Mean probability that the first response token is a digit, over DIGIT_PROMPTS."""
     encoded = tokenizer([prompt_text(tokenizer, p) for p in DIGIT_PROMPTS], return_tensors="pt", padding=True,
-                        padding_side="left", add_special_tokens=False)
+                        padding_side="left", add_special_tokens=False).to(policy.device)
     with torch.no_grad():
         probs = torch.softmax(policy(**encoded).logits[:, -1], -1)
     return probs[:, tokenizer.convert_tokens_to_ids(list("0123456789"))].sum(-1).mean().item()
@@ -212,7 +212,8 @@ def test_trainer_subtracts_beta_times_the_summed_kl(tokenizer, tmp_path):
     totals = {}
     for beta in (0.0, 0.5):
         trainer = digit_trainer(tokenizer, tmp_path, shaping="none", beta=beta, samples_per_prompt=4)
-        trainer.scorer.reference = build_tiny_policy(tokenizer, seed=5, **SMALL).eval().requires_grad_(False)
+        reference = build_tiny_policy(tokenizer, seed=5, **SMALL).eval().requires_grad_(False)
+        trainer.scorer.reference = reference.to(trainer.accelerator.device)
         torch.manual_seed(1)
         _, metrics = trainer.compute_loss(trainer.policy, DIGIT_PROMPTS)
         totals[beta] = metrics

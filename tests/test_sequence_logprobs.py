@@ -1,6 +1,8 @@
 """``distreward.sequence_logprobs`` against the log-probs and parameter gradients of a full forward
 pass of tiny offline models (Llama, GPT-2 with tied embeddings, Gemma 2 with logit soft-capping),
 with left padding, ragged response masks and chunks smaller than, equal to and larger than T."""
+import os
+
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -9,6 +11,9 @@ import distreward
 from distreward import sequence_logprobs
 
 VOCAB = 512
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton runs on CUDA tensors, or on any under the interpreter; with neither, its case skips.
+TRITON_DEVICE = "cpu" if INTERPRETED else "cuda" if torch.cuda.is_available() else None
 
 
 def tiny_llama(dtype=torch.float32):
@@ -56,7 +61,7 @@ def full_forward_logprobs(model, input_ids, attention_mask, response_mask):
     """The materialised path: all [B, T, V] logits, log_softmax, gather, mask."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
     picked = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    out = torch.zeros(input_ids.shape)
+    out = torch.zeros(input_ids.shape, device=input_ids.device)
     out[:, 1:] = picked * response_mask[:, 1:]
     return out
 
@@ -70,9 +75,12 @@ def parameter_grads(model, logprobs, upstream):
 @pytest.mark.parametrize("build", [tiny_llama, tiny_llama_with_head_bias, tiny_gpt2, tiny_gemma2])
 @pytest.mark.parametrize("chunk_size, backend", [(5, "auto"), (64, "cpp"), (5, "eager"), (64, "triton")])
 def test_matches_a_full_forward_pass(build, chunk_size, backend):
-    model = build()
-    batch = rollout_batch()
-    upstream = torch.randn(batch[0].shape, generator=torch.Generator().manual_seed(2))
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    if device is None:
+        pytest.skip("backend='triton' needs CUDA or TRITON_INTERPRET=1")
+    model = build().to(device)
+    batch = tuple(tensor.to(device) for tensor in rollout_batch())
+    upstream = torch.randn(batch[0].shape, generator=torch.Generator().manual_seed(2)).to(device)
     expected = full_forward_logprobs(model, *batch)
     expected_grads = parameter_grads(model, expected, upstream)
     actual = sequence_logprobs(model, *batch, chunk_size=chunk_size, backend=backend)

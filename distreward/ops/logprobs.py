@@ -53,6 +53,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend='cpp' needs CPU tensors, got {device}")
     if backend != "eager" and unavailable(backend):
         raise ValueError(f"backend={backend!r} is not available: {unavailable(backend)}")
+    if backend == "triton":  # here, before any model forward: not from inside a checkpointed chunk
+        from distreward.kernels import logprobs as kernels
+        kernels.check_device(device)
     return backend
 
 
