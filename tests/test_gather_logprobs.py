@@ -321,6 +321,16 @@ def test_unknown_or_misplaced_backends_raise_value_error():
         fused_logprobs.resolve_backend("cpp", torch.device("cuda"))
 
 
+def run_script(script: str, interpret: str) -> None:
+    """Run ``script`` in a fresh interpreter (TRITON_INTERPRET is read at import) and expect it to print ok."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET=interpret)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
 def test_triton_and_eager_work_without_the_cpp_extension():
     """A failed C++ build (distreward._C does not import) leaves auto on eager and the Triton path working;
     an explicit backend='cpp' says why it is unavailable."""
@@ -342,12 +352,7 @@ else:
     raise AssertionError("backend='cpp' ran without the extension")
 print("ok")
 """
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    run_script(script, interpret="1")
 
 
 def test_triton_on_cpu_tensors_without_the_interpreter_is_refused_before_any_work():
@@ -364,9 +369,4 @@ else:
     raise AssertionError("backend='triton' was accepted for CPU tensors without the interpreter")
 print("ok")
 """
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    run_script(script, interpret="0")
