@@ -267,7 +267,8 @@ def save_predictions(predictions: dict, output_dir: str) -> None:
               os.path.join(output_dir, PREDICTIONS_NAME))
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,7 +289,7 @@ def plot_runs(runs: dict, path: str, num_examples: int = 4) -> None:
     """One row per run (name -> predictions): the predicted distributions of ``num_examples`` answers
     spread over the label range (the same answers for every run), with their label mu, and the
     histogram of the predicted std over all answers (a scalar head: its reward against the label)."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(len(runs), 2, figsize=(11, 3.2 * len(runs)), squeeze=False)
     for row, (name, predictions) in enumerate(runs.items()):
         all_logits, targets = answers(predictions)
@@ -318,7 +319,7 @@ def plot_reliability(predictions: dict, groups: list, path: str) -> None:
     """Quantile reliability diagram of a distributional head: the observed share of labels with PIT <= p
     against p, one curve for all answers and one per value of ``groups`` (one label per pair), and the
     diagonal of perfect calibration; the legend gives each curve's ECE."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(5, 5))
     axis.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="calibrated")
     for name, subset in {"all": predictions, **group_subsets(predictions, groups)}.items():

@@ -14,6 +14,8 @@ import statistics
 
 from scipy.stats import t as student_t
 
+from distreward.evaluation import pyplot
+
 REFERENCE_ARM = "bt_kl/none"
 CONTROL_SHAPINGS = ("std_scale_constant", "std_scale_shuffled")  # compared with std_scale, not with none
 CURVE_NAME = "curve.jsonl"
@@ -242,9 +244,7 @@ def mean_curve(group: list) -> tuple:
 def plot_overoptimisation(runs: list, arms: list, path: str) -> None:
     """Ground-truth gain over the SFT policy against KL to the reference per arm (mean over seeds by step, 95% t
     error bars); left the RM variants under shaping none, right the shapings."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = (("RM variants, shaping none", [arm for arm in arms if split_arm(arm)[1] == "none"]),
               ("shapings", [REFERENCE_ARM] * (REFERENCE_ARM in arms) + [

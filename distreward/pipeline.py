@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from accelerate import PartialState
 
+from distreward.evaluation import pyplot
 from distreward.rl_trainer import EVAL_NAME, EVAL_SAMPLES_NAME, ReinforceConfig, run_reinforce
 from distreward.rm_trainer import DISTRIBUTIONS_NAME, RewardConfig, run_reward_training
 from distreward.sft_trainer import SFTConfig, run_sft
@@ -147,9 +148,7 @@ def read_jsonl(path: str) -> list:
 def plot_reward_histograms(samples: list, path: str) -> None:
     """Histograms of the SFT vs the trained policy's held-out responses: reward-model mean E (left) and,
     where known, the ground truth (right), so a reward that rises while the ground truth falls shows."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [("reward", "reward-model mean E", (0.0, 1.0))]
     if "ground_truth" in samples[0]:
@@ -169,9 +168,7 @@ def plot_reward_histograms(samples: list, path: str) -> None:
 
 def plot_training_curves(metrics: list, path: str) -> None:
     """REINFORCE metrics (reward, std, KL, ground truth) against the optimizer step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     curves = [(key, title) for key, title in CURVES if key in metrics[0]]
     figure, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2), squeeze=False)
