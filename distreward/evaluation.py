@@ -259,7 +259,22 @@ def format_report(report: dict) -> str:
              "|---|" + "---:|" * len(columns)]
     for name in ("sft", "trained"):
         lines.append(f"| {name} | " + " | ".join(f"{value(report[name]):.3f}" for _, value in columns) + " |")
-    return "\n".join(lines + ["", "verdict: " + report["comparison"]["verdict"]])
+    lines += ["", "verdict: " + report["comparison"]["verdict"]]
+    return "\n".join(lines + [temperature_baseline_line(row, report) for row in report.get("temperature_baselines", [])])
+
+
+def temperature_baseline_line(row: dict, report: dict) -> str:
+    """One console line for a ``temperature_baselines`` entry of ``eval.json``: the tempered SFT policy's gain
+    (ground truth where known, else RM reward) and KL, next to the trained policy's."""
+    key, name = ("ground_truth", "ground truth") if "ground_truth" in row else ("reward", "RM reward")
+    score, trained_gain = row[key], report["comparison"][key]["gain"]
+    low, high = score["ci95"]
+    line = (f"baseline: the SFT policy at temperature {row['temperature']:g}, no reward model: {name} "
+            f"{score['sft']:.3f} -> {score['tempered']:.3f} ({score['gain']:+.3f} [{low:+.3f}, {high:+.3f}]) at KL "
+            f"{row['kl_to_ref']:.3f}; REINFORCE {trained_gain:+.3f} at KL {report['trained']['kl_to_ref']:.3f}")
+    if score["gain"] >= trained_gain and row["kl_to_ref"] <= report["trained"]["kl_to_ref"]:
+        line += " (the baseline gains as much or more, at no more KL)"
+    return line
 
 
 def save_predictions(predictions: dict, output_dir: str) -> None:

@@ -91,7 +91,7 @@ def worker_argv(config, seed: int, threads: int) -> list:
     argv = ["--seeds", str(seed), "--threads", str(threads), "--aggregate", "false"]
     for f in fields(config):
         value = getattr(config, f.name)
-        if f.name not in WORKER_FLAGS and value is not None:
+        if f.name not in WORKER_FLAGS and value is not None and value != []:  # an empty list is the default
             values = value if isinstance(value, list) else [str(value).lower() if isinstance(value, bool) else value]
             argv += [f"--{f.name}", *map(str, values)]
     return argv
@@ -167,7 +167,8 @@ OWN_FIELDS = [  # the experiment's settings; then every other pipeline setting t
         "help": "Train nothing: rebuild the results from the finished runs on disk."})),
 ]
 ExperimentConfig = make_dataclass("ExperimentConfig", OWN_FIELDS + [
-    (f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in fields(PipelineConfig)
+    (f.name, f.type, field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+    for f in fields(PipelineConfig)
     if f.name not in GRID_FIELDS and f.name not in {name for name, _, _ in OWN_FIELDS}],
     namespace={"__doc__": "The over-optimisation experiment: every arm at every seed.",
                "__post_init__": check_experiment})

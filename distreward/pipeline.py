@@ -61,6 +61,9 @@ class PipelineConfig:
         "help": "Held-out prompts on which the SFT and the trained policy are compared."})
     eval_split: str = field(default=ReinforceConfig.eval_split, metadata={
         "help": "Prompts of that comparison: test (reports) or validation (tuning settings)."})
+    temperature_baselines: list[float] = field(default_factory=list, metadata={
+        "help": "Also evaluate the SFT policy sampled at each of these temperatures, no reward model (the rl "
+                "stage's --temperature_baselines): the cheap baseline REINFORCE has to beat."})
     curve_eval_steps: int = field(default=ReinforceConfig.curve_eval_steps, metadata={
         "help": "Write rl/curve.jsonl (ground truth and KL to the reference along training) every this many "
                 "REINFORCE steps; 0: off."})
@@ -88,7 +91,8 @@ def stage_configs(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str
                          max_steps=config.rl_steps, shaping=config.shaping, baseline=config.baseline,
                          beta=config.beta, alpha=config.alpha, std_source=config.std_source,
                          quantile_level=config.quantile_level, num_eval_prompts=config.num_eval_prompts,
-                         eval_split=config.eval_split, curve_eval_steps=config.curve_eval_steps,
+                         eval_split=config.eval_split, temperature_baselines=config.temperature_baselines,
+                         curve_eval_steps=config.curve_eval_steps,
                          curve_eval_prompts=config.curve_eval_prompts, **shared)
     return sft, rm, rl
 

@@ -31,6 +31,7 @@ from distreward.modeling import load_policy_and_reference, load_reward_model
 from distreward.ops.validation import check_choice
 from distreward.rewards import check_shaping, make_baseline, replace_std, shape_rewards
 from distreward.rollout import RolloutScorer, generate_rollouts, token_logprobs
+from distreward.sequence import check_temperature
 from distreward.trainer_utils import MetricsLogger, TrainingConfig, make_accelerator, save_run_config, train_loop
 
 POLICY_DIR = "policy"
@@ -61,8 +62,14 @@ class ReinforceConfig(TrainingConfig):
     samples_per_prompt: int = field(default=4, metadata={"help": "Responses sampled per prompt (>= 2 for rloo)."})
     max_new_tokens: int = field(default=12, metadata={"help": "Longest response, in tokens."})
     temperature: float = field(default=1.0, metadata={
-        "help": "Sampling temperature (the loss uses the untempered policy, so keep 1.0 for unbiased gradients)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+        "help": "Sampling temperature > 0: the policy and the reference are the models' distributions at it (the "
+                "loss and the KL use log softmax(logits / temperature)), for training and evaluation alike."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (below 1 the samples come from "
+                                                         "a truncated distribution that the loss does not model)."})
+    temperature_baselines: list[float] = field(default_factory=list, metadata={
+        "help": "Also evaluate the SFT policy sampled at each of these temperatures (no reward model, no training) "
+                "on the held-out prompts: the cheap baseline REINFORCE has to beat (eval.json's "
+                "temperature_baselines: ground truth and RM reward gains over the SFT policy, and the KL)."})
     shaping: str = field(default="std_scale", metadata={
         "help": "Total reward: none (r - beta kl), std_penalty (H2.1: - alpha sd), std_scale "
                 "(H2.2: (r - beta kl) / (sd + 1)) or quantile (q - beta kl, q the --quantile_level quantile of "
@@ -103,6 +110,8 @@ class ReinforceConfig(TrainingConfig):
                       quantile_level=self.quantile_level)
         make_baseline(self.baseline, self.samples_per_prompt, self.ema_decay)  # raises on a setting it cannot take
         check_choice("--eval_split", self.eval_split, HELD_OUT_SPLITS)
+        for temperature in (self.temperature, *self.temperature_baselines):
+            check_temperature(temperature)
         for name in ("num_train_prompts", "num_eval_prompts", "samples_per_prompt", "max_new_tokens",
                      "eval_samples_per_prompt", "eval_batch_size", "curve_eval_prompts"):
             if getattr(self, name) < 1:
@@ -160,7 +169,8 @@ class ReinforceTrainer:
         rollout = generate_rollouts(self.accelerator.unwrap_model(model), self.tokenizer, prompts,
                                     config.samples_per_prompt, config.max_new_tokens, config.temperature, config.top_p)
         rollout = rollout.to(self.accelerator.device)
-        logprobs = call_in_forward(model, token_logprobs, rollout)  # inside DDP's forward: gradients all-reduced
+        # inside DDP's forward: gradients all-reduced
+        logprobs = call_in_forward(model, token_logprobs, rollout, config.temperature)
         scores = self.scorer.score(rollout, logprobs)
         std = replace_std(scores.std, config.std_source)
         total = shape_rewards(scores.reward, std, scores.kl, config.shaping, config.beta, config.alpha, scores.quantile)
@@ -176,14 +186,16 @@ class ReinforceTrainer:
         return loss, metrics
 
     @torch.no_grad()
-    def evaluate(self, policy, prompts: list):
-        """(docs/math.md §7 summary, per-sample records) of ``policy`` on ``prompts``.
+    def evaluate(self, policy, prompts: list, temperature: Optional[float] = None):
+        """(docs/math.md §7 summary, per-sample records) of ``policy`` sampled at ``temperature`` (default: the
+        config's) on ``prompts``; the KL is to the reference at the config's temperature.
 
         Sampling is seeded by ``config.seed`` (and leaves the training RNG alone), so two policies
         evaluated in turn see the same prompts and the same random stream. ``policy`` is moved to the
         trainer's device, as the policy, the reference and the reward model were when it was built.
         """
         config = self.config
+        temperature = config.temperature if temperature is None else temperature
         policy = self.accelerator.unwrap_model(policy).to(self.accelerator.device)
         scores, records = [], []
         with torch.random.fork_rng():
@@ -191,9 +203,9 @@ class ReinforceTrainer:
             for start in range(0, len(prompts), config.eval_batch_size):
                 rollout = generate_rollouts(policy, self.tokenizer, prompts[start:start + config.eval_batch_size],
                                             config.eval_samples_per_prompt, config.max_new_tokens,
-                                            config.temperature, config.top_p)
+                                            temperature, config.top_p)
                 rollout = rollout.to(self.accelerator.device)
-                batch = self.scorer.score(rollout, token_logprobs(policy, rollout))
+                batch = self.scorer.score(rollout, token_logprobs(policy, rollout, temperature))
                 scores.append(batch)
                 records += batch.records(rollout)
         return summarize(scores), records
@@ -232,6 +244,26 @@ def write_jsonl(path: str, records: list) -> None:
         handle.writelines(json.dumps(record) + "\n" for record in records)
 
 
+def temperature_baselines(trainer: ReinforceTrainer, sft_policy, prompts: list, samples: list) -> list:
+    """The SFT policy sampled at each of ``trainer.config.temperature_baselines`` on ``prompts`` (the seeded
+    samples of :meth:`ReinforceTrainer.evaluate`), each compared, paired by prompt, with the SFT policy at the
+    config's temperature (``samples``, the ``eval_samples.jsonl`` records): one dict per temperature,
+    ``{"temperature", "kl_to_ref", "ground_truth" (where known), "reward"}``, each score as ``{"sft",
+    "tempered", "gain", "ci95"}``."""
+    sft_samples = [sample for sample in samples if sample["policy"] == "sft"]
+    rows = []
+    for temperature in trainer.config.temperature_baselines:
+        summary, records = trainer.evaluate(sft_policy, prompts, temperature)
+        comparison = compare_policies(sft_samples + [{"policy": "trained", **record} for record in records])
+        row = {"temperature": temperature, "kl_to_ref": summary["kl_to_ref"]}
+        for key in ("ground_truth", "reward"):
+            if key in comparison:
+                row[key] = {"sft": comparison[key]["sft"], "tempered": comparison[key]["trained"],
+                            "gain": comparison[key]["gain"], "ci95": comparison[key]["ci95"]}
+        rows.append(row)
+    return rows
+
+
 def run_reinforce(config: ReinforceConfig) -> dict:
     """Train the policy with REINFORCE, save it to ``output_dir/policy`` and write ``eval.json``; returns it."""
     policy, reference, tokenizer = load_policy_and_reference(config.policy_path)
@@ -241,7 +273,8 @@ def run_reinforce(config: ReinforceConfig) -> dict:
                          f"holds a scalar reward model: use --shaping none")
     train_prompts, eval_prompts, ground_truth = load_prompts(config)
     scorer = RolloutScorer(reference, reward_model, reward_tokenizer, ground_truth,
-                           quantile_level=config.quantile_level if config.shaping == "quantile" else None)
+                           quantile_level=config.quantile_level if config.shaping == "quantile" else None,
+                           temperature=config.temperature)
     trainer = ReinforceTrainer(config, policy, tokenizer, scorer, train_prompts, eval_prompts)
     accelerator = trainer.accelerator
     if accelerator.is_main_process:
@@ -252,6 +285,8 @@ def run_reinforce(config: ReinforceConfig) -> dict:
         report[name], records = trainer.evaluate(model, eval_prompts)
         samples += [{"policy": name, **record} for record in records]
     report["comparison"] = compare_policies(samples)
+    if config.temperature_baselines:
+        report["temperature_baselines"] = temperature_baselines(trainer, reference, eval_prompts, samples)
     if accelerator.is_main_process:
         policy.save_pretrained(os.path.join(config.output_dir, POLICY_DIR))
         tokenizer.save_pretrained(os.path.join(config.output_dir, POLICY_DIR))

@@ -14,7 +14,7 @@ import torch
 
 from distreward.data import attention_mask_for, encode, pad, render, to_messages
 from distreward.rewards import check_level, distribution_quantile
-from distreward.sequence import sequence_logprobs
+from distreward.sequence import check_temperature, sequence_logprobs
 
 
 @dataclass
@@ -116,16 +116,18 @@ def generate_rollouts(model, tokenizer, prompts: list, samples_per_prompt: int =
     return Rollout(input_ids, keep.long(), response_mask, prompts, responses)
 
 
-def token_logprobs(model, rollout: Rollout) -> torch.Tensor:
-    """Per-token log-probs [B, T] fp32 of ``rollout.input_ids`` under ``model``
+def token_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs [B, T] fp32 of ``rollout.input_ids`` under ``model`` sampled at ``temperature``
     (:func:`distreward.sequence_logprobs`): ``out[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`` on
     response tokens, 0 elsewhere. Differentiable when grad is enabled."""
-    return sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.response_mask)
+    return sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.response_mask,
+                             temperature=temperature)
 
 
 class RolloutScorer:
     """Scores rollouts with a frozen reference policy, a distributional reward model and, optionally,
-    a ground-truth ``scorer(prompt, response) -> float``.
+    a ground-truth ``scorer(prompt, response) -> float``. The reference's log-probs are those of its
+    distribution at the sampling ``temperature``, so the KL compares the two distributions that sample.
 
     ``reward_model(input_ids, attention_mask)`` returns an object with ``logits`` [B, K], ``mean`` and
     ``std`` [B] (:class:`distreward.modeling.RewardOutput`); ``reward_tokenizer`` renders its input. With a
@@ -134,14 +136,16 @@ class RolloutScorer:
     """
 
     def __init__(self, reference, reward_model, reward_tokenizer, ground_truth: Optional[Callable] = None,
-                 quantile_level: Optional[float] = None):
+                 quantile_level: Optional[float] = None, temperature: float = 1.0):
         if quantile_level is not None:
             check_level("quantile_level", quantile_level)
+        check_temperature(temperature)
         self.reference = reference.eval().requires_grad_(False)
         self.reward_model = reward_model.eval().requires_grad_(False)
         self.reward_tokenizer = reward_tokenizer
         self.ground_truth = ground_truth
         self.quantile_level = quantile_level
+        self.temperature = temperature
 
     @torch.no_grad()
     def reward(self, rollout: Rollout):
@@ -159,8 +163,9 @@ class RolloutScorer:
 
     @torch.no_grad()
     def score(self, rollout: Rollout, policy_logprobs: torch.Tensor) -> RolloutScores:
-        """Scores of ``rollout`` given the policy's per-token log-probs [B, T] (from :func:`token_logprobs`)."""
-        reference_logprobs = token_logprobs(self.reference, rollout)
+        """Scores of ``rollout`` given the policy's per-token log-probs [B, T] (from :func:`token_logprobs`, at
+        the temperature it sampled at)."""
+        reference_logprobs = token_logprobs(self.reference, rollout, self.temperature)
         kl = (policy_logprobs.detach() - reference_logprobs).sum(-1)
         output = self.reward(rollout)
         ground_truth = quantile = None

@@ -11,6 +11,8 @@ logits there and turns them into their own gradient in place (as Liger-Kernel's 
 cross-entropy does). Other heads (logit soft-capping, custom modules) go through
 :func:`distreward.ops.gather_logprobs` under activation checkpointing.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -39,6 +41,12 @@ def _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size) -
             raise ValueError(f"{name} contains NaN")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+
+def check_temperature(temperature) -> None:
+    """A sampling temperature: a finite number > 0 (ValueError otherwise)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
 def _check_ids(model, input_ids) -> None:
@@ -99,19 +107,23 @@ class LinearGatherLogprobs(torch.autograd.Function):
                 grad_logits.sum(0) if bias is not None and needs_bias else None, None, None)
 
 
-def chunk_logprobs_function(model, backend: str):
-    """``f(hidden [n, H], ids [n]) -> log-probs [n]`` for one chunk of ``model``'s head and a resolved gather
-    ``backend``: head and gather fused for a plain ``nn.Linear`` head and a fused backend, else the head,
-    soft-capping and ``ops.gather_logprobs`` checkpointed."""
+def chunk_logprobs_function(model, backend: str, temperature: float = 1.0):
+    """``f(hidden [n, H], ids [n]) -> log-probs [n]`` of ``softmax(head(hidden) / temperature)`` for one chunk of
+    ``model``'s head and a resolved gather ``backend``: head and gather fused for a plain ``nn.Linear`` head and a
+    fused backend (``hidden`` and the bias divided by ``temperature``), else the head, soft-capping, the division
+    and ``ops.gather_logprobs`` checkpointed."""
     head = model.get_output_embeddings()
     plain = type(head) is torch.nn.Linear and getattr(model.config, "final_logit_softcapping", None) is None
     if plain and backend != "eager":
         kernels = gather_kernels(backend)
-        return lambda hidden, ids: LinearGatherLogprobs.apply(hidden, head.weight, head.bias, ids, kernels)
+        if temperature == 1.0:
+            return lambda hidden, ids: LinearGatherLogprobs.apply(hidden, head.weight, head.bias, ids, kernels)
+        return lambda hidden, ids: LinearGatherLogprobs.apply(
+            hidden / temperature, head.weight, None if head.bias is None else head.bias / temperature, ids, kernels)
 
     def checkpointed(hidden, ids):
         def logprobs(chunk_hidden, chunk_ids):
-            logits = head_logits(model, chunk_hidden).unsqueeze(0)  # [1, n, V]
+            logits = head_logits(model, chunk_hidden).unsqueeze(0) / temperature  # [1, n, V]
             return ops.gather_logprobs(logits, chunk_ids.unsqueeze(0), backend=backend).squeeze(0)
 
         return checkpoint(logprobs, hidden, ids, use_reentrant=False) if torch.is_grad_enabled() else logprobs(hidden, ids)
@@ -134,7 +146,7 @@ def check_finite(logprobs: torch.Tensor) -> None:
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
-                      chunk_size: int = 256, backend: str = "auto") -> torch.Tensor:
+                      chunk_size: int = 256, backend: str = "auto", temperature: float = 1.0) -> torch.Tensor:
     """Per-token log-probs of ``input_ids`` under ``model``, on the response tokens only.
 
     Args:
@@ -147,12 +159,15 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             checkpointed path).
         backend: the gather's backend, resolved as :func:`distreward.ops.gather_logprobs` does ("auto",
             "eager", "triton" or "cpp").
+        temperature: the log-probs of ``softmax(logits / temperature)``, the distribution that ``generate``
+            samples at that temperature (TRL's GRPO trainer scores its samples the same way); > 0.
 
     Returns:
         [B, T] float32 (float64 for a float64 model): ``out[b, t] = log pi(input_ids[b, t] | input_ids[b, :t])``
         where ``response_mask[b, t]`` is true and t >= 1, else 0. Differentiable w.r.t. the model's parameters.
     """
     _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size)
+    check_temperature(temperature)
     backend = resolve_backend(backend, input_ids.device)
     _check_ids(model, input_ids)
     batch, steps = input_ids.shape
@@ -167,7 +182,7 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     # Position t - 1 predicts token t: keep only the hidden states that predict a scored token.
     predictors = hidden[:, :-1][scored[:, 1:]]  # [N, H]
 
-    chunk_logprobs = chunk_logprobs_function(model, backend)
+    chunk_logprobs = chunk_logprobs_function(model, backend, float(temperature))
     rows = batch * chunk_size
     pieces = [chunk_logprobs(predictors[start:start + rows], targets[start:start + rows])
               for start in range(0, predictors.shape[0], rows)]

@@ -50,11 +50,12 @@ def test_pipeline_defaults_are_the_stage_defaults():
     assert (pipeline.num_eval_prompts, pipeline.eval_split) == (rl.num_eval_prompts, rl.eval_split)
     assert (pipeline.std_source, pipeline.quantile_level, pipeline.curve_eval_steps, pipeline.curve_eval_prompts) == (
         rl.std_source, rl.quantile_level, rl.curve_eval_steps, rl.curve_eval_prompts)
+    assert pipeline.temperature_baselines == rl.temperature_baselines == []
 
 
 def test_pipeline_passes_the_shaping_controls_and_the_curve_to_the_rl_stage():
     settings = dict(shaping="std_penalty", std_source="shuffled", quantile_level=0.1, curve_eval_steps=5,
-                    curve_eval_prompts=8)
+                    curve_eval_prompts=8, temperature_baselines=[0.9, 0.7])
     rl = stage_configs(PipelineConfig(**settings), "sft", "rm", "rl")[2]
     assert {name: getattr(rl, name) for name in settings} == settings
 

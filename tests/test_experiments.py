@@ -91,6 +91,9 @@ def test_worker_command_line_rebuilds_the_config(tmp_path):
     assert {f: getattr(worker, f) for f in ("arms", "beta", "reuse_finished_stages", "rl_steps", "output_dir")} == {
         "arms": ["bt_kl/none", "bt_kl/std_scale"], "beta": 0.2, "reuse_finished_stages": False,
         "rl_steps": config.rl_steps, "output_dir": str(tmp_path)}
+    assert worker.temperature_baselines == []  # an empty list default is no flag at all
+    config = config_from(["--output_dir", str(tmp_path), "--temperature_baselines", "0.8", "0.7"])
+    assert config_from(experiments.worker_argv(config, 0, threads=1)).temperature_baselines == [0.8, 0.7]
 
 
 def test_workers_run_one_seed_each_and_report_failures(tmp_path, monkeypatch, capsys):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from distreward.data import load_prompts
 from distreward.modeling import DistributionalRewardModel, RewardOutput, load_policy_and_reference, load_reward_model
 from distreward import rl_trainer, synthetic
-from distreward.evaluation import compare_policies
+from distreward.evaluation import compare_policies, format_report
 from distreward.rewards import SHAPINGS, distribution_quantile
 from distreward.rl_trainer import ReinforceConfig, ReinforceTrainer, run_reinforce
 from distreward.rollout import RolloutScorer, generate_rollouts, left_align, mask_through_eos, prompt_text, \
@@ -175,8 +175,9 @@ def test_reinforce_training_raises_the_known_reward(tokenizer, tmp_path):
     assert after > before * 1.5, (before, after)
 
 
-def hand_log_ratio(policy, reference, rollout) -> torch.Tensor:
-    """[B] sum over each row's response tokens of log pi(y_t) - log pi_ref(y_t), one unpadded row at a time."""
+def hand_log_ratio(policy, reference, rollout, temperature=1.0) -> torch.Tensor:
+    """[B] sum over each row's response tokens of log pi(y_t) - log pi_ref(y_t), both models' distributions at
+    ``temperature``, one unpadded row at a time."""
     sums = []
     for row in range(len(rollout.prompts)):
         length = int(rollout.attention_mask[row].sum())
@@ -184,7 +185,7 @@ def hand_log_ratio(policy, reference, rollout) -> torch.Tensor:
         positions = rollout.response_mask[row, :length].nonzero()[:, 0]
         total = 0.0
         for model, sign in ((policy, 1.0), (reference, -1.0)):
-            logprobs = torch.log_softmax(model(ids).logits[0].double(), -1)
+            logprobs = torch.log_softmax(model(ids).logits[0].double() / temperature, -1)
             total += sign * logprobs[positions - 1, ids[0, positions]].sum()
         sums.append(total)
     return torch.stack(sums).float()
@@ -204,6 +205,37 @@ def test_kl_to_reference_is_the_log_ratio_summed_over_response_tokens(tokenizer)
     lengths = rollout.response_mask.sum(-1)
     assert (lengths > 1).any() and not torch.allclose(scores.kl, expected / lengths, atol=1e-3)  # a mean would differ
     assert (expected.abs() > 1e-2).all()  # so a flipped sign would differ too
+
+
+@torch.no_grad()
+def test_the_kl_compares_the_distributions_at_the_sampling_temperature(tokenizer):
+    """Sampled at temperature 0.5, the KL is that of softmax(logits / 0.5) of the policy and of the reference."""
+    policy, reference = (build_tiny_policy(tokenizer, seed=seed, **SMALL) for seed in (1, 2))
+    torch.manual_seed(0)
+    rollout = generate_rollouts(policy, tokenizer, ["What is 3 + 4?", "Sort: 3 1 2"], samples_per_prompt=3,
+                                max_new_tokens=5, temperature=0.5)
+    scorer = RolloutScorer(reference, DigitRewardModel(tokenizer), tokenizer, temperature=0.5)
+    scores = scorer.score(rollout, token_logprobs(policy, rollout, temperature=0.5))
+    expected = hand_log_ratio(policy, reference, rollout, temperature=0.5)
+    torch.testing.assert_close(scores.kl, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(expected, hand_log_ratio(policy, reference, rollout), atol=1e-2)  # T matters here
+    with pytest.raises(ValueError, match="temperature must be"):
+        RolloutScorer(reference, DigitRewardModel(tokenizer), tokenizer, temperature=0.0)
+
+
+def test_the_policy_gradient_is_that_of_the_sampling_distribution(tokenizer, tmp_path):
+    """At --temperature 0.5 the REINFORCE loss is -(R - b) * sum_t log softmax(logits / 0.5)[y_t]: the loss
+    that a hand computation from the same rollouts gives, not the one of the untempered policy."""
+    trainer = digit_trainer(tokenizer, tmp_path, shaping="none", beta=0.0, samples_per_prompt=4, temperature=0.5)
+    torch.manual_seed(1)
+    loss, metrics = trainer.compute_loss(trainer.policy, DIGIT_PROMPTS)
+    torch.manual_seed(1)
+    rollout = generate_rollouts(trainer.policy, tokenizer, DIGIT_PROMPTS, 4, trainer.config.max_new_tokens, 0.5)
+    reward = trainer.scorer.score(rollout, token_logprobs(trainer.policy, rollout, 0.5)).reward.view(-1, 4)
+    advantages = (reward - (reward.sum(-1, keepdim=True) - reward) / 3).view(-1)
+    for temperature, matches in ((0.5, True), (1.0, False)):
+        logprobs = token_logprobs(trainer.policy, rollout, temperature).sum(-1)
+        assert torch.allclose(loss, -(advantages * logprobs).mean(), atol=1e-6) == matches
 
 
 def test_trainer_subtracts_beta_times_the_summed_kl(tokenizer, tmp_path):
@@ -341,6 +373,33 @@ def test_run_reinforce_writes_spec_outputs(saved_models, tmp_path):
     assert os.path.isfile(tmp_path / "policy" / "model.safetensors")
     samples = [json.loads(line) for line in open(tmp_path / "eval_samples.jsonl")]
     assert len(samples) == 2 * 4 and {s["policy"] for s in samples} == {"sft", "trained"}
+
+
+def test_temperature_baselines_sample_the_sft_policy_on_the_same_prompts(saved_models, tmp_path):
+    """A baseline at the run's own temperature is the SFT evaluation again (same seeded samples: gain and KL
+    exactly 0); one at a lower temperature is sampled from softmax(logits / T) of the SFT policy."""
+    report = run_reinforce(rl_config(saved_models, tmp_path, temperature_baselines=[1.0, 0.25]))
+    same, sharper = report["temperature_baselines"]
+    assert same["temperature"] == 1.0 and sharper["temperature"] == 0.25
+    for key in ("ground_truth", "reward"):
+        assert same[key]["gain"] == 0.0 and same[key]["tempered"] == same[key]["sft"] == report["comparison"][key]["sft"]
+        assert sharper[key]["sft"] == report["comparison"][key]["sft"]
+        low, high = sharper[key]["ci95"]
+        assert low <= sharper[key]["gain"] <= high
+        assert sharper[key]["gain"] == pytest.approx(sharper[key]["tempered"] - sharper[key]["sft"])
+    assert same["kl_to_ref"] == 0.0 and sharper["kl_to_ref"] > 0.0  # KL(pi_T || pi) >= 0, > 0 unless T = 1
+    assert json.load(open(tmp_path / "eval.json")) == report
+    assert len(read_jsonl(tmp_path / "eval_samples.jsonl")) == 2 * 4  # the baselines' samples are not in it
+    lines = format_report(report).splitlines()[-2:]
+    assert all(line.startswith("baseline: the SFT policy at temperature") for line in lines)
+    assert "temperature 0.25" in lines[1] and f"KL {sharper['kl_to_ref']:.3f}" in lines[1]
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature_baselines=[0.8, 0.0]),
+                                      dict(temperature_baselines=[float("nan")])])
+def test_temperatures_must_be_positive(settings):
+    with pytest.raises(ValueError, match="temperature must be"):
+        ReinforceConfig(**settings)
 
 
 def read_jsonl(path) -> list:

@@ -57,9 +57,9 @@ def rollout_batch(batch=3, steps=37, seed=1):
     return input_ids, attention_mask, response_mask
 
 
-def full_forward_logprobs(model, input_ids, attention_mask, response_mask):
-    """The materialised path: all [B, T, V] logits, log_softmax, gather, mask."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+def full_forward_logprobs(model, input_ids, attention_mask, response_mask, temperature=1.0):
+    """The materialised path: all [B, T, V] logits, divided by the temperature, log_softmax, gather, mask."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float() / temperature
     picked = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     out = torch.zeros(input_ids.shape, device=input_ids.device)
     out[:, 1:] = picked * response_mask[:, 1:]
@@ -75,15 +75,27 @@ def parameter_grads(model, logprobs, upstream):
 @pytest.mark.parametrize("build", [tiny_llama, tiny_llama_with_head_bias, tiny_gpt2, tiny_gemma2])
 @pytest.mark.parametrize("chunk_size, backend", [(5, "auto"), (64, "cpp"), (5, "eager"), (64, "triton")])
 def test_matches_a_full_forward_pass(build, chunk_size, backend):
+    check_against_a_full_forward_pass(build, chunk_size, backend)
+
+
+@pytest.mark.parametrize("build", [tiny_llama_with_head_bias, tiny_gemma2], ids=["fused_linear", "checkpointed"])
+@pytest.mark.parametrize("backend", ["cpp", "eager"])
+@pytest.mark.parametrize("temperature", [0.7, 1.6])
+def test_a_temperature_divides_the_logits(build, backend, temperature):
+    check_against_a_full_forward_pass(build, 5, backend, temperature)
+
+
+def check_against_a_full_forward_pass(build, chunk_size, backend, temperature=1.0):
+    """Values and parameter gradients of sequence_logprobs against the materialised path."""
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     if device is None:
         pytest.skip("backend='triton' needs CUDA or TRITON_INTERPRET=1")
     model = build().to(device)
     batch = tuple(tensor.to(device) for tensor in rollout_batch())
     upstream = torch.randn(batch[0].shape, generator=torch.Generator().manual_seed(2)).to(device)
-    expected = full_forward_logprobs(model, *batch)
+    expected = full_forward_logprobs(model, *batch, temperature=temperature)
     expected_grads = parameter_grads(model, expected, upstream)
-    actual = sequence_logprobs(model, *batch, chunk_size=chunk_size, backend=backend)
+    actual = sequence_logprobs(model, *batch, chunk_size=chunk_size, backend=backend, temperature=temperature)
     assert actual.shape == batch[0].shape and actual.dtype == torch.float32
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     assert bool((actual[~batch[2]] == 0).all()) and bool((actual[:, 0] == 0).all())
@@ -154,6 +166,9 @@ def test_bad_input_raises_value_error():
     for message, args in bad_calls.items():
         with pytest.raises(ValueError, match=message):
             sequence_logprobs(*args[:4], chunk_size=args[4])
+    for temperature in (0, -1.0, float("inf"), float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="temperature must be"):
+            sequence_logprobs(model, input_ids, attention_mask, response_mask, temperature=temperature)
     input_ids[1, 5] = VOCAB
     with pytest.raises((IndexError, ValueError)):
         sequence_logprobs(model, input_ids, attention_mask, torch.ones_like(response_mask))
