@@ -79,7 +79,7 @@ def test_matches_a_full_forward_pass(build, chunk_size, backend):
 
 
 @pytest.mark.parametrize("build", [tiny_llama_with_head_bias, tiny_gemma2], ids=["fused_linear", "checkpointed"])
-@pytest.mark.parametrize("backend", ["cpp", "eager"])
+@pytest.mark.parametrize("backend", ["cpp", "eager", "triton"])
 @pytest.mark.parametrize("temperature", [0.7, 1.6])
 def test_a_temperature_divides_the_logits(build, backend, temperature):
     check_against_a_full_forward_pass(build, 5, backend, temperature)
