@@ -62,8 +62,9 @@ class ReinforceConfig(TrainingConfig):
     samples_per_prompt: int = field(default=4, metadata={"help": "Responses sampled per prompt (>= 2 for rloo)."})
     max_new_tokens: int = field(default=12, metadata={"help": "Longest response, in tokens."})
     temperature: float = field(default=1.0, metadata={
-        "help": "Sampling temperature > 0: the policy and the reference are the models' distributions at it (the "
-                "loss and the KL use log softmax(logits / temperature)), for training and evaluation alike."})
+        "help": "Sampling temperature: the policy and the reference are the models' distributions at it (the loss "
+                "and the KL use log softmax(logits / temperature)), for training and evaluation alike; 0 decodes "
+                "greedily and scores with the untempered log-probs (deterministic rollouts, for checks)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (below 1 the samples come from "
                                                          "a truncated distribution that the loss does not model)."})
     temperature_baselines: list[float] = field(default_factory=list, metadata={
@@ -110,7 +111,9 @@ class ReinforceConfig(TrainingConfig):
                       quantile_level=self.quantile_level)
         make_baseline(self.baseline, self.samples_per_prompt, self.ema_decay)  # raises on a setting it cannot take
         check_choice("--eval_split", self.eval_split, HELD_OUT_SPLITS)
-        for temperature in (self.temperature, *self.temperature_baselines):
+        if self.temperature != 0:
+            check_temperature(self.temperature)
+        for temperature in self.temperature_baselines:
             check_temperature(temperature)
         for name in ("num_train_prompts", "num_eval_prompts", "samples_per_prompt", "max_new_tokens",
                      "eval_samples_per_prompt", "eval_batch_size", "curve_eval_prompts"):
@@ -118,6 +121,12 @@ class ReinforceConfig(TrainingConfig):
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.curve_eval_steps < 0:
             raise ValueError(f"--curve_eval_steps must be >= 0 (0: no curve), got {self.curve_eval_steps}")
+
+
+def scoring_temperature(temperature: float) -> float:
+    """The temperature whose log-probs the loss and the KL use: the sampling temperature, or 1 (the untempered
+    model) for greedy decoding, temperature 0."""
+    return temperature if temperature > 0 else 1.0
 
 
 def policy_loss(advantages: torch.Tensor, sequence_logprobs: torch.Tensor) -> torch.Tensor:
@@ -170,7 +179,7 @@ class ReinforceTrainer:
                                     config.samples_per_prompt, config.max_new_tokens, config.temperature, config.top_p)
         rollout = rollout.to(self.accelerator.device)
         # inside DDP's forward: gradients all-reduced
-        logprobs = call_in_forward(model, token_logprobs, rollout, config.temperature)
+        logprobs = call_in_forward(model, token_logprobs, rollout, scoring_temperature(config.temperature))
         scores = self.scorer.score(rollout, logprobs)
         std = replace_std(scores.std, config.std_source)
         total = shape_rewards(scores.reward, std, scores.kl, config.shaping, config.beta, config.alpha, scores.quantile)
@@ -205,7 +214,7 @@ class ReinforceTrainer:
                                             config.eval_samples_per_prompt, config.max_new_tokens,
                                             temperature, config.top_p)
                 rollout = rollout.to(self.accelerator.device)
-                batch = self.scorer.score(rollout, token_logprobs(policy, rollout, temperature))
+                batch = self.scorer.score(rollout, token_logprobs(policy, rollout, scoring_temperature(temperature)))
                 scores.append(batch)
                 records += batch.records(rollout)
         return summarize(scores), records
@@ -274,7 +283,7 @@ def run_reinforce(config: ReinforceConfig) -> dict:
     train_prompts, eval_prompts, ground_truth = load_prompts(config)
     scorer = RolloutScorer(reference, reward_model, reward_tokenizer, ground_truth,
                            quantile_level=config.quantile_level if config.shaping == "quantile" else None,
-                           temperature=config.temperature)
+                           temperature=scoring_temperature(config.temperature))
     trainer = ReinforceTrainer(config, policy, tokenizer, scorer, train_prompts, eval_prompts)
     accelerator = trainer.accelerator
     if accelerator.is_main_process:

@@ -395,11 +395,12 @@ def test_temperature_baselines_sample_the_sft_policy_on_the_same_prompts(saved_m
     assert "temperature 0.25" in lines[1] and f"KL {sharper['kl_to_ref']:.3f}" in lines[1]
 
 
-@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature_baselines=[0.8, 0.0]),
-                                      dict(temperature_baselines=[float("nan")])])
+@pytest.mark.parametrize("settings", [dict(temperature=-1.0), dict(temperature=float("inf")),
+                                      dict(temperature_baselines=[0.8, 0.0]), dict(temperature_baselines=[float("nan")])])
 def test_temperatures_must_be_positive(settings):
     with pytest.raises(ValueError, match="temperature must be"):
         ReinforceConfig(**settings)
+    assert ReinforceConfig(temperature=0.0).temperature == 0.0  # greedy rollouts (scored untempered)
 
 
 def read_jsonl(path) -> list:
