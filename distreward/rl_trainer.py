@@ -28,10 +28,9 @@ from distreward.data import EMBEDDED, HELD_OUT_SPLITS, load_prompts
 from distreward.distributed import call_in_forward
 from distreward.evaluation import compare_policies, format_report, summarize
 from distreward.modeling import load_policy_and_reference, load_reward_model
-from distreward.ops.validation import check_choice
+from distreward.ops.validation import check_choice, check_positive
 from distreward.rewards import check_shaping, make_baseline, replace_std, shape_rewards
 from distreward.rollout import RolloutScorer, generate_rollouts, token_logprobs
-from distreward.sequence import check_temperature
 from distreward.trainer_utils import MetricsLogger, TrainingConfig, make_accelerator, save_run_config, train_loop
 
 POLICY_DIR = "policy"
@@ -111,10 +110,9 @@ class ReinforceConfig(TrainingConfig):
                       quantile_level=self.quantile_level)
         make_baseline(self.baseline, self.samples_per_prompt, self.ema_decay)  # raises on a setting it cannot take
         check_choice("--eval_split", self.eval_split, HELD_OUT_SPLITS)
-        if self.temperature != 0:
-            check_temperature(self.temperature)
+        check_positive("--temperature", self.temperature, allow_zero=True)  # 0: greedy
         for temperature in self.temperature_baselines:
-            check_temperature(temperature)
+            check_positive("each --temperature_baselines temperature", temperature)
         for name in ("num_train_prompts", "num_eval_prompts", "samples_per_prompt", "max_new_tokens",
                      "eval_samples_per_prompt", "eval_batch_size", "curve_eval_prompts"):
             if getattr(self, name) < 1:

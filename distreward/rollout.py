@@ -13,8 +13,9 @@ from typing import Callable, Optional
 import torch
 
 from distreward.data import attention_mask_for, encode, pad, render, to_messages
+from distreward.ops.validation import check_positive
 from distreward.rewards import check_level, distribution_quantile
-from distreward.sequence import check_temperature, sequence_logprobs
+from distreward.sequence import sequence_logprobs
 
 
 @dataclass
@@ -139,7 +140,7 @@ class RolloutScorer:
                  quantile_level: Optional[float] = None, temperature: float = 1.0):
         if quantile_level is not None:
             check_level("quantile_level", quantile_level)
-        check_temperature(temperature)
+        check_positive("temperature", temperature)
         self.reference = reference.eval().requires_grad_(False)
         self.reward_model = reward_model.eval().requires_grad_(False)
         self.reward_tokenizer = reward_tokenizer

@@ -11,15 +11,13 @@ logits there and turns them into their own gradient in place (as Liger-Kernel's 
 cross-entropy does). Other heads (logit soft-capping, custom modules) go through
 :func:`distreward.ops.gather_logprobs` under activation checkpointing.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from distreward import ops
 from distreward.ops.logprobs import gather_kernels, resolve_backend
-from distreward.ops.validation import first_position
+from distreward.ops.validation import check_positive, first_position
 
 
 def _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size) -> None:
@@ -41,12 +39,6 @@ def _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size) -
             raise ValueError(f"{name} contains NaN")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-
-
-def check_temperature(temperature) -> None:
-    """A sampling temperature: a finite number > 0 (ValueError otherwise)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
 def _check_ids(model, input_ids) -> None:
@@ -123,7 +115,9 @@ def chunk_logprobs_function(model, backend: str, temperature: float = 1.0):
 
     def checkpointed(hidden, ids):
         def logprobs(chunk_hidden, chunk_ids):
-            logits = head_logits(model, chunk_hidden).unsqueeze(0) / temperature  # [1, n, V]
+            logits = head_logits(model, chunk_hidden).unsqueeze(0)  # [1, n, V]
+            if temperature != 1.0:  # no extra [1, n, V] copy at the default
+                logits = logits / temperature
             return ops.gather_logprobs(logits, chunk_ids.unsqueeze(0), backend=backend).squeeze(0)
 
         return checkpoint(logprobs, hidden, ids, use_reentrant=False) if torch.is_grad_enabled() else logprobs(hidden, ids)
@@ -167,7 +161,7 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         where ``response_mask[b, t]`` is true and t >= 1, else 0. Differentiable w.r.t. the model's parameters.
     """
     _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size)
-    check_temperature(temperature)
+    check_positive("temperature", temperature)
     backend = resolve_backend(backend, input_ids.device)
     _check_ids(model, input_ids)
     batch, steps = input_ids.shape
