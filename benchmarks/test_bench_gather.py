@@ -122,10 +122,10 @@ def one_compiled_graph_per_shape():
 
 def make_step(gather, shape, dtype: torch.dtype, backward: bool, device="cpu"):
     """A callable running ``gather`` on fixed random logits (and its backward) and returning nothing."""
-    g = torch.Generator().manual_seed(0)
-    logits = torch.empty(shape, dtype=dtype).normal_(generator=g).mul_(3).to(device).requires_grad_(backward)
-    ids = torch.randint(0, shape[-1], shape[:2], generator=g).to(device)
-    upstream = torch.randn(shape[:2], generator=g).to(device)
+    g = torch.Generator(device=device).manual_seed(0)  # drawn where they live: no 1.6 GB host copy per case
+    logits = torch.empty(shape, dtype=dtype, device=device).normal_(generator=g).mul_(3).requires_grad_(backward)
+    ids = torch.randint(0, shape[-1], shape[:2], generator=g, device=device)
+    upstream = torch.randn(shape[:2], generator=g, device=device)
 
     def step():
         logp = gather(logits, ids)
