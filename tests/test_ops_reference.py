@@ -1,6 +1,7 @@
 """The eager reference ops (docs/math.md §1-4) pinned independently: hand-computed cases, a NumPy/SciPy
 computation of the same formulas, float64 gradcheck, and every bad-input case of docs/math.md §6."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -271,7 +272,9 @@ def test_every_backend_of_pair_loss_matches_eager_or_is_refused(kind, backend):
         with pytest.raises(ValueError, match="backend"):
             ops.pair_loss(zc, zr, tc, tr, kind=kind, backend=backend)
     else:
-        torch.testing.assert_close(ops.pair_loss(zc, zr, tc, tr, kind=kind, backend=backend), expected)
+        on = device_of(backend)
+        loss = ops.pair_loss(*(x.to(on) for x in (zc, zr, tc, tr)), kind=kind, backend=backend)
+        torch.testing.assert_close(loss.cpu(), expected)
 
 
 @pytest.mark.parametrize("backend", ops.BACKENDS)
@@ -288,6 +291,15 @@ def test_unknown_loss_kind_raises_in_every_backend(backend):
 
 
 DIST_BACKENDS = [backend for backend in ops.BACKENDS if backend == "auto" or backend in ops._PAIR_LOSS]
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def device_of(backend: str) -> str:
+    """Where a backend's inputs live here: the Triton kernels take CUDA tensors unless interpreted."""
+    if backend == "triton":
+        pytest.importorskip("distreward.kernels.dist_head")
+        return TRITON_DEVICE
+    return "cpu"
 
 
 def _with(tensor, index, value):
@@ -297,27 +309,24 @@ def _with(tensor, index, value):
 
 
 @pytest.mark.parametrize("backend", DIST_BACKENDS)
-@pytest.mark.parametrize("call, match", [
-    (lambda b: ops.dist_moments(_with(GOOD, (2, 3), float("inf")), backend=b), "logits contains"),
-    (lambda b: ops.dist_moments(_with(GOOD, 1, -float("inf")), backend=b), "logits has a row"),
-    (lambda b: ops.dist_moments(GOOD, _with(ops.bin_centers(10), 4, float("nan")), backend=b), "centers"),
-    (lambda b: ops.gaussian_kl(GOOD, TARGET, centers=_with(ops.bin_centers(10), 0, -float("inf")), backend=b),
-     "centers"),
-    (lambda b: ops.gaussian_kl(GOOD, _with(TARGET, 3, 1.0001), backend=b), "target must lie"),
-    (lambda b: ops.gaussian_kl(_with(GOOD, (0, 0), -float("inf")), TARGET, sigma=10.0, backend=b), "not finite"),
-    (lambda b: ops.pair_loss(GOOD, _with(GOOD, (3, 9), float("nan")), TARGET, TARGET, kind="dpl", backend=b),
+@pytest.mark.parametrize("call, match", [  # call(backend, logits, target, centers), all on the backend's device
+    (lambda b, z, t, c: ops.dist_moments(_with(z, (2, 3), float("inf")), backend=b), "logits contains"),
+    (lambda b, z, t, c: ops.dist_moments(_with(z, 1, -float("inf")), backend=b), "logits has a row"),
+    (lambda b, z, t, c: ops.dist_moments(z, _with(c, 4, float("nan")), backend=b), "centers"),
+    (lambda b, z, t, c: ops.gaussian_kl(z, t, centers=_with(c, 0, -float("inf")), backend=b), "centers"),
+    (lambda b, z, t, c: ops.gaussian_kl(z, _with(t, 3, 1.0001), backend=b), "target must lie"),
+    (lambda b, z, t, c: ops.gaussian_kl(_with(z, (0, 0), -float("inf")), t, sigma=10.0, backend=b), "not finite"),
+    (lambda b, z, t, c: ops.pair_loss(z, _with(z, (3, 9), float("nan")), t, t, kind="dpl", backend=b),
      "logits_rejected contains"),
-    (lambda b: ops.pair_loss(GOOD, GOOD, TARGET, _with(TARGET, 0, float("inf")), backend=b), "target_rejected"),
-    (lambda b: ops.pair_loss(GOOD, GOOD, TARGET, _with(TARGET, 0, -0.5), kind="dpl", backend=b), "target_rejected"),
-    (lambda b: ops.pair_loss(GOOD, GOOD, kind="bt_mean", centers=_with(ops.bin_centers(10), 1, float("inf")),
-                             backend=b), "centers"),
+    (lambda b, z, t, c: ops.pair_loss(z, z, t, _with(t, 0, float("inf")), backend=b), "target_rejected"),
+    (lambda b, z, t, c: ops.pair_loss(z, z, t, _with(t, 0, -0.5), kind="dpl", backend=b), "target_rejected"),
+    (lambda b, z, t, c: ops.pair_loss(z, z, kind="bt_mean", centers=_with(c, 1, float("inf")), backend=b), "centers"),
 ])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy (the Triton interpreter) warns on the NaN
 def test_bad_values_raise_value_error_naming_the_argument_in_every_backend(call, match, backend):
-    if backend == "triton":
-        pytest.importorskip("distreward.kernels.dist_head")
+    on = device_of(backend)
     with pytest.raises(ValueError, match=match):
-        call(backend)
+        call(backend, GOOD.to(on), TARGET.to(on), ops.bin_centers(10, device=on))
 
 
 def test_valid_calls_make_no_extra_pass_over_their_inputs(monkeypatch):

@@ -226,13 +226,15 @@ def test_the_kl_compares_the_distributions_at_the_sampling_temperature(tokenizer
 def test_the_policy_gradient_is_that_of_the_sampling_distribution(tokenizer, tmp_path):
     """At --temperature 0.5 the REINFORCE loss is -(R - b) * sum_t log softmax(logits / 0.5)[y_t]: the loss
     that a hand computation from the same rollouts gives, not the one of the untempered policy."""
-    trainer = digit_trainer(tokenizer, tmp_path, shaping="none", beta=0.0, samples_per_prompt=4, temperature=0.5)
+    k = 32  # samples per prompt: each group holds digits and non-digits (P(not) ~ 1e-4 on any random stream)
+    trainer = digit_trainer(tokenizer, tmp_path, shaping="none", beta=0.0, samples_per_prompt=k, temperature=0.5)
     torch.manual_seed(1)
     loss, metrics = trainer.compute_loss(trainer.policy, DIGIT_PROMPTS)
     torch.manual_seed(1)
-    rollout = generate_rollouts(trainer.policy, tokenizer, DIGIT_PROMPTS, 4, trainer.config.max_new_tokens, 0.5)
-    reward = trainer.scorer.score(rollout, token_logprobs(trainer.policy, rollout, 0.5)).reward.view(-1, 4)
-    advantages = (reward - (reward.sum(-1, keepdim=True) - reward) / 3).view(-1)
+    rollout = generate_rollouts(trainer.policy, tokenizer, DIGIT_PROMPTS, k, trainer.config.max_new_tokens, 0.5)
+    reward = trainer.scorer.score(rollout, token_logprobs(trainer.policy, rollout, 0.5)).reward.view(-1, k)
+    advantages = (reward - (reward.sum(-1, keepdim=True) - reward) / (k - 1)).view(-1)
+    assert advantages.abs().min() > 0, "every sample must carry a gradient, else both losses are 0"
     for temperature, matches in ((0.5, True), (1.0, False)):
         logprobs = token_logprobs(trainer.policy, rollout, temperature).sum(-1)
         assert torch.allclose(loss, -(advantages * logprobs).mean(), atol=1e-6) == matches
