@@ -30,13 +30,17 @@ def card_bandwidth(cuda_device) -> float:
 
 
 @pytest.fixture
-def gpu_benchmark(cuda_device, benchmark):
+def gpu_benchmark(cuda_device, benchmark, request):
     """``gpu_benchmark(step, bytes_moved, group)`` times ``step`` plus a CUDA synchronise with pytest-benchmark.
 
     Three warm-up calls run first (``torch.compile`` compiles there). ``extra_info`` records
     ``peak_memory_mib``, what one call allocates at its peak beyond what was allocated before it,
     and ``gb_per_s``, ``bytes_moved`` (the bytes the op must read and write) over the median time.
+    Each case also prints its median at once, so a run cut short keeps what it measured.
     """
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+
     def run(step, bytes_moved: int, group: str):
         def synchronised():
             step()
@@ -52,6 +56,12 @@ def gpu_benchmark(cuda_device, benchmark):
         benchmark.group = group
         benchmark(synchronised)
         if benchmark.stats:  # None under --benchmark-disable
-            benchmark.extra_info["gb_per_s"] = bytes_moved / benchmark.stats.stats.median / 1e9
+            median = benchmark.stats.stats.median
+            benchmark.extra_info["gb_per_s"] = bytes_moved / median / 1e9
+            if reporter is not None:  # None in pytest-xdist workers
+                with capture.global_and_fixture_disabled():
+                    reporter.write_line(f"\n{request.node.name}: median {median * 1e6:.1f} us, "
+                                        f"{benchmark.extra_info['gb_per_s']:.0f} GB/s, "
+                                        f"peak {benchmark.extra_info['peak_memory_mib']:.0f} MiB")
 
     return run
