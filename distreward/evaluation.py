@@ -198,19 +198,25 @@ def paired_bootstrap(differences: torch.Tensor, num_resamples: int = 10000, seed
     return low, high
 
 
+def paired_gains(samples: list, before: str = "sft", after: str = "trained") -> dict:
+    """Two policies' ``eval_samples.jsonl`` records on the same prompts -> per score (``ground_truth`` where
+    known, then ``reward``) ``{before: mean, after: mean, "gain", "ci95"}``, the gain's 95% paired bootstrap
+    interval over prompts."""
+    gains = {}
+    for key in (key for key in ("ground_truth", "reward") if key in samples[0]):
+        first, second = per_prompt_means(samples, before, key), per_prompt_means(samples, after, key)
+        if first.shape != second.shape:
+            raise ValueError(f"the two policies were evaluated on different prompts ({len(first)} vs {len(second)})")
+        low, high = paired_bootstrap(second - first)
+        gains[key] = {before: first.mean().item(), after: second.mean().item(), "gain": (second - first).mean().item(),
+                      "ci95": [low, high]}
+    return gains
+
+
 def compare_policies(samples: list) -> dict:
-    """SFT vs trained policy on the same prompts (``eval_samples.jsonl`` records): per score (``reward``,
-    and ``ground_truth`` where known) both means, the gain, its 95% paired bootstrap interval over
-    prompts; ``over_optimisation`` (RM reward up while ground truth down) and a one-line ``verdict``."""
-    result = {"num_prompts": len(per_prompt_means(samples, "sft", "reward"))}
-    keys = [key for key in ("ground_truth", "reward") if key in samples[0]]
-    for key in keys:
-        sft, trained = per_prompt_means(samples, "sft", key), per_prompt_means(samples, "trained", key)
-        if sft.shape != trained.shape:
-            raise ValueError(f"the two policies were evaluated on different prompts ({len(sft)} vs {len(trained)})")
-        low, high = paired_bootstrap(trained - sft)
-        result[key] = {"sft": sft.mean().item(), "trained": trained.mean().item(),
-                       "gain": (trained - sft).mean().item(), "ci95": [low, high]}
+    """SFT vs trained policy on the same prompts (``eval_samples.jsonl`` records): :func:`paired_gains`,
+    ``over_optimisation`` (RM reward up while ground truth down) and a one-line ``verdict``."""
+    result = {"num_prompts": len(per_prompt_means(samples, "sft", "reward")), **paired_gains(samples)}
     result["over_optimisation"] = bool("ground_truth" in result and result["reward"]["gain"] > 0
                                        and result["ground_truth"]["gain"] < 0)
     result["verdict"] = verdict(result)

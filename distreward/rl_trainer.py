@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from distreward.data import EMBEDDED, HELD_OUT_SPLITS, load_prompts
 from distreward.distributed import call_in_forward
-from distreward.evaluation import compare_policies, format_report, summarize
+from distreward.evaluation import compare_policies, format_report, paired_gains, summarize
 from distreward.modeling import load_policy_and_reference, load_reward_model
 from distreward.ops.validation import check_choice, check_positive
 from distreward.rewards import check_shaping, make_baseline, replace_std, shape_rewards
@@ -261,13 +261,9 @@ def temperature_baselines(trainer: ReinforceTrainer, sft_policy, prompts: list, 
     rows = []
     for temperature in trainer.config.temperature_baselines:
         summary, records = trainer.evaluate(sft_policy, prompts, temperature)
-        comparison = compare_policies(sft_samples + [{"policy": "trained", **record} for record in records])
-        row = {"temperature": temperature, "kl_to_ref": summary["kl_to_ref"]}
-        for key in ("ground_truth", "reward"):
-            if key in comparison:
-                row[key] = {"sft": comparison[key]["sft"], "tempered": comparison[key]["trained"],
-                            "gain": comparison[key]["gain"], "ci95": comparison[key]["ci95"]}
-        rows.append(row)
+        tempered = [{"policy": "tempered", **record} for record in records]
+        rows.append({"temperature": temperature, "kl_to_ref": summary["kl_to_ref"],
+                     **paired_gains(sft_samples + tempered, "sft", "tempered")})
     return rows
 
 
