@@ -3,7 +3,6 @@ reference: values and autograd gradients of ``dist_moments``, ``gaussian_kl`` an
 kind over N, K, dtypes, logit magnitudes, targets, sigma, score weights and memory layouts, a float64
 gradcheck of the kernels themselves, and bad input. CI runs them on the CPU with TRITON_INTERPRET=1."""
 import ast
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +13,8 @@ pytest.importorskip("triton")
 
 from distreward import ops  # noqa: E402
 from distreward.kernels import dist_head  # noqa: E402
+from devices import TRITON_DEVICE as DEVICE  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 # Gradients are compared in the input dtype: a few units in its last place, relative to the largest entry.
 GRAD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float64: 1e-9}
 

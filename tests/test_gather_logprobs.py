@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from devices import TRITON_DEVICE
 
 from distreward import ops
 from distreward.ops import cpp as cpp_logprobs
@@ -15,8 +16,7 @@ from distreward.ops import logprobs as fused_logprobs
 
 triton_logprobs = pytest.importorskip("distreward.kernels.logprobs")
 
-CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-DEVICES = {"cpp": "cpu", "triton": "cuda" if CUDA else "cpu"}
+DEVICES = {"cpp": "cpu", "triton": TRITON_DEVICE}
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
 
 

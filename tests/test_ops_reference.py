@@ -1,11 +1,11 @@
 """The eager reference ops (docs/math.md §1-4) pinned independently: hand-computed cases, a NumPy/SciPy
 computation of the same formulas, float64 gradcheck, and every bad-input case of docs/math.md §6."""
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
+from devices import TRITON_DEVICE
 from scipy.special import log_softmax as np_log_softmax
 from scipy.special import logsumexp as np_logsumexp
 
@@ -291,7 +291,6 @@ def test_unknown_loss_kind_raises_in_every_backend(backend):
 
 
 DIST_BACKENDS = [backend for backend in ops.BACKENDS if backend == "auto" or backend in ops._PAIR_LOSS]
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
 def device_of(backend: str) -> str:

@@ -1,19 +1,15 @@
 """``distreward.sequence_logprobs`` against the log-probs and parameter gradients of a full forward
 pass of tiny offline models (Llama, GPT-2 with tied embeddings, Gemma 2 with logit soft-capping),
 with left padding, ragged response masks and chunks smaller than, equal to and larger than T."""
-import os
-
 import pytest
 import torch
+from devices import INTERPRETED, TRITON_DEVICE
 from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import distreward
 from distreward import sequence_logprobs
 
 VOCAB = 512
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-# Triton runs on CUDA tensors, or on any under the interpreter; with neither, its case skips.
-TRITON_DEVICE = "cpu" if INTERPRETED else "cuda" if torch.cuda.is_available() else None
 
 
 def tiny_llama(dtype=torch.float32):
@@ -88,7 +84,7 @@ def test_a_temperature_divides_the_logits(build, backend, temperature):
 def check_against_a_full_forward_pass(build, chunk_size, backend, temperature=1.0):
     """Values and parameter gradients of sequence_logprobs against the materialised path."""
     device = TRITON_DEVICE if backend == "triton" else "cpu"
-    if device is None:
+    if device == "cpu" and backend == "triton" and not INTERPRETED:  # Triton runs on CUDA, or anywhere interpreted
         pytest.skip("backend='triton' needs CUDA or TRITON_INTERPRET=1")
     model = build().to(device)
     batch = tuple(tensor.to(device) for tensor in rollout_batch())
