@@ -106,18 +106,18 @@ def chunk_logprobs_function(model, backend: str, temperature: float = 1.0):
     and ``ops.gather_logprobs`` checkpointed."""
     head = model.get_output_embeddings()
     plain = type(head) is torch.nn.Linear and getattr(model.config, "final_logit_softcapping", None) is None
+
+    def tempered(tensor):  # no copy at the default temperature
+        return tensor if temperature == 1.0 or tensor is None else tensor / temperature
+
     if plain and backend != "eager":
         kernels = gather_kernels(backend)
-        if temperature == 1.0:
-            return lambda hidden, ids: LinearGatherLogprobs.apply(hidden, head.weight, head.bias, ids, kernels)
-        return lambda hidden, ids: LinearGatherLogprobs.apply(
-            hidden / temperature, head.weight, None if head.bias is None else head.bias / temperature, ids, kernels)
+        return lambda hidden, ids: LinearGatherLogprobs.apply(tempered(hidden), head.weight, tempered(head.bias), ids,
+                                                              kernels)
 
     def checkpointed(hidden, ids):
         def logprobs(chunk_hidden, chunk_ids):
-            logits = head_logits(model, chunk_hidden).unsqueeze(0)  # [1, n, V]
-            if temperature != 1.0:  # no extra [1, n, V] copy at the default
-                logits = logits / temperature
+            logits = tempered(head_logits(model, chunk_hidden).unsqueeze(0))  # [1, n, V]
             return ops.gather_logprobs(logits, chunk_ids.unsqueeze(0), backend=backend).squeeze(0)
 
         return checkpoint(logprobs, hidden, ids, use_reentrant=False) if torch.is_grad_enabled() else logprobs(hidden, ids)
