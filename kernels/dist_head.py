@@ -2,10 +2,14 @@
 
 Each program takes ``BLOCK_N`` rows of ``[N, K]`` logits (any strides) and keeps them in registers,
 K padded to ``BLOCK_K`` (a power of two, 2 <= K <= 64) with masks. Per row it computes softmax in
-log-sum-exp form, the mean E and std of the bin centers, the Gaussian label distribution q around
-the target, KL(q || p), and the pair losses of docs/math.md §3. Math is float32 (float64 for float64
-logits) whatever the input dtype; outputs are float32 (float64), gradients come in the logits'
-dtype.
+log-sum-exp form, the mean E and std of the bin centers, the label distribution q, KL(q || p), and
+the pair losses of docs/math.md §3. Math is float32 (float64 for float64 logits) whatever the input
+dtype; outputs are float32 (float64), gradients come in the logits' dtype.
+
+The label distribution takes the forms of docs/math.md §2, each a compile-time switch: the Gaussian
+around a target [N] of width sigma, a Python float (one scalar argument, as before) or a tensor [N]
+read per row like the target (``ROW_SIGMA``), or a given q [N, K] read with its row and bin strides
+like the logits (``GIVEN_LABELS``).
 
 - ``_row_forward_kernel`` / ``_row_backward_kernel``: ``dist_moments`` and ``gaussian_kl``, whose
   backward recomputes the softmax from the logits instead of saving ``[N, K]`` temporaries.
@@ -85,6 +89,49 @@ def _gaussian_labels(target, label_scale, centers, bin_mask):
 
 
 @triton.jit
+def _given_labels(target_ptr, stride_row, stride_bin, rows, row_mask, bins, bin_mask, ACC: tl.constexpr):
+    """(log q, q) [BLOCK_N, BLOCK_K] of a given label distribution q [N, K] (padded bins and rows past N are 0).
+
+    A negative or non-finite entry becomes NaN, which makes its row's KL NaN (ops turns it into a ValueError);
+    log q is read only where q != 0 (log 1 = 0 stands in elsewhere).
+    """
+    q = tl.load(target_ptr + rows[:, None] * stride_row + bins[None, :] * stride_bin,
+                mask=row_mask[:, None] & bin_mask[None, :], other=0.0).to(ACC)
+    q = tl.where((q >= 0) & (q < float("inf")), q, float("nan"))
+    return tl.log(tl.where(q > 0, q, 1.0)), q
+
+
+@triton.jit
+def _labels(target_ptr, stride_target, stride_target_bin, sigma_ptr, stride_sigma, label_scale, rows, row_mask,
+            bins, bin_mask, centers, ACC: tl.constexpr, GIVEN_LABELS: tl.constexpr, ROW_SIGMA: tl.constexpr):
+    """(log q, q) [BLOCK_N, BLOCK_K] of BLOCK_N rows' label distributions: read from a target [N, K]
+    (GIVEN_LABELS), else the Gaussian around the target [N] with the widths sigma [N] (ROW_SIGMA; a width that
+    is not positive and finite makes its row NaN) or with the scalar ``label_scale`` = -1 / (2 sigma^2)."""
+    if GIVEN_LABELS:
+        log_q, q = _given_labels(target_ptr, stride_target, stride_target_bin, rows, row_mask, bins, bin_mask, ACC)
+    else:
+        target = _load_row_values(target_ptr, stride_target, rows, row_mask, ACC)
+        if ROW_SIGMA:
+            sigma = tl.load(sigma_ptr + rows * stride_sigma, mask=row_mask, other=1.0).to(ACC)
+            sigma = tl.where((sigma > 0) & (sigma < float("inf")), sigma, float("nan"))
+            log_q, q = _gaussian_labels(target, (-0.5 / (sigma * sigma))[:, None], centers, bin_mask)
+        else:
+            log_q, q = _gaussian_labels(target, label_scale, centers, bin_mask)
+    return log_q, q
+
+
+@triton.jit
+def _kl_gradient(p, q, GIVEN_LABELS: tl.constexpr):
+    """d KL(q || p) / d logits [BLOCK_N, BLOCK_K] = p * sum(q) - q: p - q for the Gaussian labels (which sum to 1),
+    and the exact derivative of the KL returned for a given q, whose rows sum to 1 only within ops' tolerance."""
+    if GIVEN_LABELS:
+        grad = p * tl.sum(q, axis=1)[:, None] - q
+    else:
+        grad = p - q
+    return grad
+
+
+@triton.jit
 def _kl(log_q, q, log_p):
     """KL(q || p) [BLOCK_N]; bins with q = 0 (padding included) count 0, a NaN q makes the row NaN."""
     support = q != 0
@@ -122,11 +169,11 @@ def _store_gradient(ptrs, grad, mask):
 
 
 @triton.jit
-def _row_forward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_target, centers_ptr, stride_centers,
-                        mean_ptr, std_ptr, kl_ptr, n_rows, n_bins, label_scale,
-                        WITH_MOMENTS: tl.constexpr, WITH_KL: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """mean, std [N] (WITH_MOMENTS) and/or KL(q || p) [N] (WITH_KL) of BLOCK_N rows."""
+def _row_forward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_target, stride_target_bin, sigma_ptr,
+                        stride_sigma, centers_ptr, stride_centers, mean_ptr, std_ptr, kl_ptr, n_rows, n_bins,
+                        label_scale, WITH_MOMENTS: tl.constexpr, WITH_KL: tl.constexpr, GIVEN_LABELS: tl.constexpr,
+                        ROW_SIGMA: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """mean, std [N] (WITH_MOMENTS) and/or KL(q || p) [N] (WITH_KL; q as :func:`_labels` reads it) of BLOCK_N rows."""
     rows, row_mask, bins, bin_mask, centers = _program_tile(centers_ptr, stride_centers, n_rows, n_bins, ACC,
                                                             BLOCK_N, BLOCK_K)
     log_p, p = _log_softmax(_load_logits(logits_ptr, rows, row_mask, stride_row, stride_bin, bins, bin_mask, ACC))
@@ -135,17 +182,17 @@ def _row_forward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_t
         tl.store(mean_ptr + rows, mean, mask=row_mask)
         tl.store(std_ptr + rows, tl.sqrt(var), mask=row_mask)
     if WITH_KL:
-        target = _load_row_values(target_ptr, stride_target, rows, row_mask, ACC)
-        log_q, q = _gaussian_labels(target, label_scale, centers, bin_mask)
+        log_q, q = _labels(target_ptr, stride_target, stride_target_bin, sigma_ptr, stride_sigma, label_scale, rows,
+                           row_mask, bins, bin_mask, centers, ACC, GIVEN_LABELS, ROW_SIGMA)
         tl.store(kl_ptr + rows, _kl(log_q, q, log_p), mask=row_mask)
 
 
 @triton.jit
-def _row_backward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_target, centers_ptr, stride_centers,
-                         grad_mean_ptr, stride_grad_mean, grad_std_ptr, stride_grad_std, grad_kl_ptr, stride_grad_kl,
-                         grad_logits_ptr, n_rows, n_bins, label_scale,
-                         WITH_MOMENTS: tl.constexpr, WITH_KL: tl.constexpr, ACC: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _row_backward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_target, stride_target_bin, sigma_ptr,
+                         stride_sigma, centers_ptr, stride_centers, grad_mean_ptr, stride_grad_mean, grad_std_ptr,
+                         stride_grad_std, grad_kl_ptr, stride_grad_kl, grad_logits_ptr, n_rows, n_bins, label_scale,
+                         WITH_MOMENTS: tl.constexpr, WITH_KL: tl.constexpr, GIVEN_LABELS: tl.constexpr,
+                         ROW_SIGMA: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """d(loss)/d(logits) [N, K] (contiguous) from the gradients of mean, std and/or KL [N]."""
     rows, row_mask, bins, bin_mask, centers = _program_tile(centers_ptr, stride_centers, n_rows, n_bins, ACC,
                                                             BLOCK_N, BLOCK_K)
@@ -161,23 +208,28 @@ def _row_backward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_
         grad += p * (grad_mean[:, None] * deviation + grad_var[:, None] * (deviation * deviation - var[:, None]))
     if WITH_KL:
         grad_kl = _load_row_values(grad_kl_ptr, stride_grad_kl, rows, row_mask, ACC)
-        target = _load_row_values(target_ptr, stride_target, rows, row_mask, ACC)
-        _, q = _gaussian_labels(target, label_scale, centers, bin_mask)
-        grad += grad_kl[:, None] * (p - q)
+        _, q = _labels(target_ptr, stride_target, stride_target_bin, sigma_ptr, stride_sigma, label_scale, rows,
+                       row_mask, bins, bin_mask, centers, ACC, GIVEN_LABELS, ROW_SIGMA)
+        grad += grad_kl[:, None] * _kl_gradient(p, q, GIVEN_LABELS)
     tl.store(grad_logits_ptr + rows[:, None] * n_bins + bins[None, :], grad.to(grad_logits_ptr.dtype.element_ty),
              mask=row_mask[:, None] & bin_mask[None, :])
 
 
 @triton.jit
 def _pair_loss_kernel(chosen_ptr, stride_chosen_row, stride_chosen_bin, rejected_ptr, stride_rejected_row,
-                      stride_rejected_bin, target_chosen_ptr, stride_target_chosen, target_rejected_ptr,
-                      stride_target_rejected, centers_ptr, stride_centers, grad_chosen_ptr, grad_rejected_ptr,
-                      partial_loss_ptr, n_rows, n_bins, label_scale, score_weight, inv_n_rows, inv_temperature,
-                      DPL: tl.constexpr, WITH_KL: tl.constexpr, WITH_GRAD: tl.constexpr, ACC: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      stride_rejected_bin, target_chosen_ptr, stride_target_chosen, stride_target_chosen_bin,
+                      sigma_chosen_ptr, stride_sigma_chosen, target_rejected_ptr, stride_target_rejected,
+                      stride_target_rejected_bin, sigma_rejected_ptr, stride_sigma_rejected, centers_ptr,
+                      stride_centers, grad_chosen_ptr, grad_rejected_ptr, partial_loss_ptr, n_rows, n_bins,
+                      label_scale_chosen, label_scale_rejected, score_weight, inv_n_rows, inv_temperature,
+                      DPL: tl.constexpr, WITH_KL: tl.constexpr, WITH_GRAD: tl.constexpr,
+                      GIVEN_CHOSEN: tl.constexpr, GIVEN_REJECTED: tl.constexpr, ROW_SIGMA_CHOSEN: tl.constexpr,
+                      ROW_SIGMA_REJECTED: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
     """This program's share of the mean docs/math.md §3 pair loss (its BLOCK_N pairs' sum / N) into
     ``partial_loss[pid]``; with WITH_GRAD, the mean's gradients w.r.t. both rows into the contiguous [N, K] grads.
-    The Bradley-Terry margin is E_c - E_r times ``inv_temperature`` (unused by DPL)."""
+    The Bradley-Terry margin is E_c - E_r times ``inv_temperature`` (unused by DPL). Each side's labels take
+    their own form (:func:`_labels`: GIVEN_* for a target [N, K], ROW_SIGMA_* for widths [N])."""
     rows, row_mask, bins, bin_mask, centers = _program_tile(centers_ptr, stride_centers, n_rows, n_bins, ACC,
                                                             BLOCK_N, BLOCK_K)
     log_pc, pc = _log_softmax(_load_logits(chosen_ptr, rows, row_mask, stride_chosen_row, stride_chosen_bin,
@@ -198,14 +250,16 @@ def _pair_loss_kernel(chosen_ptr, stride_chosen_row, stride_chosen_bin, rejected
         grad_chosen = -slope * pc * deviation_c
         grad_rejected = slope * pr * deviation_r
     if WITH_KL:
-        target_c = _load_row_values(target_chosen_ptr, stride_target_chosen, rows, row_mask, ACC)
-        target_r = _load_row_values(target_rejected_ptr, stride_target_rejected, rows, row_mask, ACC)
-        log_qc, qc = _gaussian_labels(target_c, label_scale, centers, bin_mask)
-        log_qr, qr = _gaussian_labels(target_r, label_scale, centers, bin_mask)
+        log_qc, qc = _labels(target_chosen_ptr, stride_target_chosen, stride_target_chosen_bin, sigma_chosen_ptr,
+                             stride_sigma_chosen, label_scale_chosen, rows, row_mask, bins, bin_mask, centers, ACC,
+                             GIVEN_CHOSEN, ROW_SIGMA_CHOSEN)
+        log_qr, qr = _labels(target_rejected_ptr, stride_target_rejected, stride_target_rejected_bin,
+                             sigma_rejected_ptr, stride_sigma_rejected, label_scale_rejected, rows, row_mask, bins,
+                             bin_mask, centers, ACC, GIVEN_REJECTED, ROW_SIGMA_REJECTED)
         half_weight = 0.5 * score_weight
         loss += half_weight * (_kl(log_qc, qc, log_pc) + _kl(log_qr, qr, log_pr))
-        grad_chosen += half_weight * (pc - qc)
-        grad_rejected += half_weight * (pr - qr)
+        grad_chosen += half_weight * _kl_gradient(pc, qc, GIVEN_CHOSEN)
+        grad_rejected += half_weight * _kl_gradient(pr, qr, GIVEN_REJECTED)
     tl.store(partial_loss_ptr + tl.program_id(0), tl.sum(tl.where(row_mask, loss, 0.0), axis=0) * inv_n_rows)
     if WITH_GRAD:
         offsets = rows[:, None] * n_bins + bins[None, :]
@@ -226,6 +280,18 @@ def _launch_settings(logits: torch.Tensor, tile_per_row: int):
 def _label_scale(sigma: float) -> float:
     """The factor -1 / (2 sigma^2) of the squared distances in the Gaussian labels' log-density."""
     return -0.5 / (float(sigma) * float(sigma))
+
+
+def _label_args(target, sigma):
+    """One side's label arguments of the kernels, (target, its row stride, its bin stride, sigma tensor, its stride,
+    label_scale), and the switches (GIVEN_LABELS, ROW_SIGMA): a target [N, K] is q itself (sigma unused), a float
+    sigma goes in as the scalar label_scale, a tensor sigma [N] is read per row. ``target`` None: no labels."""
+    given = target is not None and target.dim() == 2
+    row_sigma = target is not None and not given and isinstance(sigma, torch.Tensor)
+    scale = _label_scale(sigma) if target is not None and not given and not row_sigma else 1.0
+    args = (target, _stride(target), _stride(target, 1) if given else 0, sigma if row_sigma else None,
+            _stride(sigma) if row_sigma else 0, scale)
+    return args, given, row_sigma
 
 
 def _check_launchable(logits: torch.Tensor) -> int:
@@ -259,7 +325,8 @@ def _new_row_stat(logits):
 
 
 def _row_forward(logits, centers, target=None, sigma=1.0):
-    """(mean, std, None) [N] when ``target`` is None, else (None, None, KL [N]); float32 (float64)."""
+    """(mean, std, None) [N] when ``target`` is None, else (None, None, KL [N]) for the labels of ``target``
+    [N] or [N, K] and ``sigma`` (a float or a tensor [N]); float32 (float64)."""
     block_k = _check_launchable(logits)
     with_kl = target is not None
     if with_kl:
@@ -268,11 +335,13 @@ def _row_forward(logits, centers, target=None, sigma=1.0):
         mean, std, kl = _new_row_stat(logits), _new_row_stat(logits), None
     if logits.shape[0]:
         block_n, num_warps, grid = _launch_settings(logits, block_k)
+        (target, stride_target, stride_target_bin, row_sigma, stride_sigma, label_scale), given, per_row = \
+            _label_args(target, sigma)
         _row_forward_kernel[grid](
-            logits, logits.stride(0), logits.stride(1), target, _stride(target), centers, centers.stride(0),
-            mean, std, kl, logits.shape[0], logits.shape[1], _label_scale(sigma),
-            WITH_MOMENTS=not with_kl, WITH_KL=with_kl, ACC=_acc_dtype(logits), BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=num_warps)
+            logits, logits.stride(0), logits.stride(1), target, stride_target, stride_target_bin, row_sigma,
+            stride_sigma, centers, centers.stride(0), mean, std, kl, logits.shape[0], logits.shape[1], label_scale,
+            WITH_MOMENTS=not with_kl, WITH_KL=with_kl, GIVEN_LABELS=given, ROW_SIGMA=per_row,
+            ACC=_acc_dtype(logits), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
     return mean, std, kl
 
 
@@ -283,10 +352,13 @@ def _row_backward(logits, centers, grad_mean=None, grad_std=None, target=None, s
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if logits.shape[0]:
         block_n, num_warps, grid = _launch_settings(logits, block_k)
+        (target, stride_target, stride_target_bin, row_sigma, stride_sigma, label_scale), given, per_row = \
+            _label_args(target, sigma)
         _row_backward_kernel[grid](
-            logits, logits.stride(0), logits.stride(1), target, _stride(target), centers, centers.stride(0),
-            grad_mean, _stride(grad_mean), grad_std, _stride(grad_std), grad_kl, _stride(grad_kl), grad_logits,
-            logits.shape[0], logits.shape[1], _label_scale(sigma), WITH_MOMENTS=not with_kl, WITH_KL=with_kl,
+            logits, logits.stride(0), logits.stride(1), target, stride_target, stride_target_bin, row_sigma,
+            stride_sigma, centers, centers.stride(0), grad_mean, _stride(grad_mean), grad_std, _stride(grad_std),
+            grad_kl, _stride(grad_kl), grad_logits, logits.shape[0], logits.shape[1], label_scale,
+            WITH_MOMENTS=not with_kl, WITH_KL=with_kl, GIVEN_LABELS=given, ROW_SIGMA=per_row,
             ACC=_acc_dtype(logits), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
     return grad_logits
 
@@ -308,20 +380,23 @@ class DistMomentsFunction(torch.autograd.Function):
 
 
 class GaussianKLFunction(torch.autograd.Function):
-    """KL(q || softmax(logits)) [N] for Gaussian labels q(target, sigma); backward is grad * (p - q)."""
+    """KL(q || softmax(logits)) [N] for the labels q of ``target`` [N] (Gaussian, width ``sigma``: a float or a
+    tensor [N]) or ``target`` [N, K] (q itself); backward is grad * (p - q) (p * sum(q) - q for a given q)."""
 
     @staticmethod
     def forward(ctx, logits, target, sigma, centers):
         _, _, kl = _row_forward(logits, centers, target, sigma)
-        ctx.save_for_backward(logits, target, centers)
-        ctx.sigma = sigma
+        row_sigma = isinstance(sigma, torch.Tensor)
+        ctx.save_for_backward(logits, target, centers, *((sigma,) if row_sigma else ()))
+        ctx.sigma = None if row_sigma else sigma
         return kl
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_kl):
-        logits, target, centers = ctx.saved_tensors
-        return _row_backward(logits, centers, target=target, sigma=ctx.sigma, grad_kl=grad_kl), None, None, None
+        logits, target, centers, *row_sigma = ctx.saved_tensors
+        sigma = row_sigma[0] if row_sigma else ctx.sigma
+        return _row_backward(logits, centers, target=target, sigma=sigma, grad_kl=grad_kl), None, None, None
 
 
 class PairLossFunction(torch.autograd.Function):
@@ -344,14 +419,17 @@ class PairLossFunction(torch.autograd.Function):
                  for z in (logits_chosen, logits_rejected)]
         if not with_kl:
             target_chosen = target_rejected = None
+        sigma_chosen, sigma_rejected = sigma if isinstance(sigma, tuple) else (sigma, sigma)
+        chosen_labels, given_chosen, row_sigma_chosen = _label_args(target_chosen, sigma_chosen)
+        rejected_labels, given_rejected, row_sigma_rejected = _label_args(target_rejected, sigma_rejected)
         _pair_loss_kernel[grid](
             logits_chosen, logits_chosen.stride(0), logits_chosen.stride(1),
             logits_rejected, logits_rejected.stride(0), logits_rejected.stride(1),
-            target_chosen, _stride(target_chosen), target_rejected, _stride(target_rejected),
-            centers, centers.stride(0), grads[0], grads[1], partial_loss,
-            n_rows, n_bins, _label_scale(sigma), float(score_weight), 1.0 / n_rows, 1.0 / float(temperature),
-            DPL=dpl, WITH_KL=with_kl, WITH_GRAD=with_grad, ACC=_acc_dtype(wider),
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+            *chosen_labels[:5], *rejected_labels[:5], centers, centers.stride(0), grads[0], grads[1], partial_loss,
+            n_rows, n_bins, chosen_labels[5], rejected_labels[5], float(score_weight), 1.0 / n_rows,
+            1.0 / float(temperature), DPL=dpl, WITH_KL=with_kl, WITH_GRAD=with_grad, GIVEN_CHOSEN=given_chosen,
+            GIVEN_REJECTED=given_rejected, ROW_SIGMA_CHOSEN=row_sigma_chosen, ROW_SIGMA_REJECTED=row_sigma_rejected,
+            ACC=_acc_dtype(wider), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
         if with_grad:
             ctx.save_for_backward(*grads)
         return partial_loss.sum()
@@ -373,15 +451,17 @@ def triton_dist_moments(logits: torch.Tensor, centers: torch.Tensor):
     return DistMomentsFunction.apply(logits, centers)
 
 
-def triton_gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float, centers: torch.Tensor):
-    """logits [N, K], target [N] in [0, 1] -> KL(q || softmax(logits)) [N] fp32 (fp64), q = Gaussian(target, sigma)."""
+def triton_gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma, centers: torch.Tensor):
+    """logits [N, K] -> KL(q || softmax(logits)) [N] fp32 (fp64): q = Gaussian(target, sigma) for a target [N] in
+    [0, 1] and sigma a float or a tensor [N] of per-row widths, or q = ``target`` itself [N, K] (sigma unused)."""
     return GaussianKLFunction.apply(logits, target, sigma, centers)
 
 
 def triton_pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight,
                      centers, temperature=1.0):
     """Mean over N pairs of the docs/math.md §3 loss ``kind`` ("bt_mean", "bt_kl", "dpl"): logits [N, K] each,
-    targets [N] each (None for "bt_mean") -> scalar fp32 (fp64); ``temperature`` divides the Bradley-Terry margin.
+    targets [N] or [N, K] each (None for "bt_mean"), ``sigma`` a float or tensor [N] for both sides or a tuple
+    (sigma_chosen, sigma_rejected) of those -> scalar fp32 (fp64); ``temperature`` divides the Bradley-Terry margin.
     Inputs are validated by ``ops.pair_loss``; an unknown ``kind`` (or dpl with temperature != 1) raises ValueError
     here too."""
     with_grad = torch.is_grad_enabled() and (logits_chosen.requires_grad or logits_rejected.requires_grad)

@@ -94,27 +94,44 @@ def dist_moments(logits: torch.Tensor, centers=None, backend: str = "auto"):
     return mean, std
 
 
-def gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float = 0.1, centers=None,
+def _sigmas_in_use(names: tuple, sigmas: tuple, targets: tuple) -> dict:
+    """The per-row width tensors that label means [N] use (name -> tensor): what check_results may blame."""
+    return {name: sigma for name, sigma, target in zip(names, sigmas, targets)
+            if isinstance(sigma, torch.Tensor) and target.dim() == 1}
+
+
+def gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma=0.1, centers=None,
                 backend: str = "auto") -> torch.Tensor:
-    """logits [N, K], target [N] in [0, 1] -> KL(q || softmax(logits)) [N] fp32, q = Gaussian(target, sigma)."""
+    """logits [N, K] -> KL(q || softmax(logits)) [N] fp32 for the label distribution q (docs/math.md §2).
+
+    ``target`` [N] label means in [0, 1]: q = Gaussian(target, sigma) over the centers, ``sigma`` a positive
+    number or a float tensor [N] of per-row widths. ``target`` [N, K]: q itself (rows non-negative, summing
+    to 1 within 1e-3); ``sigma`` is then unused.
+    """
     check.check_logits("logits", logits)
-    check.check_target("target", target, logits.shape[0], logits.device)
-    check.check_positive("sigma", sigma)
+    rows, device = logits.shape[0], logits.device
+    check.check_target("target", target, rows, device, num_bins=logits.shape[-1])
+    check.check_sigma("sigma", sigma, rows, device)
     centers = _centers_for(logits, centers)
     kl = _dist_implementation(_GAUSSIAN_KL, backend, logits)(logits, target, sigma, centers)
-    check.check_results("gaussian_kl", (kl,), {"logits": logits}, {"target": target}, centers)
+    targets = {"target": target}
+    check.check_results("gaussian_kl", (kl, *check.label_sum_guards(targets)), {"logits": logits}, targets, centers,
+                        _sigmas_in_use(("sigma",), (sigma,), (target,)))
     return kl
 
 
 def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target_chosen=None, target_rejected=None,
-              kind: str = "bt_kl", sigma: float = 0.1, score_weight: float = 1.0, centers=None,
+              kind: str = "bt_kl", sigma=0.1, score_weight: float = 1.0, centers=None,
               backend: str = "auto", temperature: float = 1.0) -> torch.Tensor:
-    """Mean docs/math.md §3 loss over N pairs: logits [N, K] each, targets [N] each in [0, 1] -> scalar fp32.
+    """Mean docs/math.md §3 loss over N pairs: logits [N, K] each -> scalar fp32.
 
+    Each target is label means [N] in [0, 1] or a label distribution [N, K] (as in :func:`gaussian_kl`; the
+    two sides independently). ``sigma`` is a positive number or a float tensor [N] for both sides, or a tuple
+    ``(sigma_chosen, sigma_rejected)`` of those; a side whose target is [N, K] does not use its sigma.
     ``kind`` is "bt_mean" (targets unused), "bt_kl" (default) or "dpl"; with ``score_weight=0`` the
     targets' values are unused too (and not read). ``temperature`` (> 0) divides the Bradley-Terry
     margin (dpl takes only 1). The scalar kinds "scalar_bt" and "scalar_reg" take a scalar head's
-    rewards as logits [N, 1] (eager only; ``sigma`` and ``centers`` unused).
+    rewards as logits [N, 1] and label means [N] only (eager only; ``sigma`` and ``centers`` unused).
     """
     check.check_choice("kind", kind, REWARD_LOSS_KINDS)
     check.check_positive("temperature", temperature)
@@ -130,14 +147,15 @@ def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target
         raise ValueError("logits_chosen and logits_rejected must be on the same device")
     if logits_chosen.shape[0] == 0:
         raise ValueError("pair_loss needs at least one pair (logits have 0 rows)")
-    check.check_positive("sigma", sigma)
-    check.check_positive("score_weight", score_weight, allow_zero=True)
     rows, device = logits_chosen.shape[0], logits_chosen.device
+    sigma_names = check.check_sigma_sides(sigma, rows, device)
+    check.check_positive("score_weight", score_weight, allow_zero=True)
     reads_targets = kind not in ("bt_mean", "scalar_bt")
     with_targets = reads_targets and score_weight != 0
     if reads_targets:
-        check.check_target("target_chosen", target_chosen, rows, device)
-        check.check_target("target_rejected", target_rejected, rows, device)
+        num_bins = None if scalar else logits_chosen.shape[-1]  # the scalar kinds take label means [N] only
+        check.check_target("target_chosen", target_chosen, rows, device, num_bins)
+        check.check_target("target_rejected", target_rejected, rows, device, num_bins)
     if scalar:
         _pick(backend, device, ())  # the scalar losses have only the eager backend
         centers = None
@@ -148,9 +166,13 @@ def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target
         loss = _dist_implementation(_PAIR_LOSS, backend, logits_chosen)(
             logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight, centers,
             temperature=temperature)
-    targets = {"target_chosen": target_chosen, "target_rejected": target_rejected} if with_targets else {}
-    check.check_results("pair_loss", (loss,), {"logits_chosen": logits_chosen, "logits_rejected": logits_rejected},
-                        targets, centers)
+    targets, sigmas = {}, {}
+    if with_targets:
+        targets = {"target_chosen": target_chosen, "target_rejected": target_rejected}
+        if not scalar:
+            sigmas = _sigmas_in_use(sigma_names, reference.label_sides(sigma), (target_chosen, target_rejected))
+    check.check_results("pair_loss", (loss, *check.label_sum_guards(targets)),
+                        {"logits_chosen": logits_chosen, "logits_rejected": logits_rejected}, targets, centers, sigmas)
     return loss
 
 

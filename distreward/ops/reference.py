@@ -33,23 +33,43 @@ def dist_moments(logits: torch.Tensor, centers: torch.Tensor):
     return mean, safe_sqrt(var)
 
 
-def gaussian_log_labels(target: torch.Tensor, sigma: float, centers: torch.Tensor) -> torch.Tensor:
-    """target [N] -> log q [N, K], the discretised Gaussian N(target, sigma^2) over the centers.
+def label_sides(sigma):
+    """``pair_loss``'s ``sigma`` as (sigma_chosen, sigma_rejected): a pair as given, one width for both sides."""
+    return sigma if isinstance(sigma, tuple) else (sigma, sigma)
 
-    Rows whose target lies outside [0, 1], or whose centers are not finite, are NaN.
+
+def label_log_probs(target: torch.Tensor, sigma, centers: torch.Tensor) -> torch.Tensor:
+    """log q [N, K] of the label distribution (docs/math.md §2), in float32 (float64 for a float64 target).
+
+    - ``target`` [N] label means: q is the discretised Gaussian N(target, sigma^2) over the centers, with
+      ``sigma`` a number or a tensor [N] of per-row widths. Rows whose target lies outside [0, 1], whose
+      sigma is not positive and finite, or whose centers are not finite are NaN.
+    - ``target`` [N, K]: q is the target itself (``sigma`` unused); log 0 = -inf. Rows holding a negative or
+      non-finite entry are NaN. Whether the rows sum to 1 is the caller's check (ops.pair_loss, ops.gaussian_kl).
     """
+    if target.dim() == 2:
+        q = target.to(compute_dtype(target))
+        usable = ((q >= 0) & torch.isfinite(q)).all(dim=-1, keepdim=True)
+        return torch.where(usable, q.log(), torch.nan)
     c = centers.to(compute_dtype(target))
     c = torch.where(torch.isfinite(c), c, torch.nan)
     t = target.to(c.dtype)
     t = torch.where((t >= 0) & (t <= 1), t, torch.nan)
-    scores = -(c - t.unsqueeze(-1)).square() / (2.0 * sigma * sigma)
+    if isinstance(sigma, torch.Tensor):
+        s = sigma.to(c.dtype)
+        s = torch.where((s > 0) & torch.isfinite(s), s, torch.nan)
+        scale = (-0.5 / (s * s)).unsqueeze(-1)
+    else:
+        scale = -0.5 / (float(sigma) * float(sigma))
+    scores = (c - t.unsqueeze(-1)).square() * scale
     return torch.log_softmax(scores, dim=-1)
 
 
-def gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma: float, centers: torch.Tensor) -> torch.Tensor:
-    """KL(q || softmax(logits)) [N] for Gaussian labels q around ``target`` [N]; q_k = 0 terms count 0 (NaN stays)."""
+def gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma, centers: torch.Tensor) -> torch.Tensor:
+    """KL(q || softmax(logits)) [N] for the labels q of :func:`label_log_probs` (Gaussian around a target [N] of
+    width ``sigma``, or a given q [N, K]); q_k = 0 terms count 0 (NaN stays)."""
     log_p = torch.log_softmax(logits.to(compute_dtype(logits)), dim=-1)
-    log_q = gaussian_log_labels(target, sigma, centers).to(log_p.dtype)
+    log_q = label_log_probs(target, sigma, centers).to(log_p.dtype)
     q = log_q.exp()
     terms = torch.where(q != 0, q * (log_q - log_p), torch.zeros_like(q))
     return terms.sum(-1)
@@ -73,9 +93,12 @@ def bt_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor, temperat
 
 
 def pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected,
-              kind: str = "bt_kl", sigma: float = 0.1, score_weight: float = 1.0, centers=None,
+              kind: str = "bt_kl", sigma=0.1, score_weight: float = 1.0, centers=None,
               temperature: float = 1.0) -> torch.Tensor:
     """Mean over N pairs of the docs/math.md §3 loss ``kind`` ("bt_mean", "bt_kl" or "dpl"); scalar fp32.
+
+    Each target is [N] label means or [N, K] label distributions (:func:`label_log_probs`); ``sigma`` is a
+    number or a tensor [N] for both sides, or a pair (sigma_chosen, sigma_rejected) of those.
 
     ``temperature`` divides the margin E_c - E_r of the Bradley-Terry term (bt_mean, bt_kl); dpl has
     no margin and takes only ``temperature=1``.
@@ -92,8 +115,9 @@ def pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected,
         pref = bt_loss(mean_c, mean_r, temperature)
     if kind == "bt_mean" or score_weight == 0:
         return pref.mean()
-    score = 0.5 * (gaussian_kl(logits_chosen, target_chosen, sigma, centers)
-                   + gaussian_kl(logits_rejected, target_rejected, sigma, centers))
+    sigma_chosen, sigma_rejected = label_sides(sigma)
+    score = 0.5 * (gaussian_kl(logits_chosen, target_chosen, sigma_chosen, centers)
+                   + gaussian_kl(logits_rejected, target_rejected, sigma_rejected, centers))
     return (pref + score_weight * score).mean()
 
 

@@ -4,7 +4,8 @@ Each check raises ``ValueError`` (``IndexError`` for token ids) naming the argum
 fails loudly instead of returning a silently wrong number. The bin ops check shapes, dtypes and
 devices before any kernel runs and the values after: a bad value makes its rows' results NaN in every
 backend, so :func:`check_results` reads one flag (one host sync) and only on failure looks for the
-culprit.
+culprit. The one bad value no math turns into NaN, a label distribution whose rows do not sum to 1,
+gets a [N] guard (:func:`label_sum_guards`) that joins the results, so it costs no extra host read.
 """
 import math
 
@@ -49,13 +50,87 @@ def check_centers(centers, num_bins: int, device) -> None:
         raise ValueError(f"centers is on {centers.device} but the logits are on {device}")
 
 
-def check_target(name: str, target, rows: int, device) -> None:
-    """Targets ``[N]`` on the logits' device; the range [0, 1] is checked by :func:`check_results`."""
-    check_float_type(name, target, 1)
+def check_target(name: str, target, rows: int, device, num_bins=None) -> None:
+    """Targets on the logits' device: label means ``[N]`` or, where ``num_bins`` is given (a distributional
+    loss), label distributions ``[N, K]`` with K = ``num_bins``. Their values are checked by
+    :func:`check_results`, a distribution's row sums through :func:`label_sum_guards`."""
+    forms = "label means [N]" if num_bins is None else "label means [N] or label distributions [N, K]"
+    if not isinstance(target, torch.Tensor) or target.dim() not in ((1,) if num_bins is None else (1, 2)):
+        got = f"shape {tuple(target.shape)}" if isinstance(target, torch.Tensor) else type(target).__name__
+        raise ValueError(f"{name} must be a tensor of {forms}, got {got}")
+    check_float_type(name, target, target.dim())
     if target.shape[0] != rows:
         raise ValueError(f"{name} has {target.shape[0]} entries but the logits have {rows} rows")
+    if target.dim() == 2 and target.shape[1] != num_bins:
+        raise ValueError(f"{name} is a distribution over {target.shape[1]} bins but the logits have {num_bins}")
     if target.device != device:
         raise ValueError(f"{name} is on {target.device} but the logits are on {device}")
+
+
+def check_sigma(name: str, sigma, rows: int, device) -> None:
+    """A label width: a positive finite number, or a float tensor ``[N]`` of per-row widths on the logits' device
+    (whose values, > 0 and finite, are checked by :func:`check_results`)."""
+    if not isinstance(sigma, torch.Tensor):
+        check_positive(name, sigma)
+        return
+    if sigma.dtype not in FLOAT_DTYPES or sigma.dim() != 1 or sigma.shape[0] != rows:
+        raise ValueError(f"{name} must be a positive number or a float tensor [N] = [{rows}] of per-row widths, "
+                         f"got a {sigma.dtype} tensor of shape {tuple(sigma.shape)}")
+    if sigma.device != device:
+        raise ValueError(f"{name} is on {sigma.device} but the logits are on {device}")
+
+
+def check_sigma_sides(sigma, rows: int, device):
+    """``pair_loss``'s ``sigma``: one width (number or tensor [N]) for both sides, or a tuple
+    ``(sigma_chosen, sigma_rejected)`` of those. Returns the names to report each side's width under."""
+    if not isinstance(sigma, tuple):
+        check_sigma("sigma", sigma, rows, device)
+        return "sigma", "sigma"
+    if len(sigma) != 2:
+        raise ValueError(f"sigma as a tuple must be (sigma_chosen, sigma_rejected), got {len(sigma)} entries")
+    for name, width in zip(("sigma[0]", "sigma[1]"), sigma):
+        check_sigma(name, width, rows, device)
+    return "sigma[0]", "sigma[1]"
+
+
+LABEL_SUM_TOLERANCE = 1e-3  # |sum_k q_k - 1| a label distribution's row may have
+
+
+def label_sum_guards(targets: dict) -> tuple:
+    """For each label distribution [N, K] among ``targets`` (name -> tensor), a [N] tensor that is 0 where its
+    row sums to 1 within LABEL_SUM_TOLERANCE and NaN elsewhere (NaN rows included). A row that does not sum to
+    1 gives a finite, wrong KL, so these join an op's results in :func:`check_results`: no extra host read."""
+    guards = []
+    for target in targets.values():
+        if target.dim() == 2:
+            total = _row_sums(target)
+            guards.append(torch.where((total - 1).abs() <= LABEL_SUM_TOLERANCE, 0.0, torch.nan).to(total.dtype))
+    return tuple(guards)
+
+
+def _row_sums(distribution: torch.Tensor) -> torch.Tensor:
+    """Row sums [N] of a label distribution [N, K], in float32 (float64 for float64)."""
+    return distribution.sum(-1, dtype=torch.float64 if distribution.dtype == torch.float64 else torch.float32)
+
+
+def _check_target_values(name: str, target: torch.Tensor) -> None:
+    """Name what is wrong with a target's values: label means outside [0, 1], or a distribution that holds
+    a negative or non-finite entry or a row not summing to 1."""
+    if target.dim() == 1:
+        _check_no_nan_or_posinf(name, target)
+        if bool(((target < 0) | (target > 1)).any()):
+            raise ValueError(f"{name} must lie in [0, 1]")
+        return
+    if not bool(torch.isfinite(target).all()):
+        raise ValueError(f"{name} (a label distribution [N, K]) contains NaN or inf")
+    if bool((target < 0).any()):
+        raise ValueError(f"{name} (a label distribution [N, K]) must be non-negative")
+    total = _row_sums(target)
+    bad = ~((total - 1).abs() <= LABEL_SUM_TOLERANCE)  # the guard's rule
+    if bool(bad.any()):
+        row = int(torch.nonzero(bad)[0])
+        raise ValueError(f"{name} (a label distribution [N, K]) must have rows summing to 1 (within "
+                         f"{LABEL_SUM_TOLERANCE:g}): row {row} sums to {float(total[row]):.6g}")
 
 
 def _sum_is_finite(results) -> bool:
@@ -67,14 +142,16 @@ def _sum_is_finite(results) -> bool:
     return math.isfinite(total.item())
 
 
-def check_results(op: str, results: tuple, logits: dict, targets: dict, centers) -> None:
+def check_results(op: str, results: tuple, logits: dict, targets: dict, centers, sigmas=None) -> None:
     """Raise ValueError naming the bad input when a result of ``op`` is not finite.
 
     Every backend makes the results of a row NaN where its logits hold NaN or +inf or are all -inf,
-    its target lies outside [0, 1] or a center it uses is not finite (``centers`` None: a scalar head's
-    loss, which has none). ``logits`` and ``targets`` map
-    argument names to the tensors given; they are read only when a result is not finite. Skipped while
-    torch.compile traces (the check is data-dependent).
+    its target lies outside [0, 1] (label means) or holds a negative or non-finite entry (a label
+    distribution), its per-row sigma is not positive and finite, or a center it uses is not finite
+    (``centers`` None: a scalar head's loss, which has none); ``results`` also holds the
+    :func:`label_sum_guards` of the label distributions. ``logits``, ``targets`` and ``sigmas`` (the
+    per-row width tensors in use) map argument names to the tensors given; they are read only when a
+    result is not finite. Skipped while torch.compile traces (the check is data-dependent).
     """
     if torch.compiler.is_compiling() or _sum_is_finite(results) or all(bool(torch.isfinite(r).all()) for r in results):
         return
@@ -83,9 +160,10 @@ def check_results(op: str, results: tuple, logits: dict, targets: dict, centers)
         if bool(torch.isneginf(z).all(dim=-1).any()):
             raise ValueError(f"{name} has a row whose logits are all -inf")
     for name, target in targets.items():
-        _check_no_nan_or_posinf(name, target)
-        if bool(((target < 0) | (target > 1)).any()):
-            raise ValueError(f"{name} must lie in [0, 1]")
+        _check_target_values(name, target)
+    for name, sigma in (sigmas or {}).items():
+        if not bool((torch.isfinite(sigma) & (sigma > 0)).all()):
+            raise ValueError(f"{name} must be positive and finite in every row")
     if centers is not None and not bool(torch.isfinite(centers).all()):
         raise ValueError("centers must be finite")
     raise ValueError(f"{op} is not finite for these finite inputs: a -inf logit where the loss needs "
