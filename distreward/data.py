@@ -6,7 +6,9 @@ plain string) and two scores, named ``score_chosen`` / ``score_rejected`` or ``c
 ``rejected_rating``. The source is ``"embedded"`` (the generated task of
 :mod:`distreward.synthetic`), a local ``.jsonl`` / ``.json`` / ``.parquet`` file, or a hub id.
 Scores map to ``mu = (s - score_min) / (score_max - score_min)`` in [0, 1]; a score outside the
-range is an error, not a silent clip. Every source is split by prompt into train / validation /
+range is an error, not a silent clip. Rows that keep each rater's ratings (``ratings_chosen`` /
+``ratings_rejected``, as the embedded task ``v2`` does) can train on panel labels
+(:mod:`distreward.labels`). The embedded source is one of :data:`EMBEDDED_TASKS` (``--task``). Every source is split by prompt into train / validation /
 test (:mod:`distreward.splits`): SFT and the reward model train on ``train`` only.
 """
 import json
@@ -18,7 +20,7 @@ from typing import Optional
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 
-from distreward import synthetic
+from distreward import labels, synthetic, testbed
 from distreward.splits import SPLITS, check_split, prompt_split
 from distreward.trainer_utils import TrainingConfig
 
@@ -27,7 +29,18 @@ SCORE_KEYS = (("score_chosen", "score_rejected"), ("chosen_rating", "rejected_ra
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 IGNORE_INDEX = -100
 HELD_OUT_SPLITS = ("test", "validation")  # where evaluation prompts may come from
-KEPT_COLUMNS = ("kind", "truth_chosen", "truth_rejected")  # carried through tokenisation for evaluation
+# carried through tokenisation for evaluation
+KEPT_COLUMNS = ("kind", "region", "truth_chosen", "truth_rejected", "ratings_chosen", "ratings_rejected")
+# --task: the embedded tasks (v2, the default: demonstrations, a rater panel and regions; v1: the first task)
+EMBEDDED_TASKS = {"v2": testbed, "v1": synthetic}
+
+
+def embedded_task(name: str):
+    """The module of embedded task ``name`` (:data:`EMBEDDED_TASKS`): make_prompts, make_preference_dataset,
+    score_response, prompt_region and, where the task has a demonstrator, make_demonstrations."""
+    if name not in EMBEDDED_TASKS:
+        raise ValueError(f"--task must be one of {', '.join(EMBEDDED_TASKS)}, got {name!r}")
+    return EMBEDDED_TASKS[name]
 
 
 @dataclass
@@ -39,12 +52,15 @@ class PreferenceTrainingConfig(TrainingConfig):
                 "(e.g. esfrankel17/HelpSteer2_binarized) in the HelpSteer2_binarized schema."})
     dataset_split: str = field(default="average_rating_split", metadata={
         "help": "Split to load from a hub data set (ignored for 'embedded' and local files)."})
+    task: str = field(default="v2", metadata={
+        "help": "Embedded task: v2 (demonstrations, a rater panel, regions; docs/testbed.md) or v1 (the first task)."})
     num_pairs: int = field(default=4000, metadata={"help": "Pairs of the embedded task to generate."})
     max_length: int = field(default=256, metadata={"help": "Conversations (a pair's sides) longer than this "
                                                            "many tokens are dropped."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        embedded_task(self.task)
         if self.num_pairs < 1 or self.max_length < 1:
             raise ValueError(f"--num_pairs and --max_length must be >= 1, got {self.num_pairs} and {self.max_length}")
 
@@ -68,13 +84,13 @@ def local_path_or_hub_id(name: str, what: str, required_file: Optional[str] = No
 
 
 def load_raw_preferences(name_or_path: str, hub_split: str = "train", num_pairs: int = 4000, seed: int = 0,
-                         split: str = "train") -> Dataset:
+                         split: str = "train", task: str = "v2") -> Dataset:
     """The untokenised rows of one prompt ``split`` (:data:`~distreward.splits.SPLITS`): the embedded
-    task (``num_pairs`` pairs on that split's prompts, by ``seed``), or the rows of a local file or of
+    ``task`` (``num_pairs`` pairs on that split's prompts, by ``seed``), or the rows of a local file or of
     the hub split ``hub_split`` whose prompt falls in ``split`` (:func:`~distreward.splits.prompt_split`)."""
     check_split(split)
     if name_or_path == EMBEDDED:
-        return synthetic.make_preference_dataset(num_pairs, seed, split=split)
+        return embedded_task(task).make_preference_dataset(num_pairs, seed, split=split)
     extension = os.path.splitext(name_or_path)[1].lower()
     if extension in LOCAL_FORMATS and not os.path.isfile(os.path.expanduser(name_or_path)):
         raise ValueError(f"data file {name_or_path} does not exist")
@@ -152,29 +168,38 @@ def held_out_pairs(num_pairs: int, eval_fraction: float) -> int:
 
 def load_preference_data(tokenizer, name_or_path: str = EMBEDDED, hub_split: str = "train", num_pairs: int = 4000,
                          score_min: float = 0.0, score_max: float = 4.0, eval_fraction: float = 0.1,
-                         max_length: int = 256, seed: int = 0) -> DatasetDict:
+                         max_length: int = 256, seed: int = 0, task: str = "v2", label_kind: str = "gaussian",
+                         sigma: float = 0.1, num_bins: int = 10) -> DatasetDict:
     """Tokenised ``train`` / ``validation`` / ``test`` pairs for the reward model, split by prompt.
 
     Each row holds ``input_ids_chosen`` / ``input_ids_rejected`` (chat-templated prompt + answer),
     ``target_chosen`` / ``target_rejected`` (scores mapped to [0, 1]) and, for the embedded task,
-    ``kind`` and the ground truth ``truth_chosen`` / ``truth_rejected`` (evaluation only). The
-    embedded task makes ``num_pairs`` training pairs and ``eval_fraction * num_pairs`` pairs for each
+    ``kind`` and the ground truth ``truth_chosen`` / ``truth_rejected`` (evaluation only), and the panel
+    labels of ``label_kind`` (:func:`tokenize_pairs`). The embedded task makes ``num_pairs`` training pairs and ``eval_fraction * num_pairs`` pairs for each
     held-out split; other data keep their rows. Pairs longer than ``max_length`` tokens are dropped.
     """
     held_out = held_out_pairs(num_pairs, eval_fraction)
     data = {}
     for split in SPLITS:
-        raw = load_raw_preferences(name_or_path, hub_split, num_pairs if split == "train" else held_out, seed, split)
-        data[split] = tokenize_pairs(tokenizer, raw, score_min, score_max, max_length)
+        raw = load_raw_preferences(name_or_path, hub_split, num_pairs if split == "train" else held_out, seed, split,
+                                   task)
+        data[split] = tokenize_pairs(tokenizer, raw, score_min, score_max, max_length, label_kind, sigma, num_bins)
         if len(data[split]) == 0:
             raise ValueError(f"no {split} pair fits in max_length={max_length} tokens (the data have "
                              f"{len(raw)} {split} pairs, split by prompt)")
     return DatasetDict(data)
 
 
-def tokenize_pairs(tokenizer, raw: Dataset, score_min: float, score_max: float, max_length: int) -> Dataset:
-    """:func:`load_preference_data`'s rows from untokenised pairs (scores checked against the range)."""
+def tokenize_pairs(tokenizer, raw: Dataset, score_min: float, score_max: float, max_length: int,
+                   label_kind: str = "gaussian", sigma: float = 0.1, num_bins: int = 10) -> Dataset:
+    """:func:`load_preference_data`'s rows from untokenised pairs (scores checked against the range). A panel
+    ``label_kind`` (:mod:`distreward.labels`) adds ``sigma_chosen`` / ``sigma_rejected`` (``gaussian_spread``)
+    or ``q_chosen`` / ``q_rejected`` [K] (``mixture``) from the ``ratings_*`` columns, which it requires."""
     keys = score_columns(raw.column_names)
+    labels.check_label_kind(label_kind)
+    if label_kind in labels.PANEL_LABEL_KINDS and "ratings_chosen" not in raw.column_names:
+        raise ValueError(f"--label_kind {label_kind} reads each rater's ratings, which these data lack (no "
+                         f"ratings_chosen / ratings_rejected columns): use --label_kind gaussian")
     if len(raw):
         check_score_range(raw, keys, score_min, score_max)
     span = score_max - score_min
@@ -185,6 +210,11 @@ def tokenize_pairs(tokenizer, raw: Dataset, score_min: float, score_max: float, 
             prompt_ids, answer_ids = encode(tokenizer, to_messages(row["prompt"], row[side]))
             encoded[f"input_ids_{side}"] = prompt_ids + answer_ids
             encoded[f"target_{side}"] = (row[score_key] - score_min) / span
+            if label_kind == "gaussian_spread":
+                encoded[f"sigma_{side}"] = labels.spread_sigma(row[f"ratings_{side}"], sigma, score_min, score_max)
+            elif label_kind == "mixture":
+                encoded[f"q_{side}"] = labels.mixture_label(row[f"ratings_{side}"], sigma, score_min, score_max,
+                                                            num_bins)
         return encoded
 
     kept = [name for name in KEPT_COLUMNS if name in raw.column_names]
@@ -194,11 +224,16 @@ def tokenize_pairs(tokenizer, raw: Dataset, score_min: float, score_max: float, 
 
 
 def load_sft_data(tokenizer, name_or_path: str = EMBEDDED, hub_split: str = "train", num_pairs: int = 4000,
-                  max_length: int = 256, seed: int = 0) -> Dataset:
-    """The chosen conversations of the ``train`` prompts tokenised for SFT: ``input_ids`` and ``labels``
-    (prompt tokens -100). The same pairs as the reward model's training split."""
-    raw = load_raw_preferences(name_or_path, hub_split, num_pairs, seed, "train")
-    score_columns(raw.column_names)
+                  max_length: int = 256, seed: int = 0, task: str = "v2") -> Dataset:
+    """The SFT conversations of the ``train`` prompts, tokenised: ``input_ids`` and ``labels`` (prompt tokens
+    -100). An embedded task with a demonstrator (``v2``) gives ``num_pairs`` demonstrations, separate from
+    the preference pairs (as InstructGPT); other data give the chosen sides of the reward model's training pairs."""
+    source = embedded_task(task) if name_or_path == EMBEDDED else None
+    if hasattr(source, "make_demonstrations"):
+        raw = source.make_demonstrations(num_pairs, seed, "train")
+    else:
+        raw = load_raw_preferences(name_or_path, hub_split, num_pairs, seed, "train", task)
+        score_columns(raw.column_names)
 
     def tokenize(row):
         prompt_ids, answer_ids = encode(tokenizer, to_messages(row["prompt"], row["chosen"]))
@@ -230,7 +265,8 @@ class PreferenceCollator:
     """Pads a list of tokenised pairs to one length (both sides alike, so they can share a forward).
 
     Returns ``input_ids_chosen`` / ``input_ids_rejected`` and their ``attention_mask_*`` [B, T] int64,
-    ``target_chosen`` / ``target_rejected`` [B] fp32.
+    ``target_chosen`` / ``target_rejected`` [B] fp32 and, where the rows have panel labels, ``sigma_*`` [B]
+    or ``q_*`` [B, K] fp32.
     """
 
     pad_token_id: int
@@ -243,7 +279,10 @@ class PreferenceCollator:
         for side, sequences in (("chosen", chosen), ("rejected", rejected)):
             batch[f"input_ids_{side}"] = pad(sequences, self.pad_token_id, length)
             batch[f"attention_mask_{side}"] = attention_mask_for(sequences, length)
-            batch[f"target_{side}"] = torch.tensor([row[f"target_{side}"] for row in rows], dtype=torch.float32)
+            for label in ("target", "sigma", "q"):
+                if f"{label}_{side}" in rows[0]:
+                    batch[f"{label}_{side}"] = torch.tensor([row[f"{label}_{side}"] for row in rows],
+                                                            dtype=torch.float32)
         return batch
 
 
@@ -276,10 +315,10 @@ def load_prompts(config):
     ``validation`` for tuning), so no evaluation prompt was seen by SFT, the RM or REINFORCE.
     """
     if config.dataset_name == EMBEDDED:
-        train = synthetic.make_prompts(config.num_train_prompts, seed=config.seed, split="train")
-        held_out = synthetic.make_prompts(config.num_eval_prompts, seed=config.seed, split=config.eval_split,
-                                          unique=True)
-        return train, held_out, synthetic.score_response
+        task = embedded_task(config.task)
+        train = task.make_prompts(config.num_train_prompts, seed=config.seed, split="train")
+        held_out = task.make_prompts(config.num_eval_prompts, seed=config.seed, split=config.eval_split, unique=True)
+        return train, held_out, task.score_response
     train = unique_prompts(load_raw_preferences(config.dataset_name, config.dataset_split, split="train"),
                            config.seed)[:config.num_train_prompts]
     held_out = unique_prompts(load_raw_preferences(config.dataset_name, config.dataset_split,

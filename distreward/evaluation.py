@@ -28,7 +28,8 @@ PROMPT_GROUPS = {"add": "clear", "sort": "clear", "count": "clear", "ambiguous":
 @torch.no_grad()
 def predict(model, dataset, pad_token_id: int, batch_size: int = 64, device=None) -> dict:
     """Logits of both sides of every pair: ``logits_chosen`` / ``logits_rejected`` [N, K] fp32,
-    ``target_chosen`` / ``target_rejected`` [N] fp32 (labels mu in [0, 1]), and the model's bin ``centers`` [K] fp32."""
+    ``target_chosen`` / ``target_rejected`` [N] fp32 (labels mu in [0, 1]), the panel labels ``sigma_*`` [N] or
+    ``q_*`` [N, K] where the pairs have them, and the model's bin ``centers`` [K] fp32."""
     device = device or next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=PreferenceCollator(pad_token_id))
     was_training = model.training
@@ -38,7 +39,9 @@ def predict(model, dataset, pad_token_id: int, batch_size: int = 64, device=None
         for side in ("chosen", "rejected"):
             output = model(batch[f"input_ids_{side}"].to(device), batch[f"attention_mask_{side}"].to(device))
             parts[f"logits_{side}"].append(output.logits.float().cpu())
-            parts[f"target_{side}"].append(batch[f"target_{side}"])
+            for label in ("target", "sigma", "q"):
+                if f"{label}_{side}" in batch:
+                    parts.setdefault(f"{label}_{side}", []).append(batch[f"{label}_{side}"])
     model.train(was_training)
     result = {key: torch.cat(values) for key, values in parts.items()}
     if model.centers is not None:
@@ -50,6 +53,18 @@ def answers(predictions: dict) -> tuple:
     """(logits [2N, K], labels [2N]) of every answer: the chosen sides, then the rejected ones."""
     return (torch.cat([predictions["logits_chosen"], predictions["logits_rejected"]]),
             torch.cat([predictions["target_chosen"], predictions["target_rejected"]]))
+
+
+def answer_labels(predictions: dict, sigma: float) -> tuple:
+    """(target, sigma) of every answer's label, in :func:`answers`' order, for ``ops.gaussian_kl``: the panel
+    label distributions q [2N, K] where the predictions have them, else the means [2N] with the per-answer
+    widths [2N] (``gaussian_spread``) or the fixed ``sigma``."""
+    def both(name):
+        return torch.cat([predictions[f"{name}_chosen"], predictions[f"{name}_rejected"]])
+
+    if "q_chosen" in predictions:
+        return both("q"), sigma
+    return both("target"), both("sigma") if "sigma_chosen" in predictions else sigma
 
 
 def is_scalar(predictions: dict) -> bool:
@@ -111,7 +126,8 @@ def reward_metrics(predictions: dict, sigma: float = 0.1) -> dict:
     ``pairwise_accuracy``: share of pairs with E_chosen > E_rejected (a tie counts half);
     ``mean_std``: mean predicted std over all answers; ``std_error_spearman``: Spearman between
     the predicted std and |E - mu| over all answers; ``label_kl``: mean KL(q || p) against the
-    Gaussian labels of width ``sigma``; ``calibration_ece``: :func:`calibration_ece` of the labels'
+    labels the model trained on (:func:`answer_labels`: Gaussian of width ``sigma`` unless the predictions
+    carry panel labels); ``calibration_ece``: :func:`calibration_ece` of the labels'
     PIT values. A scalar head has only the accuracy (the others are None).
     """
     centers = predictions.get("centers")
@@ -122,11 +138,12 @@ def reward_metrics(predictions: dict, sigma: float = 0.1) -> dict:
         return {**report, **{key: None for key in METRIC_NAMES[1:]}}
     logits, targets = answers(predictions)
     mean, std = ops.dist_moments(logits, centers)
+    label, label_sigma = answer_labels(predictions, sigma)
     return {
         **report,
         "mean_std": std.mean().item(),
         "std_error_spearman": spearman(std, (mean - targets).abs()),
-        "label_kl": ops.gaussian_kl(logits, targets, sigma, centers).mean().item(),
+        "label_kl": ops.gaussian_kl(logits, label, label_sigma, centers).mean().item(),
         "calibration_ece": calibration_ece(pit_values(logits, targets, centers)),
     }
 
@@ -155,6 +172,36 @@ def truth_metrics(predictions: dict, truth_chosen: list, truth_rejected: list) -
         if differs.any() else nan,
         "truth_tie_share": 1.0 - differs.double().mean().item(),
     }
+
+
+def panel_metrics(predictions: dict, pairs) -> dict:
+    """What a rater panel lets us check (the embedded task v2: ``region``, ``ratings_*`` and ``truth_*`` columns
+    of the held-out ``pairs``): per region the ground-truth accuracy on pairs whose truth differs and the mean
+    predicted std of its answers; the std of correctly answered careful-region answers (truth 4), the ratio of
+    each region's std to it, and ``std_spread_spearman``, Spearman between the predicted std and the panel's
+    sd over all answers."""
+    centers = predictions.get("centers")
+    logits, _ = answers(predictions)
+    _, std = ops.dist_moments(logits, centers)
+    regions = list(pairs["region"]) * 2
+    truth = torch.tensor(list(pairs["truth_chosen"]) + list(pairs["truth_rejected"]), dtype=torch.float64)
+    spread = torch.tensor([torch.tensor(r, dtype=torch.float64).std(correction=0).item()
+                           for r in list(pairs["ratings_chosen"]) + list(pairs["ratings_rejected"])])
+    careful_correct = torch.tensor([r == "careful" for r in regions]) & (truth == truth.max())
+    reference_std = std[careful_correct].mean().item() if careful_correct.any() else float("nan")
+    by_region = {}
+    for name, subset in group_subsets(predictions, list(pairs["region"])).items():
+        rows = torch.tensor([region == name for region in regions])
+        region_std = std[rows].mean().item()
+        chosen = [region == name for region in pairs["region"]]
+        truth_c = [t for t, keep in zip(pairs["truth_chosen"], chosen) if keep]
+        truth_r = [t for t, keep in zip(pairs["truth_rejected"], chosen) if keep]
+        by_region[name] = {"num_pairs": int(sum(chosen)), "mean_std": region_std,
+                           "std_ratio_to_careful_correct": region_std / reference_std,
+                           "panel_sd": spread[rows].mean().item(),
+                           **truth_metrics(subset, truth_c, truth_r)}
+    return {"careful_correct_std": reference_std, "std_spread_spearman": spearman(std, spread),
+            "by_region": by_region}
 
 
 def pair_subset(predictions: dict, rows: torch.Tensor) -> dict:
@@ -198,12 +245,11 @@ def paired_bootstrap(differences: torch.Tensor, num_resamples: int = 10000, seed
     return low, high
 
 
-def paired_gains(samples: list, before: str = "sft", after: str = "trained") -> dict:
-    """Two policies' ``eval_samples.jsonl`` records on the same prompts -> per score (``ground_truth`` where
-    known, then ``reward``) ``{before: mean, after: mean, "gain", "ci95"}``, the gain's 95% paired bootstrap
-    interval over prompts."""
+def paired_gains(samples: list, before: str = "sft", after: str = "trained", keys=("ground_truth", "reward")) -> dict:
+    """Two policies' ``eval_samples.jsonl`` records on the same prompts -> per score of ``keys`` that the records
+    have ``{before: mean, after: mean, "gain", "ci95"}``, the gain's 95% paired bootstrap interval over prompts."""
     gains = {}
-    for key in (key for key in ("ground_truth", "reward") if key in samples[0]):
+    for key in (key for key in keys if key in samples[0]):
         first, second = per_prompt_means(samples, before, key), per_prompt_means(samples, after, key)
         if first.shape != second.shape:
             raise ValueError(f"the two policies were evaluated on different prompts ({len(first)} vs {len(second)})")
@@ -213,6 +259,21 @@ def paired_gains(samples: list, before: str = "sft", after: str = "trained") -> 
     return gains
 
 
+REGION_KEYS = ("ground_truth", "reward", "std", "rater_spread", "kl")  # what region_gains compares
+
+
+def region_gains(samples: list, before: str = "sft", after: str = "trained") -> dict:
+    """:func:`paired_gains` of every score in :data:`REGION_KEYS` for each ``region`` of the records (regions
+    with a single prompt are left out: a paired interval needs two), with the region's ``num_prompts``."""
+    by_region = {}
+    for region in sorted({sample.get("region") for sample in samples} - {None}):
+        subset = [sample for sample in samples if sample.get("region") == region]
+        count = len(per_prompt_means(subset, after, "reward"))
+        if count >= 2:
+            by_region[region] = {"num_prompts": count, **paired_gains(subset, before, after, REGION_KEYS)}
+    return by_region
+
+
 def compare_policies(samples: list) -> dict:
     """SFT vs trained policy on the same prompts (``eval_samples.jsonl`` records): :func:`paired_gains`,
     ``over_optimisation`` (RM reward up while ground truth down) and a one-line ``verdict``."""
@@ -220,7 +281,19 @@ def compare_policies(samples: list) -> dict:
     result["over_optimisation"] = bool("ground_truth" in result and result["reward"]["gain"] > 0
                                        and result["ground_truth"]["gain"] < 0)
     result["verdict"] = verdict(result)
+    if any("region" in sample for sample in samples):
+        result["by_region"] = region_gains(samples)
     return result
+
+
+def sharpening_verdict(comparison: dict) -> str:
+    """One line: the trained policy against the best sharpened SFT policy (``sharpened_sft`` of ``eval.json``)."""
+    truth = comparison["ground_truth"]
+    low, high = truth["ci95"]
+    outcome = "BEATS" if low > 0 else "LOSES TO" if high < 0 else "IS NOT DISTINGUISHABLE FROM"
+    return (f"the trained policy {outcome} the SFT policy sharpened to temperature {comparison['temperature']:g} (chosen "
+            f"on {comparison['chosen_on']}, no reward model): ground truth {truth['sharpened']:.3f} -> "
+            f"{truth['trained']:.3f} ({truth['gain']:+.3f}, 95% CI [{low:+.3f}, {high:+.3f}])")
 
 
 def verdict(comparison: dict) -> str:
@@ -266,6 +339,14 @@ def format_report(report: dict) -> str:
     for name in ("sft", "trained"):
         lines.append(f"| {name} | " + " | ".join(f"{value(report[name]):.3f}" for _, value in columns) + " |")
     lines += ["", "verdict: " + report["comparison"]["verdict"]]
+    if "sharpened_sft" in report:
+        lines.append("against the strongest cheap baseline: " + report["sharpened_sft"]["verdict"])
+    for region, gains in report["comparison"].get("by_region", {}).items():
+        cells = [f"{key} {gains[key]['gain']:+.3f}" for key in ("ground_truth", "reward", "std") if key in gains]
+        if "sharpened_sft" in report and region in report["sharpened_sft"]["by_region"]:
+            cells.append(f"ground truth vs sharpened "
+                         f"{report['sharpened_sft']['by_region'][region]['ground_truth']['gain']:+.3f}")
+        lines.append(f"  region {region} ({gains['num_prompts']} prompts), trained - sft: " + ", ".join(cells))
     return "\n".join(lines + [temperature_baseline_line(row, report) for row in report.get("temperature_baselines", [])])
 
 

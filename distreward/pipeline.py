@@ -38,14 +38,18 @@ class PipelineConfig:
                                                                        "sub-directories, report.json, plots."})
     seed: int = field(default=TrainingConfig.seed, metadata={
         "help": "Seed of every stage (data, initialisation, sampling)."})
+    task: str = field(default=SFTConfig.task, metadata={
+        "help": "Embedded task: v2 (demonstrations, a rater panel, regions; docs/testbed.md) or v1."})
     num_pairs: int = field(default=SFTConfig.num_pairs, metadata={
-        "help": "Preference pairs of the embedded task (SFT and RM)."})
+        "help": "Preference pairs of the embedded task (RM; and SFT's demonstrations, or chosen answers under v1)."})
     sft_epochs: float = field(default=SFTConfig.num_train_epochs, metadata={
         "help": "SFT passes over the chosen answers (the sft stage's --num_train_epochs)."})
     rm_epochs: float = field(default=RewardConfig.num_train_epochs, metadata={
         "help": "Reward-model passes over the training pairs."})
     loss_kind: str = field(default=RewardConfig.loss_kind, metadata={
         "help": "Reward-model loss: bt_mean, bt_kl or dpl."})
+    label_kind: str = field(default=RewardConfig.label_kind, metadata={
+        "help": "Reward-model score labels: gaussian, gaussian_spread or mixture (docs/math.md §2)."})
     rl_steps: int = field(default=ReinforceConfig.max_steps, metadata={"help": "REINFORCE optimizer steps."})
     shaping: str = field(default=ReinforceConfig.shaping, metadata={
         "help": "Reward shaping: none, std_penalty (H2.1), std_scale (H2.2) or quantile (a lower quantile of the "
@@ -64,6 +68,9 @@ class PipelineConfig:
     temperature_baselines: list[float] = field(default_factory=list, metadata={
         "help": "Also evaluate the SFT policy sampled at each of these temperatures, no reward model (the rl "
                 "stage's --temperature_baselines): the cheap baseline REINFORCE has to beat."})
+    sharpening_grid: list[float] = field(default_factory=lambda: ReinforceConfig().sharpening_grid, metadata={
+        "help": "Temperatures (0: greedy) of the sharpened-SFT baseline, chosen on validation prompts (the rl "
+                "stage's --sharpening_grid; empty: off)."})
     curve_eval_steps: int = field(default=ReinforceConfig.curve_eval_steps, metadata={
         "help": "Write rl/curve.jsonl (ground truth and KL to the reference along training) every this many "
                 "REINFORCE steps; 0: off."})
@@ -83,15 +90,17 @@ class PipelineConfig:
 
 def stage_configs(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str) -> tuple:
     """(SFTConfig, RewardConfig, ReinforceConfig) of a pipeline run with the given stage directories."""
-    shared = dict(seed=config.seed, resume=config.resume, keep_checkpoints=config.keep_checkpoints)
+    shared = dict(seed=config.seed, resume=config.resume, keep_checkpoints=config.keep_checkpoints, task=config.task)
     sft = SFTConfig(output_dir=sft_dir, num_pairs=config.num_pairs, num_train_epochs=config.sft_epochs, **shared)
     rm = RewardConfig(output_dir=rm_dir, model_name_or_path=sft_dir, num_pairs=config.num_pairs,
-                      num_train_epochs=config.rm_epochs, loss_kind=config.loss_kind, **shared)
+                      num_train_epochs=config.rm_epochs, loss_kind=config.loss_kind, label_kind=config.label_kind,
+                      **shared)
     rl = ReinforceConfig(output_dir=rl_dir, policy_path=sft_dir, reward_model_path=rm_dir,
                          max_steps=config.rl_steps, shaping=config.shaping, baseline=config.baseline,
                          beta=config.beta, alpha=config.alpha, std_source=config.std_source,
                          quantile_level=config.quantile_level, num_eval_prompts=config.num_eval_prompts,
                          eval_split=config.eval_split, temperature_baselines=config.temperature_baselines,
+                         sharpening_grid=config.sharpening_grid,
                          curve_eval_steps=config.curve_eval_steps,
                          curve_eval_prompts=config.curve_eval_prompts, **shared)
     return sft, rm, rl

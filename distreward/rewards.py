@@ -18,7 +18,7 @@ from distreward.ops.validation import check_choice, check_logits, check_positive
 
 SHAPINGS = ("none", "std_penalty", "std_scale", "quantile")
 STD_SHAPINGS = ("std_penalty", "std_scale")  # the shapings that read the std, so the only ones its controls change
-STD_SOURCES = ("model", "constant", "shuffled")
+STD_SOURCES = ("model", "constant", "shuffled", "shuffled_within_prompt")
 BASELINES = ("ema", "rloo", "batch")
 
 
@@ -96,10 +96,14 @@ def distribution_quantile(logits: torch.Tensor, level: float, low: float = 0.0, 
     return (float(edges[0]) + width * (k + inside)).squeeze(-1).float()
 
 
-def replace_std(std: torch.Tensor, source: str = "model", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def replace_std(std: torch.Tensor, source: str = "model", generator: Optional[torch.Generator] = None,
+                samples_per_prompt: int = 1) -> torch.Tensor:
     """The std [N] a std shaping reads, as its control ``source`` asks: ``model`` keeps ``std``; ``constant``
-    gives every entry the batch mean (detached); ``shuffled`` a random permutation of the batch's stds, drawn
-    on the CPU from ``generator`` (the global RNG when None, which checkpoints save and ``--resume`` restores)."""
+    gives every entry the batch mean (detached); ``shuffled`` a random permutation of the batch's stds;
+    ``shuffled_within_prompt`` a random permutation inside each prompt's ``samples_per_prompt`` adjacent samples
+    (the control that stays meaningful under a leave-one-out baseline, where a constant std plus
+    ``std_penalty`` is the same as ``none``). Permutations are drawn on the CPU from ``generator`` (the global
+    RNG when None, which checkpoints save and ``--resume`` restores)."""
     check_choice("std_source", source, STD_SOURCES)
     if std.dim() != 1:
         raise ValueError(f"std must be 1-D, got shape {tuple(std.shape)}")
@@ -107,6 +111,13 @@ def replace_std(std: torch.Tensor, source: str = "model", generator: Optional[to
         return std.detach().mean().expand_as(std).clone()
     if source == "shuffled":
         return std[torch.randperm(std.shape[0], generator=generator).to(std.device)]
+    if source == "shuffled_within_prompt":
+        if samples_per_prompt < 1 or std.shape[0] % samples_per_prompt:
+            raise ValueError(f"{std.shape[0]} stds do not split into groups of {samples_per_prompt} samples per prompt")
+        groups = std.shape[0] // samples_per_prompt
+        order = torch.rand(groups, samples_per_prompt, generator=generator).argsort(-1)
+        order += torch.arange(groups).unsqueeze(-1) * samples_per_prompt
+        return std[order.view(-1).to(std.device)]
     return std
 
 

@@ -24,9 +24,10 @@ from typing import ClassVar, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from distreward.data import EMBEDDED, HELD_OUT_SPLITS, load_prompts
+from distreward.data import EMBEDDED, EMBEDDED_TASKS, HELD_OUT_SPLITS, embedded_task, load_prompts
 from distreward.distributed import call_in_forward
-from distreward.evaluation import compare_policies, format_report, paired_gains, summarize
+from distreward.evaluation import (compare_policies, format_report, paired_gains, region_gains, sharpening_verdict,
+                                   summarize)
 from distreward.modeling import load_policy_and_reference, load_reward_model
 from distreward.ops.validation import check_choice, check_positive
 from distreward.rewards import check_shaping, make_baseline, replace_std, shape_rewards
@@ -53,6 +54,7 @@ class ReinforceConfig(TrainingConfig):
                 ".jsonl/.parquet file / hub id with a 'prompt' column (no ground truth)."})
     dataset_split: str = field(default="average_rating_split", metadata={
         "help": "Split to load from a hub data set (ignored for 'embedded' and local files)."})
+    task: str = field(default="v2", metadata={"help": "Embedded task: v2 (docs/testbed.md) or v1."})
     num_train_prompts: int = field(default=512, metadata={"help": "Training prompts (the embedded task's are "
                                                                   "generated; others are capped at this)."})
     num_eval_prompts: int = field(default=256, metadata={"help": "Distinct held-out prompts for eval.json."})
@@ -70,13 +72,20 @@ class ReinforceConfig(TrainingConfig):
         "help": "Also evaluate the SFT policy sampled at each of these temperatures (no reward model, no training) "
                 "on the held-out prompts: the cheap baseline REINFORCE has to beat (eval.json's "
                 "temperature_baselines: ground truth and RM reward gains over the SFT policy, and the KL)."})
+    sharpening_grid: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.7, 0.5, 0.3, 0.0], metadata={
+        "help": "Temperatures (0: greedy) at which the SFT policy, no reward model, is sampled on validation "
+                "prompts; the best of them by ground truth is the sharpened baseline the trained policy is compared "
+                "with on the evaluation prompts (embedded task only; an empty list turns it off)."})
+    sharpening_prompts: int = field(default=256, metadata={
+        "help": "Distinct validation prompts on which the sharpening temperature is chosen."})
     shaping: str = field(default="std_scale", metadata={
         "help": "Total reward: none (r - beta kl), std_penalty (H2.1: - alpha sd), std_scale "
                 "(H2.2: (r - beta kl) / (sd + 1)) or quantile (q - beta kl, q the --quantile_level quantile of "
                 "the RM's distribution)."})
     std_source: str = field(default="model", metadata={
-        "help": "Std the std shapings read: model (the RM's), or a control: constant (each batch's mean std) or "
-                "shuffled (the batch's stds randomly permuted)."})
+        "help": "Std the std shapings read: model (the RM's), or a control: constant (each batch's mean std), "
+                "shuffled (the batch's stds randomly permuted) or shuffled_within_prompt (permuted among each "
+                "prompt's samples: the control that stays meaningful under rloo)."})
     quantile_level: float = field(default=0.25, metadata={"help": "Level in (0, 1) of the quantile shaping."})
     beta: float = field(default=0.1, metadata={"help": "Weight of the KL to the reference (tuned on validation "
                                                        "prompts: 0.02 let the RM be exploited, 0.3 held the policy)."})
@@ -113,8 +122,12 @@ class ReinforceConfig(TrainingConfig):
         check_positive("--temperature", self.temperature, allow_zero=True)  # 0: greedy
         for temperature in self.temperature_baselines:
             check_positive("each --temperature_baselines temperature", temperature)
+        for temperature in self.sharpening_grid:
+            check_positive("each --sharpening_grid temperature", temperature, allow_zero=True)  # 0: greedy
+        if self.dataset_name == EMBEDDED:
+            embedded_task(self.task)
         for name in ("num_train_prompts", "num_eval_prompts", "samples_per_prompt", "max_new_tokens",
-                     "eval_samples_per_prompt", "eval_batch_size", "curve_eval_prompts"):
+                     "eval_samples_per_prompt", "eval_batch_size", "curve_eval_prompts", "sharpening_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.curve_eval_steps < 0:
@@ -149,6 +162,7 @@ class ReinforceTrainer:
         if config.curve_eval_steps > 0 and not eval_prompts:
             raise ValueError("--curve_eval_steps > 0 needs held-out prompts to evaluate the policy on")
         self.config, self.policy, self.tokenizer, self.scorer = config, policy, tokenizer, scorer
+        self.task = EMBEDDED_TASKS[config.task] if config.dataset_name == EMBEDDED else None
         self.curve = None
         if config.curve_eval_steps > 0:
             self.curve = CurveRecorder(self, eval_prompts[:config.curve_eval_prompts])
@@ -179,7 +193,7 @@ class ReinforceTrainer:
         # inside DDP's forward: gradients all-reduced
         logprobs = call_in_forward(model, token_logprobs, rollout, scoring_temperature(config.temperature))
         scores = self.scorer.score(rollout, logprobs)
-        std = replace_std(scores.std, config.std_source)
+        std = replace_std(scores.std, config.std_source, samples_per_prompt=config.samples_per_prompt)
         total = shape_rewards(scores.reward, std, scores.kl, config.shaping, config.beta, config.alpha, scores.quantile)
         baseline = self.baseline(total, self.accelerator.reduce(total.mean(), "mean"))
         loss = policy_loss(total - baseline, logprobs.sum(-1))
@@ -215,7 +229,17 @@ class ReinforceTrainer:
                 batch = self.scorer.score(rollout, token_logprobs(policy, rollout, scoring_temperature(temperature)))
                 scores.append(batch)
                 records += batch.records(rollout)
-        return summarize(scores), records
+        return summarize(scores), [self.describe(record) for record in records]
+
+    def describe(self, record: dict) -> dict:
+        """An evaluation record with the embedded task's ``region`` of its prompt and, where the task has a rater
+        panel, the ``rater_spread`` (sd of the panel's ratings) of its response."""
+        if self.task is None:
+            return record
+        record["region"] = self.task.prompt_region(record["prompt"])
+        if hasattr(self.task, "panel_spread"):
+            record["rater_spread"] = self.task.panel_spread(record["prompt"], record["response"])
+        return record
 
 
 class CurveRecorder:
@@ -267,6 +291,30 @@ def temperature_baselines(trainer: ReinforceTrainer, sft_policy, prompts: list, 
     return rows
 
 
+def sharpened_baseline(trainer: ReinforceTrainer, sft_policy, prompts: list, samples: list) -> dict:
+    """The best sharpened SFT policy and the trained policy against it: the SFT policy sampled at each temperature
+    of ``config.sharpening_grid`` on ``config.sharpening_prompts`` validation prompts, the temperature of the
+    highest mean ground truth chosen there, then sampled at it on the evaluation ``prompts`` and compared with
+    the trained policy's ``samples`` (the ``eval_samples.jsonl`` records, seeded alike), paired by prompt, overall and per region. Its records join ``samples`` as
+    ``"sharpened"``."""
+    config = trainer.config
+    validation = trainer.task.make_prompts(config.sharpening_prompts, seed=config.seed, split="validation",
+                                           unique=True)
+    grid = []
+    for temperature in config.sharpening_grid:
+        summary, _ = trainer.evaluate(sft_policy, validation, temperature)
+        grid.append({"temperature": temperature, "validation_ground_truth": summary["ground_truth"]["mean"],
+                     "kl_to_ref": summary["kl_to_ref"]})
+    best = max(grid, key=lambda row: row["validation_ground_truth"])
+    summary, records = trainer.evaluate(sft_policy, prompts, best["temperature"])
+    samples += [{"policy": "sharpened", **record} for record in records]
+    result = {"temperature": best["temperature"], "grid": grid, "chosen_on": f"{len(validation)} validation prompts",
+              "sharpened": summary, **paired_gains(samples, "sharpened", "trained"),
+              "by_region": region_gains(samples, "sharpened", "trained")}
+    result["verdict"] = sharpening_verdict(result)
+    return result
+
+
 def run_reinforce(config: ReinforceConfig) -> dict:
     """Train the policy with REINFORCE, save it to ``output_dir/policy`` and write ``eval.json``; returns it."""
     policy, reference, tokenizer = load_policy_and_reference(config.policy_path)
@@ -288,6 +336,8 @@ def run_reinforce(config: ReinforceConfig) -> dict:
         report[name], records = trainer.evaluate(model, eval_prompts)
         samples += [{"policy": name, **record} for record in records]
     report["comparison"] = compare_policies(samples)
+    if config.sharpening_grid and trainer.task is not None:
+        report["sharpened_sft"] = sharpened_baseline(trainer, reference, eval_prompts, samples)
     if config.temperature_baselines:
         report["temperature_baselines"] = temperature_baselines(trainer, reference, eval_prompts, samples)
     if accelerator.is_main_process:

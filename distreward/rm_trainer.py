@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from distreward import evaluation, ops
 from distreward.data import EMBEDDED, PreferenceCollator, PreferenceTrainingConfig, load_preference_data
+from distreward.labels import check_label_kind
 from distreward.modeling import DistributionalRewardModel, load_policy
 from distreward.ops.validation import check_choice, check_positive
 from distreward.trainer_utils import make_accelerator, save_run_config, train_loop
@@ -52,7 +53,12 @@ class RewardConfig(PreferenceTrainingConfig):
     loss_kind: str = field(default="bt_kl", metadata={
         "help": "bt_mean (H1.1: Bradley-Terry on E), bt_kl (H1.2: + KL to Gaussian labels), dpl, or the scalar "
                 "baselines scalar_bt (TRL Bradley-Terry) and scalar_reg (+ squared error to the labels)."})
-    sigma: float = field(default=0.1, metadata={"help": "Width of the Gaussian label distribution."})
+    label_kind: str = field(default="mixture", metadata={
+        "help": "Score labels (docs/math.md §2): gaussian (the write-up's fixed width --sigma), gaussian_spread "
+                "(width sqrt(sigma^2 + the raters' sd^2)) or mixture (the mean of one Gaussian per rater); the last two "
+                "need per-rater ratings (the embedded task v2 has them). Scalar heads and bt_mean read only the mean."})
+    sigma: float = field(default=0.1, metadata={"help": "Width of the Gaussian label distribution (sigma0 of the "
+                                                        "panel label kinds)."})
     score_weight: float = field(default=1.0, metadata={
         "help": "Weight of the KL term (bt_kl, dpl) or of the squared error (scalar_reg)."})
     margin_temperature: float = field(default=1.0, metadata={
@@ -68,6 +74,7 @@ class RewardConfig(PreferenceTrainingConfig):
         if self.model_name_or_path is None:
             self.model_name_or_path = self.default_backbone()
         check_choice("--loss_kind", self.loss_kind, ops.REWARD_LOSS_KINDS)
+        check_label_kind(self.label_kind)
         check_choice("--ops_backend", self.ops_backend, ("auto", "eager", "triton"))
         check_positive("--margin_temperature", self.margin_temperature)
         if self.loss_kind == "dpl" and self.margin_temperature != 1:
@@ -101,6 +108,18 @@ def load_backbone(config: RewardConfig, print_fn=print):
     return model, tokenizer
 
 
+def pair_labels(batch: dict, config: RewardConfig) -> tuple:
+    """((target_chosen, target_rejected), sigma) for ``ops.pair_loss`` from a collated batch: the panel label
+    distributions q [B, K] (``mixture``) or the means [B] with per-answer widths (``gaussian_spread``) or the
+    fixed ``config.sigma``; a scalar head reads the means alone."""
+    if "q_chosen" in batch and not config.is_scalar:
+        return (batch["q_chosen"], batch["q_rejected"]), config.sigma
+    sigma = config.sigma
+    if "sigma_chosen" in batch and not config.is_scalar:
+        sigma = (batch["sigma_chosen"], batch["sigma_rejected"])
+    return (batch["target_chosen"], batch["target_rejected"]), sigma
+
+
 def pair_loss_fn(config: RewardConfig, centers: Optional[torch.Tensor]):
     """``compute_loss(model, batch) -> (loss, metrics)`` for :func:`train_loop`: both sides in one forward, the
     loss over the model's bin ``centers`` [K] (None for a scalar head, which logs no ``mean_std``)."""
@@ -109,8 +128,9 @@ def pair_loss_fn(config: RewardConfig, centers: Optional[torch.Tensor]):
         output = model(torch.cat([batch["input_ids_chosen"], batch["input_ids_rejected"]]),
                        torch.cat([batch["attention_mask_chosen"], batch["attention_mask_rejected"]]))
         logits_chosen, logits_rejected = output.logits.chunk(2)
-        loss = ops.pair_loss(logits_chosen, logits_rejected, batch["target_chosen"], batch["target_rejected"],
-                             kind=config.loss_kind, sigma=config.sigma, score_weight=config.score_weight,
+        targets, sigma = pair_labels(batch, config)
+        loss = ops.pair_loss(logits_chosen, logits_rejected, *targets,
+                             kind=config.loss_kind, sigma=sigma, score_weight=config.score_weight,
                              centers=None if centers is None else centers.to(logits_chosen.device),
                              backend=config.ops_backend, temperature=config.margin_temperature)
         mean_chosen, mean_rejected = output.mean.detach().chunk(2)
@@ -129,7 +149,8 @@ def run_reward_training(config: RewardConfig):
     with accelerator.main_process_first():  # rank 0 downloads and caches the data, the others then read it
         data = load_preference_data(tokenizer, config.dataset_name, config.dataset_split, config.num_pairs,
                                     config.score_min, config.score_max, config.eval_fraction, config.max_length,
-                                    config.seed)
+                                    config.seed, config.task, config.label_kind if not config.is_scalar else "gaussian",
+                                    config.sigma, config.num_bins)
     if accelerator.is_main_process:
         save_run_config(config, config.output_dir)
     loader = DataLoader(data["train"], batch_size=config.per_device_train_batch_size, shuffle=True,
@@ -153,6 +174,9 @@ def held_out_metrics(model, tokenizer, pairs, config: RewardConfig) -> tuple:
         report.update(evaluation.truth_metrics(predictions, pairs["truth_chosen"], pairs["truth_rejected"]))
     if "kind" in pairs.column_names:
         report["by_kind"] = evaluation.metrics_by_group(predictions, pairs["kind"], config.sigma)
+    if "region" in pairs.column_names and "ratings_chosen" in pairs.column_names and not config.is_scalar:
+        report["panel"] = evaluation.panel_metrics(predictions, pairs)
+    elif "kind" in pairs.column_names:
         report["by_prompt_group"] = evaluation.metrics_by_group(
             predictions, evaluation.prompt_groups(pairs["kind"]), config.sigma)
     return report, predictions
@@ -169,10 +193,17 @@ def evaluate_and_report(model, tokenizer, data, config: RewardConfig, print_fn=p
     evaluation.save_predictions(predictions, config.output_dir)
     evaluation.plot_runs({config.loss_kind: predictions}, os.path.join(config.output_dir, DISTRIBUTIONS_NAME))
     if not evaluation.is_scalar(predictions):
-        kinds = data["test"]["kind"] if "kind" in data["test"].column_names else []
-        evaluation.plot_reliability(predictions, evaluation.prompt_groups(kinds),
-                                    os.path.join(config.output_dir, RELIABILITY_NAME))
+        columns = data["test"].column_names
+        groups = (data["test"]["region"] if "region" in columns
+                  else evaluation.prompt_groups(data["test"]["kind"]) if "kind" in columns else [])
+        evaluation.plot_reliability(predictions, groups, os.path.join(config.output_dir, RELIABILITY_NAME))
     names = evaluation.METRIC_NAMES + ("truth_differs_accuracy", "ground_truth_accuracy")
     print_fn(f"test pairs ({report['num_pairs']}, prompts unseen in training): "
              + ", ".join(f"{key} {report[key]:.3f}" for key in names if report.get(key) is not None))
+    if "panel" in report:
+        panel = report["panel"]
+        print_fn(f"rater panel: Spearman(predicted std, raters' sd) {panel['std_spread_spearman']:.3f}; by region "
+                 "(truth-ranked accuracy, std / careful-correct std): " + ", ".join(
+                     f"{name} {values['ground_truth_accuracy']:.3f} {values['std_ratio_to_careful_correct']:.2f}x"
+                     for name, values in panel["by_region"].items()))
     return report

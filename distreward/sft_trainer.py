@@ -1,14 +1,15 @@
-"""Stage ``sft``: supervised warm-up of the policy on the chosen answers (loss on answer tokens only).
+"""Stage ``sft``: supervised warm-up of the policy (loss on answer tokens only): on the embedded task ``v2``
+the demonstrator's answers (:mod:`distreward.testbed`), elsewhere the chosen answers of the pairs.
 
 With the defaults it trains the embedded tiny Llama (:mod:`distreward.tiny`) on the generated task
-(:mod:`distreward.synthetic`) in about a minute on a laptop CPU, so the reward model and REINFORCE
+in about a minute on a laptop CPU, so the reward model and REINFORCE
 start from a real SFT model. ``--model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct
 --dataset_name esfrankel17/HelpSteer2_binarized`` runs the same recipe on the hub defaults.
 
 Outputs in ``output_dir``: the policy and tokenizer in ``save_pretrained`` form (so
 ``AutoModelForCausalLM.from_pretrained(output_dir)`` loads it; its ``config.json`` is the model's,
 so the run's settings go to ``sft_config.json``), ``metrics.jsonl``, ``checkpoint-{step}/`` and, for
-the embedded task, ``eval.json`` with the ground-truth score of greedy answers to test prompts.
+the embedded task, ``eval.json`` with the ground-truth score of greedy answers to test prompts (per region).
 It trains on the ``train`` prompts' pairs only (:mod:`distreward.splits`).
 """
 import json
@@ -18,8 +19,7 @@ from typing import ClassVar
 
 from torch.utils.data import DataLoader
 
-from distreward import synthetic
-from distreward.data import EMBEDDED, CompletionCollator, PreferenceTrainingConfig, load_sft_data
+from distreward.data import EMBEDDED, CompletionCollator, PreferenceTrainingConfig, embedded_task, load_sft_data
 from distreward.modeling import load_policy
 from distreward.rollout import generate_rollouts
 from distreward.trainer_utils import make_accelerator, save_run_config, train_loop
@@ -39,16 +39,25 @@ class SFTConfig(PreferenceTrainingConfig):
     num_train_epochs: float = field(default=6.0, metadata={
         "help": "Passes over the chosen answers (ignored when --max_steps > 0; a weaker SFT policy samples answers "
                 "unlike the reward model's training pairs, and REINFORCE then exploits the reward model)."})
-    num_eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts answered greedily for "
-                                                                "eval.json (embedded task only; 0 skips it)."})
+    num_pairs: int = field(default=4000, metadata={"help": "Conversations to train on: demonstrations of the "
+                                                           "embedded task v2, pairs' chosen sides otherwise."})
+    num_eval_prompts: int = field(default=256, metadata={"help": "Held-out prompts answered greedily for "
+                                                                 "eval.json (embedded task only; 0 skips it)."})
 
 
-def evaluate_policy(policy, tokenizer, num_prompts: int, seed: int) -> dict:
-    """Mean ground-truth score (0-4) of greedy answers to ``num_prompts`` distinct test prompts of the embedded task."""
-    prompts = synthetic.make_prompts(num_prompts, seed=seed, split="test", unique=True)
+def evaluate_policy(policy, tokenizer, num_prompts: int, seed: int, task: str = "v2") -> dict:
+    """Mean ground-truth score (0-4) of greedy answers to ``num_prompts`` distinct test prompts of the embedded
+    ``task``, overall and per region (``by_region``: mean and number of prompts)."""
+    source = embedded_task(task)
+    prompts = source.make_prompts(num_prompts, seed=seed, split="test", unique=True)
     answers = generate_rollouts(policy, tokenizer, prompts, max_new_tokens=16, temperature=0).responses
-    scores = [synthetic.score_response(prompt, answer) for prompt, answer in zip(prompts, answers)]
+    scores = [source.score_response(prompt, answer) for prompt, answer in zip(prompts, answers)]
+    by_region = {}
+    for prompt, score in zip(prompts, scores):
+        by_region.setdefault(source.prompt_region(prompt), []).append(score)
     return {"ground_truth": {"mean": sum(scores) / len(scores)}, "num_prompts": num_prompts, "decoding": "greedy",
+            "by_region": {name: {"mean": sum(values) / len(values), "num_prompts": len(values)}
+                          for name, values in sorted(by_region.items())},
             "examples": [{"prompt": p, "answer": a} for p, a in list(zip(prompts, answers))[:8]]}
 
 
@@ -63,7 +72,7 @@ def run_sft(config: SFTConfig):
     policy, tokenizer = load_policy(config.model_name_or_path, config.seed)
     with accelerator.main_process_first():  # rank 0 downloads and caches the data, the others then read it
         data = load_sft_data(tokenizer, config.dataset_name, config.dataset_split, config.num_pairs,
-                             config.max_length, config.seed)
+                             config.max_length, config.seed, config.task)
     if accelerator.is_main_process:
         save_run_config(config, config.output_dir, RUN_CONFIG_NAME)
     loader = DataLoader(data, batch_size=config.per_device_train_batch_size, shuffle=True,
@@ -73,11 +82,12 @@ def run_sft(config: SFTConfig):
         policy.save_pretrained(config.output_dir)
         tokenizer.save_pretrained(config.output_dir)
         if config.dataset_name == EMBEDDED and config.num_eval_prompts > 0:
-            report = evaluate_policy(policy, tokenizer, config.num_eval_prompts, config.seed)
+            report = evaluate_policy(policy, tokenizer, config.num_eval_prompts, config.seed, config.task)
             with open(os.path.join(config.output_dir, "eval.json"), "w") as handle:
                 json.dump(report, handle, indent=2)
             accelerator.print(f"SFT policy, greedy answers to {config.num_eval_prompts} test prompts: mean ground "
                               f"truth {report['ground_truth']['mean']:.2f} / 4 (greedy decoding; REINFORCE's table "
-                              f"scores sampled answers, so its sft row differs)")
+                              f"scores sampled answers, so its sft row differs); by region: "
+                              + ", ".join(f"{name} {values['mean']:.2f}" for name, values in report["by_region"].items()))
     accelerator.wait_for_everyone()
     return policy

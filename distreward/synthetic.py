@@ -49,6 +49,11 @@ def prompt_kind(prompt: str) -> str:
     raise ValueError(f"not a prompt of the embedded task: {prompt!r}")
 
 
+def prompt_region(prompt: str) -> str:
+    """The prompt's group: "ambiguous" or "clear" (add, sort, count)."""
+    return "ambiguous" if prompt_kind(prompt) == "ambiguous" else "clear"
+
+
 def _reference_answer(prompt: str) -> str:
     """The best answer to a non-ambiguous prompt."""
     if match := _ADD.match(prompt):

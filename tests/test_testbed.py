@@ -1,0 +1,204 @@
+"""The embedded task v2 (distreward.testbed): problems and splits, the demonstrator, the rater panel, panel labels
+and the evaluation pieces that read them (regions, the within-prompt std control, the sharpened baseline)."""
+import collections
+import random
+import statistics
+
+import pytest
+import torch
+
+from distreward import evaluation, labels, testbed
+from distreward.data import (PreferenceCollator, embedded_task, load_preference_data, load_sft_data,
+                             tokenize_pairs)
+from distreward.ops import bin_centers
+from distreward.rewards import replace_std
+from distreward.splits import SPLITS, prompt_split
+from distreward.tiny import build_tiny_tokenizer
+
+
+def test_every_phrasing_parses_and_one_problem_has_one_split():
+    rng = random.Random(0)
+    for family, phrasings in testbed.PHRASINGS.items():
+        for _ in range(50):
+            fields = testbed._draw_problem(rng, family)
+            prompts = [text.format(**fields) for text in phrasings]
+            assert {testbed.prompt_kind(p) for p in prompts} == {family}
+            assert len({testbed.problem_key(p) for p in prompts}) == 1
+            assert len({prompt_split(testbed.problem_key(p)) for p in prompts}) == 1
+    with pytest.raises(ValueError, match="not a prompt"):
+        testbed.parse("Tell me a joke.")
+
+
+def test_no_problem_in_two_splits_and_the_test_split_has_64_problems_per_family():
+    problems = {split: {testbed.problem_key(row["prompt"]) for row in testbed.make_preference_dataset(400, 1, split)}
+                for split in SPLITS}
+    assert not problems["train"] & problems["test"] and not problems["train"] & problems["validation"]
+    assert not problems["validation"] & problems["test"]
+    test_prompts = testbed.make_prompts(4 * 80, seed=0, split="test", unique=True)
+    per_family = collections.Counter(testbed.prompt_kind(p) for p in test_prompts)
+    assert per_family == {family: 80 for family in testbed.FAMILIES}
+    assert len({testbed.problem_key(p) for p in test_prompts}) == len(test_prompts)
+    with pytest.raises(ValueError, match="distinct add problems"):
+        testbed.make_prompts(4 * 200, seed=0, split="test", unique=True)
+
+
+def test_the_data_are_deterministic_by_seed():
+    first = testbed.make_preference_dataset(200, seed=3)
+    assert first.to_list() == testbed.make_preference_dataset(200, seed=3).to_list()
+    assert first.to_list() != testbed.make_preference_dataset(200, seed=4).to_list()
+    assert testbed.make_demonstrations(50, 3).to_list() == testbed.make_demonstrations(50, 3).to_list()
+
+
+def test_ground_truth():
+    assert testbed.score_response("What is 27 + 5?", "32") == 4.0
+    assert testbed.score_response("What is 27 + 5?", "22") == 0.0  # the dropped carry is off by 10
+    assert testbed.score_response("27 + 5 = ?", "31") == 3.0
+    assert testbed.score_response("Sort: 4 1 3", "1 3 4") == 4.0
+    assert testbed.score_response("Sort: 4 1 3", "1 3 5") == pytest.approx(8 / 3)
+    assert testbed.score_response("Count the letter a in abca.", "2") == 4.0
+    assert testbed.score_response("Pick a lucky digit for Mira.", "7") == 2.5
+    assert testbed.score_response("Pick a lucky digit for Mira.", "3") == 2.0
+    assert testbed.score_response("Pick a lucky digit for Mira.", "ten") == 0.0
+
+
+def test_regions():
+    assert testbed.prompt_region("What is 27 + 5?") == "bug"
+    assert testbed.prompt_region("What is 21 + 5?") == "careful"
+    assert testbed.prompt_region("Sort: 4 1 3") == "careful"
+    assert testbed.prompt_region("Sort: 4 1 3 2") == "superficial"
+    assert testbed.prompt_region("How many a in: abcab?") == "careful"
+    assert testbed.prompt_region("How many a in: abcabcab?") == "consensus"
+    assert testbed.prompt_region("Choose a digit for Mira.") == "taste"
+
+
+def answers(prompt, draws=2000, seed=0):
+    rng = random.Random(seed)
+    return collections.Counter(testbed.demonstrate(prompt, rng) for _ in range(draws))
+
+
+def test_the_demonstrator_drops_the_carry_so_its_mode_is_wrong():
+    counts = answers("What is 27 + 5?")
+    assert counts.most_common(1)[0][0] == "22"
+    assert 0.5 < counts["22"] / 2000 < 0.6 and 0.3 < counts["32"] / 2000 < 0.4
+    assert answers("What is 21 + 5?").most_common(1)[0][0] == "26"  # no carry: right
+    assert answers("Sort: 4 1 3 2").most_common(1)[0][0] == "1 2 3 4"
+    assert answers("Pick a lucky digit for Mira.").most_common(1)[0][0] == "7"
+
+
+def panel(prompt, response, repeats=200):
+    rng = random.Random(1)
+    ratings = [testbed.rate(prompt, response, rng) for _ in range(repeats)]
+    means = [statistics.mean(r) for r in ratings]
+    return statistics.mean(means), statistics.mean(statistics.pstdev(r) for r in ratings)
+
+
+def test_the_panel_regions_behave_as_designed():
+    careful_mean, careful_sd = panel("What is 27 + 5?", "22")  # careful raters see the bug
+    assert careful_mean < 0.3 and careful_sd < 0.3
+    assert panel("What is 27 + 5?", "32")[0] > 3.7
+    truth = testbed.score_response("Sort: 4 1 3 2", "1 2 3 5")
+    superficial_mean, superficial_sd = panel("Sort: 4 1 3 2", "1 2 3 5")  # sorted, wrong digit
+    assert superficial_mean > truth + 0.3 and superficial_sd > 0.4  # mean wrong, spread high
+    assert panel("Sort: 4 1 3", "1 3 5")[0] == pytest.approx(testbed.score_response("Sort: 4 1 3", "1 3 5"), abs=0.2)
+    consensus_mean, consensus_sd = panel("How many a in: abcabcab?", "2")  # the truth is 3; raters say 2
+    assert consensus_mean > 3.7 and consensus_sd < 0.3 and testbed.score_response("How many a in: abcabcab?", "2") == 3
+    taste_mean, taste_sd = panel("Pick a lucky digit for Mira.", "7")
+    assert taste_mean == pytest.approx(2.5, abs=0.2) and taste_sd > 1.0  # bimodal, mean right
+    assert testbed.panel_spread("Sort: 4 1 3 2", "1 2 3 5") == testbed.panel_spread("Sort: 4 1 3 2", "1 2 3 5")
+
+
+def test_pairs_keep_the_panel_and_prefer_the_higher_mean():
+    data = testbed.make_preference_dataset(300, seed=0)
+    for row in data:
+        assert len(row["ratings_chosen"]) == testbed.NUM_RATERS
+        assert row["score_chosen"] == pytest.approx(statistics.mean(row["ratings_chosen"]))
+        assert row["score_chosen"] > row["score_rejected"]
+        assert row["region"] == testbed.prompt_region(row["prompt"])
+    assert set(data["region"]) == set(testbed.REGIONS)
+
+
+def test_panel_labels():
+    assert labels.spread_sigma([2, 2, 2, 2, 2], 0.1, 0, 4) == pytest.approx(0.1)
+    spread = statistics.pstdev([4, 4, 1, 1, 4]) / 4  # 1.47 / 4
+    assert labels.spread_sigma([4, 4, 1, 1, 4], 0.1, 0, 4) == pytest.approx((0.1 ** 2 + spread ** 2) ** 0.5)
+    q = torch.tensor(labels.mixture_label([4, 4, 1, 1, 4], 0.1, 0, 4, 10))
+    assert q.sum().item() == pytest.approx(1.0, abs=1e-9)
+    centers = bin_centers(10, dtype=torch.float64)
+    per_rater = [torch.softmax(-(centers - r / 4) ** 2 / (2 * 0.1 ** 2), 0) for r in (4, 4, 1, 1, 4)]
+    q = q.double()
+    assert torch.allclose(q, torch.stack(per_rater).mean(0), atol=1e-12)
+    assert q[2] > q[4] < q[9]  # two modes, at 1/4 and 1
+    with pytest.raises(ValueError, match="outside the score range"):
+        labels.spread_sigma([5], 0.1, 0, 4)
+
+
+@pytest.mark.parametrize("label_kind, column", [("gaussian_spread", "sigma"), ("mixture", "q")])
+def test_the_collator_carries_panel_labels(label_kind, column):
+    tokenizer = build_tiny_tokenizer()
+    raw = testbed.make_preference_dataset(8, seed=0)
+    rows = tokenize_pairs(tokenizer, raw, 0.0, 4.0, 256, label_kind, 0.1, 10)
+    batch = PreferenceCollator(tokenizer.pad_token_id)(list(rows))
+    shape = (8,) if column == "sigma" else (8, 10)
+    assert batch[f"{column}_chosen"].shape == shape and batch[f"{column}_rejected"].shape == shape
+    assert "q_chosen" not in PreferenceCollator(tokenizer.pad_token_id)(
+        list(tokenize_pairs(tokenizer, raw, 0.0, 4.0, 256)))
+
+
+def test_panel_labels_need_ratings():
+    tokenizer = build_tiny_tokenizer()
+    with pytest.raises(ValueError, match="ratings"):
+        load_preference_data(tokenizer, num_pairs=20, task="v1", label_kind="mixture")
+
+
+def test_sft_trains_on_demonstrations_not_on_chosen_answers():
+    tokenizer = build_tiny_tokenizer()
+    demonstrations = load_sft_data(tokenizer, num_pairs=50, seed=0, task="v2")
+    assert len(demonstrations) == 50
+    expected = testbed.make_demonstrations(50, 0)
+    first = tokenizer.decode(demonstrations[0]["input_ids"])
+    assert expected[0]["chosen"][1]["content"] in first
+    with pytest.raises(ValueError, match="--task"):
+        embedded_task("v3")
+
+
+def test_shuffled_within_prompt_permutes_inside_each_prompt():
+    std = torch.arange(12, dtype=torch.float32)
+    shuffled = replace_std(std, "shuffled_within_prompt", torch.Generator().manual_seed(0), samples_per_prompt=4)
+    assert not torch.equal(shuffled, std)
+    for group in range(3):
+        assert sorted(shuffled[4 * group:4 * group + 4].tolist()) == std[4 * group:4 * group + 4].tolist()
+    again = replace_std(std, "shuffled_within_prompt", torch.Generator().manual_seed(0), samples_per_prompt=4)
+    assert torch.equal(shuffled, again)
+    with pytest.raises(ValueError, match="groups of 5"):
+        replace_std(std, "shuffled_within_prompt", samples_per_prompt=5)
+
+
+def records(policy, values, region="bug"):
+    return [{"policy": policy, "prompt": f"p{i}", "region": region, "ground_truth": v, "reward": v / 4, "std": 0.1,
+             "rater_spread": 0.0, "kl": 0.0} for i, v in enumerate(values)]
+
+
+def test_region_gains_and_the_sharpening_verdict():
+    samples = records("sharpened", [0.0, 0.0, 1.0, 0.0]) + records("trained", [4.0, 4.0, 4.0, 3.0])
+    gains = evaluation.region_gains(samples, "sharpened", "trained")
+    assert gains["bug"]["num_prompts"] == 4
+    assert gains["bug"]["ground_truth"]["gain"] == pytest.approx(3.5)
+    result = {"temperature": 0.5, "chosen_on": "4 validation prompts",
+              **evaluation.paired_gains(samples, "sharpened", "trained")}
+    assert evaluation.sharpening_verdict(result).startswith("the trained policy BEATS")
+    worse = records("sharpened", [4.0, 4.0, 4.0, 3.0]) + records("trained", [0.0, 0.0, 1.0, 0.0])
+    result.update(evaluation.paired_gains(worse, "sharpened", "trained"))
+    assert "LOSES TO" in evaluation.sharpening_verdict(result)
+
+
+def test_panel_metrics_on_hand_made_predictions():
+    sharp, flat = [0.0] * 9 + [8.0], [0.0] * 10  # a confident correct answer, a spread-out one
+    pairs = {"region": ["careful", "taste"], "truth_chosen": [4.0, 2.5], "truth_rejected": [0.0, 2.0],
+             "ratings_chosen": [[4, 4, 4, 4, 4], [4, 1, 4, 1, 4]], "ratings_rejected": [[0] * 5, [2] * 5]}
+    predictions = {"logits_chosen": torch.tensor([sharp, flat]), "logits_rejected": torch.tensor([sharp[::-1], sharp]),
+                   "target_chosen": torch.tensor([1.0, 0.7]), "target_rejected": torch.tensor([0.0, 0.5])}
+    metrics = evaluation.panel_metrics(predictions, pairs)
+    assert metrics["by_region"]["careful"]["ground_truth_accuracy"] == 1.0
+    assert metrics["by_region"]["taste"]["ground_truth_accuracy"] == 0.0  # E(flat) = 0.5 < E(sharp at 1)
+    assert metrics["by_region"]["taste"]["std_ratio_to_careful_correct"] > 2
+    assert metrics["std_spread_spearman"] > 0.5
