@@ -29,8 +29,12 @@ RM_VARIANTS = {"bt_mean": {"loss_kind": "bt_mean"}, "bt_mean_t0.1": {"loss_kind"
 SHAPINGS = {"none": {"shaping": "none"}, "std_penalty": {"shaping": "std_penalty"},
             "std_scale": {"shaping": "std_scale"}, "quantile": {"shaping": "quantile"},
             "std_scale_constant": {"shaping": "std_scale", "std_source": "constant"},
-            "std_scale_shuffled": {"shaping": "std_scale", "std_source": "shuffled"}}
-# H2 and its controls on the bt_kl reward model, and H1 as RL sees it: every RM variant under shaping none
+            "std_scale_shuffled": {"shaping": "std_scale", "std_source": "shuffled"},
+            # the controls that stay meaningful under the rloo baseline (task v2's H2 test)
+            "std_penalty_shuffled_within": {"shaping": "std_penalty", "std_source": "shuffled_within_prompt"},
+            "std_scale_shuffled_within": {"shaping": "std_scale", "std_source": "shuffled_within_prompt"}}
+# H2 and its controls on the bt_kl reward model (within-prompt shuffles: the controls that hold under rloo), and H1
+# as RL sees it: every RM variant under shaping none
 DEFAULT_ARMS = [f"bt_kl/{shaping}" for shaping in SHAPINGS] + [
     f"{variant}/none" for variant in RM_VARIANTS if variant != "bt_kl"]
 GRID_FIELDS = ("seed", "loss_kind", "shaping")  # PipelineConfig's settings that the arms and --seeds set

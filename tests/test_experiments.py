@@ -26,7 +26,7 @@ def config_from(argv: list):
 def test_default_arms_are_h2_on_bt_kl_and_h1_under_none():
     assert experiments.DEFAULT_ARMS == [
         "bt_kl/none", "bt_kl/std_penalty", "bt_kl/std_scale", "bt_kl/quantile", "bt_kl/std_scale_constant",
-        "bt_kl/std_scale_shuffled", "bt_mean/none", "bt_mean_t0.1/none", "dpl/none", "scalar_bt/none",
+        "bt_kl/std_scale_shuffled", "bt_kl/std_penalty_shuffled_within", "bt_kl/std_scale_shuffled_within", "bt_mean/none", "bt_mean_t0.1/none", "dpl/none", "scalar_bt/none",
         "scalar_reg/none"]
     config = config_from([])
     assert config.seeds == list(range(8)) and config.arms == experiments.DEFAULT_ARMS

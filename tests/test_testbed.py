@@ -1,6 +1,7 @@
 """The embedded task v2 (distreward.testbed): problems and splits, the demonstrator, the rater panel, panel labels
 and the evaluation pieces that read them (regions, the within-prompt std control, the sharpened baseline)."""
 import collections
+import json
 import random
 import statistics
 
@@ -202,3 +203,35 @@ def test_panel_metrics_on_hand_made_predictions():
     assert metrics["by_region"]["taste"]["ground_truth_accuracy"] == 0.0  # E(flat) = 0.5 < E(sharp at 1)
     assert metrics["by_region"]["taste"]["std_ratio_to_careful_correct"] > 2
     assert metrics["std_spread_spearman"] > 0.5
+
+
+def fake_run(root, gain, bug_gain, careful=3.7):
+    """A pipeline run directory with the eval.json fields the acceptance table reads."""
+    region = {"careful": {"mean": careful}, "bug": {"mean": 0.2}}
+    panel = {"std_spread_spearman": 0.6, "by_region": {
+        "bug": {"ground_truth_accuracy": 0.95}, "superficial": {"std_ratio_to_careful_correct": 2.5},
+        "taste": {"std_ratio_to_careful_correct": 1.5}}}
+    rl = {"trained": {"kl_to_ref": 0.5}, "comparison": {"ground_truth": {"gain": gain + 0.3}},
+          "sharpened_sft": {"temperature": 0.5, "ground_truth": {"gain": gain},
+                            "by_region": {"bug": {"ground_truth": {"gain": bug_gain}}}}}
+    for stage, report in (("sft", {"by_region": region}), ("rm", {"panel": panel}), ("rl", rl)):
+        (root / stage).mkdir(parents=True)
+        (root / stage / "eval.json").write_text(json.dumps(report))
+    return str(root)
+
+
+def test_the_acceptance_table_over_seeds(tmp_path, capsys):
+    from distreward import testbed_report
+
+    runs = [fake_run(tmp_path / f"seed{s}", gain, bug) for s, (gain, bug) in enumerate([(0.2, 1.0), (0.3, 0.9),
+                                                                                        (0.25, 0.7)])]
+    rows = {row["criterion"]: row for row in testbed_report.acceptance(runs)}
+    beat = rows["ground truth: trained - best sharpened SFT"]
+    assert beat["values"] == [0.2, 0.3, 0.25] and beat["mean"] == pytest.approx(0.25)
+    half = 4.302653 * 0.05 / 3 ** 0.5  # t(0.975, 2) x sd / sqrt(n)
+    assert beat["ci95"] == pytest.approx([0.25 - half, 0.25 + half], abs=1e-5) and beat["met"] == "yes"
+    assert rows["ground truth, bug region: trained - best sharpened SFT"]["met"] == "yes"  # mean 0.867
+    assert rows["RM std, taste / careful-correct"]["met"] == "no"
+    assert rows["SFT greedy ground truth, bug region"]["met"] == "yes"
+    assert testbed_report.main(runs) == 0 and "| criterion |" in capsys.readouterr().out
+    assert testbed_report.main([str(tmp_path / "missing")]) == 2

@@ -1,0 +1,110 @@
+"""``python -m distreward.testbed_report RUN_DIR [RUN_DIR ...]``: the task v2 acceptance table over seeds.
+
+Each RUN_DIR is a finished ``python -m distreward.train --seed S --output_dir RUN_DIR`` (its ``sft/``,
+``rm/`` and ``rl/`` ``eval.json``), one per seed. The table gives, per criterion of docs/testbed.md, each
+seed's value, the mean and (for the policy gains) the 95% t-interval over seeds, and whether the target
+is met; ``--output`` writes it as JSON too.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+from scipy import stats
+
+# (name, target, reader of (sft, rm, rl) eval.json, interval over seeds?)
+CRITERIA = (
+    ("SFT greedy ground truth, careful region", ">= 3.6", lambda s, m, r: s["by_region"]["careful"]["mean"], False),
+    ("SFT greedy ground truth, bug region", "<= 1.0", lambda s, m, r: s["by_region"]["bug"]["mean"], False),
+    ("RM accuracy on bug pairs whose truth differs", ">= 0.90",
+     lambda s, m, r: m["panel"]["by_region"]["bug"]["ground_truth_accuracy"], False),
+    ("RM std, superficial / careful-correct", ">= 2",
+     lambda s, m, r: m["panel"]["by_region"]["superficial"]["std_ratio_to_careful_correct"], False),
+    ("RM std, taste / careful-correct", ">= 2",
+     lambda s, m, r: m["panel"]["by_region"]["taste"]["std_ratio_to_careful_correct"], False),
+    ("Spearman(RM std, raters' sd)", ">= 0.5", lambda s, m, r: m["panel"]["std_spread_spearman"], False),
+    ("sharpening temperature chosen on validation", "", lambda s, m, r: r["sharpened_sft"]["temperature"], False),
+    ("ground truth: trained - SFT at T = 1", "", lambda s, m, r: r["comparison"]["ground_truth"]["gain"], True),
+    ("ground truth: trained - best sharpened SFT", ">= +0.10, interval above 0",
+     lambda s, m, r: r["sharpened_sft"]["ground_truth"]["gain"], True),
+    ("ground truth, bug region: trained - best sharpened SFT", ">= +0.8",
+     lambda s, m, r: r["sharpened_sft"]["by_region"]["bug"]["ground_truth"]["gain"], True),
+    ("KL to the SFT policy, trained", "", lambda s, m, r: r["trained"]["kl_to_ref"], False),
+)
+
+
+def t_interval(values: list) -> tuple:
+    """The 95% t-interval (low, high) of the mean of ``values`` (NaN with fewer than 2)."""
+    if len(values) < 2:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    half = stats.t.ppf(0.975, len(values) - 1) * sd / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def meets(target: str, mean: float, low: float) -> str:
+    """Whether a ``target`` such as ``>= 3.6`` or ``>= +0.10, interval above 0`` is met ('' when it names none)."""
+    if not target:
+        return ""
+    bound = float(target.split()[1].rstrip(","))
+    ok = mean >= bound if target.startswith(">=") else mean <= bound
+    if "interval above 0" in target:
+        ok = ok and low > 0
+    return "yes" if ok else "no"
+
+
+def read_run(run_dir: str) -> tuple:
+    runs = []
+    for stage in ("sft", "rm", "rl"):
+        path = os.path.join(run_dir, stage, "eval.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"{run_dir} is not a finished pipeline run (no {stage}/eval.json)")
+        with open(path) as handle:
+            runs.append(json.load(handle))
+    return tuple(runs)
+
+
+def acceptance(run_dirs: list) -> list:
+    """One dict per criterion: name, target, values (one per run), mean, ci95 (gains only), met."""
+    runs = [read_run(run_dir) for run_dir in run_dirs]
+    rows = []
+    for name, target, read, interval in CRITERIA:
+        values = [read(*run) for run in runs]
+        mean = sum(values) / len(values)
+        low, high = t_interval(values) if interval else (math.nan, math.nan)
+        rows.append({"criterion": name, "target": target, "values": values, "mean": mean,
+                     "ci95": [low, high] if interval else None, "met": meets(target, mean, low)})
+    return rows
+
+
+def markdown(rows: list) -> str:
+    lines = ["| criterion | target | per seed | mean [95% t-interval] | met |", "|---|---|---|---|---|"]
+    for row in rows:
+        interval = f" [{row['ci95'][0]:+.3f}, {row['ci95'][1]:+.3f}]" if row["ci95"] else ""
+        lines.append(f"| {row['criterion']} | {row['target']} | {' '.join(f'{v:.3g}' for v in row['values'])} | "
+                     f"{row['mean']:.3f}{interval} | {row['met']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distreward.testbed_report", allow_abbrev=False,
+                                     description="Task v2 acceptance over finished pipeline runs, one per seed.")
+    parser.add_argument("run_dirs", nargs="+", help="output_dir of each `python -m distreward.train` run")
+    parser.add_argument("--output", help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        rows = acceptance(args.run_dirs)
+    except (ValueError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(markdown(rows))
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump(rows, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
