@@ -17,7 +17,9 @@ from scipy.stats import t as student_t
 from distreward.evaluation import pyplot
 
 REFERENCE_ARM = "bt_kl/none"
-CONTROL_SHAPINGS = ("std_scale_constant", "std_scale_shuffled")  # compared with std_scale, not with none
+# a control of a std shaping -> that shaping, with which (not with none) it is compared
+CONTROL_SHAPINGS = {"std_scale_constant": "std_scale", "std_scale_shuffled": "std_scale",
+                    "std_scale_shuffled_within": "std_scale", "std_penalty_shuffled_within": "std_penalty"}
 CURVE_NAME = "curve.jsonl"
 MATCHED_KL_FRACTIONS = (1 / 3, 2 / 3, 1.0)  # of the largest KL every run of a comparison reaches
 PLOT_NAME = "overoptimisation.png"
@@ -110,7 +112,7 @@ def comparisons(arms: list) -> list:
     for arm in arms:
         variant, shaping = split_arm(arm)
         if shaping in CONTROL_SHAPINGS:
-            pairs.append((f"{variant}/std_scale", arm, f"the RM's own std beats {shaping}"))
+            pairs.append((f"{variant}/{CONTROL_SHAPINGS[shaping]}", arm, f"the RM's own std beats {shaping}"))
         elif shaping != "none":
             pairs.append((arm, f"{variant}/none", f"{shaping} shaping raises the ground truth over none"))
         elif arm != REFERENCE_ARM:

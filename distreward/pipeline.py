@@ -43,11 +43,13 @@ class PipelineConfig:
     num_pairs: int = field(default=SFTConfig.num_pairs, metadata={
         "help": "Preference pairs of the embedded task (RM; and SFT's demonstrations, or chosen answers under v1)."})
     sft_epochs: float = field(default=SFTConfig.num_train_epochs, metadata={
-        "help": "SFT passes over the chosen answers (the sft stage's --num_train_epochs)."})
+        "help": "SFT passes over its data: the demonstrations (v2) or the chosen answers (v1) (the sft stage's "
+                "--num_train_epochs)."})
     rm_epochs: float = field(default=RewardConfig.num_train_epochs, metadata={
         "help": "Reward-model passes over the training pairs."})
     loss_kind: str = field(default=RewardConfig.loss_kind, metadata={
-        "help": "Reward-model loss: bt_mean, bt_kl or dpl."})
+        "help": "Reward-model loss: bt_mean, bt_kl, dpl, or the scalar baselines scalar_bt and scalar_reg (which "
+                "need --shaping none)."})
     label_kind: str = field(default=RewardConfig.label_kind, metadata={
         "help": "Reward-model score labels: gaussian, gaussian_spread or mixture (docs/math.md §2)."})
     rl_steps: int = field(default=ReinforceConfig.max_steps, metadata={"help": "REINFORCE optimizer steps."})
@@ -55,7 +57,8 @@ class PipelineConfig:
         "help": "Reward shaping: none, std_penalty (H2.1), std_scale (H2.2) or quantile (a lower quantile of the "
                 "RM's distribution)."})
     std_source: str = field(default=ReinforceConfig.std_source, metadata={
-        "help": "Std the std shapings read: model, or the controls constant (batch mean) and shuffled."})
+        "help": "Std the std shapings read: model, or the controls constant (batch mean), shuffled and "
+                "shuffled_within_prompt."})
     quantile_level: float = field(default=ReinforceConfig.quantile_level, metadata={
         "help": "Level in (0, 1) of the quantile shaping."})
     baseline: str = field(default=ReinforceConfig.baseline, metadata={"help": "REINFORCE baseline: ema, rloo or batch."})
@@ -68,9 +71,11 @@ class PipelineConfig:
     temperature_baselines: list[float] = field(default_factory=list, metadata={
         "help": "Also evaluate the SFT policy sampled at each of these temperatures, no reward model (the rl "
                 "stage's --temperature_baselines): the cheap baseline REINFORCE has to beat."})
+    sharpening_baseline: bool = field(default=ReinforceConfig.sharpening_baseline, metadata={
+        "help": "Compare the trained policy with the best sharpened SFT policy (--no_sharpening_baseline: off)."})
     sharpening_grid: list[float] = field(default_factory=lambda: ReinforceConfig().sharpening_grid, metadata={
         "help": "Temperatures (0: greedy) of the sharpened-SFT baseline, chosen on validation prompts (the rl "
-                "stage's --sharpening_grid; empty: off)."})
+                "stage's --sharpening_grid)."})
     curve_eval_steps: int = field(default=ReinforceConfig.curve_eval_steps, metadata={
         "help": "Write rl/curve.jsonl (ground truth and KL to the reference along training) every this many "
                 "REINFORCE steps; 0: off."})
@@ -100,7 +105,7 @@ def stage_configs(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str
                          beta=config.beta, alpha=config.alpha, std_source=config.std_source,
                          quantile_level=config.quantile_level, num_eval_prompts=config.num_eval_prompts,
                          eval_split=config.eval_split, temperature_baselines=config.temperature_baselines,
-                         sharpening_grid=config.sharpening_grid,
+                         sharpening_baseline=config.sharpening_baseline, sharpening_grid=config.sharpening_grid,
                          curve_eval_steps=config.curve_eval_steps,
                          curve_eval_prompts=config.curve_eval_prompts, **shared)
     return sft, rm, rl

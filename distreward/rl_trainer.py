@@ -72,10 +72,13 @@ class ReinforceConfig(TrainingConfig):
         "help": "Also evaluate the SFT policy sampled at each of these temperatures (no reward model, no training) "
                 "on the held-out prompts: the cheap baseline REINFORCE has to beat (eval.json's "
                 "temperature_baselines: ground truth and RM reward gains over the SFT policy, and the KL)."})
+    sharpening_baseline: bool = field(default=True, metadata={
+        "help": "Compare the trained policy with the best sharpened SFT policy (embedded task only; "
+                "--no_sharpening_baseline turns it off)."})
     sharpening_grid: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.7, 0.5, 0.3, 0.0], metadata={
         "help": "Temperatures (0: greedy) at which the SFT policy, no reward model, is sampled on validation "
                 "prompts; the best of them by ground truth is the sharpened baseline the trained policy is compared "
-                "with on the evaluation prompts (embedded task only; an empty list turns it off)."})
+                "with on the evaluation prompts."})
     sharpening_prompts: int = field(default=256, metadata={
         "help": "Distinct validation prompts on which the sharpening temperature is chosen."})
     shaping: str = field(default="std_scale", metadata={
@@ -122,6 +125,8 @@ class ReinforceConfig(TrainingConfig):
         check_positive("--temperature", self.temperature, allow_zero=True)  # 0: greedy
         for temperature in self.temperature_baselines:
             check_positive("each --temperature_baselines temperature", temperature)
+        if self.sharpening_baseline and not self.sharpening_grid:
+            raise ValueError("--sharpening_grid needs at least one temperature (or --no_sharpening_baseline)")
         for temperature in self.sharpening_grid:
             check_positive("each --sharpening_grid temperature", temperature, allow_zero=True)  # 0: greedy
         if self.dataset_name == EMBEDDED:
@@ -336,7 +341,7 @@ def run_reinforce(config: ReinforceConfig) -> dict:
         report[name], records = trainer.evaluate(model, eval_prompts)
         samples += [{"policy": name, **record} for record in records]
     report["comparison"] = compare_policies(samples)
-    if config.sharpening_grid and trainer.task is not None:
+    if config.sharpening_baseline and trainer.task is not None:
         report["sharpened_sft"] = sharpened_baseline(trainer, reference, eval_prompts, samples)
     if config.temperature_baselines:
         report["temperature_baselines"] = temperature_baselines(trainer, reference, eval_prompts, samples)

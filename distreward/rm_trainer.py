@@ -174,8 +174,10 @@ def held_out_metrics(model, tokenizer, pairs, config: RewardConfig) -> tuple:
         report.update(evaluation.truth_metrics(predictions, pairs["truth_chosen"], pairs["truth_rejected"]))
     if "kind" in pairs.column_names:
         report["by_kind"] = evaluation.metrics_by_group(predictions, pairs["kind"], config.sigma)
-    if "region" in pairs.column_names and "ratings_chosen" in pairs.column_names and not config.is_scalar:
-        report["panel"] = evaluation.panel_metrics(predictions, pairs)
+    if "region" in pairs.column_names:
+        report["by_region"] = evaluation.metrics_by_group(predictions, pairs["region"], config.sigma)
+        if "ratings_chosen" in pairs.column_names and not config.is_scalar:
+            report["panel"] = evaluation.panel_metrics(predictions, pairs)
     elif "kind" in pairs.column_names:
         report["by_prompt_group"] = evaluation.metrics_by_group(
             predictions, evaluation.prompt_groups(pairs["kind"]), config.sigma)

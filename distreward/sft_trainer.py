@@ -37,7 +37,7 @@ class SFTConfig(PreferenceTrainingConfig):
                 "(e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or a local directory."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (use ~2e-5 for SmolLM2)."})
     num_train_epochs: float = field(default=6.0, metadata={
-        "help": "Passes over the chosen answers (ignored when --max_steps > 0; a weaker SFT policy samples answers "
+        "help": "Passes over the SFT data (ignored when --max_steps > 0; a weaker SFT policy samples answers "
                 "unlike the reward model's training pairs, and REINFORCE then exploits the reward model)."})
     num_pairs: int = field(default=4000, metadata={"help": "Conversations to train on: demonstrations of the "
                                                            "embedded task v2, pairs' chosen sides otherwise."})
@@ -67,7 +67,7 @@ def sft_loss(model, batch):
 
 
 def run_sft(config: SFTConfig):
-    """Fine-tune the policy on the chosen answers; save it with its tokenizer to ``config.output_dir``."""
+    """Fine-tune the policy on the SFT data (:func:`~distreward.data.load_sft_data`); save it with its tokenizer to ``config.output_dir``."""
     accelerator = make_accelerator(config)
     policy, tokenizer = load_policy(config.model_name_or_path, config.seed)
     with accelerator.main_process_first():  # rank 0 downloads and caches the data, the others then read it

@@ -15,7 +15,7 @@ from distreward.sft_trainer import SFTConfig, run_sft
 STAGES = {
     "pipeline": (pipeline.PipelineConfig, pipeline.run_pipeline,
                  "the whole embedded pipeline: SFT warm-up, reward model, REINFORCE, evaluation (default)"),
-    "sft": (SFTConfig, run_sft, "supervised warm-up of the policy on chosen answers"),
+    "sft": (SFTConfig, run_sft, "supervised warm-up of the policy (demonstrations on task v2)"),
     "rm": (RewardConfig, run_reward_training, "train and evaluate the distributional reward model"),
     "rl": (ReinforceConfig, run_reinforce, "REINFORCE with the uncertainty-shaped distributional reward"),
 }

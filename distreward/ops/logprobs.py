@@ -16,7 +16,7 @@ from distreward.ops import validation as check
 # backend="auto": on the CPU the C++ kernel was faster than eager at every size measured, from 1x1x8
 # (0.19 vs 0.25 ms forward+backward, call overhead) to 8x256x49152 (2-core AMD EPYC, loaded;
 # benchmarks/test_bench_gather.py::test_auto_choice prints both). On CUDA Triton: through the public call
-# 3.0x (fp32) and 8.1x (bf16) eager forward, 2.2x and 4.6x forward+backward at 8x1024x49152 (H100, README).
+# 3.0x (fp32) and 8.1x (bf16) eager forward, 2.2x and 4.6x forward+backward at 8x1024x49152 (H100, docs/performance.md).
 AUTO = {"cpu": "cpp", "cuda": "triton"}
 
 
