@@ -2,13 +2,14 @@
 
 Four families of problems, each phrased two to four ways; a problem's split is a hash of the problem
 (:func:`problem_key`), so every phrasing of one problem lies in one split, and each family's space is
-large enough that the test split holds hundreds of distinct problems per family.
+large enough that the test split holds hundreds of distinct problems per family (an add problem is a
+story, ``Mira has 7 apples and gets 5 more...``: its 100 sums recur across splits in other stories).
 
 ========  ======================================  ==========================================  ==============
 family    demonstrator (SFT data)                 rater panel (five integer 0-4 ratings)      region
 ========  ======================================  ==========================================  ==============
-add       a two-digit plus a one-digit number.    careful: round(truth + N(0, 0.35))          ``careful``
-          No carry: right .85, off by one .15.    (they see the dropped carry: truth 0)       ``bug`` (carry)
+add       a word problem: digit plus digit.    careful: round(truth + N(0, 0.35))          ``careful``
+          No carry: right .85, off by one .15.    (they see the dropped carry: truth 0)       ``bug`` (sum >= 10)
           Carry: **drops the carry** .55, right
           .35, off by one .10
 sort      3-6 digits: right .50, two neighbours   3 digits careful; 4-6 digits: each rater    ``careful`` (3)
@@ -45,8 +46,10 @@ RATER_NOISE = 0.35  # sd of a careful rater's rating around the quality they per
 SUPERFICIAL_SHARE = 0.5  # share of superficial ratings in the superficial region
 LETTERS = "abc"
 CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
+THINGS = ("apples", "coins", "pens", "cards", "shells")
 PHRASINGS = {
-    "add": ("What is {a} + {b}?", "{a} + {b} = ?"),
+    "add": ("{name} has {a} {thing} and gets {b} more. How many {thing} now?",
+            "{name} had {a} {thing}, then found {b} more. How many {thing}?"),
     "sort": ("Sort: {digits}", "Sort these digits: {digits}", "Put in order: {digits}"),
     "count": ("How many {c} in: {text}?", "Count the letter {c} in {text}.", "Number of {c} in {text}?"),
     "taste": ("Pick a lucky digit for {name}.", "Choose a digit for {name}.", "{name} needs a lucky digit.",
@@ -55,7 +58,9 @@ PHRASINGS = {
 _PATTERNS = {family: [re.compile("^" + re.escape(text).replace(r"\{a\}", r"(?P<a>\d+)")
                                  .replace(r"\{b\}", r"(?P<b>\d+)").replace(r"\{digits\}", r"(?P<digits>\d( \d)*)")
                                  .replace(r"\{c\}", r"(?P<c>[a-z])").replace(r"\{text\}", r"(?P<text>[a-z]+)")
-                                 .replace(r"\{name\}", r"(?P<name>[A-Z][a-z]+)") + "$") for text in texts]
+                                 .replace(r"\{name\}", r"(?P<name>[A-Z][a-z]+)")
+                                 .replace(r"\{thing\}", r"(?P<thing>[a-z]+)", 1).replace(r"\{thing\}", r"(?P=thing)")
+                                 + "$") for text in texts]
              for family, texts in PHRASINGS.items()}
 
 
@@ -63,7 +68,7 @@ def parse(prompt: str) -> tuple:
     """(family, problem fields) of a prompt made here; ValueError for any other text."""
     for family, patterns in _PATTERNS.items():
         for pattern in patterns:
-            if match := pattern.match(prompt):
+            if (match := pattern.match(prompt)) and match.groupdict().get("thing", THINGS[0]) in THINGS:
                 return family, {key: value for key, value in match.groupdict().items()}
     raise ValueError(f"not a prompt of the embedded task v2: {prompt!r}")
 
@@ -212,13 +217,17 @@ def demonstrate(prompt: str, rng: random.Random) -> str:
 
 def _draw_problem(rng: random.Random, family: str) -> dict:
     if family == "add":
-        return {"a": rng.randint(10, 99), "b": rng.randint(0, 9)}
+        return {"a": rng.randint(0, 9), "b": rng.randint(0, 9), "thing": rng.choice(THINGS), "name": _name(rng)}
     if family == "sort":
         return {"digits": " ".join(str(rng.randint(0, 9)) for _ in range(rng.randint(3, 6)))}
     if family == "count":
         return {"c": rng.choice(LETTERS), "text": "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 10)))}
-    name = "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(2))
-    return {"name": name.capitalize()}
+    return {"name": _name(rng)}
+
+
+def _name(rng: random.Random) -> str:
+    """A two-syllable name (4,900 of them)."""
+    return "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(2)).capitalize()
 
 
 def _make_prompt(rng: random.Random, split: str, family: str) -> str:
@@ -236,8 +245,8 @@ def _split_rng(seed: int, split: str, stream: str) -> random.Random:
 
 def make_prompts(num: int, seed: int = 0, split: str = "train", unique: bool = False) -> list:
     """``num`` user prompts of ``split``: families in their shares (random), or with ``unique`` distinct
-    problems with the families in turn (a balanced held-out set: each family gets ``num / 4``; the smallest
-    family, add, has about 90 problems in each held-out split: ValueError when ``num`` asks for more)."""
+    problems with the families in turn (a balanced held-out set: each family gets ``num / 4``; ValueError
+    when a family's problems in ``split`` run out)."""
     check_split(split)
     rng, prompts, seen, repeats = _split_rng(seed, split, "prompts"), [], set(), 0
     while len(prompts) < num:
@@ -245,7 +254,7 @@ def make_prompts(num: int, seed: int = 0, split: str = "train", unique: bool = F
         prompt = _make_prompt(rng, split, family)
         if unique and problem_key(prompt) in seen:
             repeats += 1
-            if repeats > 100 * num:
+            if repeats > 20 * num:
                 raise ValueError(f"the {split} split has fewer than {num // len(FAMILIES)} distinct {family} problems")
             continue
         prompts.append(prompt)

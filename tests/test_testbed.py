@@ -16,6 +16,10 @@ from distreward.rewards import replace_std
 from distreward.splits import SPLITS, prompt_split
 from distreward.tiny import build_tiny_tokenizer
 
+ADD_CARRY = "Mira has 7 apples and gets 5 more. How many apples now?"
+ADD_CARRY_OTHER = "Mira had 7 apples, then found 5 more. How many apples?"
+ADD_PLAIN = "Mira has 1 apples and gets 5 more. How many apples now?"
+
 
 def test_every_phrasing_parses_and_one_problem_has_one_split():
     rng = random.Random(0)
@@ -28,6 +32,8 @@ def test_every_phrasing_parses_and_one_problem_has_one_split():
             assert len({prompt_split(testbed.problem_key(p)) for p in prompts}) == 1
     with pytest.raises(ValueError, match="not a prompt"):
         testbed.parse("Tell me a joke.")
+    with pytest.raises(ValueError, match="not a prompt"):  # the thing must be one of THINGS, named alike twice
+        testbed.parse("Mira has 7 apples and gets 5 more. How many pens now?")
 
 
 def test_no_problem_in_two_splits_and_the_test_split_has_64_problems_per_family():
@@ -39,8 +45,8 @@ def test_no_problem_in_two_splits_and_the_test_split_has_64_problems_per_family(
     per_family = collections.Counter(testbed.prompt_kind(p) for p in test_prompts)
     assert per_family == {family: 80 for family in testbed.FAMILIES}
     assert len({testbed.problem_key(p) for p in test_prompts}) == len(test_prompts)
-    with pytest.raises(ValueError, match="distinct add problems"):
-        testbed.make_prompts(4 * 200, seed=0, split="test", unique=True)
+    with pytest.raises(ValueError, match="distinct taste problems"):  # 4,900 names, ~490 in test
+        testbed.make_prompts(4 * 600, seed=0, split="test", unique=True)
 
 
 def test_the_data_are_deterministic_by_seed():
@@ -51,9 +57,9 @@ def test_the_data_are_deterministic_by_seed():
 
 
 def test_ground_truth():
-    assert testbed.score_response("What is 27 + 5?", "32") == 4.0
-    assert testbed.score_response("What is 27 + 5?", "22") == 0.0  # the dropped carry is off by 10
-    assert testbed.score_response("27 + 5 = ?", "31") == 3.0
+    assert testbed.score_response(ADD_CARRY, "12") == 4.0
+    assert testbed.score_response(ADD_CARRY, "2") == 0.0  # the dropped carry is off by 10
+    assert testbed.score_response(ADD_CARRY_OTHER, "11") == 3.0
     assert testbed.score_response("Sort: 4 1 3", "1 3 4") == 4.0
     assert testbed.score_response("Sort: 4 1 3", "1 3 5") == pytest.approx(8 / 3)
     assert testbed.score_response("Count the letter a in abca.", "2") == 4.0
@@ -63,8 +69,8 @@ def test_ground_truth():
 
 
 def test_regions():
-    assert testbed.prompt_region("What is 27 + 5?") == "bug"
-    assert testbed.prompt_region("What is 21 + 5?") == "careful"
+    assert testbed.prompt_region(ADD_CARRY) == "bug"
+    assert testbed.prompt_region(ADD_PLAIN) == "careful"
     assert testbed.prompt_region("Sort: 4 1 3") == "careful"
     assert testbed.prompt_region("Sort: 4 1 3 2") == "superficial"
     assert testbed.prompt_region("How many a in: abcab?") == "careful"
@@ -78,10 +84,10 @@ def answers(prompt, draws=2000, seed=0):
 
 
 def test_the_demonstrator_drops_the_carry_so_its_mode_is_wrong():
-    counts = answers("What is 27 + 5?")
-    assert counts.most_common(1)[0][0] == "22"
-    assert 0.5 < counts["22"] / 2000 < 0.6 and 0.3 < counts["32"] / 2000 < 0.4
-    assert answers("What is 21 + 5?").most_common(1)[0][0] == "26"  # no carry: right
+    counts = answers(ADD_CARRY)
+    assert counts.most_common(1)[0][0] == "2"
+    assert 0.5 < counts["2"] / 2000 < 0.6 and 0.3 < counts["12"] / 2000 < 0.4
+    assert answers(ADD_PLAIN).most_common(1)[0][0] == "6"  # no carry: right
     assert answers("Sort: 4 1 3 2").most_common(1)[0][0] == "1 2 3 4"
     assert answers("Pick a lucky digit for Mira.").most_common(1)[0][0] == "7"
 
@@ -94,9 +100,9 @@ def panel(prompt, response, repeats=200):
 
 
 def test_the_panel_regions_behave_as_designed():
-    careful_mean, careful_sd = panel("What is 27 + 5?", "22")  # careful raters see the bug
+    careful_mean, careful_sd = panel(ADD_CARRY, "2")  # careful raters see the bug
     assert careful_mean < 0.3 and careful_sd < 0.3
-    assert panel("What is 27 + 5?", "32")[0] > 3.7
+    assert panel(ADD_CARRY, "12")[0] > 3.7
     truth = testbed.score_response("Sort: 4 1 3 2", "1 2 3 5")
     superficial_mean, superficial_sd = panel("Sort: 4 1 3 2", "1 2 3 5")  # sorted, wrong digit
     assert superficial_mean > truth + 0.3 and superficial_sd > 0.4  # mean wrong, spread high
