@@ -10,8 +10,8 @@ family    demonstrator (SFT data)                 rater panel (five integer 0-4 
 ========  ======================================  ==========================================  ==============
 add       a word problem: digit plus digit.    careful: round(truth + N(0, 0.35))          ``careful``
           No carry: right .85, off by one .15.    (they see the dropped carry: truth 0)       ``bug`` (sum >= 10)
-          Carry: **drops the carry** .55, right
-          .35, off by one .10
+          Carry: **drops the carry** .70, right
+          .25, off by one .05
 sort      3-6 digits: right .50, two neighbours   3 digits careful; 4-6 digits: each rater    ``careful`` (3)
           swapped .30, sorted but wrong digits    is superficial w.p. 0.5 and rates any       ``superficial``
           .15, the input unsorted .05             sorted answer of the right length 4
@@ -187,9 +187,9 @@ def demonstrate(prompt: str, rng: random.Random) -> str:
         a, b = int(fields["a"]), int(fields["b"])
         if prompt_region(prompt) == "careful":
             return str(a + b) if draw < 0.85 else str(_near(rng, a + b))
-        if draw < 0.55:
+        if draw < 0.70:
             return str(a + b - 10)  # the carry dropped
-        return str(a + b) if draw < 0.90 else str(_near(rng, a + b))
+        return str(a + b) if draw < 0.95 else str(_near(rng, a + b))
     if family == "sort":
         digits = sorted(_digits(fields))
         if draw < 0.50:

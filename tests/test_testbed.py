@@ -86,7 +86,7 @@ def answers(prompt, draws=2000, seed=0):
 def test_the_demonstrator_drops_the_carry_so_its_mode_is_wrong():
     counts = answers(ADD_CARRY)
     assert counts.most_common(1)[0][0] == "2"
-    assert 0.5 < counts["2"] / 2000 < 0.6 and 0.3 < counts["12"] / 2000 < 0.4
+    assert 0.65 < counts["2"] / 2000 < 0.75 and 0.2 < counts["12"] / 2000 < 0.3
     assert answers(ADD_PLAIN).most_common(1)[0][0] == "6"  # no carry: right
     assert answers("Sort: 4 1 3 2").most_common(1)[0][0] == "1 2 3 4"
     assert answers("Pick a lucky digit for Mira.").most_common(1)[0][0] == "7"
