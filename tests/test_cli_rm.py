@@ -58,7 +58,8 @@ def test_bad_data_gives_one_line(capsys, tmp_path, drop, message):
     rows[0]["score_chosen"] = 5.0
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps({k: v for k, v in row.items() if k != drop}) + "\n" for row in rows))
-    assert main(["rm", "--model_name_or_path", "embedded", "--dataset_name", str(path),
+    # task v1's rows carry no per-rater ratings: the fixed-width Gaussian label, as the hub data set needs
+    assert main(["rm", "--model_name_or_path", "embedded", "--dataset_name", str(path), "--label_kind", "gaussian",
                  "--output_dir", str(tmp_path / "rm")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and errors[0].startswith(message)
@@ -66,7 +67,7 @@ def test_bad_data_gives_one_line(capsys, tmp_path, drop, message):
 
 def test_rm_without_sft_output_says_it_builds_a_fresh_backbone(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["rm", *TINY_RUN]) == 0
+    assert main(["rm", *TINY_RUN, "--task", "v1", "--label_kind", "gaussian"]) == 0  # task v1's prompt groups
     assert "runs/pipeline/sft not found: using a freshly initialised embedded tiny Llama" in capsys.readouterr().out
     report = json.loads((tmp_path / "runs/pipeline/rm/eval.json").read_text())
     assert set(report) >= {"pairwise_accuracy", "mean_std", "std_error_spearman", "label_kl", "calibration_ece",
@@ -77,13 +78,14 @@ def test_rm_without_sft_output_says_it_builds_a_fresh_backbone(capsys, tmp_path,
     assert (tmp_path / "runs/pipeline/rm/reliability.png").stat().st_size > 0
 
 
-def test_a_scalar_baseline_trains_saves_and_evaluates(tmp_path):
+@pytest.mark.parametrize("task, groups", [("v1", "by_prompt_group"), ("v2", "by_region")])
+def test_a_scalar_baseline_trains_saves_and_evaluates(tmp_path, task, groups):
     rm_dir = tmp_path / "rm"
-    assert main(["rm", *TINY_RUN, "--model_name_or_path", "embedded", "--output_dir", str(rm_dir),
+    assert main(["rm", *TINY_RUN, "--model_name_or_path", "embedded", "--output_dir", str(rm_dir), "--task", task,
                  "--loss_kind", "scalar_reg", "--margin_temperature", "0.5"]) == 0
     report = json.loads((rm_dir / "eval.json").read_text())
     assert 0 <= report["pairwise_accuracy"] <= 1 and report["mean_std"] is None and report["calibration_ece"] is None
-    assert all(group["mean_std"] is None for group in report["by_prompt_group"].values())
+    assert report[groups] and all(group["mean_std"] is None for group in report[groups].values())
     assert (rm_dir / "distributions.png").exists() and not (rm_dir / "reliability.png").exists()
     assert DistributionalRewardModel.from_pretrained(rm_dir).is_scalar
 
@@ -102,7 +104,8 @@ def test_sft_then_rm_on_local_data_through_the_hub_code_path(tmp_path):
         row["chosen_rating"], row["rejected_rating"] = row.pop("score_chosen"), row.pop("score_rejected")
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     argv = ["rm", *TINY_RUN, "--model_name_or_path", str(sft_dir), "--dataset_name", str(data),
-            "--output_dir", str(rm_dir), "--loss_kind", "bt_mean", "--keep_checkpoints"]
+            "--output_dir", str(rm_dir), "--loss_kind", "bt_mean", "--keep_checkpoints",
+            "--label_kind", "gaussian"]  # the data keep no per-rater ratings, as HelpSteer2_binarized
     assert main(argv) == 0
 
     config = json.loads((rm_dir / "config.json").read_text())

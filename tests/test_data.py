@@ -144,12 +144,12 @@ def test_tiny_tokenizer_round_trips_and_pads_with_eos(tokenizer):
 # --- loading and normalisation --------------------------------------------------------------------------
 
 def test_embedded_data_normalises_scores_and_holds_out_seeded_splits(tokenizer):
-    data = load_preference_data(tokenizer, num_pairs=100, eval_fraction=0.2, seed=1)
+    data = load_preference_data(tokenizer, num_pairs=100, eval_fraction=0.2, seed=1, task="v1")
     assert [len(data[split]) for split in SPLITS] == [100, 20, 20]
     raw = synthetic.make_preference_dataset(100, seed=1)
     assert data["train"]["target_chosen"] == pytest.approx([score / 4 for score in raw["score_chosen"]])
     assert data["train"]["truth_chosen"] == raw["truth_chosen"]
-    again = load_preference_data(tokenizer, num_pairs=100, eval_fraction=0.2, seed=1)
+    again = load_preference_data(tokenizer, num_pairs=100, eval_fraction=0.2, seed=1, task="v1")
     assert list(again["test"]["input_ids_chosen"]) == list(data["test"]["input_ids_chosen"])
 
 

@@ -75,8 +75,11 @@ def greedy_rl_argv(models, output_dir, per_device: int) -> list:
 
 
 def sampled_rl_argv(models, output_dir, *flags: str) -> list:
+    """On the embedded task, whose rl runs end with the sharpened-SFT baseline: two temperatures, 8 validation
+    prompts."""
     return rl_argv(models, output_dir, "--num_train_prompts", "16", "--samples_per_prompt", "2", "--max_steps", "3",
-                   "--save_steps", "2", "--per_device_train_batch_size", "2", "--ema_decay", str(EMA_DECAY), *flags)
+                   "--save_steps", "2", "--per_device_train_batch_size", "2", "--ema_decay", str(EMA_DECAY),
+                   "--sharpening_grid", "1.0", "0.0", "--sharpening_prompts", "8", *flags)
 
 
 @pytest.fixture(scope="module")

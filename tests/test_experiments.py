@@ -5,6 +5,7 @@ import math
 import os
 import re
 import subprocess
+from dataclasses import replace
 
 import pytest
 
@@ -219,11 +220,18 @@ def test_gains_of_an_eval_report():
                              "sft_kl_to_ref": 0.0, "kl_to_ref": 0.3, "verdict": "IMPROVED"}
 
 
-def test_tiny_experiment_end_to_end(tmp_path):
+def test_tiny_experiment_end_to_end(tmp_path, monkeypatch):
     """One seed, two arms that share the SFT policy and the reward model, settings that exist in every stage."""
+    stage_configs = experiments.stage_configs
+
+    def small_evaluations(*args):  # stage settings no experiment flag sets: the SFT and sharpening evaluations
+        sft, rm, rl = stage_configs(*args)
+        return replace(sft, num_eval_prompts=4), rm, replace(rl, sharpening_prompts=8)
+
+    monkeypatch.setattr(experiments, "stage_configs", small_evaluations)
     argv = ["--output_dir", str(tmp_path), "--seeds", "0", "--arms", "bt_kl/none", "bt_kl/std_scale",
             "--num_pairs", "64", "--sft_epochs", "1", "--rm_epochs", "1", "--rl_steps", "2", "--num_eval_prompts", "4",
-            "--rl_batch_size", "4", "--curve_eval_steps", "0"]
+            "--rl_batch_size", "4", "--curve_eval_steps", "0", "--sharpening_grid", "1.0", "0.0"]
     assert experiments.main(argv) == 0
     assert sorted(os.listdir(tmp_path / "seed0")) == ["rl_bt_kl_none", "rl_bt_kl_std_scale", "rm_bt_kl", "sft"]
     runs = json.load(open(tmp_path / "results.json"))

@@ -1,22 +1,41 @@
 """The whole embedded pipeline (SFT -> RM -> REINFORCE -> report) in a tiny configuration."""
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 
-from distreward import train
+from distreward import pipeline, testbed, train
 from distreward.evaluation import compare_policies, paired_bootstrap
 from distreward.pipeline import PipelineConfig, run_pipeline, run_stages
 
-TINY = dict(num_pairs=64, sft_epochs=1.0, rm_epochs=1.0, rl_steps=2, num_eval_prompts=4)
+# The default task v2 with its sharpened-SFT baseline on two temperatures; 8 held-out prompts (two of each family,
+# so the taste region has the two prompts a per-region paired comparison needs).
+TINY = dict(num_pairs=64, sft_epochs=1.0, rm_epochs=1.0, rl_steps=2, num_eval_prompts=8, sharpening_grid=[1.0, 0.0])
+# Stage settings the pipeline leaves at their defaults, made small: the SFT policy's greedy evaluation on 8 test
+# prompts, and the sharpening temperature chosen on 8 validation prompts.
+SFT_EVAL_PROMPTS, SHARPENING_PROMPTS = 8, 8
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def small_evaluations(monkeypatch) -> None:
+    stage_configs = pipeline.stage_configs
+
+    def small(*args):
+        sft, rm, rl = stage_configs(*args)
+        return (replace(sft, num_eval_prompts=SFT_EVAL_PROMPTS), rm,
+                replace(rl, sharpening_prompts=SHARPENING_PROMPTS))
+
+    monkeypatch.setattr(pipeline, "stage_configs", small)
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("pipeline")
-    report = run_pipeline(PipelineConfig(output_dir=str(output_dir), **TINY))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        small_evaluations(monkeypatch)
+        report = run_pipeline(PipelineConfig(output_dir=str(output_dir), **TINY))
     return output_dir, report
 
 
@@ -38,12 +57,30 @@ def test_pipeline_writes_report_and_plots(pipeline_run):
     assert not list(output_dir.glob("*/checkpoint-*"))  # finished stages keep no checkpoints
 
 
-def test_pipeline_console_tells_the_story_once(tmp_path, capsys):
+def test_pipeline_compares_with_the_sharpened_sft_policy_per_region(pipeline_run):
+    """Task v2 (the default): the trained policy against the best sharpened SFT policy, chosen on validation
+    prompts, and both comparisons per region."""
+    output_dir, report = pipeline_run
+    assert json.load(open(output_dir / "rl" / "config.json"))["task"] == "v2"
+    sharpened = report["sharpened_sft"]
+    assert sharpened["verdict"].startswith("the trained policy")
+    assert [row["temperature"] for row in sharpened["grid"]] == TINY["sharpening_grid"]
+    assert sharpened["temperature"] in TINY["sharpening_grid"]
+    assert sharpened["chosen_on"] == f"{SHARPENING_PROMPTS} validation prompts"
+    for by_region in (report["comparison"]["by_region"], sharpened["by_region"]):
+        assert "taste" in by_region and set(by_region) <= set(testbed.REGIONS)
+        assert all(gains["num_prompts"] >= 2 for gains in by_region.values())
+        assert sum(gains["num_prompts"] for gains in by_region.values()) <= TINY["num_eval_prompts"]
+
+
+def test_pipeline_console_tells_the_story_once(tmp_path, capsys, monkeypatch):
+    small_evaluations(monkeypatch)
     run_pipeline(PipelineConfig(output_dir=str(tmp_path), **TINY))
     out, err = capsys.readouterr()
     assert [line.split(" ->")[0] for line in out.splitlines() if line.startswith("[")] == [
         "[1/3] SFT warm-up", "[2/3] reward model", "[3/3] REINFORCE"]
     assert out.count("| policy |") == 1 and out.count("verdict: ") == 1  # the table and its verdict, once
+    assert out.count("against the strongest cheap baseline: the trained policy") == 1  # the sharpened SFT's verdict
     assert "greedy answers to" in out and "sampled responses each" in out  # the two SFT scores, labelled
     assert "reward_histogram.png" in out and "training_curves.png" in out
     assert "Writing model shards" not in err
@@ -64,7 +101,8 @@ def test_rl_alone_finds_the_pipelines_policy_and_reward_model(pipeline_run, tmp_
     rl_dir = tmp_path / "rl"
     assert train.main(["rl", "--run_dir", str(output_dir), "--output_dir", str(rl_dir), "--max_steps", "1",
                        "--num_train_prompts", "8", "--per_device_train_batch_size", "4", "--num_eval_prompts", "2",
-                       "--samples_per_prompt", "2"]) == 0
+                       "--samples_per_prompt", "2", "--sharpening_grid", "1.0", "0.0",
+                       "--sharpening_prompts", str(SHARPENING_PROMPTS)]) == 0
     settings = json.load(open(rl_dir / "config.json"))
     assert (settings["policy_path"], settings["reward_model_path"]) == (str(output_dir / "sft"), str(output_dir / "rm"))
 

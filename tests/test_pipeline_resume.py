@@ -13,9 +13,11 @@ from distreward.pipeline import PipelineConfig, run_stages
 TINY = {"num_pairs": 64, "sft_epochs": 2, "rm_epochs": 2, "rl_steps": 4, "num_eval_prompts": 2}  # 4 steps a stage
 # Stage settings the pipeline leaves at their defaults (sft, rm, rl): a checkpoint after step 2, small evaluation
 # and rollouts. sft and rm log every 10 steps, so their one logged step (4) averages over steps before the kill too.
+# rl: the sharpened-SFT baseline on two temperatures chosen on 8 validation prompts (in eval.json: resumed alike).
 STAGE_SETTINGS = ({"save_steps": 2, "num_eval_prompts": 2}, {"save_steps": 2},
                   {"save_steps": 2, "per_device_train_batch_size": 4, "samples_per_prompt": 2, "max_new_tokens": 6,
-                   "curve_eval_steps": 1})  # rl/curve.jsonl too: resumed without duplicate points
+                   "curve_eval_steps": 1,  # rl/curve.jsonl too: resumed without duplicate points
+                   "sharpening_grid": [1.0, 0.0], "sharpening_prompts": 8})
 KILL_AT = 4  # the killed stage raises in step 4: step 3 was logged after checkpoint-2 and must be run again
 STAGES = (("sft", sft_trainer, "run_sft"), ("rm", rm_trainer, "run_reward_training"),
           ("rl", rl_trainer, "run_reinforce"))

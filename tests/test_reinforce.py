@@ -1,5 +1,6 @@
 """REINFORCE (docs/math.md §5): rollout masking and log-probs, a step that raises a known reward, the std
 controls and the quantile shaping, curve.jsonl, resume."""
+import collections
 import json
 import os
 
@@ -9,7 +10,7 @@ from safetensors.torch import load_file
 
 from distreward.data import load_prompts
 from distreward.modeling import DistributionalRewardModel, RewardOutput, load_policy_and_reference, load_reward_model
-from distreward import rl_trainer, synthetic
+from distreward import rl_trainer, synthetic, testbed
 from distreward.evaluation import compare_policies, format_report
 from distreward.rewards import SHAPINGS, distribution_quantile
 from distreward.rl_trainer import ReinforceConfig, ReinforceTrainer, run_reinforce
@@ -295,7 +296,8 @@ def test_evaluation_of_two_policies_is_paired(saved_models, tmp_path):
     """evaluate() draws from its own seeded stream: the same weights give the same samples whatever the global
     RNG did before or which policy went first, and it leaves the global RNG as it found it; so the SFT and
     the trained policy see the same prompts and random numbers, and identical policies compare as a gain of 0."""
-    config = rl_config(saved_models, tmp_path, num_eval_prompts=6, eval_samples_per_prompt=2, max_new_tokens=6)
+    config = rl_config(saved_models, tmp_path, num_eval_prompts=6, eval_samples_per_prompt=2, max_new_tokens=6,
+                       task="v1")  # the prompts and ground truth of task v1, below
     policy, reference, tokenizer = load_policy_and_reference(config.policy_path)
     reward_model, _ = load_reward_model(config.reward_model_path, tokenizer)
     scorer = RolloutScorer(reference, reward_model, tokenizer, synthetic.score_response)
@@ -316,12 +318,15 @@ def test_evaluation_of_two_policies_is_paired(saved_models, tmp_path):
     assert comparison["ground_truth"]["ci95"] == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("task, split_key", [("v1", lambda prompt: prompt), ("v2", testbed.problem_key)],
+                         ids=["v1", "v2"])  # task v1 splits by prompt, task v2 by the problem behind a prompt
 @pytest.mark.parametrize("eval_split", ["test", "validation"])
-def test_embedded_held_out_prompts_are_distinct_and_from_their_split(eval_split):
-    config = ReinforceConfig(num_train_prompts=64, num_eval_prompts=32, eval_split=eval_split)
+def test_embedded_held_out_prompts_are_distinct_and_from_their_split(eval_split, task, split_key):
+    config = ReinforceConfig(num_train_prompts=64, num_eval_prompts=32, eval_split=eval_split, task=task)
     train, held_out, ground_truth = load_prompts(config)
     assert len(train) == 64 and len(set(held_out)) == 32 and ground_truth is not None
-    assert {prompt_split(p) for p in train} == {"train"} and {prompt_split(p) for p in held_out} == {eval_split}
+    assert {prompt_split(split_key(p)) for p in train} == {"train"}
+    assert {prompt_split(split_key(p)) for p in held_out} == {eval_split}
 
 
 def test_eval_split_must_be_held_out():
@@ -347,13 +352,17 @@ def rl_config(saved_models, output_dir, **overrides) -> ReinforceConfig:
     settings = dict(policy_path=str(saved_models / "sft"), reward_model_path=str(saved_models / "rm"),
                     output_dir=str(output_dir), num_train_prompts=16, num_eval_prompts=4, max_steps=4,
                     per_device_train_batch_size=4, samples_per_prompt=2, max_new_tokens=4, save_steps=2,
-                    learning_rate=1e-2, eval_samples_per_prompt=1)
+                    learning_rate=1e-2, eval_samples_per_prompt=1, sharpening_grid=[1.0, 0.0], sharpening_prompts=8)
     return ReinforceConfig(**{**settings, **overrides})
 
 
 def test_run_reinforce_writes_spec_outputs(saved_models, tmp_path):
-    report = run_reinforce(rl_config(saved_models, tmp_path))
-    assert set(report) == {"sft", "trained", "comparison"}
+    config = rl_config(saved_models, tmp_path)
+    report = run_reinforce(config)
+    assert set(report) == {"sft", "trained", "comparison", "sharpened_sft"}  # the embedded task's sharpened baseline
+    sharpened = report["sharpened_sft"]
+    assert [row["temperature"] for row in sharpened["grid"]] == config.sharpening_grid
+    assert sharpened["temperature"] in config.sharpening_grid and sharpened["verdict"].startswith("the trained policy")
     comparison = report["comparison"]
     assert comparison["num_prompts"] == 4 and isinstance(comparison["over_optimisation"], bool)
     for key in ("reward", "ground_truth"):
@@ -374,7 +383,8 @@ def test_run_reinforce_writes_spec_outputs(saved_models, tmp_path):
     assert {"loss", "reward", "reward_sd", "kl", "total_reward", "ground_truth"} <= set(metrics[0])
     assert os.path.isfile(tmp_path / "policy" / "model.safetensors")
     samples = [json.loads(line) for line in open(tmp_path / "eval_samples.jsonl")]
-    assert len(samples) == 2 * 4 and {s["policy"] for s in samples} == {"sft", "trained"}
+    assert len(samples) == 3 * 4 and {s["policy"] for s in samples} == {"sft", "trained", "sharpened"}
+    assert collections.Counter(s["policy"] for s in samples) == {"sft": 4, "trained": 4, "sharpened": 4}
 
 
 def test_temperature_baselines_sample_the_sft_policy_on_the_same_prompts(saved_models, tmp_path):
@@ -391,7 +401,8 @@ def test_temperature_baselines_sample_the_sft_policy_on_the_same_prompts(saved_m
         assert sharper[key]["gain"] == pytest.approx(sharper[key]["tempered"] - sharper[key]["sft"])
     assert same["kl_to_ref"] == 0.0 and sharper["kl_to_ref"] > 0.0  # KL(pi_T || pi) >= 0, > 0 unless T = 1
     assert json.load(open(tmp_path / "eval.json")) == report
-    assert len(read_jsonl(tmp_path / "eval_samples.jsonl")) == 2 * 4  # the baselines' samples are not in it
+    samples = read_jsonl(tmp_path / "eval_samples.jsonl")  # the temperature baselines' samples are not in it
+    assert len(samples) == 3 * 4 and {s["policy"] for s in samples} == {"sft", "trained", "sharpened"}
     lines = format_report(report).splitlines()[-2:]
     assert all(line.startswith("baseline: the SFT policy at temperature") for line in lines)
     assert "temperature 0.25" in lines[1] and f"KL {sharper['kl_to_ref']:.3f}" in lines[1]
