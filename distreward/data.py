@@ -193,13 +193,11 @@ def load_preference_data(tokenizer, name_or_path: str = EMBEDDED, hub_split: str
 def tokenize_pairs(tokenizer, raw: Dataset, score_min: float, score_max: float, max_length: int,
                    label_kind: str = "gaussian", sigma: float = 0.1, num_bins: int = 10) -> Dataset:
     """:func:`load_preference_data`'s rows from untokenised pairs (scores checked against the range). A panel
-    ``label_kind`` (:mod:`distreward.labels`) adds ``sigma_chosen`` / ``sigma_rejected`` (``gaussian_spread``)
-    or ``q_chosen`` / ``q_rejected`` [K] (``mixture``) from the ``ratings_*`` columns, which it requires."""
+    ``label_kind`` (:mod:`distreward.labels`; ``auto`` resolves to one where the rows keep ratings) adds
+    ``sigma_chosen`` / ``sigma_rejected`` (``gaussian_spread``) or ``q_chosen`` / ``q_rejected`` [K]
+    (``mixture``) from the ``ratings_*`` columns, which it requires."""
     keys = score_columns(raw.column_names)
-    labels.check_label_kind(label_kind)
-    if label_kind in labels.PANEL_LABEL_KINDS and "ratings_chosen" not in raw.column_names:
-        raise ValueError(f"--label_kind {label_kind} reads each rater's ratings, which these data lack (no "
-                         f"ratings_chosen / ratings_rejected columns): use --label_kind gaussian")
+    label_kind = labels.resolve_label_kind(label_kind, "ratings_chosen" in raw.column_names)
     if len(raw):
         check_score_range(raw, keys, score_min, score_max)
     span = score_max - score_min

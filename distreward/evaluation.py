@@ -174,12 +174,16 @@ def truth_metrics(predictions: dict, truth_chosen: list, truth_rejected: list) -
     }
 
 
+DISPUTED_SD = 1.0  # a panel whose ratings have this sd (0-4 scale) or more disagrees on the answer
+
+
 def panel_metrics(predictions: dict, pairs) -> dict:
     """What a rater panel lets us check (the embedded task v2: ``region``, ``ratings_*`` and ``truth_*`` columns
     of the held-out ``pairs``): per region the ground-truth accuracy on pairs whose truth differs and the mean
     predicted std of its answers; the std of correctly answered careful-region answers (truth 4), the ratio of
-    each region's std to it, and ``std_spread_spearman``, Spearman between the predicted std and the panel's
-    sd over all answers."""
+    each region's std to it, the same ratio over its *disputed* answers (the panel's sd >= ``DISPUTED_SD``,
+    e.g. sorted wrong digits in the superficial region, "7" in the taste region; None where it has none),
+    and ``std_spread_spearman``, Spearman between the predicted std and the panel's sd over all answers."""
     centers = predictions.get("centers")
     logits, _ = answers(predictions)
     _, std = ops.dist_moments(logits, centers)
@@ -196,8 +200,12 @@ def panel_metrics(predictions: dict, pairs) -> dict:
         chosen = [region == name for region in pairs["region"]]
         truth_c = [t for t, keep in zip(pairs["truth_chosen"], chosen) if keep]
         truth_r = [t for t, keep in zip(pairs["truth_rejected"], chosen) if keep]
+        disputed = rows & (spread >= DISPUTED_SD)
         by_region[name] = {"num_pairs": int(sum(chosen)), "mean_std": region_std,
                            "std_ratio_to_careful_correct": region_std / reference_std,
+                           "num_disputed_answers": int(disputed.sum()),
+                           "disputed_std_ratio_to_careful_correct":
+                               std[disputed].mean().item() / reference_std if disputed.any() else None,
                            "panel_sd": spread[rows].mean().item(),
                            **truth_metrics(subset, truth_c, truth_r)}
     return {"careful_correct_std": reference_std, "std_spread_spearman": spearman(std, spread),

@@ -7,7 +7,8 @@ HelpSteer2 keeps per rater) can also carry its ratings ``r_j``, mapped to [0, 1]
 - ``gaussian_spread``: N(mu, sigma_i^2) with a per-answer width ``sigma_i = sqrt(sigma0^2 + s_i^2)``,
   ``s_i`` the raters' (population) sd on the [0, 1] scale;
 - ``mixture``: ``q_i = mean_j N_disc(r_j, sigma0)``, the average of one discretised Gaussian per rater,
-  which keeps a bimodal panel bimodal.
+  which keeps a bimodal panel bimodal;
+- ``auto`` (the default): :data:`PANEL_DEFAULT` where the data keep per-rater ratings, ``gaussian`` elsewhere.
 """
 import torch
 
@@ -15,12 +16,25 @@ from distreward.ops import bin_centers
 from distreward.ops.reference import label_log_probs
 from distreward.ops.validation import check_choice
 
-LABEL_KINDS = ("gaussian", "gaussian_spread", "mixture")
-PANEL_LABEL_KINDS = LABEL_KINDS[1:]  # the kinds that read the raters' ratings
+LABEL_KINDS = ("auto", "gaussian", "gaussian_spread", "mixture")
+PANEL_LABEL_KINDS = ("gaussian_spread", "mixture")  # the kinds that read the raters' ratings
+PANEL_DEFAULT = "mixture"  # what ``auto`` picks for data with ratings
 
 
 def check_label_kind(label_kind: str) -> None:
     check_choice("--label_kind", label_kind, LABEL_KINDS)
+
+
+def resolve_label_kind(label_kind: str, has_ratings: bool) -> str:
+    """``auto`` -> :data:`PANEL_DEFAULT` for data with per-rater ratings, else ``gaussian``; ValueError for a
+    panel kind on data without ratings."""
+    check_label_kind(label_kind)
+    if label_kind == "auto":
+        return PANEL_DEFAULT if has_ratings else "gaussian"
+    if label_kind in PANEL_LABEL_KINDS and not has_ratings:
+        raise ValueError(f"--label_kind {label_kind} reads each rater's ratings, which these data lack (no "
+                         f"ratings_chosen / ratings_rejected columns): use --label_kind gaussian or auto")
+    return label_kind
 
 
 def scaled_ratings(ratings: list, score_min: float, score_max: float) -> torch.Tensor:

@@ -51,7 +51,8 @@ class PipelineConfig:
         "help": "Reward-model loss: bt_mean, bt_kl, dpl, or the scalar baselines scalar_bt and scalar_reg (which "
                 "need --shaping none)."})
     label_kind: str = field(default=RewardConfig.label_kind, metadata={
-        "help": "Reward-model score labels: gaussian, gaussian_spread or mixture (docs/math.md §2)."})
+        "help": "Reward-model score labels: auto (mixture on data with per-rater ratings, else gaussian), gaussian, "
+                "gaussian_spread or mixture (docs/math.md §2)."})
     rl_steps: int = field(default=ReinforceConfig.max_steps, metadata={"help": "REINFORCE optimizer steps."})
     shaping: str = field(default=ReinforceConfig.shaping, metadata={
         "help": "Reward shaping: none, std_penalty (H2.1), std_scale (H2.2) or quantile (a lower quantile of the "

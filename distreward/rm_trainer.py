@@ -53,10 +53,11 @@ class RewardConfig(PreferenceTrainingConfig):
     loss_kind: str = field(default="bt_kl", metadata={
         "help": "bt_mean (H1.1: Bradley-Terry on E), bt_kl (H1.2: + KL to Gaussian labels), dpl, or the scalar "
                 "baselines scalar_bt (TRL Bradley-Terry) and scalar_reg (+ squared error to the labels)."})
-    label_kind: str = field(default="mixture", metadata={
+    label_kind: str = field(default="auto", metadata={
         "help": "Score labels (docs/math.md §2): gaussian (the write-up's fixed width --sigma), gaussian_spread "
-                "(width sqrt(sigma^2 + the raters' sd^2)) or mixture (the mean of one Gaussian per rater); the last two "
-                "need per-rater ratings (the embedded task v2 has them). Scalar heads and bt_mean read only the mean."})
+                "(width sqrt(sigma^2 + the raters' sd^2)), mixture (the mean of one Gaussian per rater) or auto "
+                "(mixture where the data keep per-rater ratings, as the embedded task v2 does; gaussian elsewhere). "
+                "Scalar heads and bt_mean read only the mean."})
     sigma: float = field(default=0.1, metadata={"help": "Width of the Gaussian label distribution (sigma0 of the "
                                                         "panel label kinds)."})
     score_weight: float = field(default=1.0, metadata={
@@ -84,6 +85,11 @@ class RewardConfig(PreferenceTrainingConfig):
         ops.bin_centers(self.num_bins)  # raises unless num_bins is an integer >= 2
         check_positive("--sigma", self.sigma)
         check_positive("--score_weight", self.score_weight, allow_zero=True)
+
+    @property
+    def reads_labels(self) -> bool:
+        """Whether ``loss_kind`` reads the score labels' distribution (not bt_mean, not the scalar heads)."""
+        return self.loss_kind in ("bt_kl", "dpl")
 
     @property
     def is_scalar(self) -> bool:
@@ -149,7 +155,7 @@ def run_reward_training(config: RewardConfig):
     with accelerator.main_process_first():  # rank 0 downloads and caches the data, the others then read it
         data = load_preference_data(tokenizer, config.dataset_name, config.dataset_split, config.num_pairs,
                                     config.score_min, config.score_max, config.eval_fraction, config.max_length,
-                                    config.seed, config.task, config.label_kind if not config.is_scalar else "gaussian",
+                                    config.seed, config.task, config.label_kind if config.reads_labels else "gaussian",
                                     config.sigma, config.num_bins)
     if accelerator.is_main_process:
         save_run_config(config, config.output_dir)
@@ -205,7 +211,9 @@ def evaluate_and_report(model, tokenizer, data, config: RewardConfig, print_fn=p
     if "panel" in report:
         panel = report["panel"]
         print_fn(f"rater panel: Spearman(predicted std, raters' sd) {panel['std_spread_spearman']:.3f}; by region "
-                 "(truth-ranked accuracy, std / careful-correct std): " + ", ".join(
-                     f"{name} {values['ground_truth_accuracy']:.3f} {values['std_ratio_to_careful_correct']:.2f}x"
+                 "(truth-ranked accuracy; std / careful-correct std, all and disputed answers): " + ", ".join(
+                     f"{name} {values['ground_truth_accuracy']:.3f}; {values['std_ratio_to_careful_correct']:.2f}x"
+                     + (f" {values['disputed_std_ratio_to_careful_correct']:.2f}x"
+                        if values["disputed_std_ratio_to_careful_correct"] is not None else "")
                      for name, values in panel["by_region"].items()))
     return report

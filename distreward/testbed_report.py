@@ -19,10 +19,14 @@ CRITERIA = (
     ("SFT greedy ground truth, bug region", "<= 1.0", lambda s, m, r: s["by_region"]["bug"]["mean"], False),
     ("RM accuracy on bug pairs whose truth differs", ">= 0.90",
      lambda s, m, r: m["panel"]["by_region"]["bug"]["ground_truth_accuracy"], False),
-    ("RM std, superficial / careful-correct", ">= 2",
-     lambda s, m, r: m["panel"]["by_region"]["superficial"]["std_ratio_to_careful_correct"], False),
-    ("RM std, taste / careful-correct", ">= 2",
-     lambda s, m, r: m["panel"]["by_region"]["taste"]["std_ratio_to_careful_correct"], False),
+    ("RM std, superficial / careful-correct", "", lambda s, m, r: m["panel"]["by_region"]["superficial"][
+        "std_ratio_to_careful_correct"], False),
+    ("RM std, taste / careful-correct", "", lambda s, m, r: m["panel"]["by_region"]["taste"][
+        "std_ratio_to_careful_correct"], False),
+    ("RM std, disputed superficial answers / careful-correct", ">= 2", lambda s, m, r: m["panel"]["by_region"][
+        "superficial"]["disputed_std_ratio_to_careful_correct"], False),
+    ("RM std, disputed taste answers / careful-correct", ">= 2", lambda s, m, r: m["panel"]["by_region"]["taste"][
+        "disputed_std_ratio_to_careful_correct"], False),
     ("Spearman(RM std, raters' sd)", ">= 0.5", lambda s, m, r: m["panel"]["std_spread_spearman"], False),
     ("sharpening temperature chosen on validation", "", lambda s, m, r: r["sharpened_sft"]["temperature"], False),
     ("ground truth: trained - SFT at T = 1", "", lambda s, m, r: r["comparison"]["ground_truth"]["gain"], True),

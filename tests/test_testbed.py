@@ -151,10 +151,14 @@ def test_the_collator_carries_panel_labels(label_kind, column):
         list(tokenize_pairs(tokenizer, raw, 0.0, 4.0, 256)))
 
 
-def test_panel_labels_need_ratings():
+def test_panel_labels_need_ratings_and_auto_picks_by_the_data():
     tokenizer = build_tiny_tokenizer()
     with pytest.raises(ValueError, match="ratings"):
         load_preference_data(tokenizer, num_pairs=20, task="v1", label_kind="mixture")
+    v1 = load_preference_data(tokenizer, num_pairs=20, task="v1", label_kind="auto")["train"]
+    v2 = load_preference_data(tokenizer, num_pairs=20, task="v2", label_kind="auto")["train"]
+    assert "q_chosen" not in v1.column_names and "sigma_chosen" not in v1.column_names
+    assert "q_chosen" in v2.column_names and labels.resolve_label_kind("auto", True) == labels.PANEL_DEFAULT
 
 
 def test_sft_trains_on_demonstrations_not_on_chosen_answers():
@@ -208,6 +212,9 @@ def test_panel_metrics_on_hand_made_predictions():
     assert metrics["by_region"]["careful"]["ground_truth_accuracy"] == 1.0
     assert metrics["by_region"]["taste"]["ground_truth_accuracy"] == 0.0  # E(flat) = 0.5 < E(sharp at 1)
     assert metrics["by_region"]["taste"]["std_ratio_to_careful_correct"] > 2
+    assert metrics["by_region"]["taste"]["num_disputed_answers"] == 1  # "7", rated 4 1 4 1 4
+    assert metrics["by_region"]["taste"]["disputed_std_ratio_to_careful_correct"] > 2
+    assert metrics["by_region"]["careful"]["disputed_std_ratio_to_careful_correct"] is None
     assert metrics["std_spread_spearman"] > 0.5
 
 
@@ -215,8 +222,9 @@ def fake_run(root, gain, bug_gain, careful=3.7):
     """A pipeline run directory with the eval.json fields the acceptance table reads."""
     region = {"careful": {"mean": careful}, "bug": {"mean": 0.2}}
     panel = {"std_spread_spearman": 0.6, "by_region": {
-        "bug": {"ground_truth_accuracy": 0.95}, "superficial": {"std_ratio_to_careful_correct": 2.5},
-        "taste": {"std_ratio_to_careful_correct": 1.5}}}
+        "bug": {"ground_truth_accuracy": 0.95},
+        "superficial": {"std_ratio_to_careful_correct": 1.2, "disputed_std_ratio_to_careful_correct": 2.5},
+        "taste": {"std_ratio_to_careful_correct": 1.1, "disputed_std_ratio_to_careful_correct": 1.5}}}
     rl = {"trained": {"kl_to_ref": 0.5}, "comparison": {"ground_truth": {"gain": gain + 0.3}},
           "sharpened_sft": {"temperature": 0.5, "ground_truth": {"gain": gain},
                             "by_region": {"bug": {"ground_truth": {"gain": bug_gain}}}}}
@@ -237,7 +245,8 @@ def test_the_acceptance_table_over_seeds(tmp_path, capsys):
     half = 4.302653 * 0.05 / 3 ** 0.5  # t(0.975, 2) x sd / sqrt(n)
     assert beat["ci95"] == pytest.approx([0.25 - half, 0.25 + half], abs=1e-5) and beat["met"] == "yes"
     assert rows["ground truth, bug region: trained - best sharpened SFT"]["met"] == "yes"  # mean 0.867
-    assert rows["RM std, taste / careful-correct"]["met"] == "no"
+    assert rows["RM std, disputed taste answers / careful-correct"]["met"] == "no"
+    assert rows["RM std, disputed superficial answers / careful-correct"]["met"] == "yes"
     assert rows["SFT greedy ground truth, bug region"]["met"] == "yes"
     assert testbed_report.main(runs) == 0 and "| criterion |" in capsys.readouterr().out
     assert testbed_report.main([str(tmp_path / "missing")]) == 2
