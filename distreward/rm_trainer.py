@@ -66,7 +66,7 @@ class RewardConfig(PreferenceTrainingConfig):
         "help": "The Bradley-Terry term is -log sigmoid((E_c - E_r) / T) (dpl: only 1)."})
     ops_backend: str = field(default="auto", metadata={"help": "distreward.ops backend: auto, eager or triton."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate (use ~1e-5 for SmolLM2)."})
-    num_train_epochs: float = field(default=2.0, metadata={"help": "Passes over the training pairs "
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the training pairs "
                                                                    "(ignored when --max_steps > 0)."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Pairs per batch in evaluation."})
 

@@ -36,7 +36,7 @@ class SFTConfig(PreferenceTrainingConfig):
         "help": "Policy to fine-tune: 'embedded' builds the tiny offline Llama, otherwise a hub id "
                 "(e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or a local directory."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (use ~2e-5 for SmolLM2)."})
-    num_train_epochs: float = field(default=6.0, metadata={
+    num_train_epochs: float = field(default=8.0, metadata={
         "help": "Passes over the SFT data (ignored when --max_steps > 0; a weaker SFT policy samples answers "
                 "unlike the reward model's training pairs, and REINFORCE then exploits the reward model)."})
     num_pairs: int = field(default=4000, metadata={"help": "Conversations to train on: demonstrations of the "

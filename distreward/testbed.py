@@ -3,7 +3,7 @@
 Four families of problems, each phrased two to four ways; a problem's split is a hash of the problem
 (:func:`problem_key`), so every phrasing of one problem lies in one split, and each family's space is
 large enough that the test split holds hundreds of distinct problems per family (an add problem is a
-story, ``Mira has 7 apples and gets 5 more...``: its 100 sums recur across splits in other stories).
+story, ``Mira has 7 apples, gets 5 more. How many?``: its 100 sums recur across splits in other stories).
 
 ========  ======================================  ==========================================  ==============
 family    demonstrator (SFT data)                 rater panel (five integer 0-4 ratings)      region
@@ -48,8 +48,7 @@ LETTERS = "abc"
 CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
 THINGS = ("apples", "coins", "pens", "cards", "shells")
 PHRASINGS = {
-    "add": ("{name} has {a} {thing} and gets {b} more. How many {thing} now?",
-            "{name} had {a} {thing}, then found {b} more. How many {thing}?"),
+    "add": ("{name} has {a} {thing}, gets {b} more. How many?", "{name}: {a} {thing} and {b} more {thing}?"),
     "sort": ("Sort: {digits}", "Sort these digits: {digits}", "Put in order: {digits}"),
     "count": ("How many {c} in: {text}?", "Count the letter {c} in {text}.", "Number of {c} in {text}?"),
     "taste": ("Pick a lucky digit for {name}.", "Choose a digit for {name}.", "{name} needs a lucky digit.",

@@ -16,9 +16,9 @@ from distreward.rewards import replace_std
 from distreward.splits import SPLITS, prompt_split
 from distreward.tiny import build_tiny_tokenizer
 
-ADD_CARRY = "Mira has 7 apples and gets 5 more. How many apples now?"
-ADD_CARRY_OTHER = "Mira had 7 apples, then found 5 more. How many apples?"
-ADD_PLAIN = "Mira has 1 apples and gets 5 more. How many apples now?"
+ADD_CARRY = "Mira has 7 apples, gets 5 more. How many?"
+ADD_CARRY_OTHER = "Mira: 7 apples and 5 more apples?"
+ADD_PLAIN = "Mira has 1 apples, gets 5 more. How many?"
 
 
 def test_every_phrasing_parses_and_one_problem_has_one_split():
@@ -33,7 +33,7 @@ def test_every_phrasing_parses_and_one_problem_has_one_split():
     with pytest.raises(ValueError, match="not a prompt"):
         testbed.parse("Tell me a joke.")
     with pytest.raises(ValueError, match="not a prompt"):  # the thing must be one of THINGS, named alike twice
-        testbed.parse("Mira has 7 apples and gets 5 more. How many pens now?")
+        testbed.parse("Mira: 7 apples and 5 more pens?")
 
 
 def test_no_problem_in_two_splits_and_the_test_split_has_64_problems_per_family():
