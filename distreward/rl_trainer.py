@@ -309,7 +309,8 @@ def sharpened_baseline(trainer: ReinforceTrainer, sft_policy, prompts: list, sam
     for temperature in config.sharpening_grid:
         summary, _ = trainer.evaluate(sft_policy, validation, temperature)
         grid.append({"temperature": temperature, "validation_ground_truth": summary["ground_truth"]["mean"],
-                     "kl_to_ref": summary["kl_to_ref"]})
+                     # greedy answers are scored by the untempered model, the reference itself: no KL to report
+                     "kl_to_ref": summary["kl_to_ref"] if temperature > 0 else None})
     best = max(grid, key=lambda row: row["validation_ground_truth"])
     summary, records = trainer.evaluate(sft_policy, prompts, best["temperature"])
     samples += [{"policy": "sharpened", **record} for record in records]
