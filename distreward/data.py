@@ -98,12 +98,36 @@ def load_raw_preferences(name_or_path: str, hub_split: str = "train", num_pairs:
     if os.path.isfile(path):
         if extension not in LOCAL_FORMATS:
             raise ValueError(f"{name_or_path}: a local data file must be .jsonl, .json or .parquet")
+        if extension == ".jsonl":
+            check_json_lines(path)
         raw = load_dataset(LOCAL_FORMATS[extension], data_files=path, split="train")
+        if len(raw) == 0:
+            raise ValueError(f"data file {name_or_path} has no rows")
     else:
         raw = load_dataset(path, split=hub_split)
     if "prompt" not in raw.column_names:
         raise ValueError(f"{name_or_path} has no 'prompt' column; found {', '.join(raw.column_names)}")
     return raw.filter(lambda row: prompt_split(row["prompt"]) == split)
+
+
+def check_json_lines(path: str) -> None:
+    """ValueError naming the file, line and column of the first line of a ``.jsonl`` file that is not one JSON
+    object, or saying that the file has no rows (datasets would raise a bare StopIteration or a message without
+    either)."""
+    rows = 0
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}, column {error.colno}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: a row must be a JSON object, got {type(row).__name__}")
+            rows += 1
+    if rows == 0:
+        raise ValueError(f"data file {path} has no rows")
 
 
 def score_columns(column_names) -> tuple:

@@ -28,7 +28,13 @@ USER_ERRORS = (ValueError, OSError)
 def usage() -> str:
     lines = ["usage: python -m distreward.train [STAGE] [--flags]   (STAGE --help lists its flags)", "", "stages:"]
     lines += [f"  {name:<9} {description}" for name, (_, _, description) in STAGES.items()]
+    lines += ["", f"With no STAGE the {DEFAULT_STAGE} runs: `python -m distreward.train {DEFAULT_STAGE} --help` lists "
+                  "its flags (they are the flags of `python -m distreward.train` itself)."]
     return "\n".join(lines)
+
+
+class UsageError(ValueError):
+    """A command line argparse cannot read (a value of the wrong type, a missing value): one line, exit 2."""
 
 
 def join_negative_values(argv: list) -> list:
@@ -60,6 +66,11 @@ def parse_config(config_class, argv: list, prog: str) -> tuple:
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(config_class, prog=prog, allow_abbrev=False)
+
+    def one_line_error(message: str):  # argparse would print the whole usage (30 lines) before it
+        raise UsageError(f"{message} (see {prog} --help)")
+
+    parser.error = one_line_error
     for action in parser._actions:  # HfArgumentParser gives --no_FLAG the help of --FLAG
         if action.option_strings and action.option_strings[0].startswith("--no_"):
             action.help = f"Turn --{action.dest} off (it is on by default)."
@@ -87,8 +98,23 @@ def main(argv=None) -> int:
     except USER_ERRORS as error:  # bad settings, data or paths: one clear line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, below): one line, not a traceback
+        print(f"\ninterrupted: `python -m distreward.train {stage} {' '.join(argv)} --resume` continues from the "
+              f"last checkpoint (every --save_steps steps)", file=sys.stderr)
+        return 130
     return 0
 
 
+def interrupt_on_sigterm() -> None:
+    """A cluster scheduler's SIGTERM ends a run as Ctrl-C does (the one-line message and exit 130)."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 if __name__ == "__main__":
+    interrupt_on_sigterm()
     sys.exit(main())

@@ -78,7 +78,9 @@ class TrainingConfig:
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"--max_steps must be > 0, or -1 to train --num_train_epochs passes, got {self.max_steps}")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
             raise ValueError("set --max_steps > 0 or --num_train_epochs > 0")
         if not self.learning_rate > 0:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
@@ -86,6 +88,8 @@ class TrainingConfig:
             raise ValueError(f"--warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
             raise ValueError(f"--mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")
+        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("--mixed_precision fp16 needs a CUDA GPU (none here): use auto, no or bf16")
 
 
 @dataclass

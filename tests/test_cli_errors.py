@@ -4,10 +4,12 @@ and never a network wait for a path that looks local (``python -m distreward.tra
 import os
 
 import pytest
+import torch
 
 from distreward import evaluation, experiments
 from distreward.data import local_path_or_hub_id
-from distreward.train import join_negative_values, main
+from distreward.rm_trainer import RewardConfig
+from distreward.train import STAGES, join_negative_values, main
 
 
 @pytest.fixture
@@ -102,3 +104,49 @@ def test_a_directory_without_a_model_gives_one_line(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     assert main(["sft", "--model_name_or_path", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")]) == 2
     assert error_lines(capsys) == [f"error: model directory {tmp_path / 'empty'} has no config.json"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["rm", "--max_steps", "ten"], "error: argument --max_steps/--max-steps: invalid int value: 'ten' "
+                                   "(see python -m distreward.train rm --help)"),
+    (["sft", "--max_steps", "0"], "error: --max_steps must be > 0, or -1 to train --num_train_epochs passes, got 0"),
+    (["rm", "--mixed_precision", "fp16"], "error: --mixed_precision fp16 needs a CUDA GPU (none here): use auto, no "
+                                          "or bf16"),
+])
+def test_a_bad_setting_is_one_line_before_any_file(capsys, tmp_path, argv, message):
+    if "fp16" in argv and torch.cuda.is_available():
+        pytest.skip("fp16 is a valid choice on a CUDA machine")
+    assert main([*argv, "--output_dir", str(tmp_path / "out")]) == 2
+    assert error_lines(capsys) == [message]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "a", "chosen": "b", "rejected": "c", "score_chosen": 3, "score_rejected": 1}\n'
+     '{"prompt": "x", "chosen": oops}\n', "line 2, column 27: not valid JSON (Expecting value)"),
+    ('\n[1, 2]\n', "line 2: a row must be a JSON object, got list"),
+    ("", "has no rows"), ("\n\n", "has no rows"),
+])
+def test_a_bad_data_file_names_the_file_and_the_line(capsys, tmp_path, content, message):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(content)
+    assert main(["rm", "--model_name_or_path", "embedded", "--dataset_name", str(path),
+                 "--output_dir", str(tmp_path / "out")]) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith("error: ") and str(path) in line and line.endswith(message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_top_level_help_says_where_the_pipeline_flags_are(capsys):
+    assert main(["--help"]) == 0
+    assert "`python -m distreward.train pipeline --help` lists its flags" in capsys.readouterr().out
+
+
+def test_an_interrupted_run_says_how_to_resume(capsys, monkeypatch, tmp_path):
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(STAGES, "rm", (RewardConfig, interrupted, ""))
+    assert main(["rm", "--output_dir", str(tmp_path / "out")]) == 130
+    assert error_lines(capsys) == [f"interrupted: `python -m distreward.train rm --output_dir {tmp_path / 'out'} "
+                                   f"--resume` continues from the last checkpoint (every --save_steps steps)"]
