@@ -35,12 +35,20 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
+def refuse_reward_model(path: str) -> None:
+    """ValueError when ``path`` is a reward model's directory where a policy (a causal LM) is expected."""
+    if os.path.isfile(os.path.join(os.path.expanduser(path), CONFIG_NAME)):
+        raise ValueError(f"{path} holds a reward model ({CONFIG_NAME}), not a policy: give the sft stage's output "
+                         f"directory")
+
+
 def load_policy(model_name_or_path: str, seed: int = 0) -> tuple:
     """(causal LM, tokenizer): ``"embedded"`` builds the tiny offline pair (initialised by ``seed``), anything else
     is a hub id or a ``save_pretrained`` directory (a path that does not exist is a ValueError, never a download)."""
     if model_name_or_path == EMBEDDED:
         tokenizer = build_tiny_tokenizer()
         return build_tiny_policy(tokenizer, seed=seed), tokenizer
+    refuse_reward_model(model_name_or_path)
     path = local_path_or_hub_id(model_name_or_path, "model directory", "config.json")
     return AutoModelForCausalLM.from_pretrained(path), load_tokenizer(path)
 
@@ -157,6 +165,10 @@ class DistributionalRewardModel(nn.Module):
 def load_reward_model(path: str, fallback_tokenizer):
     """(DistributionalRewardModel, its tokenizer: the one saved beside it, else ``fallback_tokenizer``)."""
     if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        if os.path.isfile(os.path.join(path, "generation_config.json")) or os.path.isfile(
+                os.path.join(path, "sft_config.json")):
+            raise ValueError(f"{path} holds a policy (a causal LM), not a reward model: give the rm stage's output "
+                             f"directory as --reward_model_path")
         raise ValueError(f"no reward model in {path}: run `python -m distreward.train rm` first or set "
                          f"--reward_model_path")
     has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer_config.json"))
@@ -166,6 +178,7 @@ def load_reward_model(path: str, fallback_tokenizer):
 
 def load_policy_and_reference(path: str):
     """(policy, frozen reference copy, tokenizer) from an SFT output directory."""
+    refuse_reward_model(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"no policy in {path}: run `python -m distreward.train sft` first or set --policy_path")
     policy, tokenizer = load_policy(path)

@@ -91,7 +91,10 @@ class PipelineConfig:
                 "checkpoint (the outputs are those of an uninterrupted run)."})
 
     def __post_init__(self) -> None:
-        stage_configs(self, *(os.path.join(self.output_dir, name) for name in ("sft", "rm", "rl")))
+        _, rm, _ = stage_configs(self, *(os.path.join(self.output_dir, name) for name in ("sft", "rm", "rl")))
+        if rm.is_scalar and self.shaping != "none":  # refused now, not after training SFT and the reward model
+            raise ValueError(f"--loss_kind {self.loss_kind} trains a scalar reward model, which has no distribution "
+                             f"for --shaping {self.shaping}: use --shaping none")
 
 
 def stage_configs(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str) -> tuple:

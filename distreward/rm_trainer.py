@@ -82,6 +82,9 @@ class RewardConfig(PreferenceTrainingConfig):
             raise ValueError("--margin_temperature applies to a Bradley-Terry margin: dpl has none (leave it 1)")
         if self.is_scalar and self.ops_backend == "triton":
             raise ValueError(f"--loss_kind {self.loss_kind} trains a scalar head, which has no triton backend")
+        if self.ops_backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("--ops_backend triton needs a CUDA GPU (or TRITON_INTERPRET=1 set before the start, "
+                             "which runs the kernels slowly on the CPU): use auto or eager")
         ops.bin_centers(self.num_bins)  # raises unless num_bins is an integer >= 2
         check_positive("--sigma", self.sigma)
         check_positive("--score_weight", self.score_weight, allow_zero=True)

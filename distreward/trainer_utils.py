@@ -21,7 +21,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import SchedulerType, get_scheduler
 from transformers.utils import logging as transformers_logging
 
 from distreward.distributed import check_data_parallel, has_accelerator
@@ -88,6 +88,9 @@ class TrainingConfig:
             raise ValueError(f"--warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
             raise ValueError(f"--mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")
+        if self.lr_scheduler_type not in {kind.value for kind in SchedulerType}:
+            raise ValueError(f"--lr_scheduler_type must be one of {', '.join(kind.value for kind in SchedulerType)}, "
+                             f"got {self.lr_scheduler_type!r}")
         if self.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("--mixed_precision fp16 needs a CUDA GPU (none here): use auto, no or bf16")
 

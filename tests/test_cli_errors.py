@@ -150,3 +150,36 @@ def test_an_interrupted_run_says_how_to_resume(capsys, monkeypatch, tmp_path):
     assert main(["rm", "--output_dir", str(tmp_path / "out")]) == 130
     assert error_lines(capsys) == [f"interrupted: `python -m distreward.train rm --output_dir {tmp_path / 'out'} "
                                    f"--resume` continues from the last checkpoint (every --save_steps steps)"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--loss_kind", "scalar_bt"], "error: --loss_kind scalar_bt trains a scalar reward model, which has no "
+                                   "distribution for --shaping std_scale: use --shaping none"),
+    (["rm", "--lr_scheduler_type", "cosin"], "error: --lr_scheduler_type must be one of "),
+    (["rm", "--ops_backend", "triton"], "error: --ops_backend triton needs a CUDA GPU"),
+])
+def test_combinations_are_refused_before_any_work(capsys, monkeypatch, tmp_path, argv, message):
+    if "triton" in argv and torch.cuda.is_available():
+        pytest.skip("triton is a valid backend on a CUDA machine")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the check reads it; the kernels here are already built
+    assert main([*argv, "--output_dir", str(tmp_path / "out")]) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith(message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_swapped_policy_and_reward_model_paths_say_what_they_hold(capsys, tmp_path):
+    policy, reward_model = tmp_path / "sft", tmp_path / "rm"
+    for directory, names in ((policy, ("config.json", "generation_config.json")),
+                             (reward_model, ("reward_model_config.json",))):
+        directory.mkdir()
+        for name in names:
+            (directory / name).write_text("{}")
+    out = str(tmp_path / "out")
+    assert main(["rl", "--policy_path", str(reward_model), "--reward_model_path", str(policy), "--output_dir", out]) == 2
+    assert error_lines(capsys) == [f"error: {reward_model} holds a reward model (reward_model_config.json), not a "
+                                   f"policy: give the sft stage's output directory"]
+    from distreward.modeling import load_reward_model
+    with pytest.raises(ValueError, match=f"^{policy} holds a policy \\(a causal LM\\), not a reward model"):
+        load_reward_model(str(policy), None)
+    assert not (tmp_path / "out").exists()
