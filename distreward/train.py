@@ -4,11 +4,13 @@ Each stage is a config dataclass (its fields are the flags, their ``help`` metad
 text, parsed by ``transformers.HfArgumentParser`` as TRL's scripts do) and a ``run`` function that
 takes it. With no stage the whole embedded pipeline runs.
 """
+import os
 import sys
 
 from distreward import pipeline
-from distreward.rl_trainer import ReinforceConfig, run_reinforce
-from distreward.rm_trainer import RewardConfig, run_reward_training
+from distreward.rl_trainer import EVAL_SAMPLES_NAME, ReinforceConfig, run_reinforce
+from distreward.rm_trainer import DISTRIBUTIONS_NAME, RewardConfig, run_reward_training
+from distreward.trainer_utils import list_checkpoints
 from distreward.sft_trainer import SFTConfig, run_sft
 
 # stage -> (config class, run function, one-line description)
@@ -20,6 +22,9 @@ STAGES = {
     "rl": (ReinforceConfig, run_reinforce, "REINFORCE with the uncertainty-shaped distributional reward"),
 }
 DEFAULT_STAGE = "pipeline"
+# stage -> the file its run writes last: with it there and no checkpoint left, --resume has nothing to do
+FINISHED_MARKS = {"pipeline": pipeline.REPORT_NAME, "sft": "model.safetensors", "rm": DISTRIBUTIONS_NAME,
+                  "rl": EVAL_SAMPLES_NAME}
 # A user's mistake: bad settings or data (ValueError), a model or data set that cannot be read (OSError: transformers
 # and datasets raise it for a directory without a model, or a hub id that does not exist or cannot be reached).
 USER_ERRORS = (ValueError, OSError)
@@ -94,6 +99,10 @@ def main(argv=None) -> int:
         if unknown:
             print(f"error: unknown argument(s) for stage {stage!r}: {' '.join(unknown)} (see --help)", file=sys.stderr)
             return 2
+        if config.resume and is_finished(stage, config.output_dir):
+            print(f"{config.output_dir} is a finished {stage} run: nothing to resume (to train it again, run without "
+                  f"--resume, which starts afresh and overwrites it)")
+            return 0
         run(config)
     except USER_ERRORS as error:  # bad settings, data or paths: one clear line, no traceback
         print(f"error: {error}", file=sys.stderr)
@@ -103,6 +112,14 @@ def main(argv=None) -> int:
               f"last checkpoint (every --save_steps steps)", file=sys.stderr)
         return 130
     return 0
+
+
+def is_finished(stage: str, output_dir: str) -> bool:
+    """Whether ``output_dir`` holds a finished ``stage`` run (its last file, and no checkpoint to resume from)."""
+    if not os.path.isfile(os.path.join(output_dir, FINISHED_MARKS[stage])):
+        return False
+    stage_dirs = [os.path.join(output_dir, name) for name in ("sft", "rm", "rl")] if stage == "pipeline" else []
+    return not any(list_checkpoints(directory) for directory in [output_dir, *stage_dirs])
 
 
 def interrupt_on_sigterm() -> None:

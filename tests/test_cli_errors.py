@@ -183,3 +183,18 @@ def test_swapped_policy_and_reward_model_paths_say_what_they_hold(capsys, tmp_pa
     with pytest.raises(ValueError, match=f"^{policy} holds a policy \\(a causal LM\\), not a reward model"):
         load_reward_model(str(policy), None)
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_on_a_finished_run_does_nothing(capsys, monkeypatch, tmp_path):
+    def refuse(config):
+        raise AssertionError(f"ran with {config}")
+
+    monkeypatch.setitem(STAGES, "rm", (RewardConfig, refuse, ""))
+    run = tmp_path / "rm"
+    run.mkdir()
+    (run / "distributions.png").write_bytes(b"")  # the rm stage's last file
+    assert main(["rm", "--output_dir", str(run), "--resume"]) == 0
+    assert capsys.readouterr().out.startswith(f"{run} is a finished rm run: nothing to resume")
+    (run / "checkpoint-5").mkdir()  # a checkpoint left behind: a killed later run, which --resume continues
+    with pytest.raises(AssertionError, match="ran with"):
+        main(["rm", "--output_dir", str(run), "--resume"])
