@@ -13,10 +13,9 @@ pytest.importorskip("triton")
 
 from distreward import ops  # noqa: E402
 from distreward.kernels import dist_head  # noqa: E402
-from devices import TRITON_DEVICE as DEVICE  # noqa: E402
+from devices import BIN_GRAD_RTOL, TRITON_DEVICE as DEVICE  # noqa: E402
 
-# Gradients are compared in the input dtype: a few units in its last place, relative to the largest entry.
-GRAD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float64: 1e-9}
+GRAD_RTOL = BIN_GRAD_RTOL
 
 
 @dataclass

@@ -18,13 +18,14 @@ from hypothesis import strategies as st
 
 from distreward import ops
 from distreward.ops import reference
+from devices import BIN_GRAD_RTOL
 
 EXAMPLES = int(os.environ.get("DISTREWARD_FUZZ_EXAMPLES", "12"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 NAN, INF = float("nan"), float("inf")
-GRAD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float64: 1e-9}  # of the largest
+GRAD_RTOL = BIN_GRAD_RTOL
 
 
 def _backends():
