@@ -8,8 +8,9 @@ plain string) and two scores, named ``score_chosen`` / ``score_rejected`` or ``c
 Scores map to ``mu = (s - score_min) / (score_max - score_min)`` in [0, 1]; a score outside the
 range is an error, not a silent clip. Rows that keep each rater's ratings (``ratings_chosen`` /
 ``ratings_rejected``, as the embedded task ``v2`` does) can train on panel labels
-(:mod:`distreward.labels`). The embedded source is one of :data:`EMBEDDED_TASKS` (``--task``). Every source is split by prompt into train / validation /
-test (:mod:`distreward.splits`): SFT and the reward model train on ``train`` only.
+(:mod:`distreward.labels`). The embedded source is one of :data:`EMBEDDED_TASKS` (``--task``). Every
+source is split by prompt (task v2: by problem) into train / validation / test (:mod:`distreward.splits`):
+SFT and the reward model train on ``train`` only.
 """
 import json
 import os
@@ -199,7 +200,8 @@ def load_preference_data(tokenizer, name_or_path: str = EMBEDDED, hub_split: str
     Each row holds ``input_ids_chosen`` / ``input_ids_rejected`` (chat-templated prompt + answer),
     ``target_chosen`` / ``target_rejected`` (scores mapped to [0, 1]) and, for the embedded task,
     ``kind`` and the ground truth ``truth_chosen`` / ``truth_rejected`` (evaluation only), and the panel
-    labels of ``label_kind`` (:func:`tokenize_pairs`). The embedded task makes ``num_pairs`` training pairs and ``eval_fraction * num_pairs`` pairs for each
+    labels of ``label_kind`` (:func:`tokenize_pairs`). The embedded task makes ``num_pairs`` training pairs
+    and ``eval_fraction * num_pairs`` pairs for each
     held-out split; other data keep their rows. Pairs longer than ``max_length`` tokens are dropped.
     """
     held_out = held_out_pairs(num_pairs, eval_fraction)

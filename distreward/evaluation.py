@@ -299,8 +299,8 @@ def sharpening_verdict(comparison: dict) -> str:
     truth = comparison["ground_truth"]
     low, high = truth["ci95"]
     outcome = "BEATS" if low > 0 else "LOSES TO" if high < 0 else "IS NOT DISTINGUISHABLE FROM"
-    return (f"the trained policy {outcome} the SFT policy sharpened to temperature {comparison['temperature']:g} (chosen "
-            f"on {comparison['chosen_on']}, no reward model): ground truth {truth['sharpened']:.3f} -> "
+    return (f"the trained policy {outcome} the SFT policy sharpened to temperature {comparison['temperature']:g} "
+            f"(chosen on {comparison['chosen_on']}, no reward model): ground truth {truth['sharpened']:.3f} -> "
             f"{truth['trained']:.3f} ({truth['gain']:+.3f}, 95% CI [{low:+.3f}, {high:+.3f}])")
 
 

@@ -300,8 +300,8 @@ def sharpened_baseline(trainer: ReinforceTrainer, sft_policy, prompts: list, sam
     """The best sharpened SFT policy and the trained policy against it: the SFT policy sampled at each temperature
     of ``config.sharpening_grid`` on ``config.sharpening_prompts`` validation prompts, the temperature of the
     highest mean ground truth chosen there, then sampled at it on the evaluation ``prompts`` and compared with
-    the trained policy's ``samples`` (the ``eval_samples.jsonl`` records, seeded alike), paired by prompt, overall and per region. Its records join ``samples`` as
-    ``"sharpened"``."""
+    the trained policy's ``samples`` (the ``eval_samples.jsonl`` records, seeded alike), paired by prompt, overall
+    and per region. Its records join ``samples`` as ``"sharpened"``."""
     config = trainer.config
     validation = trainer.task.make_prompts(config.sharpening_prompts, seed=config.seed, split="validation",
                                            unique=True)

@@ -67,7 +67,8 @@ def sft_loss(model, batch):
 
 
 def run_sft(config: SFTConfig):
-    """Fine-tune the policy on the SFT data (:func:`~distreward.data.load_sft_data`); save it with its tokenizer to ``config.output_dir``."""
+    """Fine-tune the policy on the SFT data (:func:`~distreward.data.load_sft_data`); save it with its tokenizer
+    to ``config.output_dir``."""
     accelerator = make_accelerator(config)
     policy, tokenizer = load_policy(config.model_name_or_path, config.seed)
     with accelerator.main_process_first():  # rank 0 downloads and caches the data, the others then read it
@@ -88,6 +89,7 @@ def run_sft(config: SFTConfig):
             accelerator.print(f"SFT policy, greedy answers to {config.num_eval_prompts} test prompts: mean ground "
                               f"truth {report['ground_truth']['mean']:.2f} / 4 (greedy decoding; REINFORCE's table "
                               f"scores sampled answers, so its sft row differs); by region: "
-                              + ", ".join(f"{name} {values['mean']:.2f}" for name, values in report["by_region"].items()))
+                              + ", ".join(f"{name} {values['mean']:.2f}"
+                                          for name, values in report["by_region"].items()))
     accelerator.wait_for_everyone()
     return policy
