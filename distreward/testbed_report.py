@@ -1,9 +1,11 @@
 """``python -m distreward.testbed_report RUN_DIR [RUN_DIR ...]``: the task v2 acceptance table over seeds.
 
 Each RUN_DIR is a finished ``python -m distreward.train --seed S --output_dir RUN_DIR`` (its ``sft/``,
-``rm/`` and ``rl/`` ``eval.json``), one per seed. The table gives, per criterion of docs/testbed.md, each
+``rm/`` and ``rl/`` ``eval.json``), one per seed. The table gives, per criterion of docs/results.md, each
 seed's value, the mean and (for the policy gains) the 95% t-interval over seeds, and whether the target
-is met; ``--output`` writes it as JSON too.
+is met; ``--output`` writes it as JSON too. With ``--overoptimisation REGION``, each RUN_DIR is an ``rl``
+stage's output instead, and the table says per seed whether, in REGION, the RM reward rose while the
+ground truth fell (trained vs SFT, paired by prompt).
 """
 import argparse
 import json
@@ -83,6 +85,32 @@ def acceptance(run_dirs: list) -> list:
     return rows
 
 
+def overoptimisation(rl_dirs: list, region: str) -> list:
+    """One dict per ``rl`` output dir: ``region``'s RM reward and ground-truth gains (trained - SFT, with their
+    95% paired intervals) and ``over_optimised``: the reward rose while the ground truth fell."""
+    rows = []
+    for rl_dir in rl_dirs:
+        path = os.path.join(rl_dir, "eval.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"{rl_dir} is not a finished rl run (no eval.json)")
+        with open(path) as handle:
+            gains = json.load(handle)["comparison"]["by_region"][region]
+        rows.append({"run": rl_dir, "reward": gains["reward"], "ground_truth": gains["ground_truth"],
+                     "kl": gains["kl"]["trained"],
+                     "over_optimised": gains["reward"]["gain"] > 0 and gains["ground_truth"]["gain"] < 0})
+    return rows
+
+
+def overoptimisation_markdown(rows: list, region: str) -> str:
+    lines = [f"| run | {region}: RM reward gain | ground-truth gain | KL | reward up, truth down |", "|---|---|---|---|---|"]
+    for row in rows:
+        cells = [f"{row[key]['gain']:+.3f} [{row[key]['ci95'][0]:+.3f}, {row[key]['ci95'][1]:+.3f}]"
+                 for key in ("reward", "ground_truth")]
+        lines.append(f"| {row['run']} | {' | '.join(cells)} | {row['kl']:.2f} | {'yes' if row['over_optimised'] else 'no'} |")
+    lines.append(f"\n{sum(row['over_optimised'] for row in rows)} of {len(rows)} runs over-optimised in {region}.")
+    return "\n".join(lines)
+
+
 def markdown(rows: list) -> str:
     lines = ["| criterion | target | per seed | mean [95% t-interval] | met |", "|---|---|---|---|---|"]
     for row in rows:
@@ -97,13 +125,20 @@ def main(argv=None) -> int:
                                      description="Task v2 acceptance over finished pipeline runs, one per seed.")
     parser.add_argument("run_dirs", nargs="+", help="output_dir of each `python -m distreward.train` run")
     parser.add_argument("--output", help="also write the rows as JSON here")
+    parser.add_argument("--overoptimisation", metavar="REGION", help="RUN_DIRs are rl outputs: over-optimisation "
+                                                                     "in REGION (e.g. superficial) per run")
     args = parser.parse_args(argv)
     try:
-        rows = acceptance(args.run_dirs)
+        if args.overoptimisation:
+            rows = overoptimisation(args.run_dirs, args.overoptimisation)
+            text = overoptimisation_markdown(rows, args.overoptimisation)
+        else:
+            rows = acceptance(args.run_dirs)
+            text = markdown(rows)
     except (ValueError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(markdown(rows))
+    print(text)
     if args.output:
         with open(args.output, "w") as handle:
             json.dump(rows, handle, indent=2)

@@ -250,3 +250,22 @@ def test_the_acceptance_table_over_seeds(tmp_path, capsys):
     assert rows["SFT greedy ground truth, bug region"]["met"] == "yes"
     assert testbed_report.main(runs) == 0 and "| criterion |" in capsys.readouterr().out
     assert testbed_report.main([str(tmp_path / "missing")]) == 2
+
+
+def test_the_overoptimisation_table(tmp_path, capsys):
+    from distreward import testbed_report
+
+    def gain(value):
+        return {"gain": value, "ci95": [value - 0.1, value + 0.1], "trained": 1.5}
+
+    runs = []
+    for seed, (reward, truth) in enumerate([(0.1, -0.3), (0.05, 0.2), (-0.01, -0.2)]):
+        (tmp_path / f"a{seed}").mkdir()
+        (tmp_path / f"a{seed}" / "eval.json").write_text(json.dumps({"comparison": {"by_region": {
+            "superficial": {"reward": gain(reward), "ground_truth": gain(truth), "kl": gain(0.0)}}}}))
+        runs.append(str(tmp_path / f"a{seed}"))
+    rows = testbed_report.overoptimisation(runs, "superficial")
+    assert [row["over_optimised"] for row in rows] == [True, False, False]
+    assert testbed_report.main([*runs, "--overoptimisation", "superficial"]) == 0
+    assert "1 of 3 runs over-optimised in superficial." in capsys.readouterr().out
+    assert testbed_report.main([*runs, "--overoptimisation", "taste"]) == 2  # no such region in these runs
