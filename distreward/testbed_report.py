@@ -102,11 +102,13 @@ def overoptimisation(rl_dirs: list, region: str) -> list:
 
 
 def overoptimisation_markdown(rows: list, region: str) -> str:
-    lines = [f"| run | {region}: RM reward gain | ground-truth gain | KL | reward up, truth down |", "|---|---|---|---|---|"]
+    lines = [f"| run | {region}: RM reward gain | ground-truth gain | KL | reward up, truth down |",
+             "|---|---|---|---|---|"]
     for row in rows:
         cells = [f"{row[key]['gain']:+.3f} [{row[key]['ci95'][0]:+.3f}, {row[key]['ci95'][1]:+.3f}]"
                  for key in ("reward", "ground_truth")]
-        lines.append(f"| {row['run']} | {' | '.join(cells)} | {row['kl']:.2f} | {'yes' if row['over_optimised'] else 'no'} |")
+        verdict = "yes" if row["over_optimised"] else "no"
+        lines.append(f"| {row['run']} | {' | '.join(cells)} | {row['kl']:.2f} | {verdict} |")
     lines.append(f"\n{sum(row['over_optimised'] for row in rows)} of {len(rows)} runs over-optimised in {region}.")
     return "\n".join(lines)
 
