@@ -294,14 +294,19 @@ def compare_policies(samples: list) -> dict:
     return result
 
 
-def sharpening_verdict(comparison: dict) -> str:
-    """One line: the trained policy against the best sharpened SFT policy (``sharpened_sft`` of ``eval.json``)."""
+def sharpening_verdict(comparison: dict, after: str = "trained") -> str:
+    """One line: the trained policy (``after = "trained"``, at the sampling temperature) or the sharpened trained
+    policy (``"trained_sharpened"``, at ``comparison["temperature"]``; the SFT policy's is
+    ``comparison["sft_temperature"]``) against the best sharpened SFT policy (``sharpened_sft`` of ``eval.json``)."""
     truth = comparison["ground_truth"]
     low, high = truth["ci95"]
     outcome = "BEATS" if low > 0 else "LOSES TO" if high < 0 else "IS NOT DISTINGUISHABLE FROM"
-    return (f"the trained policy {outcome} the SFT policy sharpened to temperature {comparison['temperature']:g} "
-            f"(chosen on {comparison['chosen_on']}, no reward model): ground truth {truth['sharpened']:.3f} -> "
-            f"{truth['trained']:.3f} ({truth['gain']:+.3f}, 95% CI [{low:+.3f}, {high:+.3f}])")
+    sft_temperature = comparison.get("sft_temperature", comparison["temperature"])
+    subject = ("the trained policy" if after == "trained"
+               else f"the trained policy sharpened to temperature {comparison['temperature']:g}")
+    return (f"{subject} {outcome} the SFT policy sharpened to temperature {sft_temperature:g} "
+            f"(each chosen on {comparison['chosen_on']}; no reward model for the SFT policy): ground truth "
+            f"{truth['sharpened']:.3f} -> {truth[after]:.3f} ({truth['gain']:+.3f}, 95% CI [{low:+.3f}, {high:+.3f}])")
 
 
 def verdict(comparison: dict) -> str:
@@ -349,6 +354,7 @@ def format_report(report: dict) -> str:
     lines += ["", "verdict: " + report["comparison"]["verdict"]]
     if "sharpened_sft" in report:
         lines.append("against the strongest cheap baseline: " + report["sharpened_sft"]["verdict"])
+        lines.append("both sharpened: " + report["sharpened_sft"]["trained_sharpened"]["verdict"])
     for region, gains in report["comparison"].get("by_region", {}).items():
         cells = [f"{key} {gains[key]['gain']:+.3f}" for key in ("ground_truth", "reward", "std") if key in gains]
         if "sharpened_sft" in report and region in report["sharpened_sft"]["by_region"]:

@@ -296,28 +296,43 @@ def temperature_baselines(trainer: ReinforceTrainer, sft_policy, prompts: list, 
     return rows
 
 
-def sharpened_baseline(trainer: ReinforceTrainer, sft_policy, prompts: list, samples: list) -> dict:
-    """The best sharpened SFT policy and the trained policy against it: the SFT policy sampled at each temperature
-    of ``config.sharpening_grid`` on ``config.sharpening_prompts`` validation prompts, the temperature of the
-    highest mean ground truth chosen there, then sampled at it on the evaluation ``prompts`` and compared with
-    the trained policy's ``samples`` (the ``eval_samples.jsonl`` records, seeded alike), paired by prompt, overall
-    and per region. Its records join ``samples`` as ``"sharpened"``."""
+def sharpen(trainer: ReinforceTrainer, policy, validation: list, prompts: list, name: str, samples: list) -> dict:
+    """``policy`` sampled at each temperature of ``config.sharpening_grid`` on the ``validation`` prompts, the
+    temperature of the highest mean ground truth chosen there, then ``policy`` sampled at it on the evaluation
+    ``prompts`` (seeded as every evaluation is); its records join ``samples`` as policy ``name``. Returns
+    ``{"temperature", "grid", "chosen_on", name: its summary}``."""
+    grid = []
+    for temperature in trainer.config.sharpening_grid:
+        summary, _ = trainer.evaluate(policy, validation, temperature)
+        grid.append({"temperature": temperature, "validation_ground_truth": summary["ground_truth"]["mean"],
+                     # greedy answers are scored by the untempered model: no KL to the reference's distribution
+                     "kl_to_ref": summary["kl_to_ref"] if temperature > 0 else None})
+    best = max(grid, key=lambda row: row["validation_ground_truth"])
+    summary, records = trainer.evaluate(policy, prompts, best["temperature"])
+    samples += [{"policy": name, **record} for record in records]
+    return {"temperature": best["temperature"], "grid": grid, "chosen_on": f"{len(validation)} validation prompts",
+            name: summary}
+
+
+def sharpened_baseline(trainer: ReinforceTrainer, sft_policy, trained_policy, prompts: list, samples: list) -> dict:
+    """The trained policy against the best sharpened SFT policy (:func:`sharpen`, temperature chosen on
+    ``config.sharpening_prompts`` validation prompts), paired by prompt on the evaluation ``prompts``, overall and
+    per region: the trained policy at the config's temperature (its ``samples``, the ``eval_samples.jsonl``
+    records), and under ``trained_sharpened`` the trained policy sharpened the same way (both policies then get the
+    same decoding freedom, so the difference is what the reward model and REINFORCE add). ``samples`` gains the
+    ``"sharpened"`` and ``"trained_sharpened"`` records."""
     config = trainer.config
     validation = trainer.task.make_prompts(config.sharpening_prompts, seed=config.seed, split="validation",
                                            unique=True)
-    grid = []
-    for temperature in config.sharpening_grid:
-        summary, _ = trainer.evaluate(sft_policy, validation, temperature)
-        grid.append({"temperature": temperature, "validation_ground_truth": summary["ground_truth"]["mean"],
-                     # greedy answers are scored by the untempered model, the reference itself: no KL to report
-                     "kl_to_ref": summary["kl_to_ref"] if temperature > 0 else None})
-    best = max(grid, key=lambda row: row["validation_ground_truth"])
-    summary, records = trainer.evaluate(sft_policy, prompts, best["temperature"])
-    samples += [{"policy": "sharpened", **record} for record in records]
-    result = {"temperature": best["temperature"], "grid": grid, "chosen_on": f"{len(validation)} validation prompts",
-              "sharpened": summary, **paired_gains(samples, "sharpened", "trained"),
-              "by_region": region_gains(samples, "sharpened", "trained")}
+    result = sharpen(trainer, sft_policy, validation, prompts, "sharpened", samples)
+    result.update(paired_gains(samples, "sharpened", "trained"),
+                  by_region=region_gains(samples, "sharpened", "trained"))
     result["verdict"] = sharpening_verdict(result)
+    both = sharpen(trainer, trained_policy, validation, prompts, "trained_sharpened", samples)
+    both.update(paired_gains(samples, "sharpened", "trained_sharpened"),
+                by_region=region_gains(samples, "sharpened", "trained_sharpened"))
+    both["verdict"] = sharpening_verdict({**both, "sft_temperature": result["temperature"]}, "trained_sharpened")
+    result["trained_sharpened"] = both
     return result
 
 
@@ -343,7 +358,7 @@ def run_reinforce(config: ReinforceConfig) -> dict:
         samples += [{"policy": name, **record} for record in records]
     report["comparison"] = compare_policies(samples)
     if config.sharpening_baseline and trainer.task is not None:
-        report["sharpened_sft"] = sharpened_baseline(trainer, reference, eval_prompts, samples)
+        report["sharpened_sft"] = sharpened_baseline(trainer, reference, policy, eval_prompts, samples)
     if config.temperature_baselines:
         report["temperature_baselines"] = temperature_baselines(trainer, reference, eval_prompts, samples)
     if accelerator.is_main_process:

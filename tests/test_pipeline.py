@@ -67,7 +67,13 @@ def test_pipeline_compares_with_the_sharpened_sft_policy_per_region(pipeline_run
     assert [row["temperature"] for row in sharpened["grid"]] == TINY["sharpening_grid"]
     assert sharpened["temperature"] in TINY["sharpening_grid"]
     assert sharpened["chosen_on"] == f"{SHARPENING_PROMPTS} validation prompts"
-    for by_region in (report["comparison"]["by_region"], sharpened["by_region"]):
+    both = sharpened["trained_sharpened"]  # the trained policy sharpened the same way, on the same prompts
+    assert both["verdict"].startswith(f"the trained policy sharpened to temperature {both['temperature']:g} ")
+    assert [row["temperature"] for row in both["grid"]] == TINY["sharpening_grid"]
+    assert both["ground_truth"]["sharpened"] == sharpened["ground_truth"]["sharpened"]
+    assert both["ground_truth"]["gain"] == pytest.approx(both["ground_truth"]["trained_sharpened"]
+                                                         - both["ground_truth"]["sharpened"])
+    for by_region in (report["comparison"]["by_region"], sharpened["by_region"], both["by_region"]):
         assert "taste" in by_region and set(by_region) <= set(testbed.REGIONS)
         assert all(gains["num_prompts"] >= 2 for gains in by_region.values())
         assert sum(gains["num_prompts"] for gains in by_region.values()) <= TINY["num_eval_prompts"]
@@ -81,6 +87,7 @@ def test_pipeline_console_tells_the_story_once(tmp_path, capsys, monkeypatch):
         "[1/3] SFT warm-up", "[2/3] reward model", "[3/3] REINFORCE"]
     assert out.count("| policy |") == 1 and out.count("verdict: ") == 1  # the table and its verdict, once
     assert out.count("against the strongest cheap baseline: the trained policy") == 1  # the sharpened SFT's verdict
+    assert out.count("both sharpened: the trained policy sharpened to temperature") == 1
     assert "greedy answers to" in out and "sampled responses each" in out  # the two SFT scores, labelled
     assert "reward_histogram.png" in out and "training_curves.png" in out
     assert "Writing model shards" not in err

@@ -383,8 +383,8 @@ def test_run_reinforce_writes_spec_outputs(saved_models, tmp_path):
     assert {"loss", "reward", "reward_sd", "kl", "total_reward", "ground_truth"} <= set(metrics[0])
     assert os.path.isfile(tmp_path / "policy" / "model.safetensors")
     samples = [json.loads(line) for line in open(tmp_path / "eval_samples.jsonl")]
-    assert len(samples) == 3 * 4 and {s["policy"] for s in samples} == {"sft", "trained", "sharpened"}
-    assert collections.Counter(s["policy"] for s in samples) == {"sft": 4, "trained": 4, "sharpened": 4}
+    assert collections.Counter(s["policy"] for s in samples) == {"sft": 4, "trained": 4, "sharpened": 4,
+                                                                 "trained_sharpened": 4}
 
 
 def test_temperature_baselines_sample_the_sft_policy_on_the_same_prompts(saved_models, tmp_path):
@@ -402,7 +402,8 @@ def test_temperature_baselines_sample_the_sft_policy_on_the_same_prompts(saved_m
     assert same["kl_to_ref"] == 0.0 and sharper["kl_to_ref"] > 0.0  # KL(pi_T || pi) >= 0, > 0 unless T = 1
     assert json.load(open(tmp_path / "eval.json")) == report
     samples = read_jsonl(tmp_path / "eval_samples.jsonl")  # the temperature baselines' samples are not in it
-    assert len(samples) == 3 * 4 and {s["policy"] for s in samples} == {"sft", "trained", "sharpened"}
+    assert len(samples) == 4 * 4 and {s["policy"] for s in samples} == {"sft", "trained", "sharpened",
+                                                                        "trained_sharpened"}
     lines = format_report(report).splitlines()[-2:]
     assert all(line.startswith("baseline: the SFT policy at temperature") for line in lines)
     assert "temperature 0.25" in lines[1] and f"KL {sharper['kl_to_ref']:.3f}" in lines[1]
