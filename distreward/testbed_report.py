@@ -36,6 +36,12 @@ CRITERIA = (
      lambda s, m, r: r["sharpened_sft"]["ground_truth"]["gain"], True),
     ("ground truth, bug region: trained - best sharpened SFT", ">= +0.8",
      lambda s, m, r: r["sharpened_sft"]["by_region"]["bug"]["ground_truth"]["gain"], True),
+    ("temperature of the sharpened trained policy", "", lambda s, m, r: r["sharpened_sft"]["trained_sharpened"][
+        "temperature"], False),
+    ("ground truth: sharpened trained - best sharpened SFT", ">= +0.10, interval above 0",
+     lambda s, m, r: r["sharpened_sft"]["trained_sharpened"]["ground_truth"]["gain"], True),
+    ("ground truth, bug region: sharpened trained - best sharpened SFT", ">= +0.8",
+     lambda s, m, r: r["sharpened_sft"]["trained_sharpened"]["by_region"]["bug"]["ground_truth"]["gain"], True),
     ("KL to the SFT policy, trained", "", lambda s, m, r: r["trained"]["kl_to_ref"], False),
 )
 

@@ -227,7 +227,9 @@ def fake_run(root, gain, bug_gain, careful=3.7):
         "taste": {"std_ratio_to_careful_correct": 1.1, "disputed_std_ratio_to_careful_correct": 1.5}}}
     rl = {"trained": {"kl_to_ref": 0.5}, "comparison": {"ground_truth": {"gain": gain + 0.3}},
           "sharpened_sft": {"temperature": 0.5, "ground_truth": {"gain": gain},
-                            "by_region": {"bug": {"ground_truth": {"gain": bug_gain}}}}}
+                            "by_region": {"bug": {"ground_truth": {"gain": bug_gain}}},
+                            "trained_sharpened": {"temperature": 0.0, "ground_truth": {"gain": gain - 0.2},
+                                                  "by_region": {"bug": {"ground_truth": {"gain": bug_gain}}}}}}
     for stage, report in (("sft", {"by_region": region}), ("rm", {"panel": panel}), ("rl", rl)):
         (root / stage).mkdir(parents=True)
         (root / stage / "eval.json").write_text(json.dumps(report))
@@ -245,6 +247,7 @@ def test_the_acceptance_table_over_seeds(tmp_path, capsys):
     half = 4.302653 * 0.05 / 3 ** 0.5  # t(0.975, 2) x sd / sqrt(n)
     assert beat["ci95"] == pytest.approx([0.25 - half, 0.25 + half], abs=1e-5) and beat["met"] == "yes"
     assert rows["ground truth, bug region: trained - best sharpened SFT"]["met"] == "yes"  # mean 0.867
+    assert rows["ground truth: sharpened trained - best sharpened SFT"]["met"] == "no"  # mean 0.05
     assert rows["RM std, disputed taste answers / careful-correct"]["met"] == "no"
     assert rows["RM std, disputed superficial answers / careful-correct"]["met"] == "yes"
     assert rows["SFT greedy ground truth, bug region"]["met"] == "yes"
