@@ -28,6 +28,7 @@ wrong, spread-out label mean (the region an uncertainty-aware policy should not 
 consensus region a wrong mean with a small spread (the negative control no uncertainty method can
 fix) and the taste region a right mean with a bimodal spread. Everything is deterministic by seed.
 """
+import itertools
 import random
 import re
 import statistics
@@ -235,6 +236,35 @@ def _make_prompt(rng: random.Random, split: str, family: str) -> str:
         prompt = rng.choice(PHRASINGS[family]).format(**_draw_problem(rng, family))
         if prompt_split(problem_key(prompt)) == split:
             return prompt
+
+
+def all_problems(family: str):
+    """Every problem of ``family``, one prompt each (in its first phrasing): the family's whole space."""
+    names = [(a + b + c + d).capitalize() for a in CONSONANTS for b in VOWELS for c in CONSONANTS for d in VOWELS]
+    if family == "taste":
+        yield from (PHRASINGS["taste"][0].format(name=name) for name in names)
+    elif family == "add":
+        yield from (PHRASINGS["add"][0].format(name=name, a=a, b=b, thing=thing)
+                    for name in names for thing in THINGS for a in range(10) for b in range(10))
+    elif family == "sort":
+        yield from (PHRASINGS["sort"][0].format(digits=" ".join(digits))
+                    for n in range(3, 7) for digits in itertools.product("0123456789", repeat=n))
+    else:
+        yield from (PHRASINGS["count"][0].format(c=c, text="".join(text)) for c in LETTERS
+                    for n in range(3, 11) for text in itertools.product(LETTERS, repeat=n))
+
+
+def split_composition(split: str = "test") -> dict:
+    """Family -> region -> the number of distinct problems of ``split`` (enumerates every problem: ~30 s)."""
+    check_split(split)
+    composition = {}
+    for family in FAMILIES:
+        counts = composition.setdefault(family, {})
+        for prompt in all_problems(family):
+            if prompt_split(problem_key(prompt)) == split:
+                region = prompt_region(prompt)
+                counts[region] = counts.get(region, 0) + 1
+    return composition
 
 
 def _split_rng(seed: int, split: str, stream: str) -> random.Random:

@@ -272,3 +272,13 @@ def test_the_overoptimisation_table(tmp_path, capsys):
     assert testbed_report.main([*runs, "--overoptimisation", "superficial"]) == 0
     assert "1 of 3 runs over-optimised in superficial." in capsys.readouterr().out
     assert testbed_report.main([*runs, "--overoptimisation", "taste"]) == 2  # no such region in these runs
+
+
+def test_split_composition_counts_distinct_problems(monkeypatch):
+    taste = list(testbed.all_problems("taste"))
+    assert len(taste) == len(set(taste)) == (len(testbed.CONSONANTS) * len(testbed.VOWELS)) ** 2
+    assert sum(1 for _ in testbed.all_problems("count")) == 3 * sum(3 ** n for n in range(3, 11))
+    monkeypatch.setattr(testbed, "FAMILIES", ("taste",))  # the whole space of the others takes ~30 s
+    composition = {split: testbed.split_composition(split)["taste"]["taste"] for split in SPLITS}
+    assert sum(composition.values()) == len(taste) and composition["test"] >= 64
+    assert composition["test"] == sum(prompt_split(testbed.problem_key(p)) == "test" for p in taste)
