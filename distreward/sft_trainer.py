@@ -2,7 +2,7 @@
 the demonstrator's answers (:mod:`distreward.testbed`), elsewhere the chosen answers of the pairs.
 
 With the defaults it trains the embedded tiny Llama (:mod:`distreward.tiny`) on the generated task
-in about a minute on a laptop CPU, so the reward model and REINFORCE
+in a few minutes on a 2-core CPU, so the reward model and REINFORCE
 start from a real SFT model. ``--model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct
 --dataset_name esfrankel17/HelpSteer2_binarized`` runs the same recipe on the hub defaults.
 
