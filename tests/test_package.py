@@ -1,6 +1,10 @@
 """The installed package: the C++ extension imports and the Triton kernels ship inside distreward."""
 import importlib.metadata
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
 import distreward
@@ -28,3 +32,15 @@ def test_the_distreward_console_script_runs_the_train_entry_point():
     (script,) = importlib.metadata.distribution("distreward").entry_points.select(group="console_scripts",
                                                                                    name="distreward")
     assert script.load() is train.main
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_importing_distreward_makes_idle_openmp_threads_sleep_unless_told_otherwise(given, expected):
+    """Two runs sharing the cores collapse when their OpenMP threads spin (docs/training.md, "Threads"): importing
+    distreward sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP, and leaves a value the user set."""
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    script = "import os, distreward; print(os.environ['OMP_WAIT_POLICY'])"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == expected, done.stderr[-2000:]
