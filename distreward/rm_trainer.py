@@ -120,12 +120,11 @@ def load_backbone(config: RewardConfig, print_fn=print):
 def pair_labels(batch: dict, config: RewardConfig) -> tuple:
     """((target_chosen, target_rejected), sigma) for ``ops.pair_loss`` from a collated batch: the panel label
     distributions q [B, K] (``mixture``) or the means [B] with per-answer widths (``gaussian_spread``) or the
-    fixed ``config.sigma``; a scalar head reads the means alone."""
-    if "q_chosen" in batch and not config.is_scalar:
+    fixed ``config.sigma``. Batches carry panel labels only for a loss that reads them
+    (:attr:`RewardConfig.reads_labels`: :func:`run_reward_training` loads the others' data with mean labels)."""
+    if "q_chosen" in batch:
         return (batch["q_chosen"], batch["q_rejected"]), config.sigma
-    sigma = config.sigma
-    if "sigma_chosen" in batch and not config.is_scalar:
-        sigma = (batch["sigma_chosen"], batch["sigma_rejected"])
+    sigma = (batch["sigma_chosen"], batch["sigma_rejected"]) if "sigma_chosen" in batch else config.sigma
     return (batch["target_chosen"], batch["target_rejected"]), sigma
 
 
