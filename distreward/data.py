@@ -66,11 +66,12 @@ class PreferenceTrainingConfig(TrainingConfig):
             raise ValueError(f"--num_pairs and --max_length must be >= 1, got {self.num_pairs} and {self.max_length}")
 
 
-def local_path_or_hub_id(name: str, what: str, required_file: Optional[str] = None) -> str:
+def local_path_or_hub_id(name: str, what: str, required_file: Optional[str] = None, repo_type: str = "model") -> str:
     """``name`` as given (a hub id, or an existing path with ``~`` expanded), or ValueError ``"{what} {name} does
     not exist"`` when it looks like a local path: it starts with ``/``, ``.`` or ``~``, has a path separator
     beyond the hub's one ``org/name`` slash, or lies in an existing directory. Such a typo never goes to the network.
-    An existing directory must hold ``required_file`` when it is given.
+    An existing directory must hold ``required_file`` when it is given. A hub id (of ``repo_type``: model or
+    dataset) is looked up once (:func:`check_hub_id`), so a name that is neither fails at once.
     """
     path = os.path.expanduser(name)
     if os.path.isdir(path) and required_file and not os.path.isfile(os.path.join(path, required_file)):
@@ -81,7 +82,30 @@ def local_path_or_hub_id(name: str, what: str, required_file: Optional[str] = No
     beyond_org_name = os.sep in name.replace("/", "", 1)  # posix: a second "/"; Windows: any "\\"
     if name.startswith(("/", ".", "~")) or beyond_org_name or (parent and os.path.isdir(parent)):
         raise ValueError(f"{what} {name} does not exist")
+    check_hub_id(name, what, repo_type)
     return name
+
+
+def check_hub_id(name: str, what: str, repo_type: str = "model") -> None:
+    """ValueError naming both readings of ``name`` (a local path that does not exist, a hub id that cannot be had)
+    unless the hub id is in the local cache or the hub answers one look-up for it: one probe, where the loaders
+    would retry five times (~40 s) before failing offline."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    if os.path.isdir(os.path.join(constants.HF_HUB_CACHE, f"{repo_type}s--{name.replace('/', '--')}")):
+        return
+    readings = f"{what} {name} is no local path, and the hub {repo_type} {name}"
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"{readings} is not in the local cache (HF_HUB_OFFLINE is set)")
+    try:
+        HfApi().repo_info(name, repo_type=repo_type, timeout=10)
+    except RepositoryNotFoundError:
+        raise ValueError(f"{readings} does not exist (or is private: log in with `hf auth login`)") from None
+    except HfHubHTTPError:
+        return  # the hub answered (a gated repository, say): the loader says what it needs
+    except Exception as error:  # the transport's errors (DNS, refused, timeout) have no common base but Exception
+        raise ValueError(f"{readings} cannot be looked up: the hub is unreachable ({error})") from None
 
 
 def load_raw_preferences(name_or_path: str, hub_split: str = "train", num_pairs: int = 4000, seed: int = 0,
@@ -95,7 +119,7 @@ def load_raw_preferences(name_or_path: str, hub_split: str = "train", num_pairs:
     extension = os.path.splitext(name_or_path)[1].lower()
     if extension in LOCAL_FORMATS and not os.path.isfile(os.path.expanduser(name_or_path)):
         raise ValueError(f"data file {name_or_path} does not exist")
-    path = local_path_or_hub_id(name_or_path, "data file")
+    path = local_path_or_hub_id(name_or_path, "data file", repo_type="dataset")
     if os.path.isfile(path):
         if extension not in LOCAL_FORMATS:
             raise ValueError(f"{name_or_path}: a local data file must be .jsonl, .json or .parquet")
@@ -184,11 +208,20 @@ def encode(tokenizer, messages: list) -> tuple:
     return prompt_ids, tokenizer(answer_text, add_special_tokens=False)["input_ids"]
 
 
+MIN_HELD_OUT_PAIRS = 2  # fewer validation or test pairs have no accuracy spread, no bootstrap interval
+
+
 def held_out_pairs(num_pairs: int, eval_fraction: float) -> int:
-    """Pairs the embedded task generates for validation, and again for test: ``eval_fraction`` of ``num_pairs``."""
+    """Pairs the embedded task generates for validation, and again for test: ``eval_fraction`` of ``num_pairs``
+    (ValueError below :data:`MIN_HELD_OUT_PAIRS`, too few to evaluate)."""
     if not 0 < eval_fraction < 1:
-        raise ValueError(f"eval_fraction must lie in (0, 1), got {eval_fraction}")
-    return max(1, round(eval_fraction * num_pairs))
+        raise ValueError(f"--eval_fraction must lie in (0, 1), got {eval_fraction}")
+    held_out = round(eval_fraction * num_pairs)
+    if held_out < MIN_HELD_OUT_PAIRS:
+        raise ValueError(f"--num_pairs {num_pairs} with --eval_fraction {eval_fraction} leaves {held_out} validation "
+                         f"and {held_out} test pairs, too few to evaluate (at least {MIN_HELD_OUT_PAIRS} each): raise "
+                         f"--num_pairs or --eval_fraction")
+    return held_out
 
 
 def load_preference_data(tokenizer, name_or_path: str = EMBEDDED, hub_split: str = "train", num_pairs: int = 4000,
@@ -210,9 +243,10 @@ def load_preference_data(tokenizer, name_or_path: str = EMBEDDED, hub_split: str
         raw = load_raw_preferences(name_or_path, hub_split, num_pairs if split == "train" else held_out, seed, split,
                                    task)
         data[split] = tokenize_pairs(tokenizer, raw, score_min, score_max, max_length, label_kind, sigma, num_bins)
-        if len(data[split]) == 0:
-            raise ValueError(f"no {split} pair fits in max_length={max_length} tokens (the data have "
-                             f"{len(raw)} {split} pairs, split by prompt)")
+        needed = 1 if split == "train" else MIN_HELD_OUT_PAIRS
+        if len(data[split]) < needed:
+            raise ValueError(f"{len(data[split])} {split} pairs fit in max_length={max_length} tokens, fewer than "
+                             f"{needed} (the data have {len(raw)} {split} pairs, split by prompt)")
     return DatasetDict(data)
 
 

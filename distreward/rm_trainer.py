@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from distreward import evaluation, ops
-from distreward.data import EMBEDDED, PreferenceCollator, PreferenceTrainingConfig, load_preference_data
+from distreward.data import (EMBEDDED, PreferenceCollator, PreferenceTrainingConfig, held_out_pairs,
+                             load_preference_data)
 from distreward.labels import check_label_kind
 from distreward.modeling import DistributionalRewardModel, load_policy
 from distreward.ops.validation import check_choice, check_positive
@@ -88,6 +89,8 @@ class RewardConfig(PreferenceTrainingConfig):
         ops.bin_centers(self.num_bins)  # raises unless num_bins is an integer >= 2
         check_positive("--sigma", self.sigma)
         check_positive("--score_weight", self.score_weight, allow_zero=True)
+        if self.dataset_name == EMBEDDED:
+            held_out_pairs(self.num_pairs, self.eval_fraction)  # enough validation and test pairs to evaluate
 
     @property
     def reads_labels(self) -> bool:

@@ -10,7 +10,7 @@ import sys
 from distreward import pipeline
 from distreward.rl_trainer import EVAL_SAMPLES_NAME, ReinforceConfig, run_reinforce
 from distreward.rm_trainer import DISTRIBUTIONS_NAME, RewardConfig, run_reward_training
-from distreward.trainer_utils import list_checkpoints
+from distreward.trainer_utils import TrainingInterrupted, list_checkpoints
 from distreward.sft_trainer import SFTConfig, run_sft
 
 # stage -> (config class, run function, one-line description)
@@ -107,9 +107,13 @@ def main(argv=None) -> int:
     except USER_ERRORS as error:  # bad settings, data or paths: one clear line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, below): one line, not a traceback
-        print(f"\ninterrupted: `python -m distreward.train {stage} {' '.join(argv)} --resume` continues from the "
-              f"last checkpoint (every --save_steps steps)", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C (or SIGTERM, below): one line, not a traceback
+        resume = f"`python -m distreward.train {stage} {' '.join(argv)} --resume`"
+        if isinstance(interrupt, TrainingInterrupted):  # training stopped at a step boundary and saved it
+            print(f"\ninterrupted: saved {interrupt.checkpoint}; {resume} continues from it", file=sys.stderr)
+        else:
+            print(f"\ninterrupted: {resume} continues from the last checkpoint (every --save_steps steps)",
+                  file=sys.stderr)
         return 130
     return 0
 

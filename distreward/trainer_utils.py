@@ -13,6 +13,8 @@ import math
 import os
 import re
 import shutil
+import signal
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Callable, ClassVar, Optional
 
@@ -246,6 +248,39 @@ def start_or_resume(accelerator: Accelerator, config: TrainingConfig) -> Trainer
     return TrainerState()
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT / SIGTERM after saving ``checkpoint`` (the step it stopped at), which
+    ``--resume`` continues from exactly."""
+
+    def __init__(self, checkpoint: str):
+        super().__init__(checkpoint)
+        self.checkpoint = checkpoint
+
+
+class StopRequest:
+    """While active (a context), the first SIGINT or SIGTERM only sets :attr:`requested`, so the loop stops at the
+    end of the optimizer step under way, with a consistent state to save; a second signal interrupts at once.
+    Installed from the main thread only (Python runs signal handlers there)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {signum: signal.signal(signum, self.request) for signum in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def request(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
 def total_optimizer_steps(config: TrainingConfig, batches_per_epoch: int) -> int:
     """``max_steps`` when set, else ``num_train_epochs`` passes of ``batches_per_epoch`` micro-batches."""
     if config.max_steps > 0:
@@ -265,7 +300,8 @@ def train_loop(config: TrainingConfig, accelerator: Accelerator, model: torch.nn
     ``save_steps`` and ``config.resume``; a finished run deletes its checkpoints unless ``config.keep_checkpoints``.
     ``on_step(step, total, model)``, if given, is called on every process once before the first update (with
     0, or the step a resumed run starts from) and after each optimizer step, before that step's checkpoint.
-    The caller saves the final model.
+    SIGINT / SIGTERM (on any process) stops training at the end of the optimizer step under way, saves a checkpoint
+    there and raises :class:`TrainingInterrupted`. The caller saves the final model.
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
@@ -282,6 +318,21 @@ def train_loop(config: TrainingConfig, accelerator: Accelerator, model: torch.nn
     model.train()
     if on_step is not None:
         on_step(state.global_step, total, model)
+    with StopRequest() as stop:
+        run_steps(config, accelerator, model, optimizer, scheduler, dataloader, compute_loss, state, total, logger,
+                  progress, stop, tokenizer, on_step)
+    progress.close()
+    if accelerator.is_main_process and not config.keep_checkpoints:
+        remove_checkpoints(config.output_dir)
+    accelerator.wait_for_everyone()
+    return accelerator.unwrap_model(model)
+
+
+def run_steps(config: TrainingConfig, accelerator: Accelerator, model, optimizer, scheduler, dataloader,
+              compute_loss: Callable, state: TrainerState, total: int, logger: MetricsLogger, progress, stop: StopRequest,
+              tokenizer=None, on_step: Optional[Callable] = None) -> None:
+    """:func:`train_loop`'s optimizer steps from ``state`` to ``total``; the stop request travels with the logged
+    metrics' reduction, so every process stops at the same step at no extra cost."""
     while state.global_step < total:
         epoch, done_in_epoch = divmod(state.micro_step, len(dataloader))
         dataloader.set_epoch(epoch)
@@ -296,8 +347,10 @@ def train_loop(config: TrainingConfig, accelerator: Accelerator, model: torch.nn
                 scheduler.step()
                 optimizer.zero_grad()
             state.micro_step += 1
-            values = accelerator.reduce(torch.stack([loss.detach(), *metrics.values()]).float(), "mean")
-            for name, value in zip(["loss", *metrics], values.tolist()):
+            stopping = torch.tensor(float(stop.requested), device=loss.device)
+            *values, stopping = accelerator.reduce(torch.stack([loss.detach(), *metrics.values(), stopping]).float(),
+                                                   "mean").tolist()
+            for name, value in zip(["loss", *metrics], values):
                 state.metrics_window.setdefault(name, []).append(value)
             if not accelerator.sync_gradients:
                 continue
@@ -311,12 +364,10 @@ def train_loop(config: TrainingConfig, accelerator: Accelerator, model: torch.nn
                 state.metrics_window = {}
             if on_step is not None:
                 on_step(state.global_step, total, model)
-            if state.global_step % config.save_steps == 0 and state.global_step < total:
-                save_checkpoint(accelerator, state, config.output_dir, tokenizer, config.save_total_limit)
+            if stopping > 0 or (state.global_step % config.save_steps == 0 and state.global_step < total):
+                path = save_checkpoint(accelerator, state, config.output_dir, tokenizer, config.save_total_limit)
+                if stopping > 0:
+                    progress.close()
+                    raise TrainingInterrupted(path)
             if state.global_step >= total:
                 break
-    progress.close()
-    if accelerator.is_main_process and not config.keep_checkpoints:
-        remove_checkpoints(config.output_dir)
-    accelerator.wait_for_everyone()
-    return accelerator.unwrap_model(model)

@@ -2,7 +2,9 @@
 and never a network wait for a path that looks local (``python -m distreward.train`` / ``.experiments`` /
 ``.evaluation``)."""
 import os
+import time
 
+import huggingface_hub
 import pytest
 import torch
 
@@ -32,6 +34,8 @@ def error_lines(capsys) -> list:
 ])
 def test_a_missing_path_that_looks_local_is_an_error_and_a_hub_id_passes(tmp_path, monkeypatch, name, is_local):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "hub" / f"models--{name.replace('/', '--')}").mkdir(parents=True)  # a cached hub id needs no probe
     (tmp_path / "runs").mkdir()  # "runs/..." lies in an existing directory: local, although shaped like org/name
     if is_local:
         with pytest.raises(ValueError, match=f"^model directory {name} does not exist$"):
@@ -40,6 +44,50 @@ def test_a_missing_path_that_looks_local_is_an_error_and_a_hub_id_passes(tmp_pat
         assert local_path_or_hub_id(name, "model directory") == name
     (tmp_path / "runs" / "existing").mkdir()
     assert local_path_or_hub_id("runs/existing", "model directory") == "runs/existing"
+
+
+def unreachable_hub(*args, **kwargs):
+    raise ConnectionError("[Errno -2] Name or service not known")
+
+
+@pytest.mark.parametrize("offline", [True, False])
+@pytest.mark.parametrize("stage, flag, what, repo_type", [
+    ("sft", "--model_name_or_path", "model directory", "model"), ("rm", "--dataset_name", "data file", "dataset")])
+def test_a_name_that_is_neither_a_local_path_nor_a_reachable_hub_id_fails_at_once(
+        capsys, tmp_path, monkeypatch, offline, stage, flag, what, repo_type):
+    """Offline, or with the hub unreachable, one look-up (no retries) and one line naming both readings."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    probes = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda *a, **k: probes.append(a) or unreachable_hub())
+    argv = [stage, flag, "nothing/here", "--output_dir", str(tmp_path / "out")]
+    if stage == "rm":
+        argv += ["--model_name_or_path", "embedded"]
+    started = time.perf_counter()
+    assert main(argv) == 2
+    assert time.perf_counter() - started < 10
+    readings = f"error: {what} nothing/here is no local path, and the hub {repo_type} nothing/here"
+    expected = "is not in the local cache (HF_HUB_OFFLINE is set)" if offline else \
+        "cannot be looked up: the hub is unreachable ([Errno -2] Name or service not known)"
+    assert error_lines(capsys) == [f"{readings} {expected}"]
+    assert len(probes) == (0 if offline else 1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_id_the_hub_does_not_know_is_named_as_such(tmp_path, monkeypatch):
+    import httpx2
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def not_found(*args, **kwargs):
+        raise RepositoryNotFoundError("404", response=httpx2.Response(404, request=httpx2.Request("GET", "https://hf.co")))
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", not_found)
+    with pytest.raises(ValueError, match="^model directory org/typo is no local path, and the hub model org/typo "
+                                         "does not exist"):
+        local_path_or_hub_id("org/typo", "model directory")
 
 
 @pytest.mark.parametrize("stage", ["rm", "sft"])
@@ -157,6 +205,9 @@ def test_an_interrupted_run_says_how_to_resume(capsys, monkeypatch, tmp_path):
                                    "distribution for --shaping std_scale: use --shaping none"),
     (["rm", "--lr_scheduler_type", "cosin"], "error: --lr_scheduler_type must be one of "),
     (["rm", "--ops_backend", "triton"], "error: --ops_backend triton needs a CUDA GPU"),
+    (["rm", "--num_pairs", "12"], "error: --num_pairs 12 with --eval_fraction 0.1 leaves 1 validation and 1 test "
+                                  "pairs, too few to evaluate (at least 2 each): raise --num_pairs or --eval_fraction"),
+    (["--num_pairs", "3"], "error: --num_pairs 3 with --eval_fraction 0.1 leaves 0 validation"),
 ])
 def test_combinations_are_refused_before_any_work(capsys, monkeypatch, tmp_path, argv, message):
     if "triton" in argv and torch.cuda.is_available():
