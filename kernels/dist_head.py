@@ -30,6 +30,9 @@ PAIR_LOSS_KINDS = ("bt_mean", "bt_kl", "dpl")  # the docs/math.md §3 losses the
 GPU_TILE_ELEMENTS = 1024
 ELEMENTS_PER_THREAD = 4
 INTERPRETER_TILE_ELEMENTS = 1 << 20
+SCALE_BLOCK = 1024  # gradient entries per program of the pair loss's backward
+# |sum_k q_k - 1| a given label distribution's row may have (docs/math.md §2; reference.LABEL_SUM_TOLERANCE).
+LABEL_SUM_TOLERANCE = tl.constexpr(1e-3)
 _LOG_HALF = tl.constexpr(-0.6931471805599453)
 
 
@@ -90,14 +93,16 @@ def _gaussian_labels(target, label_scale, centers, bin_mask):
 
 @triton.jit
 def _given_labels(target_ptr, stride_row, stride_bin, rows, row_mask, bins, bin_mask, ACC: tl.constexpr):
-    """(log q, q) [BLOCK_N, BLOCK_K] of a given label distribution q [N, K] (padded bins and rows past N are 0).
+    """(log q, q) [BLOCK_N, BLOCK_K] of a given label distribution q [N, K] (padded bins are 0).
 
-    A negative or non-finite entry becomes NaN, which makes its row's KL NaN (ops turns it into a ValueError);
-    log q is read only where q != 0 (log 1 = 0 stands in elsewhere).
+    A row holding a negative or non-finite entry, or not summing to 1 within LABEL_SUM_TOLERANCE (rows past N
+    included), becomes NaN, which makes its KL NaN (ops turns it into a ValueError); log q is read only where
+    q != 0 (log 1 = 0 stands in elsewhere).
     """
     q = tl.load(target_ptr + rows[:, None] * stride_row + bins[None, :] * stride_bin,
                 mask=row_mask[:, None] & bin_mask[None, :], other=0.0).to(ACC)
     q = tl.where((q >= 0) & (q < float("inf")), q, float("nan"))
+    q = tl.where((tl.abs(tl.sum(q, axis=1) - 1.0) <= LABEL_SUM_TOLERANCE)[:, None], q, float("nan"))
     return tl.log(tl.where(q > 0, q, 1.0)), q
 
 
@@ -169,43 +174,63 @@ def _store_gradient(ptrs, grad, mask):
 
 
 @triton.jit
+def _flag_non_finite(flag_ptr, values, row_mask):
+    """Set ``*flag_ptr`` to 1 when a live row's value [BLOCK_N] is NaN or infinite (bad input made it so)."""
+    bad = row_mask & ~(tl.abs(values) < float("inf"))
+    tl.atomic_max(flag_ptr, tl.max(bad.to(tl.int32), axis=0))
+
+
+@triton.jit
 def _row_forward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_target, stride_target_bin, sigma_ptr,
-                        stride_sigma, centers_ptr, stride_centers, mean_ptr, std_ptr, kl_ptr, n_rows, n_bins,
-                        label_scale, WITH_MOMENTS: tl.constexpr, WITH_KL: tl.constexpr, GIVEN_LABELS: tl.constexpr,
-                        ROW_SIGMA: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """mean, std [N] (WITH_MOMENTS) and/or KL(q || p) [N] (WITH_KL; q as :func:`_labels` reads it) of BLOCK_N rows."""
+                        stride_sigma, centers_ptr, stride_centers, mean_ptr, std_ptr, kl_ptr, flag_ptr, n_rows,
+                        n_bins, label_scale, WITH_MOMENTS: tl.constexpr, WITH_KL: tl.constexpr,
+                        GIVEN_LABELS: tl.constexpr, ROW_SIGMA: tl.constexpr, WITH_FLAG: tl.constexpr,
+                        ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """mean, std [N] (WITH_MOMENTS) and/or KL(q || p) [N] (WITH_KL; q as :func:`_labels` reads it) of BLOCK_N rows;
+    with WITH_FLAG, ``*flag_ptr`` (int32, zeroed by the caller) set to 1 when a result is not finite."""
     rows, row_mask, bins, bin_mask, centers = _program_tile(centers_ptr, stride_centers, n_rows, n_bins, ACC,
                                                             BLOCK_N, BLOCK_K)
     log_p, p = _log_softmax(_load_logits(logits_ptr, rows, row_mask, stride_row, stride_bin, bins, bin_mask, ACC))
     if WITH_MOMENTS:
         mean, var, _ = _moments(p, centers)
+        std = tl.sqrt(var)
         tl.store(mean_ptr + rows, mean, mask=row_mask)
-        tl.store(std_ptr + rows, tl.sqrt(var), mask=row_mask)
+        tl.store(std_ptr + rows, std, mask=row_mask)
+        if WITH_FLAG:
+            _flag_non_finite(flag_ptr, mean + std, row_mask)
     if WITH_KL:
         log_q, q = _labels(target_ptr, stride_target, stride_target_bin, sigma_ptr, stride_sigma, label_scale, rows,
                            row_mask, bins, bin_mask, centers, ACC, GIVEN_LABELS, ROW_SIGMA)
-        tl.store(kl_ptr + rows, _kl(log_q, q, log_p), mask=row_mask)
+        kl = _kl(log_q, q, log_p)
+        tl.store(kl_ptr + rows, kl, mask=row_mask)
+        if WITH_FLAG:
+            _flag_non_finite(flag_ptr, kl, row_mask)
 
 
 @triton.jit
 def _row_backward_kernel(logits_ptr, stride_row, stride_bin, target_ptr, stride_target, stride_target_bin, sigma_ptr,
                          stride_sigma, centers_ptr, stride_centers, grad_mean_ptr, stride_grad_mean, grad_std_ptr,
                          stride_grad_std, grad_kl_ptr, stride_grad_kl, grad_logits_ptr, n_rows, n_bins, label_scale,
-                         WITH_MOMENTS: tl.constexpr, WITH_KL: tl.constexpr, GIVEN_LABELS: tl.constexpr,
-                         ROW_SIGMA: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """d(loss)/d(logits) [N, K] (contiguous) from the gradients of mean, std and/or KL [N]."""
+                         WITH_MOMENTS: tl.constexpr, WITH_GRAD_MEAN: tl.constexpr, WITH_GRAD_STD: tl.constexpr,
+                         WITH_KL: tl.constexpr, GIVEN_LABELS: tl.constexpr, ROW_SIGMA: tl.constexpr, ACC: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """d(loss)/d(logits) [N, K] (contiguous) from the gradients of mean and/or std (WITH_GRAD_MEAN / _STD: an
+    unused output has none) or of KL [N]."""
     rows, row_mask, bins, bin_mask, centers = _program_tile(centers_ptr, stride_centers, n_rows, n_bins, ACC,
                                                             BLOCK_N, BLOCK_K)
     _, p = _log_softmax(_load_logits(logits_ptr, rows, row_mask, stride_row, stride_bin, bins, bin_mask, ACC))
     grad = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
     if WITH_MOMENTS:
         _, var, deviation = _moments(p, centers)
-        grad_mean = _load_row_values(grad_mean_ptr, stride_grad_mean, rows, row_mask, ACC)
-        grad_std = _load_row_values(grad_std_ptr, stride_grad_std, rows, row_mask, ACC)
-        std = tl.sqrt(var)
-        # std = 0 (a one-hot p) passes no gradient, as reference.safe_sqrt does.
-        grad_var = tl.where(std > 0, grad_std / (2.0 * tl.where(std > 0, std, 1.0)), 0.0)
-        grad += p * (grad_mean[:, None] * deviation + grad_var[:, None] * (deviation * deviation - var[:, None]))
+        if WITH_GRAD_MEAN:
+            grad_mean = _load_row_values(grad_mean_ptr, stride_grad_mean, rows, row_mask, ACC)
+            grad += p * (grad_mean[:, None] * deviation)
+        if WITH_GRAD_STD:
+            grad_std = _load_row_values(grad_std_ptr, stride_grad_std, rows, row_mask, ACC)
+            std = tl.sqrt(var)
+            # std = 0 (a one-hot p) passes no gradient, as reference.safe_sqrt does.
+            grad_var = tl.where(std > 0, grad_std / (2.0 * tl.where(std > 0, std, 1.0)), 0.0)
+            grad += p * (grad_var[:, None] * (deviation * deviation - var[:, None]))
     if WITH_KL:
         grad_kl = _load_row_values(grad_kl_ptr, stride_grad_kl, rows, row_mask, ACC)
         _, q = _labels(target_ptr, stride_target, stride_target_bin, sigma_ptr, stride_sigma, label_scale, rows,
@@ -220,14 +245,15 @@ def _pair_loss_kernel(chosen_ptr, stride_chosen_row, stride_chosen_bin, rejected
                       stride_rejected_bin, target_chosen_ptr, stride_target_chosen, stride_target_chosen_bin,
                       sigma_chosen_ptr, stride_sigma_chosen, target_rejected_ptr, stride_target_rejected,
                       stride_target_rejected_bin, sigma_rejected_ptr, stride_sigma_rejected, centers_ptr,
-                      stride_centers, grad_chosen_ptr, grad_rejected_ptr, partial_loss_ptr, n_rows, n_bins,
+                      stride_centers, grad_chosen_ptr, grad_rejected_ptr, loss_ptr, n_rows, n_bins,
                       label_scale_chosen, label_scale_rejected, score_weight, inv_n_rows, inv_temperature,
                       DPL: tl.constexpr, WITH_KL: tl.constexpr, WITH_GRAD: tl.constexpr,
                       GIVEN_CHOSEN: tl.constexpr, GIVEN_REJECTED: tl.constexpr, ROW_SIGMA_CHOSEN: tl.constexpr,
                       ROW_SIGMA_REJECTED: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
-    """This program's share of the mean docs/math.md §3 pair loss (its BLOCK_N pairs' sum / N) into
-    ``partial_loss[pid]``; with WITH_GRAD, the mean's gradients w.r.t. both rows into the contiguous [N, K] grads.
+    """This program's share of the mean docs/math.md §3 pair loss (its BLOCK_N pairs' sum / N) atomically added to
+    ``*loss_ptr`` (zeroed by the caller; one program on the CPU interpreter's tiles up to 2^20 / BLOCK_K rows, so
+    the sum is deterministic there, in arrival order on a GPU); with WITH_GRAD, the mean's gradients w.r.t. both rows into the contiguous [N, K] grads.
     The Bradley-Terry margin is E_c - E_r times ``inv_temperature`` (unused by DPL). Each side's labels take
     their own form (:func:`_labels`: GIVEN_* for a target [N, K], ROW_SIGMA_* for widths [N])."""
     rows, row_mask, bins, bin_mask, centers = _program_tile(centers_ptr, stride_centers, n_rows, n_bins, ACC,
@@ -260,12 +286,25 @@ def _pair_loss_kernel(chosen_ptr, stride_chosen_row, stride_chosen_bin, rejected
         loss += half_weight * (_kl(log_qc, qc, log_pc) + _kl(log_qr, qr, log_pr))
         grad_chosen += half_weight * _kl_gradient(pc, qc, GIVEN_CHOSEN)
         grad_rejected += half_weight * _kl_gradient(pr, qr, GIVEN_REJECTED)
-    tl.store(partial_loss_ptr + tl.program_id(0), tl.sum(tl.where(row_mask, loss, 0.0), axis=0) * inv_n_rows)
+    tl.atomic_add(loss_ptr, tl.sum(tl.where(row_mask, loss, 0.0), axis=0) * inv_n_rows)
     if WITH_GRAD:
         offsets = rows[:, None] * n_bins + bins[None, :]
         mask = row_mask[:, None] & bin_mask[None, :]
         _store_gradient(grad_chosen_ptr + offsets, inv_n_rows * grad_chosen, mask)
         _store_gradient(grad_rejected_ptr + offsets, inv_n_rows * grad_rejected, mask)
+
+
+@triton.jit
+def _scale_pair_gradients_kernel(grad_chosen_ptr, grad_rejected_ptr, grad_output_ptr, out_chosen_ptr,
+                                 out_rejected_ptr, numel, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """out = grad * grad_output for both rows' saved [N, K] gradients: the pair loss's backward in one launch."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    scale = tl.load(grad_output_ptr).to(ACC)
+    grad_chosen = tl.load(grad_chosen_ptr + offsets, mask=mask).to(ACC)
+    grad_rejected = tl.load(grad_rejected_ptr + offsets, mask=mask).to(ACC)
+    _store_gradient(out_chosen_ptr + offsets, grad_chosen * scale, mask)
+    _store_gradient(out_rejected_ptr + offsets, grad_rejected * scale, mask)
 
 
 def _launch_settings(logits: torch.Tensor, tile_per_row: int):
@@ -324,9 +363,10 @@ def _new_row_stat(logits):
     return torch.empty(logits.shape[0], dtype=_compute_dtype(logits), device=logits.device)
 
 
-def _row_forward(logits, centers, target=None, sigma=1.0):
+def _row_forward(logits, centers, target=None, sigma=1.0, flag=None):
     """(mean, std, None) [N] when ``target`` is None, else (None, None, KL [N]) for the labels of ``target``
-    [N] or [N, K] and ``sigma`` (a float or a tensor [N]); float32 (float64)."""
+    [N] or [N, K] and ``sigma`` (a float or a tensor [N]); float32 (float64). ``flag`` (a zeroed int32 tensor
+    [] or None) is set to 1 when a result is not finite."""
     block_k = _check_launchable(logits)
     with_kl = target is not None
     if with_kl:
@@ -339,14 +379,16 @@ def _row_forward(logits, centers, target=None, sigma=1.0):
             _label_args(target, sigma)
         _row_forward_kernel[grid](
             logits, logits.stride(0), logits.stride(1), target, stride_target, stride_target_bin, row_sigma,
-            stride_sigma, centers, centers.stride(0), mean, std, kl, logits.shape[0], logits.shape[1], label_scale,
-            WITH_MOMENTS=not with_kl, WITH_KL=with_kl, GIVEN_LABELS=given, ROW_SIGMA=per_row,
-            ACC=_acc_dtype(logits), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+            stride_sigma, centers, centers.stride(0), mean, std, kl, flag, logits.shape[0], logits.shape[1],
+            label_scale, WITH_MOMENTS=not with_kl, WITH_KL=with_kl, GIVEN_LABELS=given, ROW_SIGMA=per_row,
+            WITH_FLAG=flag is not None, ACC=_acc_dtype(logits), BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=num_warps)
     return mean, std, kl
 
 
 def _row_backward(logits, centers, grad_mean=None, grad_std=None, target=None, sigma=1.0, grad_kl=None):
-    """d/d(logits) [N, K] in the logits' dtype, from the gradients of (mean, std) or of KL [N]."""
+    """d/d(logits) [N, K] in the logits' dtype, from the gradients of mean and/or std (None: that output was
+    unused) or of KL [N]."""
     block_k = _check_launchable(logits)
     with_kl = grad_kl is not None
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -358,25 +400,30 @@ def _row_backward(logits, centers, grad_mean=None, grad_std=None, target=None, s
             logits, logits.stride(0), logits.stride(1), target, stride_target, stride_target_bin, row_sigma,
             stride_sigma, centers, centers.stride(0), grad_mean, _stride(grad_mean), grad_std, _stride(grad_std),
             grad_kl, _stride(grad_kl), grad_logits, logits.shape[0], logits.shape[1], label_scale,
-            WITH_MOMENTS=not with_kl, WITH_KL=with_kl, GIVEN_LABELS=given, ROW_SIGMA=per_row,
-            ACC=_acc_dtype(logits), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+            WITH_MOMENTS=not with_kl, WITH_GRAD_MEAN=grad_mean is not None, WITH_GRAD_STD=grad_std is not None,
+            WITH_KL=with_kl, GIVEN_LABELS=given, ROW_SIGMA=per_row, ACC=_acc_dtype(logits), BLOCK_N=block_n,
+            BLOCK_K=block_k, num_warps=num_warps)
     return grad_logits
 
 
 class DistMomentsFunction(torch.autograd.Function):
-    """(mean, std) [N] of softmax(logits [N, K]) over the centers; backward recomputes the softmax."""
+    """(mean, std) [N] of softmax(logits [N, K]) over the centers; backward recomputes the softmax. An unused
+    output gets no gradient tensor (no zeros are materialised for it)."""
 
     @staticmethod
-    def forward(ctx, logits, centers):
-        mean, std, _ = _row_forward(logits, centers)
+    def forward(ctx, logits, centers, flag):
+        mean, std, _ = _row_forward(logits, centers, flag=flag)
         ctx.save_for_backward(logits, centers)
+        ctx.set_materialize_grads(False)
         return mean, std
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_mean, grad_std):
+        if grad_mean is None and grad_std is None:
+            return None, None, None
         logits, centers = ctx.saved_tensors
-        return _row_backward(logits, centers, grad_mean=grad_mean, grad_std=grad_std), None
+        return _row_backward(logits, centers, grad_mean=grad_mean, grad_std=grad_std), None, None
 
 
 class GaussianKLFunction(torch.autograd.Function):
@@ -384,8 +431,8 @@ class GaussianKLFunction(torch.autograd.Function):
     tensor [N]) or ``target`` [N, K] (q itself); backward is grad * (p - q) (p * sum(q) - q for a given q)."""
 
     @staticmethod
-    def forward(ctx, logits, target, sigma, centers):
-        _, _, kl = _row_forward(logits, centers, target, sigma)
+    def forward(ctx, logits, target, sigma, centers, flag):
+        _, _, kl = _row_forward(logits, centers, target, sigma, flag)
         row_sigma = isinstance(sigma, torch.Tensor)
         ctx.save_for_backward(logits, target, centers, *((sigma,) if row_sigma else ()))
         ctx.sigma = None if row_sigma else sigma
@@ -396,7 +443,19 @@ class GaussianKLFunction(torch.autograd.Function):
     def backward(ctx, grad_kl):
         logits, target, centers, *row_sigma = ctx.saved_tensors
         sigma = row_sigma[0] if row_sigma else ctx.sigma
-        return _row_backward(logits, centers, target=target, sigma=sigma, grad_kl=grad_kl), None, None, None
+        return _row_backward(logits, centers, target=target, sigma=sigma, grad_kl=grad_kl), None, None, None, None
+
+
+def _scale_pair_gradients(grad_chosen, grad_rejected, grad_output):
+    """(grad_chosen * grad_output, grad_rejected * grad_output), new tensors, in one launch (no host read of
+    grad_output: the saved gradients stay as they are, so a second backward through a retained graph is right)."""
+    outs = (torch.empty_like(grad_chosen), torch.empty_like(grad_rejected))
+    numel = grad_chosen.numel()
+    if numel:
+        acc = tl.float64 if grad_output.dtype == torch.float64 else tl.float32
+        _scale_pair_gradients_kernel[(triton.cdiv(numel, SCALE_BLOCK),)](
+            grad_chosen, grad_rejected, grad_output, *outs, numel, ACC=acc, BLOCK=SCALE_BLOCK)
+    return outs
 
 
 class PairLossFunction(torch.autograd.Function):
@@ -414,7 +473,7 @@ class PairLossFunction(torch.autograd.Function):
         dpl, with_kl = kind == "dpl", kind != "bt_mean" and score_weight != 0
         block_n, num_warps, grid = _launch_settings(logits_chosen, block_k * block_k if dpl else block_k)
         wider = logits_rejected if logits_rejected.dtype == torch.float64 else logits_chosen  # float64 if either is
-        partial_loss = torch.empty(grid[0], dtype=_compute_dtype(wider), device=logits_chosen.device)
+        loss = torch.zeros((), dtype=_compute_dtype(wider), device=logits_chosen.device)
         grads = [torch.empty(z.shape, dtype=z.dtype, device=z.device) if with_grad else None
                  for z in (logits_chosen, logits_rejected)]
         if not with_kl:
@@ -425,45 +484,44 @@ class PairLossFunction(torch.autograd.Function):
         _pair_loss_kernel[grid](
             logits_chosen, logits_chosen.stride(0), logits_chosen.stride(1),
             logits_rejected, logits_rejected.stride(0), logits_rejected.stride(1),
-            *chosen_labels[:5], *rejected_labels[:5], centers, centers.stride(0), grads[0], grads[1], partial_loss,
+            *chosen_labels[:5], *rejected_labels[:5], centers, centers.stride(0), grads[0], grads[1], loss,
             n_rows, n_bins, chosen_labels[5], rejected_labels[5], float(score_weight), 1.0 / n_rows,
             1.0 / float(temperature), DPL=dpl, WITH_KL=with_kl, WITH_GRAD=with_grad, GIVEN_CHOSEN=given_chosen,
             GIVEN_REJECTED=given_rejected, ROW_SIGMA_CHOSEN=row_sigma_chosen, ROW_SIGMA_REJECTED=row_sigma_rejected,
             ACC=_acc_dtype(wider), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
         if with_grad:
             ctx.save_for_backward(*grads)
-        return partial_loss.sum()
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         if not ctx.saved_tensors:  # neither logits required a gradient (only centers or targets did: they get none)
             return (None,) * 10
-        grad_chosen, grad_rejected = ctx.saved_tensors
-        if grad_output.item() != 1:  # the usual loss.backward() passes 1: skip two [N, K] passes (one host read)
-            grad_chosen = grad_chosen * grad_output.to(grad_chosen.dtype)
-            grad_rejected = grad_rejected * grad_output.to(grad_rejected.dtype)
-        return grad_chosen, grad_rejected, None, None, None, None, None, None, None, None
+        return (*_scale_pair_gradients(*ctx.saved_tensors, grad_output), None, None, None, None, None, None, None,
+                None)
 
 
-def triton_dist_moments(logits: torch.Tensor, centers: torch.Tensor):
-    """logits [N, K] (fp32/bf16/fp16/fp64, 2 <= K <= 64), centers [K] -> (mean [N], std [N]) fp32 (fp64)."""
-    return DistMomentsFunction.apply(logits, centers)
+def triton_dist_moments(logits: torch.Tensor, centers: torch.Tensor, flag=None):
+    """logits [N, K] (fp32/bf16/fp16/fp64, 2 <= K <= 64), centers [K] -> (mean [N], std [N]) fp32 (fp64);
+    ``flag`` (a zeroed int32 tensor [] or None) set to 1 when a result is not finite."""
+    return DistMomentsFunction.apply(logits, centers, flag)
 
 
-def triton_gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma, centers: torch.Tensor):
+def triton_gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma, centers: torch.Tensor, flag=None):
     """logits [N, K] -> KL(q || softmax(logits)) [N] fp32 (fp64): q = Gaussian(target, sigma) for a target [N] in
-    [0, 1] and sigma a float or a tensor [N] of per-row widths, or q = ``target`` itself [N, K] (sigma unused)."""
-    return GaussianKLFunction.apply(logits, target, sigma, centers)
+    [0, 1] and sigma a float or a tensor [N] of per-row widths, or q = ``target`` itself [N, K] (sigma unused);
+    ``flag`` as in :func:`triton_dist_moments`."""
+    return GaussianKLFunction.apply(logits, target, sigma, centers, flag)
 
 
 def triton_pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight,
                      centers, temperature=1.0):
     """Mean over N pairs of the docs/math.md §3 loss ``kind`` ("bt_mean", "bt_kl", "dpl"): logits [N, K] each,
     targets [N] or [N, K] each (None for "bt_mean"), ``sigma`` a float or tensor [N] for both sides or a tuple
-    (sigma_chosen, sigma_rejected) of those -> scalar fp32 (fp64); ``temperature`` divides the Bradley-Terry margin.
-    Inputs are validated by ``ops.pair_loss``; an unknown ``kind`` (or dpl with temperature != 1) raises ValueError
-    here too."""
+    (sigma_chosen, sigma_rejected) of those -> scalar fp32 (fp64), NaN when a pair's inputs are bad (its own
+    flag); ``temperature`` divides the Bradley-Terry margin. Inputs are validated by ``ops.pair_loss``; an
+    unknown ``kind`` (or dpl with temperature != 1) raises ValueError here too."""
     with_grad = torch.is_grad_enabled() and (logits_chosen.requires_grad or logits_rejected.requires_grad)
     return PairLossFunction.apply(logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma,
                                   score_weight, centers, with_grad, temperature)

@@ -243,18 +243,74 @@ def test_empty_input_gives_empty_moments():
 
 @pytest.mark.parametrize("call, match", [
     (lambda z, t: ops.dist_moments(torch.randn(3, 65, device=DEVICE), backend="triton"), "2 to 64"),
-    (lambda z, t: ops.dist_moments(z.masked_fill(z > 1, float("nan")), backend="triton"), "logits"),
-    (lambda z, t: ops.gaussian_kl(z, t + 1.5, backend="triton"), "target"),
+    (lambda z, t: ops.dist_moments(z.masked_fill(z > 1, float("nan")), backend="triton", validate=True), "logits"),
+    (lambda z, t: ops.gaussian_kl(z, t + 1.5, backend="triton", validate=True), "target"),
     (lambda z, t: ops.gaussian_kl(z, t, sigma=0.0, backend="triton"), "sigma"),
     (lambda z, t: ops.pair_loss(z, z[:2], t, t, backend="triton"), "same shape"),
     (lambda z, t: ops.pair_loss(z, z, t[:2], t, backend="triton"), "target_chosen"),
     (lambda z, t: ops.pair_loss(z, z, t, t, kind="hinge", backend="triton"), "kind"),
     (lambda z, t: ops.pair_loss(z.long(), z, t, t, backend="triton"), "logits_chosen"),
+    (lambda z, t: ops.pair_loss(z, z, t, t, backend="triton", validate="yes"), "validate"),
 ])
 def test_bad_input_raises_value_error(call, match):
     z, t = torch.randn(4, 10, device=DEVICE) * 3, torch.rand(4, device=DEVICE)
     with pytest.raises(ValueError, match=match):
         call(z, t)
+
+
+def bad_value_calls(z, t, backend, validate):
+    """One call per bin op whose input holds a bad value (a NaN logit, a target above 1, a row of q summing to 2)."""
+    nan_logits = z.clone()
+    nan_logits[1, 3] = float("nan")
+    q = torch.softmax(z, -1)
+    q[2] *= 2
+    return {"dist_moments": lambda: ops.dist_moments(nan_logits, backend=backend, validate=validate),
+            "gaussian_kl": lambda: ops.gaussian_kl(z, t + 1.5, backend=backend, validate=validate),
+            "pair_loss": lambda: ops.pair_loss(z, z, q, q, backend=backend, validate=validate)}
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("op", ["dist_moments", "gaussian_kl", "pair_loss"])
+def test_validate_false_leaves_bad_rows_nan_and_true_names_the_input(op, backend):
+    """validate=False (the CUDA default) raises nothing and makes the bad rows NaN (the first result's; the
+    others' good rows stay finite); validate=True raises."""
+    z, t = torch.randn(4, 10, device=DEVICE) * 3, torch.rand(4, device=DEVICE)
+    first, *others = (lambda r: r if isinstance(r, tuple) else (r,))(bad_value_calls(z, t, backend, False)[op]())
+    bad_rows = {"dist_moments": [1], "gaussian_kl": [0, 1, 2, 3], "pair_loss": [0]}[op]  # the loss: one "row"
+    good = [row not in bad_rows for row in range(first.numel())]
+    assert torch.isnan(first.reshape(-1)).tolist() == [not ok for ok in good]
+    for other in others:
+        assert torch.isfinite(other[good]).all()
+    match = {"dist_moments": "logits contains NaN", "gaussian_kl": r"target must lie in \[0, 1\]",
+             "pair_loss": "target_chosen .* row 2 sums to 2"}[op]
+    with pytest.raises(ValueError, match=match):
+        bad_value_calls(z, t, backend, validate=True)[op]()
+
+
+def test_the_kernels_label_sum_tolerance_is_the_reference_one():
+    assert dist_head.LABEL_SUM_TOLERANCE.value == ops.reference.LABEL_SUM_TOLERANCE
+
+
+def test_one_used_moment_gets_its_gradient_alone():
+    """An unused output of dist_moments passes no gradient (none is materialised), in both kernels' branches."""
+    logits = torch.randn(6, 10, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    for pick in (0, 1):
+        fused = torch.autograd.grad(ops.dist_moments(logits, backend="triton")[pick].sum(), logits)[0]
+        eager = torch.autograd.grad(ops.dist_moments(logits, backend="eager")[pick].sum(), logits)[0]
+        torch.testing.assert_close(fused, eager)
+
+
+def test_a_retained_pair_loss_graph_gives_the_same_gradient_twice():
+    """backward scales the saved gradients into new tensors, so a second pass does not scale them again."""
+    chosen, rejected = (torch.randn(5, 10, device=DEVICE, requires_grad=True) for _ in range(2))
+    targets = torch.rand(5, device=DEVICE), torch.rand(5, device=DEVICE)
+    loss = 3.0 * ops.pair_loss(chosen, rejected, *targets, backend="triton")
+    first = torch.autograd.grad(loss, (chosen, rejected), retain_graph=True)
+    second = torch.autograd.grad(loss, (chosen, rejected))
+    expected = torch.autograd.grad(3.0 * ops.pair_loss(chosen, rejected, *targets, backend="eager"), (chosen, rejected))
+    for a, b, c in zip(first, second, expected):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, c)
 
 
 def test_the_kernel_module_knows_nothing_of_ops():

@@ -4,7 +4,18 @@
 fused path for the tensor's device: the Triton kernels for CUDA tensors, the C++ extension for
 CPU log-prob gathers (:mod:`distreward.ops.logprobs` holds the gather's dispatch table), and the
 reference otherwise.
+
+Every op also takes ``validate`` (docs/performance.md, "Value checks"): shapes, dtypes and devices are
+always checked on the host; values (NaN / inf logits, targets outside [0, 1], bad widths or label
+distributions, ids outside the vocabulary) through the kernels, which make a bad row's results NaN and
+flag it. ``validate=True`` reads that flag at once and raises ``ValueError`` / ``IndexError`` naming the
+bad input (one host sync on CUDA); ``False`` leaves the NaN results (no sync: the training loop's per-step
+read of the loss raises); ``None``, the default, validates CPU tensors (no device sync there: the C++
+kernels check in their own loop) and not CUDA ones.
 """
+import functools
+import math
+
 import torch
 
 from distreward.ops import logprobs, reference
@@ -47,11 +58,29 @@ def _pick(backend: str, device: torch.device, available: tuple) -> str:
     return backend
 
 
-def _head_kernel(name: str):
-    """The fused Triton op ``name`` of kernels/dist_head.py, imported on first call (Triton is optional)."""
-    def run(*args, **kwargs):
+def _head_kernel(name: str, flagged: bool):
+    """The fused Triton op ``name`` of kernels/dist_head.py, imported on first call (Triton is optional), as a
+    bin-op implementation: under ``validate`` it raises check.BadValues when a result is not finite, read from
+    a flag the kernel writes (``flagged``) or from the scalar loss itself."""
+    def run(*args, validate: bool, **kwargs):
         from distreward.kernels import dist_head
-        return getattr(dist_head, name)(*args, **kwargs)
+        flag = torch.zeros((), dtype=torch.int32, device=args[0].device) if validate and flagged else None
+        results = getattr(dist_head, name)(*args, **kwargs, **({"flag": flag} if flagged else {}))
+        if validate and (bool(flag) if flagged else not math.isfinite(results.item())):
+            raise check.BadValues(name)
+        return results
+
+    return run
+
+
+def _eager(function):
+    """The reference ``function`` as a bin-op implementation: under ``validate`` it raises check.BadValues when a
+    result is not finite (host reads of every result)."""
+    def run(*args, validate: bool, **kwargs):
+        results = function(*args, **kwargs)
+        if validate and not check.all_finite(results if isinstance(results, tuple) else (results,)):
+            raise check.BadValues(function.__name__)
+        return results
 
     return run
 
@@ -65,10 +94,12 @@ def _triton_max_bins() -> int:
     return TRITON_MAX_BINS
 
 
-# One dispatch table per bin op: backend -> implementation with the reference's signature.
-_DIST_MOMENTS = {"eager": reference.dist_moments, "triton": _head_kernel("triton_dist_moments")}
-_GAUSSIAN_KL = {"eager": reference.gaussian_kl, "triton": _head_kernel("triton_gaussian_kl")}
-_PAIR_LOSS = {"eager": reference.pair_loss, "triton": _head_kernel("triton_pair_loss")}
+# One dispatch table per bin op: backend -> implementation with the reference's signature and a keyword
+# ``validate`` (raise check.BadValues on a non-finite result).
+_DIST_MOMENTS = {"eager": _eager(reference.dist_moments), "triton": _head_kernel("triton_dist_moments", True)}
+_GAUSSIAN_KL = {"eager": _eager(reference.gaussian_kl), "triton": _head_kernel("triton_gaussian_kl", True)}
+_PAIR_LOSS = {"eager": _eager(reference.pair_loss), "triton": _head_kernel("triton_pair_loss", False)}
+_SCALAR_PAIR_LOSS = _eager(reference.scalar_pair_loss)
 
 
 def _dist_implementation(table: dict, backend: str, logits: torch.Tensor):
@@ -79,50 +110,70 @@ def _dist_implementation(table: dict, backend: str, logits: torch.Tensor):
     return table[chosen]
 
 
+@functools.lru_cache(maxsize=None)
+def _default_centers(num_bins: int, device: torch.device) -> torch.Tensor:
+    """``bin_centers(num_bins)`` float32 on ``device``, made once (not an inference-mode tensor, which autograd
+    could not save). Internal: passed to the kernels, never handed to the caller."""
+    with torch.inference_mode(False):
+        return bin_centers(num_bins, device=device)
+
+
 def _centers_for(logits: torch.Tensor, centers):
-    centers = bin_centers(logits.shape[-1], device=logits.device) if centers is None else centers
+    if centers is None:
+        if torch.compiler.is_compiling():  # a cached tensor made while tracing would be a fake one
+            return bin_centers(logits.shape[-1], device=logits.device)
+        return _default_centers(logits.shape[-1], logits.device)
     check.check_centers(centers, logits.shape[-1], logits.device)
     return centers
 
 
-def dist_moments(logits: torch.Tensor, centers=None, backend: str = "auto"):
-    """logits [N, K] (fp32/bf16/fp16) -> (mean [N], std [N]) fp32 of softmax(logits) over ``centers`` [K]."""
+def _checked(op: str, run, logits: dict, targets: dict, centers, sigmas=None):
+    """``run()``'s results; when it raises check.BadValues, the ValueError naming the bad input instead."""
+    try:
+        return run()
+    except check.BadValues:
+        pass
+    check.diagnose(op, logits, targets, centers, sigmas)
+
+
+def dist_moments(logits: torch.Tensor, centers=None, backend: str = "auto", validate=None):
+    """logits [N, K] (fp32/bf16/fp16) -> (mean [N], std [N]) fp32 of softmax(logits) over ``centers`` [K]
+    (None: ``bin_centers(K)``); ``validate`` as in the module doc."""
     check.check_logits("logits", logits)
     centers = _centers_for(logits, centers)
-    mean, std = _dist_implementation(_DIST_MOMENTS, backend, logits)(logits, centers)
-    check.check_results("dist_moments", (mean, std), {"logits": logits}, {}, centers)
-    return mean, std
+    run = _dist_implementation(_DIST_MOMENTS, backend, logits)
+    checking = check.validating(validate, logits.device)
+    return _checked("dist_moments", lambda: run(logits, centers, validate=checking), {"logits": logits}, {}, centers)
 
 
 def _sigmas_in_use(names: tuple, sigmas: tuple, targets: tuple) -> dict:
-    """The per-row width tensors that label means [N] use (name -> tensor): what check_results may blame."""
+    """The per-row width tensors that label means [N] use (name -> tensor): what diagnose may blame."""
     return {name: sigma for name, sigma, target in zip(names, sigmas, targets)
             if isinstance(sigma, torch.Tensor) and target.dim() == 1}
 
 
 def gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma=0.1, centers=None,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", validate=None) -> torch.Tensor:
     """logits [N, K] -> KL(q || softmax(logits)) [N] fp32 for the label distribution q (docs/math.md §2).
 
     ``target`` [N] label means in [0, 1]: q = Gaussian(target, sigma) over the centers, ``sigma`` a positive
     number or a float tensor [N] of per-row widths. ``target`` [N, K]: q itself (rows non-negative, summing
-    to 1 within 1e-3); ``sigma`` is then unused.
+    to 1 within 1e-3); ``sigma`` is then unused. ``validate`` as in the module doc.
     """
     check.check_logits("logits", logits)
     rows, device = logits.shape[0], logits.device
     check.check_target("target", target, rows, device, num_bins=logits.shape[-1])
     check.check_sigma("sigma", sigma, rows, device)
     centers = _centers_for(logits, centers)
-    kl = _dist_implementation(_GAUSSIAN_KL, backend, logits)(logits, target, sigma, centers)
-    targets = {"target": target}
-    check.check_results("gaussian_kl", (kl, *check.label_sum_guards(targets)), {"logits": logits}, targets, centers,
-                        _sigmas_in_use(("sigma",), (sigma,), (target,)))
-    return kl
+    run = _dist_implementation(_GAUSSIAN_KL, backend, logits)
+    checking = check.validating(validate, device)
+    return _checked("gaussian_kl", lambda: run(logits, target, sigma, centers, validate=checking),
+                    {"logits": logits}, {"target": target}, centers, _sigmas_in_use(("sigma",), (sigma,), (target,)))
 
 
 def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target_chosen=None, target_rejected=None,
               kind: str = "bt_kl", sigma=0.1, score_weight: float = 1.0, centers=None,
-              backend: str = "auto", temperature: float = 1.0) -> torch.Tensor:
+              backend: str = "auto", temperature: float = 1.0, validate=None) -> torch.Tensor:
     """Mean docs/math.md §3 loss over N pairs: logits [N, K] each -> scalar fp32.
 
     Each target is label means [N] in [0, 1] or a label distribution [N, K] (as in :func:`gaussian_kl`; the
@@ -132,6 +183,7 @@ def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target
     targets' values are unused too (and not read). ``temperature`` (> 0) divides the Bradley-Terry
     margin (dpl takes only 1). The scalar kinds "scalar_bt" and "scalar_reg" take a scalar head's
     rewards as logits [N, 1] and label means [N] only (eager only; ``sigma`` and ``centers`` unused).
+    ``validate`` as in the module doc.
     """
     check.check_choice("kind", kind, REWARD_LOSS_KINDS)
     check.check_positive("temperature", temperature)
@@ -156,24 +208,28 @@ def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target
         num_bins = None if scalar else logits_chosen.shape[-1]  # the scalar kinds take label means [N] only
         check.check_target("target_chosen", target_chosen, rows, device, num_bins)
         check.check_target("target_rejected", target_rejected, rows, device, num_bins)
+    checking = check.validating(validate, device)
     if scalar:
         _pick(backend, device, ())  # the scalar losses have only the eager backend
         centers = None
-        loss = reference.scalar_pair_loss(logits_chosen[:, 0], logits_rejected[:, 0], target_chosen,
-                                          target_rejected, kind, score_weight, temperature)
+
+        def run():
+            return _SCALAR_PAIR_LOSS(logits_chosen[:, 0], logits_rejected[:, 0], target_chosen, target_rejected,
+                                     kind, score_weight, temperature, validate=checking)
     else:
         centers = _centers_for(logits_chosen, centers)
-        loss = _dist_implementation(_PAIR_LOSS, backend, logits_chosen)(
-            logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight, centers,
-            temperature=temperature)
+        implementation = _dist_implementation(_PAIR_LOSS, backend, logits_chosen)
+
+        def run():
+            return implementation(logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma,
+                                  score_weight, centers, temperature=temperature, validate=checking)
     targets, sigmas = {}, {}
     if with_targets:
         targets = {"target_chosen": target_chosen, "target_rejected": target_rejected}
         if not scalar:
             sigmas = _sigmas_in_use(sigma_names, reference.label_sides(sigma), (target_chosen, target_rejected))
-    check.check_results("pair_loss", (loss, *check.label_sum_guards(targets)),
-                        {"logits_chosen": logits_chosen, "logits_rejected": logits_rejected}, targets, centers, sigmas)
-    return loss
+    return _checked("pair_loss", run, {"logits_chosen": logits_chosen, "logits_rejected": logits_rejected},
+                    targets, centers, sigmas)
 
 
 def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None, backend: str = "auto") -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 LOSS_KINDS = ("bt_mean", "bt_kl", "dpl")  # losses of a distributional head (logits [N, K])
 SCALAR_LOSS_KINDS = ("scalar_bt", "scalar_reg")  # losses of a scalar head (rewards [N])
 REWARD_LOSS_KINDS = LOSS_KINDS + SCALAR_LOSS_KINDS
+LABEL_SUM_TOLERANCE = 1e-3  # |sum_k q_k - 1| a given label distribution's row may have (docs/math.md §2)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -45,11 +46,12 @@ def label_log_probs(target: torch.Tensor, sigma, centers: torch.Tensor) -> torch
       ``sigma`` a number or a tensor [N] of per-row widths. Rows whose target lies outside [0, 1], whose
       sigma is not positive and finite, or whose centers are not finite are NaN.
     - ``target`` [N, K]: q is the target itself (``sigma`` unused); log 0 = -inf. Rows holding a negative or
-      non-finite entry are NaN. Whether the rows sum to 1 is the caller's check (ops.pair_loss, ops.gaussian_kl).
+      non-finite entry, or not summing to 1 within LABEL_SUM_TOLERANCE, are NaN.
     """
     if target.dim() == 2:
         q = target.to(compute_dtype(target))
         usable = ((q >= 0) & torch.isfinite(q)).all(dim=-1, keepdim=True)
+        usable &= (q.sum(-1, keepdim=True) - 1).abs() <= LABEL_SUM_TOLERANCE
         return torch.where(usable, q.log(), torch.nan)
     c = centers.to(compute_dtype(target))
     c = torch.where(torch.isfinite(c), c, torch.nan)

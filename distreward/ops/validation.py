@@ -1,15 +1,17 @@
 """Input checks shared by every backend of :mod:`distreward.ops` (docs/math.md §6).
 
 Each check raises ``ValueError`` (``IndexError`` for token ids) naming the argument, so a bad call
-fails loudly instead of returning a silently wrong number. The bin ops check shapes, dtypes and
-devices before any kernel runs and the values after: a bad value makes its rows' results NaN in every
-backend, so :func:`check_results` reads one flag (one host sync) and only on failure looks for the
-culprit. The one bad value no math turns into NaN, a label distribution whose rows do not sum to 1,
-gets a [N] guard (:func:`label_sum_guards`) that joins the results, so it costs no extra host read.
+fails loudly instead of returning a silently wrong number. The ops check shapes, dtypes and devices on
+the host before any kernel runs, and the values through the kernels themselves: a bad value makes its
+rows' results NaN in every backend (a label distribution whose row does not sum to 1 included), and a
+backend asked to validate flags a non-finite result as it writes it (:class:`BadValues`); only then is
+the culprit looked for (:func:`diagnose`). Whether a call validates: :func:`validating`.
 """
 import math
 
 import torch
+
+from distreward.ops.reference import LABEL_SUM_TOLERANCE
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -29,9 +31,31 @@ def _check_no_nan_or_posinf(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or +inf")
 
 
+class BadValues(ValueError):
+    """Raised by a backend called with ``validate=True`` when a result came out NaN or infinite: the public op
+    then names the bad input (:func:`diagnose`)."""
+
+
+def validating(validate, device: torch.device) -> bool:
+    """Whether a call checks its inputs' values at once. ``validate`` True: always (one host read of a flag the
+    kernel wrote: a sync on CUDA); False: never at the call (bad input gives NaN results, which the training
+    loop's per-step read of the loss catches); None (the default): on CPU tensors, where the check costs no
+    device sync (the C++ kernels check in their own loop), not on CUDA. Never while torch.compile traces."""
+    if validate is not None and not isinstance(validate, bool):
+        raise ValueError(f"validate must be True, False or None, got {validate!r}")
+    if torch.compiler.is_compiling():
+        return False
+    return device.type == "cpu" if validate is None else validate
+
+
+def all_finite(results) -> bool:
+    """Whether every entry of the tensors ``results`` is finite (the eager backend's check: host reads)."""
+    return all(bool(torch.isfinite(result).all()) for result in results)
+
+
 def check_logits(name: str, logits, ndim: int = 2, num_bins=None) -> None:
     """Bin logits ``[N, K]`` (K >= 2, or exactly ``num_bins``: 1 for a scalar head's rewards [N, 1]); their
-    values are checked by :func:`check_results`."""
+    values are checked through the results (:func:`diagnose`)."""
     check_float_type(name, logits, ndim)
     if logits.device.type == "meta":
         raise ValueError(f"{name} is on the meta device: the bin ops need tensors that hold values")
@@ -42,7 +66,7 @@ def check_logits(name: str, logits, ndim: int = 2, num_bins=None) -> None:
 
 
 def check_centers(centers, num_bins: int, device) -> None:
-    """Bin centers ``[K]`` on the logits' device; finiteness is checked by :func:`check_results`."""
+    """Bin centers ``[K]`` on the logits' device; finiteness is checked through the results."""
     check_float_type("centers", centers, 1)
     if centers.shape[0] != num_bins:
         raise ValueError(f"centers has {centers.shape[0]} entries but the logits have {num_bins} bins")
@@ -52,8 +76,8 @@ def check_centers(centers, num_bins: int, device) -> None:
 
 def check_target(name: str, target, rows: int, device, num_bins=None) -> None:
     """Targets on the logits' device: label means ``[N]`` or, where ``num_bins`` is given (a distributional
-    loss), label distributions ``[N, K]`` with K = ``num_bins``. Their values are checked by
-    :func:`check_results`, a distribution's row sums through :func:`label_sum_guards`."""
+    loss), label distributions ``[N, K]`` with K = ``num_bins``. Their values (a distribution's row sums
+    included) are checked through the results."""
     forms = "label means [N]" if num_bins is None else "label means [N] or label distributions [N, K]"
     if not isinstance(target, torch.Tensor) or target.dim() not in ((1,) if num_bins is None else (1, 2)):
         got = f"shape {tuple(target.shape)}" if isinstance(target, torch.Tensor) else type(target).__name__
@@ -69,7 +93,7 @@ def check_target(name: str, target, rows: int, device, num_bins=None) -> None:
 
 def check_sigma(name: str, sigma, rows: int, device) -> None:
     """A label width: a positive finite number, or a float tensor ``[N]`` of per-row widths on the logits' device
-    (whose values, > 0 and finite, are checked by :func:`check_results`)."""
+    (whose values, > 0 and finite, are checked through the results)."""
     if not isinstance(sigma, torch.Tensor):
         check_positive(name, sigma)
         return
@@ -93,21 +117,6 @@ def check_sigma_sides(sigma, rows: int, device):
     return "sigma[0]", "sigma[1]"
 
 
-LABEL_SUM_TOLERANCE = 1e-3  # |sum_k q_k - 1| a label distribution's row may have
-
-
-def label_sum_guards(targets: dict) -> tuple:
-    """For each label distribution [N, K] among ``targets`` (name -> tensor), a [N] tensor that is 0 where its
-    row sums to 1 within LABEL_SUM_TOLERANCE and NaN elsewhere (NaN rows included). A row that does not sum to
-    1 gives a finite, wrong KL, so these join an op's results in :func:`check_results`: no extra host read."""
-    guards = []
-    for target in targets.values():
-        if target.dim() == 2:
-            total = _row_sums(target)
-            guards.append(torch.where((total - 1).abs() <= LABEL_SUM_TOLERANCE, 0.0, torch.nan).to(total.dtype))
-    return tuple(guards)
-
-
 def _row_sums(distribution: torch.Tensor) -> torch.Tensor:
     """Row sums [N] of a label distribution [N, K], in float32 (float64 for float64)."""
     return distribution.sum(-1, dtype=torch.float64 if distribution.dtype == torch.float64 else torch.float32)
@@ -126,35 +135,22 @@ def _check_target_values(name: str, target: torch.Tensor) -> None:
     if bool((target < 0).any()):
         raise ValueError(f"{name} (a label distribution [N, K]) must be non-negative")
     total = _row_sums(target)
-    bad = ~((total - 1).abs() <= LABEL_SUM_TOLERANCE)  # the guard's rule
+    bad = ~((total - 1).abs() <= LABEL_SUM_TOLERANCE)  # the rule the kernels apply
     if bool(bad.any()):
         row = int(torch.nonzero(bad)[0])
         raise ValueError(f"{name} (a label distribution [N, K]) must have rows summing to 1 (within "
                          f"{LABEL_SUM_TOLERANCE:g}): row {row} sums to {float(total[row]):.6g}")
 
 
-def _sum_is_finite(results) -> bool:
-    """Whether the sum of all entries of ``results`` is finite: one host read (it may overflow: recheck)."""
-    total = None
-    for result in results:
-        part = result.detach() if result.dim() == 0 else result.detach().sum()
-        total = part if total is None else total + part
-    return math.isfinite(total.item())
-
-
-def check_results(op: str, results: tuple, logits: dict, targets: dict, centers, sigmas=None) -> None:
-    """Raise ValueError naming the bad input when a result of ``op`` is not finite.
+def diagnose(op: str, logits: dict, targets: dict, centers, sigmas=None):
+    """Raise the ValueError naming the bad input of a call of ``op`` whose results were not finite.
 
     Every backend makes the results of a row NaN where its logits hold NaN or +inf or are all -inf,
-    its target lies outside [0, 1] (label means) or holds a negative or non-finite entry (a label
-    distribution), its per-row sigma is not positive and finite, or a center it uses is not finite
-    (``centers`` None: a scalar head's loss, which has none); ``results`` also holds the
-    :func:`label_sum_guards` of the label distributions. ``logits``, ``targets`` and ``sigmas`` (the
-    per-row width tensors in use) map argument names to the tensors given; they are read only when a
-    result is not finite. Skipped while torch.compile traces (the check is data-dependent).
+    its target lies outside [0, 1] (label means) or holds a negative or non-finite entry or does not
+    sum to 1 (a label distribution), its per-row sigma is not positive and finite, or a center it uses
+    is not finite (``centers`` None: a scalar head's loss, which has none). ``logits``, ``targets`` and
+    ``sigmas`` (the per-row width tensors in use) map argument names to the tensors given.
     """
-    if torch.compiler.is_compiling() or _sum_is_finite(results) or all(bool(torch.isfinite(r).all()) for r in results):
-        return
     for name, z in logits.items():
         _check_no_nan_or_posinf(name, z)
         if bool(torch.isneginf(z).all(dim=-1).any()):
