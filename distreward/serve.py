@@ -38,6 +38,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 import torch
+from transformers.utils import logging as transformers_logging
 
 from distreward.data import attention_mask_for, encode, pad, to_messages
 from distreward.integrations.openrlhf import openrlhf_reply
@@ -244,6 +245,13 @@ class RewardServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
+    def stop(self) -> None:
+        """Stop serving (call :meth:`serve_forever` from another thread): accept nothing new, answer the requests
+        in flight, stop the scorer."""
+        self.shutdown()
+        self.server_close()
+        self.scorer.close()
+
     def score(self, sequences: list) -> dict:
         """Check the lengths of ``sequences`` and wait for their scores."""
         for index, sequence in enumerate(sequences):
@@ -404,6 +412,7 @@ def build_server(args: argparse.Namespace) -> RewardServer:
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
+    transformers_logging.disable_progress_bar()  # stderr holds an error's one line, stdout the ready line
     try:
         server = build_server(args)
     except Exception as error:  # any failure to load or bind: one line, no traceback
@@ -418,9 +427,7 @@ def main(argv: Optional[list] = None) -> int:
     print(f"distreward.serve: serving {args.model_dir} on {server.url} (POST /score, POST /openrlhf, GET /health)",
           flush=True)
     stop.wait()
-    server.shutdown()  # no new connections
-    server.server_close()  # answer the requests in flight
-    server.scorer.close()
+    server.stop()
     thread.join()
     print("distreward.serve: stopped", flush=True)
     return 0
