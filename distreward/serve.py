@@ -121,7 +121,7 @@ class BatchScorer:
     ``submit(sequences)`` returns a Future of the columns of :meth:`columns`. The worker takes the first waiting
     submission, adds the ones that arrive within ``max_wait_ms`` while the batch stays within ``max_batch_size``
     sequences, and scores them in one forward (a single submission above ``max_batch_size`` alone, in chunks).
-    ``batch_sizes`` counts the forwards by size. ``quantiles``: the levels each answer reports;
+    :meth:`forward_sizes` counts the forwards by size. ``quantiles``: the levels each answer reports;
     ``shaping`` (``alpha``, ``quantile_level``): how ``rewards`` derives from them
     (:func:`distreward.rewards.shape_rewards` with no KL term: the RL framework adds its own).
     """
@@ -140,7 +140,7 @@ class BatchScorer:
         self.device = next(model.parameters()).device
         self.pad_token_id, self.max_batch_size, self.max_wait = pad_token_id, max_batch_size, max_wait_ms / 1000
         self.quantiles, self.shaping, self.alpha, self.quantile_level = tuple(quantiles), shaping, alpha, quantile_level
-        self.batch_sizes = Counter()
+        self.batch_sizes, self.stats_lock = Counter(), threading.Lock()
         self.jobs = queue.Queue()
         self.lock = threading.Lock()
         self.closed = False
@@ -217,8 +217,14 @@ class BatchScorer:
                 if self.shaping == "quantile" else None)
         reward = shape_rewards(mean, std, torch.zeros_like(mean), self.shaping, beta=0.0, alpha=self.alpha,
                                quantile=risk)
-        self.batch_sizes[len(sequences)] += 1
+        with self.stats_lock:
+            self.batch_sizes[len(sequences)] += 1
         return torch.stack([reward, mean, std, *quantiles], dim=1).cpu()
+
+    def forward_sizes(self) -> Counter:
+        """How many forwards scored how many sequences so far: {batch size: forwards}."""
+        with self.stats_lock:
+            return Counter(self.batch_sizes)
 
     def columns(self, table: torch.Tensor) -> dict:
         """[N, 3 + Q] rows of :meth:`forward` -> the JSON answer ``{"rewards", "mean", "std", "quantiles"}``."""
@@ -238,6 +244,7 @@ class RewardServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple, scorer: BatchScorer, tokenizer, max_length: Optional[int], info: dict):
         self.scorer, self.tokenizer, self.max_length, self.info = scorer, tokenizer, max_length, info
+        self.tokenizer_lock = threading.Lock()  # a tokenizer is not documented as thread-safe
         super().__init__(address, RewardHandler)
 
     @property
@@ -263,12 +270,14 @@ class RewardServer(ThreadingHTTPServer):
         return self.scorer.submit(sequences).result()
 
     def health(self) -> dict:
-        served = {"forwards": sum(self.scorer.batch_sizes.values()),
-                  "sequences": sum(size * count for size, count in self.scorer.batch_sizes.items())}
+        sizes = self.scorer.forward_sizes()
+        served = {"forwards": sum(sizes.values()), "sequences": sum(size * count for size, count in sizes.items())}
         return {"status": "ok", **self.info, "served": served}
 
     def post_score(self, payload) -> dict:
-        return self.score(request_sequences(self.tokenizer, payload))
+        with self.tokenizer_lock:
+            sequences = request_sequences(self.tokenizer, payload)
+        return self.score(sequences)
 
     def post_openrlhf(self, payload) -> dict:
         if not isinstance(payload, dict) or "query" not in payload:
@@ -390,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_server(args: argparse.Namespace) -> RewardServer:
     """Load the model of ``args`` and bind the server (ValueError / OSError with a one-line reason)."""
+    if args.max_length is not None and args.max_length < 1:
+        raise ValueError(f"--max_length must be >= 1, got {args.max_length}")
     model, tokenizer = load_reward_model(args.model_dir, None)
     if tokenizer is None:
         raise ValueError(f"{args.model_dir} holds no tokenizer (tokenizer_config.json)")
