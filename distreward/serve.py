@@ -38,6 +38,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 import torch
+from jinja2 import TemplateError
 from transformers.utils import logging as transformers_logging
 
 from distreward.data import attention_mask_for, encode, pad, to_messages
@@ -83,6 +84,13 @@ def check_conversation(name: str, conversation) -> None:
             raise RequestError(f"{name}[{index}] must be a message {{\"role\": str, \"content\": str}}")
 
 
+def conversation_ids(tokenizer, messages: list) -> list:
+    """The token ids the reward model reads for a conversation ending with the assistant's answer: its prompt's and
+    its answer's ids (:func:`distreward.data.encode`), as the RL stage builds them (``RolloutScorer.reward``)."""
+    prompt_ids, answer_ids = encode(tokenizer, messages)
+    return prompt_ids + answer_ids
+
+
 def request_sequences(tokenizer, payload) -> list:
     """The token ids (lists of int) a ``/score`` request asks to score, one per item (RequestError when malformed)."""
     if not isinstance(payload, dict):
@@ -100,17 +108,17 @@ def request_sequences(tokenizer, payload) -> list:
                 raise RequestError("'messages' must be a non-empty list of conversations")
             for index, conversation in enumerate(conversations):
                 check_conversation(f"messages[{index}]", conversation)
-            return [sum(encode(tokenizer, to_messages(None, conversation)), []) for conversation in conversations]
+            return [conversation_ids(tokenizer, to_messages(None, conversation)) for conversation in conversations]
         if form == ["completions", "prompts"]:
             prompts = string_list(payload, "prompts", allow_messages=True)
             completions = string_list(payload, "completions")
             if len(prompts) != len(completions):
                 raise RequestError(f"'prompts' has {len(prompts)} items and 'completions' {len(completions)}")
-            return [sum(encode(tokenizer, to_messages(prompt, completion)), [])
+            return [conversation_ids(tokenizer, to_messages(prompt, completion))
                     for prompt, completion in zip(prompts, completions)]
     except RequestError:
         raise
-    except ValueError as error:  # the library's own check of a conversation (its last turn, the chat template)
+    except (ValueError, TemplateError) as error:  # a conversation the library or the chat template refuses
         raise RequestError(str(error)) from None
     raise RequestError("give exactly one of 'texts', 'messages', or 'prompts' with 'completions'")
 
