@@ -6,9 +6,18 @@ import os
 # in the environment keeps spinning.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from transformers import AutoConfig, AutoModelForSequenceClassification  # noqa: E402
+
 from distreward import ops  # noqa: E402
+from distreward.modeling_distreward import DistRewardConfig, DistRewardForSequenceClassification  # noqa: E402
 from distreward.sequence import sequence_logprobs  # noqa: E402
+
+# The reward model computes its moments with the fused ops (its own file, which imports only torch and transformers,
+# falls back to plain softmax moments), and the Auto classes know it without trust_remote_code.
+DistRewardForSequenceClassification.moments = staticmethod(ops.dist_moments)
+AutoConfig.register(DistRewardConfig.model_type, DistRewardConfig, exist_ok=True)
+AutoModelForSequenceClassification.register(DistRewardConfig, DistRewardForSequenceClassification, exist_ok=True)
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "sequence_logprobs", "__version__"]
+__all__ = ["DistRewardConfig", "DistRewardForSequenceClassification", "ops", "sequence_logprobs", "__version__"]

@@ -20,6 +20,7 @@ from distreward import ops
 from distreward.data import PreferenceCollator
 
 PREDICTIONS_NAME = "predictions.safetensors"
+RM_CONFIG_NAME = "rm_config.json"  # an rm run's settings (runs before the Hugging Face model kept them in config.json)
 METRIC_NAMES = ("pairwise_accuracy", "mean_std", "std_error_spearman", "label_kl", "calibration_ece")
 CALIBRATION_LEVELS = torch.arange(1, 20, dtype=torch.float64) / 20  # p = 0.05, 0.10, ..., 0.95
 PROMPT_GROUPS = {"add": "clear", "sort": "clear", "count": "clear", "ambiguous": "ambiguous"}  # embedded task
@@ -27,7 +28,8 @@ PROMPT_GROUPS = {"add": "clear", "sort": "clear", "count": "clear", "ambiguous":
 
 @torch.no_grad()
 def predict(model, dataset, pad_token_id: int, batch_size: int = 64, device=None) -> dict:
-    """Logits of both sides of every pair: ``logits_chosen`` / ``logits_rejected`` [N, K] fp32,
+    """The bin logits (the model's ``bin_logits``) of both sides of every pair: ``logits_chosen`` /
+    ``logits_rejected`` [N, K] fp32 (a scalar head's: [N, 1]),
     ``target_chosen`` / ``target_rejected`` [N] fp32 (labels mu in [0, 1]), the panel labels ``sigma_*`` [N] or
     ``q_*`` [N, K] where the pairs have them, and the model's bin ``centers`` [K] fp32."""
     device = device or next(model.parameters()).device
@@ -38,7 +40,7 @@ def predict(model, dataset, pad_token_id: int, batch_size: int = 64, device=None
     for batch in loader:
         for side in ("chosen", "rejected"):
             output = model(batch[f"input_ids_{side}"].to(device), batch[f"attention_mask_{side}"].to(device))
-            parts[f"logits_{side}"].append(output.logits.float().cpu())
+            parts[f"logits_{side}"].append(output.bin_logits.float().cpu())
             for label in ("target", "sigma", "q"):
                 if f"{label}_{side}" in batch:
                     parts.setdefault(f"{label}_{side}", []).append(batch[f"{label}_{side}"])
@@ -464,11 +466,18 @@ def markdown_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def run_settings_path(run_dir: str) -> str:
+    """The settings file of an ``rm`` run: ``rm_config.json``, or a run's from before it, ``config.json``."""
+    path = os.path.join(run_dir, RM_CONFIG_NAME)
+    legacy = os.path.join(run_dir, "config.json")
+    return path if os.path.isfile(path) or not os.path.isfile(legacy) else legacy
+
+
 def compare_runs(run_dirs: list, output_path: str) -> str:
     """Side-by-side PNG of finished ``rm`` runs (named by their loss_kind) and their metrics table."""
     runs, metrics = {}, {}
     for run_dir in run_dirs:
-        with open(os.path.join(run_dir, "config.json")) as handle:
+        with open(run_settings_path(run_dir)) as handle:
             name = f"{json.load(handle)['loss_kind']} ({os.path.basename(os.path.normpath(run_dir))})"
         with open(os.path.join(run_dir, "eval.json")) as handle:
             metrics[name] = json.load(handle)
@@ -484,8 +493,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="rm_comparison.png", help="path of the side-by-side PNG")
     args = parser.parse_args(argv)
     for run_dir in args.run_dirs:
-        missing = [name for name in ("config.json", "eval.json", PREDICTIONS_NAME)
-                   if not os.path.isfile(os.path.join(run_dir, name))]
+        missing = [os.path.basename(path) for path in (run_settings_path(run_dir), os.path.join(run_dir, "eval.json"),
+                                                       os.path.join(run_dir, PREDICTIONS_NAME))
+                   if not os.path.isfile(path)]
         if missing:
             print(f"error: {run_dir} is not a finished `python -m distreward.train rm` run (no {', '.join(missing)})",
                   file=sys.stderr)

@@ -9,13 +9,14 @@ Backbone: ``--model_name_or_path`` (default ``RUN_DIR/sft``, the ``sft`` stage's
 default directory does not exist, a freshly initialised embedded tiny Llama is used instead and a
 line says so; any other path or hub id that fails to load is an error.
 
-Outputs in ``output_dir``: ``config.json`` (these settings), ``metrics.jsonl``, ``checkpoint-{step}/``
-(until the run finishes, unless ``--keep_checkpoints``), the model (``model.safetensors`` +
-``reward_model_config.json``, see :class:`~distreward.modeling.DistributionalRewardModel`) and its
-tokenizer, ``eval.json`` (held-out metrics on the test pairs, per prompt kind and against the ground
+Outputs in ``output_dir``: ``rm_config.json`` (these settings), ``metrics.jsonl``, ``checkpoint-{step}/``
+(until the run finishes, unless ``--keep_checkpoints``), the model as a Hugging Face model (``config.json``,
+``model.safetensors``, ``modeling_distreward.py``: see :func:`distreward.modeling.save_reward_model`), its
+tokenizer and ``README.md``, ``eval.json`` (held-out metrics on the test pairs, per prompt kind and against the ground
 truth too for the embedded task; the validation pairs' under ``validation``),
 ``predictions.safetensors``, ``distributions.png`` and (distributional heads) ``reliability.png``.
 """
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -28,10 +29,11 @@ from distreward import evaluation, ops
 from distreward.data import (EMBEDDED, PreferenceCollator, PreferenceTrainingConfig, held_out_pairs,
                              load_preference_data)
 from distreward.labels import check_label_kind
-from distreward.modeling import DistributionalRewardModel, load_policy
+from distreward.modeling import DistRewardForSequenceClassification, load_policy, save_reward_model
 from distreward.ops.validation import check_choice, check_positive
 from distreward.trainer_utils import make_accelerator, save_run_config, train_loop
 
+RUN_CONFIG_NAME = evaluation.RM_CONFIG_NAME  # the model's config.json is the model's, as the sft stage's is
 DISTRIBUTIONS_NAME = "distributions.png"
 RELIABILITY_NAME = "reliability.png"
 
@@ -114,9 +116,10 @@ def load_backbone(config: RewardConfig, print_fn=print):
                  f"(run `python -m distreward.train sft` first for an SFT-initialised one)")
         path = EMBEDDED
     backbone, tokenizer = load_policy(path, config.seed)
-    model = DistributionalRewardModel.from_backbone(backbone, num_bins=config.num_bins,
-                                                    moments_backend=config.ops_backend,
-                                                    head="scalar" if config.is_scalar else "distribution")
+    model = DistRewardForSequenceClassification.from_backbone(
+        backbone, num_bins=config.num_bins, head="scalar" if config.is_scalar else "distribution")
+    if config.ops_backend != "auto":
+        model.moments = functools.partial(ops.dist_moments, backend=config.ops_backend)
     return model, tokenizer
 
 
@@ -138,7 +141,7 @@ def pair_loss_fn(config: RewardConfig, centers: Optional[torch.Tensor]):
     def compute_loss(model, batch):
         output = model(torch.cat([batch["input_ids_chosen"], batch["input_ids_rejected"]]),
                        torch.cat([batch["attention_mask_chosen"], batch["attention_mask_rejected"]]))
-        logits_chosen, logits_rejected = output.logits.chunk(2)
+        logits_chosen, logits_rejected = output.bin_logits.chunk(2)
         targets, sigma = pair_labels(batch, config)
         loss = ops.pair_loss(logits_chosen, logits_rejected, *targets,
                              kind=config.loss_kind, sigma=sigma, score_weight=config.score_weight,
@@ -163,14 +166,13 @@ def run_reward_training(config: RewardConfig):
                                     config.seed, config.task, config.label_kind if config.reads_labels else "gaussian",
                                     config.sigma, config.num_bins)
     if accelerator.is_main_process:
-        save_run_config(config, config.output_dir)
+        save_run_config(config, config.output_dir, RUN_CONFIG_NAME)
     loader = DataLoader(data["train"], batch_size=config.per_device_train_batch_size, shuffle=True,
                         collate_fn=PreferenceCollator(tokenizer.pad_token_id))
     model = train_loop(config, accelerator, model, loader, pair_loss_fn(config, model.centers), tokenizer,
                        description=f"rm ({config.loss_kind})")
     if accelerator.is_main_process:
-        model.save_pretrained(config.output_dir)
-        tokenizer.save_pretrained(config.output_dir)
+        save_reward_model(model, tokenizer, config.output_dir)
         evaluate_and_report(model, tokenizer, data, config, accelerator.print)
     accelerator.wait_for_everyone()
     return model

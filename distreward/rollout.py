@@ -130,7 +130,7 @@ class RolloutScorer:
     a ground-truth ``scorer(prompt, response) -> float``. The reference's log-probs are those of its
     distribution at the sampling ``temperature``, so the KL compares the two distributions that sample.
 
-    ``reward_model(input_ids, attention_mask)`` returns an object with ``logits`` [B, K], ``mean`` and
+    ``reward_model(input_ids, attention_mask)`` returns an object with ``bin_logits`` [B, K], ``mean`` and
     ``std`` [B] (:class:`distreward.modeling.RewardOutput`); ``reward_tokenizer`` renders its input. With a
     ``quantile_level`` in (0, 1), the scores also hold that quantile of each predicted distribution
     (:func:`distreward.rewards.distribution_quantile` over the model's ``low`` / ``high`` range).
@@ -150,7 +150,7 @@ class RolloutScorer:
 
     @torch.no_grad()
     def reward(self, rollout: Rollout):
-        """The reward model's output (``logits`` [B, K], ``mean`` and ``std`` [B]) on each (prompt, response)
+        """The reward model's output (``bin_logits`` [B, K], ``mean`` and ``std`` [B]) on each (prompt, response)
         conversation."""
         sequences = []
         for prompt, response in zip(rollout.prompts, rollout.responses):
@@ -175,6 +175,6 @@ class RolloutScorer:
                                          in zip(rollout.prompts, rollout.responses)], dtype=torch.float32,
                                         device=output.mean.device)
         if self.quantile_level is not None:
-            quantile = distribution_quantile(output.logits, self.quantile_level, self.reward_model.low,
+            quantile = distribution_quantile(output.bin_logits, self.quantile_level, self.reward_model.low,
                                              self.reward_model.high)
         return RolloutScores(output.mean.float(), output.std.float(), kl, ground_truth, quantile)

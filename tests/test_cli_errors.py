@@ -142,7 +142,7 @@ def test_evaluation_of_a_missing_or_unfinished_run_dir_gives_one_line(capsys, tm
     missing = str(tmp_path / "missing")
     assert evaluation.main([missing]) == 2
     assert error_lines(capsys) == [f"error: {missing} is not a finished `python -m distreward.train rm` run "
-                                   f"(no config.json, eval.json, predictions.safetensors)"]
+                                   f"(no rm_config.json, eval.json, predictions.safetensors)"]
     with pytest.raises(SystemExit) as exit_info:  # no abbreviation of --output
         evaluation.main([missing, "--out", "x.png"])
     assert exit_info.value.code == 2
@@ -219,17 +219,21 @@ def test_combinations_are_refused_before_any_work(capsys, monkeypatch, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-def test_swapped_policy_and_reward_model_paths_say_what_they_hold(capsys, tmp_path):
+@pytest.mark.parametrize("reward_model_files", [
+    {"config.json": '{"model_type": "distreward"}'},  # the rm stage's Hugging Face model
+    {"config.json": '{"loss_kind": "bt_kl"}', "reward_model_config.json": "{}"},  # the format before it
+])
+def test_swapped_policy_and_reward_model_paths_say_what_they_hold(capsys, tmp_path, reward_model_files):
     policy, reward_model = tmp_path / "sft", tmp_path / "rm"
-    for directory, names in ((policy, ("config.json", "generation_config.json")),
-                             (reward_model, ("reward_model_config.json",))):
+    for directory, files in ((policy, {"config.json": "{}", "generation_config.json": "{}"}),
+                             (reward_model, reward_model_files)):
         directory.mkdir()
-        for name in names:
-            (directory / name).write_text("{}")
+        for name, content in files.items():
+            (directory / name).write_text(content)
     out = str(tmp_path / "out")
     assert main(["rl", "--policy_path", str(reward_model), "--reward_model_path", str(policy), "--output_dir", out]) == 2
-    assert error_lines(capsys) == [f"error: {reward_model} holds a reward model (reward_model_config.json), not a "
-                                   f"policy: give the sft stage's output directory"]
+    assert error_lines(capsys) == [f"error: {reward_model} holds a reward model, not a policy: give the sft stage's "
+                                   f"output directory"]
     from distreward.modeling import load_reward_model
     with pytest.raises(ValueError, match=f"^{policy} holds a policy \\(a causal LM\\), not a reward model"):
         load_reward_model(str(policy), None)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from distreward.modeling import DistributionalRewardModel
+from distreward.modeling import DistRewardForSequenceClassification
 from distreward.rm_trainer import RewardConfig
 from distreward.sft_trainer import SFTConfig
 from distreward.synthetic import make_preference_dataset
@@ -86,7 +86,7 @@ def test_a_scalar_baseline_trains_saves_and_evaluates(tmp_path, task, groups):
     assert 0 <= report["pairwise_accuracy"] <= 1 and report["mean_std"] is None and report["calibration_ece"] is None
     assert report[groups] and all(group["mean_std"] is None for group in report[groups].values())
     assert (rm_dir / "distributions.png").exists() and not (rm_dir / "reliability.png").exists()
-    assert DistributionalRewardModel.from_pretrained(rm_dir).is_scalar
+    assert DistRewardForSequenceClassification.from_pretrained(rm_dir).is_scalar
 
 
 def test_sft_then_rm_on_local_data_through_the_hub_code_path(tmp_path):
@@ -107,13 +107,13 @@ def test_sft_then_rm_on_local_data_through_the_hub_code_path(tmp_path):
             "--label_kind", "gaussian"]  # the data keep no per-rater ratings, as HelpSteer2_binarized
     assert main(argv) == 0
 
-    config = json.loads((rm_dir / "config.json").read_text())
+    config = json.loads((rm_dir / "rm_config.json").read_text())
     assert config["loss_kind"] == "bt_mean" and config["model_name_or_path"] == str(sft_dir)
     assert [json.loads(line)["step"] for line in (rm_dir / "metrics.jsonl").read_text().splitlines()] == [3]
     assert (rm_dir / "checkpoint-2" / "model.safetensors").exists()
     report = json.loads((rm_dir / "eval.json").read_text())
     assert report["num_pairs"] == 6 and 0 <= report["pairwise_accuracy"] <= 1
-    model = DistributionalRewardModel.from_pretrained(rm_dir)
+    model = DistRewardForSequenceClassification.from_pretrained(rm_dir)
     from transformers import AutoModelForCausalLM
 
     policy = AutoModelForCausalLM.from_pretrained(sft_dir)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from distributed_worker import recorded_gradients
 from distreward.distributed import call_in_forward, check_data_parallel
-from distreward.modeling import DistributionalRewardModel
+from distreward.modeling import DistRewardForSequenceClassification, save_reward_model
 from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
 from distreward.train import main
 
@@ -92,10 +92,9 @@ def models(tmp_path_factory):
     policy.save_pretrained(root / "sft")
     tokenizer.save_pretrained(root / "sft")
     torch.manual_seed(0)
-    reward_model = DistributionalRewardModel.from_backbone(policy)
+    reward_model = DistRewardForSequenceClassification.from_backbone(policy)
     reward_model.head.weight.data.mul_(30)  # rewards that differ between responses: advantages well above noise
-    reward_model.save_pretrained(root / "rm")
-    tokenizer.save_pretrained(root / "rm")
+    save_reward_model(reward_model, tokenizer, root / "rm")
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in EQUAL_LENGTH_PROMPTS))
     return root
 

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from distreward.data import load_prompts
-from distreward.modeling import DistributionalRewardModel, RewardOutput, load_policy_and_reference, load_reward_model
+from distreward.modeling import (DistRewardForSequenceClassification, RewardOutput, load_policy_and_reference,
+                                 load_reward_model, save_reward_model)
 from distreward import rl_trainer, synthetic, testbed
 from distreward.evaluation import compare_policies, format_report
 from distreward.rewards import SHAPINGS, distribution_quantile
@@ -101,7 +102,8 @@ class DigitRewardModel(torch.nn.Module):
         is_digit = torch.isin(input_ids, self.digit_ids) & attention_mask.bool()
         mean = is_digit.any(-1).float()
         logits = 8.0 * (torch.arange(10, device=mean.device) == 9 * mean.long().unsqueeze(-1)).float()
-        return RewardOutput(logits=logits, mean=mean, std=0.1 + self.std_per_digit * is_digit.sum(-1).float())
+        return RewardOutput(logits=mean.unsqueeze(-1), bin_logits=logits, mean=mean,
+                            std=0.1 + self.std_per_digit * is_digit.sum(-1).float())
 
 
 def digit_probability(policy, tokenizer) -> float:
@@ -287,7 +289,7 @@ def test_scorer_gives_the_quantile_of_the_reward_distribution_only_when_asked(sa
     assert RolloutScorer(reference, reward_model, tokenizer).score(rollout, logprobs).quantile is None
     scorer = RolloutScorer(reference, reward_model, tokenizer, quantile_level=0.25)
     scores = scorer.score(rollout, logprobs)
-    expected = distribution_quantile(scorer.reward(rollout).logits, 0.25, reward_model.low, reward_model.high)
+    expected = distribution_quantile(scorer.reward(rollout).bin_logits, 0.25, reward_model.low, reward_model.high)
     torch.testing.assert_close(scores.quantile, expected)
     assert [record["quantile"] for record in scores.records(rollout)] == scores.quantile.tolist()
 
@@ -342,9 +344,8 @@ def saved_models(tmp_path_factory, tokenizer):
     policy.save_pretrained(root / "sft")
     tokenizer.save_pretrained(root / "sft")
     torch.manual_seed(0)
-    reward_model = DistributionalRewardModel.from_backbone(policy)
-    reward_model.save_pretrained(root / "rm")
-    tokenizer.save_pretrained(root / "rm")
+    reward_model = DistRewardForSequenceClassification.from_backbone(policy)
+    save_reward_model(reward_model, tokenizer, root / "rm")
     return root
 
 
@@ -446,7 +447,7 @@ def test_curve_records_ground_truth_against_kl_and_leaves_training_alone(saved_m
 def test_a_scalar_reward_model_takes_only_shaping_none(saved_models, tmp_path, monkeypatch, shaping):
     def load_scalar(path, tokenizer):
         model, reward_tokenizer = load_reward_model(path, tokenizer)
-        model.head_kind = "scalar"  # is_scalar: run_reinforce refuses before any forward pass
+        model.config.head = "scalar"  # is_scalar: run_reinforce refuses before any forward pass
         return model, reward_tokenizer
 
     monkeypatch.setattr(rl_trainer, "load_reward_model", load_scalar)

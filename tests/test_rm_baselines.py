@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from distreward import ops
-from distreward.modeling import DistributionalRewardModel
+from distreward.modeling import DistRewardForSequenceClassification
 from distreward.rm_trainer import RewardConfig
 from distreward.tiny import build_tiny_policy
 
@@ -114,19 +114,22 @@ def test_bad_scalar_input_raises_value_error(call, match):
 
 def test_scalar_head_outputs_and_round_trip(tmp_path, tokenizer):
     torch.manual_seed(0)
-    model = DistributionalRewardModel.from_backbone(build_tiny_policy(tokenizer, seed=0, **SMALL), head="scalar")
+    model = DistRewardForSequenceClassification.from_backbone(build_tiny_policy(tokenizer, seed=0, **SMALL),
+                                                              head="scalar")
     assert model.is_scalar and model.centers is None and model.head.out_features == 1
     batch = tokenizer(["What is 1 + 2?", "Sort: 3 1"], return_tensors="pt", padding=True)
     output = model.eval()(batch["input_ids"], batch["attention_mask"])
     assert output.logits.shape == (2, 1) and output.mean.shape == (2,) and output.mean.dtype == torch.float32
     torch.testing.assert_close(output.mean, output.logits[:, 0])
+    torch.testing.assert_close(output.bin_logits, output.logits)
     assert output.std.tolist() == [0.0, 0.0]
     model.save_pretrained(tmp_path)
-    loaded = DistributionalRewardModel.from_pretrained(tmp_path)
+    loaded = DistRewardForSequenceClassification.from_pretrained(tmp_path)
     assert loaded.is_scalar
     torch.testing.assert_close(loaded(batch["input_ids"], batch["attention_mask"]).mean, output.mean)
     with pytest.raises(ValueError, match="head must be one of"):
-        DistributionalRewardModel(build_tiny_policy(tokenizer, seed=0, **SMALL), head="gaussian")
+        DistRewardForSequenceClassification.from_backbone(build_tiny_policy(tokenizer, seed=0, **SMALL),
+                                                          head="gaussian")
 
 
 def test_the_loss_kind_picks_the_head():

@@ -10,7 +10,7 @@ from distreward import ops
 from distreward.data import PreferenceCollator, load_preference_data
 from distreward.evaluation import (average_ranks, markdown_table, metrics_by_group, predict, reward_metrics,
                                    spearman, truth_metrics)
-from distreward.modeling import DistributionalRewardModel
+from distreward.modeling import DistRewardForSequenceClassification
 from distreward.rm_trainer import RewardConfig, pair_loss_fn
 from distreward.tiny import build_tiny_policy
 from distreward.trainer_utils import list_checkpoints, make_accelerator, train_loop
@@ -41,8 +41,8 @@ def train(config, tokenizer, pairs, kill_at_micro_step=None):
     """train_loop on a fresh small reward model (same seed every time; the head the loss kind needs);
     returns the trained model."""
     accelerator = make_accelerator(config)
-    model = DistributionalRewardModel.from_backbone(build_tiny_policy(tokenizer, seed=0, **SMALL),
-                                                    head="scalar" if config.is_scalar else "distribution")
+    model = DistRewardForSequenceClassification.from_backbone(build_tiny_policy(tokenizer, seed=0, **SMALL),
+                                                              head="scalar" if config.is_scalar else "distribution")
     loader = DataLoader(pairs, batch_size=config.per_device_train_batch_size, shuffle=True,
                         collate_fn=PreferenceCollator(tokenizer.pad_token_id))
     compute_loss, calls = pair_loss_fn(config, model.centers), []
@@ -113,7 +113,8 @@ def test_loss_and_evaluation_use_the_models_own_bin_centers(tmp_path, tokenizer,
     """A model on scores [1, 5]: the bt_mean loss and the held-out metrics read its means and stds, not
     those of linspace(0, 1, K)."""
     torch.manual_seed(0)
-    model = DistributionalRewardModel.from_backbone(build_tiny_policy(tokenizer, seed=0, **SMALL), low=1.0, high=5.0)
+    model = DistRewardForSequenceClassification.from_backbone(build_tiny_policy(tokenizer, seed=0, **SMALL), low=1.0,
+                                                              high=5.0)
     model.eval()
     batch = next(iter(DataLoader(pairs, batch_size=8, collate_fn=PreferenceCollator(tokenizer.pad_token_id))))
     config = config_for(tmp_path, "centers", loss_kind="bt_mean")
@@ -191,7 +192,7 @@ def test_compare_runs_tables_and_plots_finished_runs(tmp_path):
                        torch.tensor([[0.2], [0.7]]),
                        "target_chosen": torch.tensor([0.9, 0.6]), "target_rejected": torch.tensor([0.2, 0.5])}
         save_predictions(predictions, str(run_dir))
-        (run_dir / "config.json").write_text(json.dumps({"loss_kind": kind}))
+        (run_dir / "rm_config.json").write_text(json.dumps({"loss_kind": kind}))
         (run_dir / "eval.json").write_text(json.dumps(reward_metrics(predictions)))
     table = compare_runs([str(tmp_path / f"rm_{kind}") for kind in ("bt_mean", "bt_kl", "scalar_bt")],
                          str(tmp_path / "cmp.png"))

@@ -15,7 +15,7 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
 from distreward.integrations import trl as integration  # noqa: E402
 from distreward.integrations.trl import DistributionalReward  # noqa: E402
-from distreward.modeling import DistributionalRewardModel  # noqa: E402
+from distreward.modeling import DistRewardForSequenceClassification  # noqa: E402
 from distreward.rewards import RLOOBaseline, distribution_quantile, shape_rewards  # noqa: E402
 from distreward.rollout import Rollout, RolloutScorer  # noqa: E402
 from distreward.tiny import build_tiny_policy  # noqa: E402
@@ -33,7 +33,7 @@ def model_dirs(tmp_path_factory, tokenizer):
     build_tiny_policy(tokenizer, seed=0, **SMALL).save_pretrained(policy_dir)
     tokenizer.save_pretrained(policy_dir)
     torch.manual_seed(0)
-    reward_model = DistributionalRewardModel.from_backbone(build_tiny_policy(tokenizer, seed=1, **SMALL))
+    reward_model = DistRewardForSequenceClassification.from_backbone(build_tiny_policy(tokenizer, seed=1, **SMALL))
     torch.nn.init.normal_(reward_model.head.weight, std=1.0)  # spread-out distributions: shapings differ
     reward_model.save_pretrained(rm_dir)
     tokenizer.save_pretrained(rm_dir)
