@@ -181,16 +181,16 @@ def test_a_legacy_directory_loads_and_saves_in_the_new_format(saved, tokenizer, 
 
 
 def test_reward_bench_scoring_matches_our_pairwise_accuracy(saved):
-    """reward-bench's run_rm.py for a sequence classifier: the text-classification pipeline over the chat-templated
-    chosen and rejected conversations (raw logits, padding, left truncation), a pair correct when the chosen score
-    is the higher. Its accuracy on local pairs must be the one our evaluation reports for the same pairs."""
+    """reward-bench's ``rewardbench`` command for a sequence classifier: the text-classification pipeline over the
+    chat-templated chosen and rejected conversations (raw logits, left padding), a pair correct when the chosen score
+    is the higher. Its accuracy on local pairs must be the one our evaluation (right padding) reports for them."""
     directory, _ = saved["distribution"]
     model = AutoModelForSequenceClassification.from_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    tokenizer.truncation_side = "left"
+    tokenizer.padding_side = "left"
     raw = load_raw_preferences(EMBEDDED, num_pairs=12, seed=0, split="test")
     reward_pipe = pipeline("text-classification", model=model, tokenizer=tokenizer)
-    kwargs = {"batch_size": 4, "truncation": True, "padding": True, "max_length": 256, "function_to_apply": "none",
+    kwargs = {"batch_size": 4, "truncation": False, "padding": True, "max_length": 256, "function_to_apply": "none",
               "return_token_type_ids": False}
     scores = {side: [result["score"] for result in reward_pipe(
         chat_texts(tokenizer, zip(raw["prompt"], raw[side])), **kwargs)] for side in ("chosen", "rejected")}
