@@ -5,7 +5,8 @@
 // accumulation type when needed) once, then reduced twice while it sits in L1 (max, then sum-exp),
 // and merged into the row's running max / sum-exp online. The float loops are written so gcc
 // vectorises them (`omp simd` reductions, a branch-free exp), and are compiled for AVX-512, AVX2+FMA
-// and baseline x86-64 with the best clone picked at load time. Masked rows cost nothing.
+// and baseline x86-64 with the best clone picked at load time. Masked rows cost nothing; without a mask
+// (None) every row is live.
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -194,10 +195,21 @@ bool is_float_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
 }
 
+// The mask, when given, contiguous (the kernels read it as a flat bool array); none: every row is live.
+using OptionalMask = c10::optional<at::Tensor>;
+
+OptionalMask contiguous_mask(const OptionalMask& mask) {
+  return mask.has_value() ? OptionalMask(mask->contiguous()) : c10::nullopt;
+}
+
+const bool* live_rows(const OptionalMask& mask) { return mask.has_value() ? mask->const_data_ptr<bool>() : nullptr; }
+
+DISTREWARD_INLINE bool is_live(const bool* live, int64_t r) { return live == nullptr || live[r]; }
+
 // Shapes, dtypes and devices the kernels rely on (ValueError), then ids at live positions in [0, V)
 // (IndexError). Everything is checked here, before any OpenMP region: nothing inside one throws.
-void check_inputs(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& mask) {
-  TORCH_CHECK_VALUE(logits.device().is_cpu() && ids.device().is_cpu() && mask.device().is_cpu(),
+void check_inputs(const at::Tensor& logits, const at::Tensor& ids, const OptionalMask& mask) {
+  TORCH_CHECK_VALUE(logits.device().is_cpu() && ids.device().is_cpu() && (!mask || mask->device().is_cpu()),
                     "gather_logprobs (C++): logits, ids and mask must be CPU tensors");
   TORCH_CHECK_VALUE(logits.dim() == 3, Message("gather_logprobs (C++): logits must be [B, T, V], got shape %s",
                                                Shape(logits.sizes()).c_str()).c_str());
@@ -207,19 +219,19 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& ids, const at::Ten
                     Message("gather_logprobs (C++): ids must be [B, T] = %s, got %s",
                             Shape(logits.sizes().slice(0, 2)).c_str(), Shape(ids.sizes()).c_str()).c_str());
   TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong, "gather_logprobs (C++): ids must be int64");
-  TORCH_CHECK_VALUE(mask.sizes() == ids.sizes() && mask.scalar_type() == at::kBool,
+  TORCH_CHECK_VALUE(!mask || (mask->sizes() == ids.sizes() && mask->scalar_type() == at::kBool),
                     Message("gather_logprobs (C++): mask must be a bool tensor of shape %s",
                             Shape(ids.sizes()).c_str()).c_str());
   TORCH_CHECK_VALUE(logits.size(2) > 0, "gather_logprobs (C++): logits must have a non-empty vocabulary");
 }
 
-// ids and mask contiguous [B, T]; raises IndexError naming the first live id outside [0, vocab).
-void check_ids_in_vocab(const at::Tensor& ids, const at::Tensor& mask, int64_t vocab) {
+// ids contiguous [B, T], live the mask's rows (nullptr: all); raises IndexError naming the first live id
+// outside [0, vocab).
+void check_ids_in_vocab(const at::Tensor& ids, const bool* live, int64_t vocab) {
   const int64_t* id = ids.data_ptr<int64_t>();
-  const bool* live = mask.data_ptr<bool>();
   const int64_t steps = ids.size(1);
   for (int64_t r = 0; r < ids.numel(); ++r) {
-    TORCH_CHECK_INDEX(!live[r] || (id[r] >= 0 && id[r] < vocab),
+    TORCH_CHECK_INDEX(!is_live(live, r) || (id[r] >= 0 && id[r] < vocab),
                       Message("ids[%lld, %lld] = %lld is outside the vocabulary [0, %lld)",
                               static_cast<long long>(r / steps), static_cast<long long>(r % steps),
                               static_cast<long long>(id[r]), static_cast<long long>(vocab)).c_str());
@@ -231,7 +243,7 @@ void check_ids_in_vocab(const at::Tensor& ids, const at::Tensor& mask, int64_t v
 template <typename acc_t>
 void check_rows_finite(const acc_t* lse, const bool* live, int64_t rows, int64_t steps) {
   for (int64_t r = 0; r < rows; ++r) {
-    TORCH_CHECK_VALUE(!live[r] || std::isfinite(lse[r]),
+    TORCH_CHECK_VALUE(!is_live(live, r) || std::isfinite(lse[r]),
                       Message("logits[%lld, %lld] contains NaN or +inf, or no finite value (a live row must hold "
                               "a distribution)", static_cast<long long>(r / steps),
                               static_cast<long long>(r % steps)).c_str());
@@ -270,7 +282,7 @@ at::ScalarType acc_dtype(const at::Tensor& logits) {
 
 // grad_logp [B, T] and the forward's lse [B, T] -> grad_logits [B, T, V] written contiguously into `grad`.
 void backward_into(const at::Tensor& grad_logp_in, const at::Tensor& logits, const at::Tensor& ids_in,
-                   const at::Tensor& mask_in, const at::Tensor& lse_in, at::Tensor& grad) {
+                   const OptionalMask& mask_in, const at::Tensor& lse_in, at::Tensor& grad) {
   check_inputs(logits, ids_in, mask_in);
   const auto acc = acc_dtype(logits);
   TORCH_CHECK_VALUE(grad_logp_in.device().is_cpu() && lse_in.device().is_cpu(),
@@ -282,20 +294,21 @@ void backward_into(const at::Tensor& grad_logp_in, const at::Tensor& logits, con
                     "gather_logprobs_backward (C++): grad_logp must be a float tensor");
   TORCH_CHECK_VALUE(lse_in.scalar_type() == acc,
                     "gather_logprobs_backward (C++): lse must be float32 (float64 for float64 logits)");
-  const auto ids = ids_in.contiguous(), mask = mask_in.contiguous(), lse = lse_in.contiguous();
+  const auto ids = ids_in.contiguous(), lse = lse_in.contiguous();
+  const auto mask = contiguous_mask(mask_in);
+  const bool* live = live_rows(mask);
   const auto grad_logp = grad_logp_in.to(acc).contiguous();
   const int64_t vocab = logits.size(2), stride_v = logits.stride(2);
-  check_ids_in_vocab(ids, mask, vocab);
+  check_ids_in_vocab(ids, live, vocab);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gather_logprobs_backward", [&] {
     using acc_t = acc_type<scalar_t>;
     const int64_t* id = ids.const_data_ptr<int64_t>();
-    const bool* live = mask.const_data_ptr<bool>();
     const acc_t* g = grad_logp.const_data_ptr<acc_t>();
     const acc_t* row_lse = lse.const_data_ptr<acc_t>();
     scalar_t* grad_data = grad.data_ptr<scalar_t>();
     for_each_row<scalar_t>(logits, [&](int64_t r, const scalar_t* row) {
       scalar_t* grad_row = grad_data + r * vocab;
-      if (live[r]) {
+      if (is_live(live, r)) {
         row_grad(row, stride_v, vocab, row_lse[r], g[r], id[r], grad_row);
       } else {
         std::memset(grad_row, 0, vocab * sizeof(scalar_t));  // all-zero bits: +0 in every float dtype
@@ -304,24 +317,25 @@ void backward_into(const at::Tensor& grad_logp_in, const at::Tensor& logits, con
   });
 }
 
-// logits [B, T, V] fp32/bf16/fp16/fp64 (any strides), ids [B, T] int64, mask [B, T] bool
+// logits [B, T, V] fp32/bf16/fp16/fp64 (any strides), ids [B, T] int64, mask [B, T] bool or None
 // -> (logp [B, T], lse [B, T]), fp32 (fp64 for fp64 logits), both 0 where mask is false.
 std::tuple<at::Tensor, at::Tensor> gather_logprobs_forward(const at::Tensor& logits, const at::Tensor& ids_in,
-                                                           const at::Tensor& mask_in) {
+                                                           const OptionalMask& mask_in) {
   check_inputs(logits, ids_in, mask_in);
-  const auto ids = ids_in.contiguous(), mask = mask_in.contiguous();
+  const auto ids = ids_in.contiguous();
+  const auto mask = contiguous_mask(mask_in);
+  const bool* live = live_rows(mask);
   const int64_t vocab = logits.size(2), stride_v = logits.stride(2);
-  check_ids_in_vocab(ids, mask, vocab);
+  check_ids_in_vocab(ids, live, vocab);
   auto logp = at::empty(ids.sizes(), logits.options().dtype(acc_dtype(logits)));
   auto lse = at::empty_like(logp);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gather_logprobs_forward", [&] {
     using acc_t = acc_type<scalar_t>;
     const int64_t* id = ids.const_data_ptr<int64_t>();
-    const bool* live = mask.const_data_ptr<bool>();
     acc_t* logp_out = logp.data_ptr<acc_t>();
     acc_t* lse_out = lse.data_ptr<acc_t>();
     for_each_row<scalar_t>(logits, [&](int64_t r, const scalar_t* row) {
-      if (!live[r]) {
+      if (!is_live(live, r)) {
         logp_out[r] = lse_out[r] = 0;
         return;
       }
@@ -336,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor> gather_logprobs_forward(const at::Tensor& log
 // -> grad_logits [B, T, V] = grad_logp * (onehot(ids) - softmax(logits)), contiguous, in the logits' dtype;
 // 0 on masked rows.
 at::Tensor gather_logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& ids,
-                                    const at::Tensor& mask, const at::Tensor& lse) {
+                                    const OptionalMask& mask, const at::Tensor& lse) {
   check_inputs(logits, ids, mask);
   auto grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   advise_huge_pages(grad.data_ptr(), grad.nbytes());
@@ -346,7 +360,7 @@ at::Tensor gather_logprobs_backward(const at::Tensor& grad_logp, const at::Tenso
 
 // The same gradient written over the (contiguous) logits themselves: each chunk is read before it is written.
 void gather_logprobs_backward_(const at::Tensor& grad_logp, at::Tensor& logits, const at::Tensor& ids,
-                               const at::Tensor& mask, const at::Tensor& lse) {
+                               const OptionalMask& mask, const at::Tensor& lse) {
   TORCH_CHECK_VALUE(logits.is_contiguous(), "gather_logprobs_backward_ (C++): the logits must be contiguous");
   backward_into(grad_logp, logits, ids, mask, lse, logits);
 }
@@ -363,9 +377,9 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(distreward, m) {
-  m.def("gather_logprobs_forward(Tensor logits, Tensor ids, Tensor mask) -> (Tensor, Tensor)");
-  m.def("gather_logprobs_backward(Tensor grad_logp, Tensor logits, Tensor ids, Tensor mask, Tensor lse) -> Tensor");
-  m.def("gather_logprobs_backward_(Tensor grad_logp, Tensor(a!) logits, Tensor ids, Tensor mask, Tensor lse) -> ()");
+  m.def("gather_logprobs_forward(Tensor logits, Tensor ids, Tensor? mask) -> (Tensor, Tensor)");
+  m.def("gather_logprobs_backward(Tensor grad_logp, Tensor logits, Tensor ids, Tensor? mask, Tensor lse) -> Tensor");
+  m.def("gather_logprobs_backward_(Tensor grad_logp, Tensor(a!) logits, Tensor ids, Tensor? mask, Tensor lse) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(distreward, CPU, m) {

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from distreward import ops
 from distreward.ops.logprobs import gather_kernels, resolve_backend
-from distreward.ops.validation import check_positive, first_position
+from distreward.ops.validation import check_positive, first_position, validating
 
 
 def _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size) -> None:
@@ -35,16 +35,18 @@ def _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size) -
                              f"got {getattr(mask, 'shape', mask)!r}")
         if mask.device != input_ids.device:
             raise ValueError(f"{name} is on {mask.device} but input_ids are on {input_ids.device}")
-        if mask.is_floating_point() and not torch.compiler.is_compiling() and bool(torch.isnan(mask).any()):
-            raise ValueError(f"{name} contains NaN")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
 
-def _check_ids(model, input_ids) -> None:
-    """Every input id in the model's embedding table [0, num_embeddings) (IndexError naming the first)."""
+def _check_values(model, input_ids, attention_mask, response_mask) -> None:
+    """No NaN in a float mask (ValueError); every input id in the model's embedding table [0, num_embeddings)
+    (IndexError naming the first). Host reads: only when the call validates."""
+    for name, mask in (("attention_mask", attention_mask), ("response_mask", response_mask)):
+        if mask.is_floating_point() and bool(torch.isnan(mask).any()):
+            raise ValueError(f"{name} contains NaN")
     vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
-    if vocab is not None and input_ids.numel() and not torch.compiler.is_compiling():
+    if vocab is not None and input_ids.numel():
         bad = (input_ids < 0) | (input_ids >= vocab)
         if bool(bad.any()):
             b, t = first_position(bad)
@@ -78,8 +80,7 @@ class LinearGatherLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, ids, kernels):
         forward_kernel, _ = kernels
         logits = F.linear(hidden, weight, bias).unsqueeze(0)
-        live = torch.ones(ids.shape, dtype=torch.bool, device=ids.device).unsqueeze(0)
-        logp, lse = forward_kernel(logits, ids.unsqueeze(0), live)
+        logp, lse = forward_kernel(logits, ids.unsqueeze(0), None)  # every row live
         ctx.save_for_backward(hidden, weight, bias, ids, lse)
         ctx.kernels = kernels
         return logp.squeeze(0)
@@ -90,8 +91,7 @@ class LinearGatherLogprobs(torch.autograd.Function):
         hidden, weight, bias, ids, lse = ctx.saved_tensors
         _, backward_kernel = ctx.kernels
         logits = F.linear(hidden, weight, bias).unsqueeze(0)
-        live = torch.ones(ids.shape, dtype=torch.bool, device=ids.device).unsqueeze(0)
-        grad_logits = backward_kernel(grad_logp.unsqueeze(0), logits, ids.unsqueeze(0), live, lse,
+        grad_logits = backward_kernel(grad_logp.unsqueeze(0), logits, ids.unsqueeze(0), None, lse,
                                       in_place=True).squeeze(0)
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         return (grad_logits @ weight if needs_hidden else None,
@@ -99,11 +99,11 @@ class LinearGatherLogprobs(torch.autograd.Function):
                 grad_logits.sum(0) if bias is not None and needs_bias else None, None, None)
 
 
-def chunk_logprobs_function(model, backend: str, temperature: float = 1.0):
+def chunk_logprobs_function(model, backend: str, temperature: float = 1.0, validate: bool = False):
     """``f(hidden [n, H], ids [n]) -> log-probs [n]`` of ``softmax(head(hidden) / temperature)`` for one chunk of
     ``model``'s head and a resolved gather ``backend``: head and gather fused for a plain ``nn.Linear`` head and a
     fused backend (``hidden`` and the bias divided by ``temperature``), else the head, soft-capping, the division
-    and ``ops.gather_logprobs`` checkpointed."""
+    and ``ops.gather_logprobs`` (with ``validate``) checkpointed. No host sync per chunk unless ``validate``."""
     head = model.get_output_embeddings()
     plain = type(head) is torch.nn.Linear and getattr(model.config, "final_logit_softcapping", None) is None
 
@@ -118,7 +118,7 @@ def chunk_logprobs_function(model, backend: str, temperature: float = 1.0):
     def checkpointed(hidden, ids):
         def logprobs(chunk_hidden, chunk_ids):
             logits = tempered(head_logits(model, chunk_hidden).unsqueeze(0))  # [1, n, V]
-            return ops.gather_logprobs(logits, chunk_ids.unsqueeze(0), backend=backend).squeeze(0)
+            return ops.gather_logprobs(logits, chunk_ids.unsqueeze(0), backend=backend, validate=validate).squeeze(0)
 
         return checkpoint(logprobs, hidden, ids, use_reentrant=False) if torch.is_grad_enabled() else logprobs(hidden, ids)
 
@@ -127,7 +127,7 @@ def chunk_logprobs_function(model, backend: str, temperature: float = 1.0):
 
 def check_targets(targets: torch.Tensor, vocab) -> None:
     """Response token ids [N] in the head's vocabulary [0, vocab) (vocab None: the gather checks them)."""
-    if vocab is None or torch.compiler.is_compiling() or not targets.numel():
+    if vocab is None or not targets.numel():
         return
     if bool(((targets < 0) | (targets >= vocab)).any()):
         raise IndexError(f"input_ids hold response tokens outside the head's vocabulary [0, {vocab})")
@@ -135,12 +135,13 @@ def check_targets(targets: torch.Tensor, vocab) -> None:
 
 def check_finite(logprobs: torch.Tensor) -> None:
     """The log-probs [N] are finite: a NaN or inf in the model's logits (or hidden states) raises ValueError."""
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(logprobs).all()):
+    if not bool(torch.isfinite(logprobs).all()):
         raise ValueError("the model's log-probs of some response tokens are NaN or inf (NaN or inf in its logits)")
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
-                      chunk_size: int = 256, backend: str = "auto", temperature: float = 1.0) -> torch.Tensor:
+                      chunk_size: int = 256, backend: str = "auto", temperature: float = 1.0,
+                      validate=None) -> torch.Tensor:
     """Per-token log-probs of ``input_ids`` under ``model``, on the response tokens only.
 
     Args:
@@ -155,6 +156,9 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             "eager", "triton" or "cpp").
         temperature: the log-probs of ``softmax(logits / temperature)``, the distribution that ``generate``
             samples at that temperature (TRL's GRPO trainer scores its samples the same way); > 0.
+        validate: check the ids against the vocabulary and the log-probs for NaN / inf at once, raising
+            IndexError / ValueError (host syncs); None, the default, on CPU only (:mod:`distreward.ops`).
+            Without, a NaN in the model's logits gives NaN log-probs (bad ids fail in the embedding).
 
     Returns:
         [B, T] float32 (float64 for a float64 model): ``out[b, t] = log pi(input_ids[b, t] | input_ids[b, :t])``
@@ -163,7 +167,9 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size)
     check_positive("temperature", temperature)
     backend = resolve_backend(backend, input_ids.device)
-    _check_ids(model, input_ids)
+    checking = validating(validate, input_ids.device)
+    if checking:
+        _check_values(model, input_ids, attention_mask, response_mask)
     batch, steps = input_ids.shape
     dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
     if input_ids.numel() == 0:
@@ -171,15 +177,17 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     scored = torch.zeros_like(input_ids, dtype=torch.bool)
     scored[:, 1:] = response_mask[:, 1:].bool()
     targets = input_ids[scored].long()  # [N]
-    check_targets(targets, getattr(model.get_output_embeddings(), "out_features", None))
+    if checking:
+        check_targets(targets, getattr(model.get_output_embeddings(), "out_features", None))
     hidden = final_hidden_states(model, input_ids, attention_mask)
     # Position t - 1 predicts token t: keep only the hidden states that predict a scored token.
     predictors = hidden[:, :-1][scored[:, 1:]]  # [N, H]
 
-    chunk_logprobs = chunk_logprobs_function(model, backend, float(temperature))
+    chunk_logprobs = chunk_logprobs_function(model, backend, float(temperature), checking)
     rows = batch * chunk_size
     pieces = [chunk_logprobs(predictors[start:start + rows], targets[start:start + rows])
               for start in range(0, predictors.shape[0], rows)]
     logprobs = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=dtype)
-    check_finite(logprobs)
+    if checking:
+        check_finite(logprobs)
     return torch.zeros(batch, steps, dtype=dtype, device=hidden.device).masked_scatter(scored, logprobs)

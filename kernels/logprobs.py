@@ -4,7 +4,9 @@ One program per row of ``[B, T, V]`` logits (any strides). The forward streams t
 ``BLOCK_V`` chunks with an online max / sum-exp, so each logit is read once, and writes
 ``logp = L[y] - logsumexp(L)`` and the row's logsumexp ``[B, T]``; the backward streams the row
 once more and writes ``grad * (onehot(y) - softmax(L))`` in the logits' dtype. Masked rows read
-nothing and get 0. Math is float32 (float64 for float64 logits) whatever the input dtype. The
+nothing and get 0; without a mask (``HAS_MASK`` off) every row is live. On request the forward sets
+a flag when a live row's id lies outside the vocabulary or its logsumexp is not finite (NaN or +inf
+logits, or none finite): the value check costs no pass of its own. Math is float32 (float64 for float64 logits) whatever the input dtype. The
 launchers have the C++ kernels' contract and know nothing of ``distreward.ops``, whose
 ``FusedGatherLogprobs`` autograd Function and input checks wrap them.
 """
@@ -26,10 +28,21 @@ def _row_start(row, steps, stride_b, stride_t):
 
 
 @triton.jit
-def _forward_kernel(logits_ptr, stride_b, stride_t, stride_v, ids_ptr, mask_ptr, logp_ptr, lse_ptr, steps,
-                    VOCAB: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+def _is_live(mask_ptr, row, HAS_MASK: tl.constexpr):
+    """Whether row ``row`` is scored: its mask entry, or every row without a mask."""
+    if HAS_MASK:
+        live = tl.load(mask_ptr + row) != 0
+    else:
+        live = row >= 0
+    return live
+
+
+@triton.jit
+def _forward_kernel(logits_ptr, stride_b, stride_t, stride_v, ids_ptr, mask_ptr, logp_ptr, lse_ptr, flag_ptr, steps,
+                    VOCAB: tl.constexpr, HAS_MASK: tl.constexpr, WITH_FLAG: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
-    live = tl.load(mask_ptr + row) != 0
+    live = _is_live(mask_ptr, row, HAS_MASK)
     row_ptr = logits_ptr + _row_start(row, steps, stride_b, stride_t)
     running_max = tl.full((), float("-inf"), ACC)
     total = tl.zeros((), ACC)
@@ -46,13 +59,17 @@ def _forward_kernel(logits_ptr, stride_b, stride_t, stride_v, ids_ptr, mask_ptr,
     picked = tl.load(row_ptr + token * stride_v, mask=in_vocab, other=float("nan")).to(ACC)
     tl.store(logp_ptr + row, tl.where(live, picked - lse, 0.0))
     tl.store(lse_ptr + row, tl.where(live, lse, 0.0))
+    if WITH_FLAG:
+        bad = live & ~(in_vocab & (tl.abs(lse) < float("inf")))
+        tl.atomic_max(flag_ptr, bad.to(tl.int32))
 
 
 @triton.jit
 def _backward_kernel(logits_ptr, stride_b, stride_t, stride_v, ids_ptr, mask_ptr, lse_ptr, grad_logp_ptr,
-                     stride_grad, grad_ptr, steps, VOCAB: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+                     stride_grad, grad_ptr, steps, VOCAB: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
-    live = tl.load(mask_ptr + row) != 0
+    live = _is_live(mask_ptr, row, HAS_MASK)
     row_ptr = logits_ptr + _row_start(row, steps, stride_b, stride_t)
     grad_row_ptr = grad_ptr + row.to(tl.int64) * VOCAB
     token = tl.load(ids_ptr + row)
@@ -81,24 +98,31 @@ def _launch_settings(logits: torch.Tensor):
     return acc, block_v, 8 if block_v >= 2048 else 4
 
 
-def gather_logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
-    """logits [B, T, V] (any strides), ids [B, T] int64, mask [B, T] bool -> (logp, lse) [B, T] fp32 (fp64),
-    both 0 where mask is False. The same contract as the C++ ``torch.ops.distreward.gather_logprobs_forward``."""
+def _contiguous(mask):
+    return None if mask is None else mask.contiguous()
+
+
+def gather_logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, mask, flag=None):
+    """logits [B, T, V] (any strides), ids [B, T] int64, mask [B, T] bool or None (every row live) -> (logp, lse)
+    [B, T] fp32 (fp64), both 0 where mask is False. The same contract as the C++
+    ``torch.ops.distreward.gather_logprobs_forward``; ``flag`` (a zeroed int32 tensor [] or None) is set to 1
+    when a live row's id is outside [0, V) or its logsumexp is not finite (the C++ kernel raises instead)."""
     acc, block_v, num_warps = _launch_settings(logits)
-    ids, mask = ids.contiguous(), mask.contiguous()
+    ids = ids.contiguous()
     logp = torch.empty(ids.shape, dtype=torch.float64 if acc == tl.float64 else torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     if logp.numel():
         _forward_kernel[(logp.numel(),)](
-            logits, logits.stride(0), logits.stride(1), logits.stride(2), ids, mask, logp, lse,
-            logits.shape[1], VOCAB=logits.shape[2], ACC=acc, BLOCK_V=block_v, num_warps=num_warps)
+            logits, logits.stride(0), logits.stride(1), logits.stride(2), ids, _contiguous(mask), logp, lse, flag,
+            logits.shape[1], VOCAB=logits.shape[2], HAS_MASK=mask is not None, WITH_FLAG=flag is not None, ACC=acc,
+            BLOCK_V=block_v, num_warps=num_warps)
     return logp, lse
 
 
 def gather_logprobs_backward(grad_logp, logits, ids, mask, lse, in_place: bool = False) -> torch.Tensor:
     """grad_logp [B, T] -> grad_logits [B, T, V] = grad_logp * (onehot(ids) - softmax(logits)), 0 on masked
-    rows, contiguous in the logits' dtype; written over the (contiguous) logits themselves when ``in_place``
-    (each chunk is read before it is written)."""
+    rows (mask None: none), contiguous in the logits' dtype; written over the (contiguous) logits themselves when
+    ``in_place`` (each chunk is read before it is written)."""
     acc, block_v, num_warps = _launch_settings(logits)
     if in_place and not logits.is_contiguous():
         raise ValueError("in_place needs contiguous logits")
@@ -106,7 +130,7 @@ def gather_logprobs_backward(grad_logp, logits, ids, mask, lse, in_place: bool =
     grad_logp = grad_logp.reshape(-1)
     if lse.numel():
         _backward_kernel[(lse.numel(),)](
-            logits, logits.stride(0), logits.stride(1), logits.stride(2), ids.contiguous(), mask.contiguous(), lse,
-            grad_logp, grad_logp.stride(0), out, logits.shape[1], VOCAB=logits.shape[2], ACC=acc,
-            BLOCK_V=block_v, num_warps=num_warps)
+            logits, logits.stride(0), logits.stride(1), logits.stride(2), ids.contiguous(), _contiguous(mask), lse,
+            grad_logp, grad_logp.stride(0), out, logits.shape[1], VOCAB=logits.shape[2], HAS_MASK=mask is not None,
+            ACC=acc, BLOCK_V=block_v, num_warps=num_warps)
     return out

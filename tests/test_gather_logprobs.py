@@ -193,10 +193,10 @@ def test_bad_ids_name_the_position(backend):
     ids = torch.zeros(2, 3, dtype=torch.long, device=device)
     ids[1, 2] = 11
     with pytest.raises(IndexError, match=r"ids\[1, 2\] = 11"):
-        ops.gather_logprobs(logits, ids, backend=backend)
+        ops.gather_logprobs(logits, ids, backend=backend, validate=True)
     ids[1, 2] = -1
     with pytest.raises(IndexError, match=r"ids\[1, 2\] = -1"):
-        ops.gather_logprobs(logits, ids, backend=backend)
+        ops.gather_logprobs(logits, ids, backend=backend, validate=True)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -212,7 +212,7 @@ def test_bad_shapes_and_dtypes_raise_value_error(backend):
     }
     for message, args in bad_calls.items():
         with pytest.raises(ValueError, match=message):
-            ops.gather_logprobs(*args, backend=backend)
+            ops.gather_logprobs(*args, backend=backend, validate=True)
 
 
 def test_extension_rechecks_its_inputs():
@@ -252,12 +252,13 @@ def test_cpp_ops_pass_opcheck(dtype):
     g = torch.Generator().manual_seed(11)
     logits = torch.randn(2, 3, 7, generator=g).to(dtype).requires_grad_(True)
     ids = torch.randint(0, 7, (2, 3), generator=g)
-    mask = torch.tensor([[True, False, True], [True, True, False]])
-    torch.library.opcheck(torch.ops.distreward.gather_logprobs_forward, (logits, ids, mask))
-    lse = torch.ops.distreward.gather_logprobs_forward(logits, ids, mask)[1].detach()
     grad = torch.randn(2, 3, generator=g)
-    torch.library.opcheck(torch.ops.distreward.gather_logprobs_backward, (grad, logits.detach(), ids, mask, lse))
-    torch.library.opcheck(torch.ops.distreward.gather_logprobs_backward_, (grad, logits.detach().clone(), ids, mask, lse))
+    for mask in (torch.tensor([[True, False, True], [True, True, False]]), None):  # None: every row live
+        torch.library.opcheck(torch.ops.distreward.gather_logprobs_forward, (logits, ids, mask))
+        lse = torch.ops.distreward.gather_logprobs_forward(logits, ids, mask)[1].detach()
+        torch.library.opcheck(torch.ops.distreward.gather_logprobs_backward, (grad, logits.detach(), ids, mask, lse))
+        torch.library.opcheck(torch.ops.distreward.gather_logprobs_backward_,
+                              (grad, logits.detach().clone(), ids, mask, lse))
 
 
 def test_torch_compile_traces_the_public_gather_in_one_graph():
@@ -289,18 +290,35 @@ def test_bad_values_are_found_on_the_kernels_output(backend):
             logits = torch.randn(2, 3, 3000, device=device).to(dtype)
             logits[1, 2, 2500] = bad  # in a later chunk than the picked id
             with pytest.raises(ValueError, match=r"logits\[1, 2\] contains NaN or \+inf"):
-                ops.gather_logprobs(logits, ids, mask, backend=backend)
+                ops.gather_logprobs(logits, ids, mask, backend=backend, validate=True)
             mask[1, 2] = False
-            assert bool(torch.isfinite(ops.gather_logprobs(logits, ids, mask, backend=backend)).all())
+            assert bool(torch.isfinite(ops.gather_logprobs(logits, ids, mask, backend=backend, validate=True)).all())
             mask[1, 2] = True
     logits = torch.randn(2, 3, 3000, device=device)
     logits[0, 1] = float("-inf")
     logits[0, 1, 2100] = float("nan")  # a NaN among -inf: the C++ kernel skips chunks whose max is -inf
     with pytest.raises(ValueError, match=r"logits\[0, 1\]"):
-        ops.gather_logprobs(logits, ids, mask, backend=backend)
+        ops.gather_logprobs(logits, ids, mask, backend=backend, validate=True)
     logits[0, 1, 2100] = float("-inf")
     with pytest.raises(ValueError, match=r"logits\[0, 1\] .*no finite value"):
-        ops.gather_logprobs(logits, ids, mask, backend=backend)
+        ops.gather_logprobs(logits, ids, mask, backend=backend, validate=True)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+def test_validate_false_leaves_bad_rows_nan_except_in_the_cpp_kernel(backend):
+    """validate=False (the CUDA default) reads nothing back: a bad id or a NaN row gives NaN log-probs in that
+    row only; the C++ kernel checks in its own loop whatever validate says."""
+    device = "cpu" if backend == "eager" else DEVICES[backend]
+    logits, ids = torch.randn(2, 3, 50, device=device), torch.zeros(2, 3, dtype=torch.long, device=device)
+    logits[0, 1, 7] = float("nan")
+    ids[1, 2] = 50
+    if backend == "cpp":
+        with pytest.raises(IndexError, match=r"ids\[1, 2\] = 50"):
+            ops.gather_logprobs(logits, ids, backend=backend, validate=False)
+        return
+    logp = ops.gather_logprobs(logits, ids, backend=backend, validate=False)
+    assert torch.isnan(logp).tolist() == [[False, True, False], [False, False, True]]
+
 
 
 @pytest.mark.parametrize("backend", ["auto", "eager", "cpp", "triton"])

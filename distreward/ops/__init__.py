@@ -232,16 +232,18 @@ def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target
                     targets, centers, sigmas)
 
 
-def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None, backend: str = "auto") -> torch.Tensor:
+def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None, backend: str = "auto",
+                    validate=None) -> torch.Tensor:
     """logits [B, T, V] (fp32/bf16/fp16/fp64), ids [B, T] int64 / int32, mask [B, T] or None -> log-probs [B, T]
     fp32 (fp64 for fp64 logits).
 
     ``logp[b, t] = logits[b, t, ids[b, t]] - logsumexp(logits[b, t])``; 0 (and no gradient) where mask is 0.
-    Live ids outside [0, V) raise IndexError, live rows with a NaN or +inf logit (or no finite one)
-    ValueError: checked on the kernel's [B, T] output, not by extra passes over the logits.
+    Under ``validate`` (module doc) live ids outside [0, V) raise IndexError, live rows with a NaN or +inf logit
+    (or no finite one) ValueError: flagged by the kernel as it writes the [B, T] output, no extra pass over the
+    logits; without, such rows' log-probs are NaN. The C++ kernel (CPU) always checks.
     """
-    ids, mask = check.check_gather_inputs(logits, ids, mask)
-    return logprobs.GATHER[logprobs.resolve_backend(backend, logits.device)](logits, ids, mask)
+    ids, mask, checking = check.check_gather_inputs(logits, ids, mask, validate)
+    return logprobs.GATHER[logprobs.resolve_backend(backend, logits.device)](logits, ids, mask, checking)
 
 
 __all__ = ["bin_centers", "bin_edges", "dist_moments", "gaussian_kl", "pair_loss", "gather_logprobs", "reference",

@@ -37,9 +37,12 @@ def _setup_context(ctx, inputs, output):
     logits, ids, mask = inputs
     ctx.save_for_backward(logits, ids, mask, output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # lse's gradient stays None instead of a zero [B, T] tensor
 
 
 def _backward(ctx, grad_logp, _grad_lse):
+    if grad_logp is None:
+        return None, None, None
     logits, ids, mask, lse = ctx.saved_tensors
     return _ops.gather_logprobs_backward(grad_logp, logits, ids, mask, lse), None, None
 
@@ -47,15 +50,16 @@ def _backward(ctx, grad_logp, _grad_lse):
 torch.library.register_autograd("distreward::gather_logprobs_forward", _backward, setup_context=_setup_context)
 
 
-def gather_logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
-    """logits [B, T, V] CPU (fp32/bf16/fp16/fp64, any strides), ids [B, T] int64, mask [B, T] bool
-    -> (logp, lse) [B, T] fp32 (fp64 for fp64 logits), 0 where mask is False; differentiable in logp."""
+def gather_logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, mask):
+    """logits [B, T, V] CPU (fp32/bf16/fp16/fp64, any strides), ids [B, T] int64, mask [B, T] bool or None (every
+    row live) -> (logp, lse) [B, T] fp32 (fp64 for fp64 logits), 0 where mask is False; differentiable in logp.
+    Raises IndexError / ValueError for a live id outside [0, V) or a live row without a finite logsumexp."""
     return _ops.gather_logprobs_forward(logits, ids, mask)
 
 
 def gather_logprobs_backward(grad_logp, logits, ids, mask, lse, in_place: bool = False) -> torch.Tensor:
     """grad_logp [B, T] -> grad_logits [B, T, V] = grad_logp * (onehot(ids) - softmax(logits)), 0 on masked
-    rows, contiguous in the logits' dtype; written over the (contiguous) logits themselves when ``in_place``."""
+    rows (mask None: none), contiguous in the logits' dtype; written over the (contiguous) logits themselves when ``in_place``."""
     if not in_place:
         return _ops.gather_logprobs_backward(grad_logp, logits, ids, mask, lse)
     _ops.gather_logprobs_backward_(grad_logp, logits, ids, mask, lse)

@@ -2,7 +2,7 @@
 :func:`distreward.ops.gather_logprobs` and :func:`distreward.sequence_logprobs` alike.
 
 A fused backend is a pair of kernels with one contract, ``gather_logprobs_forward(logits, ids, mask)
--> (logp, lse)`` and ``gather_logprobs_backward(grad_logp, logits, ids, mask, lse, in_place=False) ->
+-> (logp, lse)`` (mask None: every row live) and ``gather_logprobs_backward(grad_logp, logits, ids, mask, lse, in_place=False) ->
 grad``: :mod:`distreward.ops.cpp` (the C++ extension, through PyTorch's dispatcher) on CPU,
 :mod:`distreward.kernels.logprobs` (Triton) on CUDA. Each is imported on first use, so a missing C++
 build leaves the Triton path (and eager) working, and the kernels import nothing from ``ops``.
@@ -61,49 +61,56 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 class FusedGatherLogprobs(torch.autograd.Function):
-    """logits [B, T, V] (any strides), ids [B, T] int64, mask [B, T] bool, kernels (forward, backward)
-    -> (logp, lse) [B, T] fp32 (fp64 for fp64 logits), lse not differentiable. Saves only the [B, T]
+    """logits [B, T, V] (any strides), ids [B, T] int64, mask [B, T] bool or None, kernels (forward, backward),
+    optionally a zeroed int32 ``flag`` [] the forward kernel sets on a bad row (Triton) -> (logp, lse) [B, T] fp32
+    (fp64 for fp64 logits), lse not differentiable (no zero gradient is made for it). Saves only the [B, T]
     logsumexp besides the inputs, so the backward is a single pass over the logits."""
 
     @staticmethod
-    def forward(ctx, logits, ids, mask, kernels):
+    def forward(ctx, logits, ids, mask, kernels, flag=None):
         forward_kernel, _ = kernels
-        logp, lse = forward_kernel(logits, ids, mask)
+        logp, lse = forward_kernel(logits, ids, mask, *(() if flag is None else (flag,)))
         ctx.save_for_backward(logits, ids, mask, lse)
         ctx.kernels = kernels
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return logp, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, _grad_lse):
+        if grad_logp is None:
+            return None, None, None, None, None
         logits, ids, mask, lse = ctx.saved_tensors
         _, backward_kernel = ctx.kernels
-        return backward_kernel(grad_logp, logits, ids, mask, lse), None, None, None
+        return backward_kernel(grad_logp, logits, ids, mask, lse), None, None, None, None
 
 
-def _live(ids: torch.Tensor, mask):
-    return torch.ones(ids.shape, dtype=torch.bool, device=ids.device) if mask is None else mask
-
-
-def _eager(logits, ids, mask):
-    # Out-of-range ids are clamped so nothing reads outside a row, then reported by check_gather_values.
+def _eager(logits, ids, mask, validate):
+    # Out-of-range ids are clamped so nothing reads outside a row, then reported by check_gather_values
+    # (validate) or made NaN.
     logp, lse = reference.gather_logprobs_and_lse(logits, ids.clamp(0, logits.shape[-1] - 1), mask)
-    check.check_gather_values(ids, mask, lse, logits.shape[-1])
-    return logp
+    if validate:
+        check.check_gather_values(ids, mask, lse, logits.shape[-1])
+        return logp
+    usable = (ids >= 0) & (ids < logits.shape[-1])  # a live bad id gives NaN, as in the Triton kernel
+    return logp.where(usable if mask is None else usable | ~mask, torch.nan)
 
 
-def _cpp(logits, ids, mask):
+def _cpp(logits, ids, mask, validate):
     forward, _ = gather_kernels("cpp")
-    return forward(logits, ids, _live(ids, mask))[0]  # the kernel checks ids and rows itself
+    return forward(logits, ids, mask)[0]  # the kernel checks ids and rows itself, in its own loop
 
 
-def _triton(logits, ids, mask):
-    logp, lse = FusedGatherLogprobs.apply(logits, ids, _live(ids, mask), gather_kernels("triton"))
-    check.check_gather_values(ids, mask, lse, logits.shape[-1])
+def _triton(logits, ids, mask, validate):
+    flag = torch.zeros((), dtype=torch.int32, device=logits.device) if validate else None
+    logp, lse = FusedGatherLogprobs.apply(logits, ids, mask, gather_kernels("triton"), flag)
+    if validate and bool(flag):  # only then are ids and rows scanned, for the position to name
+        check.check_gather_values(ids, mask, lse, logits.shape[-1])
     return logp
 
 
-# backend -> f(logits [B, T, V], ids [B, T] int64, mask [B, T] bool or None) -> logp [B, T], inputs
-# validated by check_gather_inputs; each raises ValueError / IndexError on bad values.
+# backend -> f(logits [B, T, V], ids [B, T] int64, mask [B, T] bool or None, validate) -> logp [B, T], inputs
+# validated by check_gather_inputs; each raises ValueError / IndexError on bad values under validate (the C++
+# kernel always: its check reads no device memory).
 GATHER = {"eager": _eager, "triton": _triton, "cpp": _cpp}

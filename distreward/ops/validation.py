@@ -180,11 +180,12 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def check_gather_inputs(logits, ids, mask):
+def check_gather_inputs(logits, ids, mask, validate=None):
     """Validate ``gather_logprobs`` inputs from their metadata, without a pass over the logits (their
-    values are checked through the kernel's [B, T] output: :func:`check_gather_values`).
+    values are checked through the kernel's [B, T] output: :func:`check_gather_values`); a float mask is
+    read for NaN only when the call validates (:func:`validating` of ``validate``).
 
-    Returns (ids int64 [B, T], mask bool [B, T] or None).
+    Returns (ids int64 [B, T], mask bool [B, T] or None, whether the call validates).
     """
     check_float_type("logits", logits, 3)
     if logits.device.type == "meta":
@@ -197,21 +198,21 @@ def check_gather_inputs(logits, ids, mask):
         raise ValueError(f"ids has shape {tuple(ids.shape)} but logits [B, T, V] has {tuple(logits.shape)}")
     if ids.device != logits.device:
         raise ValueError(f"ids is on {ids.device} but logits are on {logits.device}")
+    validate = validating(validate, logits.device)
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape):
             raise ValueError(f"mask must be a tensor of shape {tuple(ids.shape)}")
         if mask.device != logits.device:
             raise ValueError(f"mask is on {mask.device} but logits are on {logits.device}")
         if mask.dtype != torch.bool:
-            # Data-dependent (O(B*T)): skipped while torch.compile traces, like check_gather_values.
-            if mask.is_floating_point() and not torch.compiler.is_compiling() and bool(torch.isnan(mask).any()):
+            if mask.is_floating_point() and validate and bool(torch.isnan(mask).any()):
                 raise ValueError("mask contains NaN")
             mask = mask != 0
-    return ids.long(), mask
+    return ids.long(), mask, validate
 
 
 def check_gather_kernel_inputs(logits, ids, mask, *per_row) -> None:
-    """What a fused gather kernel takes: logits [B, T, V] (V > 0), ids [B, T] int64, mask [B, T] bool and
+    """What a fused gather kernel takes: logits [B, T, V] (V > 0), ids [B, T] int64, mask [B, T] bool or None and
     ``per_row`` float tensors [B, T] (grad_logp, lse), all on one device. Metadata only."""
     check_float_type("logits", logits, 3)
     rows = tuple(logits.shape[:2])
@@ -219,12 +220,12 @@ def check_gather_kernel_inputs(logits, ids, mask, *per_row) -> None:
         raise ValueError("logits must have a non-empty vocabulary")
     if ids.dtype != torch.int64 or tuple(ids.shape) != rows:
         raise ValueError(f"ids must be an int64 tensor [B, T] = {list(rows)}, got {ids.dtype} {list(ids.shape)}")
-    if mask.dtype != torch.bool or tuple(mask.shape) != rows:
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != rows):
         raise ValueError(f"mask must be a bool tensor of shape {list(rows)}, got {mask.dtype} {list(mask.shape)}")
     for x in per_row:
         if not x.is_floating_point() or tuple(x.shape) != rows:
             raise ValueError(f"grad_logp and lse must be float tensors [B, T] = {list(rows)}")
-    if any(x.device != logits.device for x in (ids, mask) + per_row):
+    if any(x is not None and x.device != logits.device for x in (ids, mask) + per_row):
         raise ValueError(f"every tensor must be on the logits' device {logits.device}")
 
 
@@ -237,8 +238,8 @@ def first_position(flags: torch.Tensor):
 def check_gather_values(ids: torch.Tensor, mask, lse: torch.Tensor, vocab: int) -> None:
     """After a gather kernel ran: every live id in [0, vocab) (IndexError) and every live row's logsumexp
     ``lse`` [B, T] finite (ValueError): a NaN or +inf logit makes it NaN, a row of only -inf makes it -inf.
-    O(B*T), one host read of a combined flag; skipped while torch.compile traces (data-dependent)."""
-    if torch.compiler.is_compiling() or not ids.numel():
+    O(B*T), one host read of a combined flag."""
+    if not ids.numel():
         return
     bad_ids, bad_rows = (ids < 0) | (ids >= vocab), ~torch.isfinite(lse)
     if mask is not None:
