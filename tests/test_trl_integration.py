@@ -15,7 +15,7 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
 from distreward.integrations import trl as integration  # noqa: E402
 from distreward.integrations.trl import DistributionalReward  # noqa: E402
-from distreward.modeling import DistRewardForSequenceClassification  # noqa: E402
+from distreward.modeling import DistRewardForSequenceClassification, save_reward_model  # noqa: E402
 from distreward.rewards import RLOOBaseline, distribution_quantile, shape_rewards  # noqa: E402
 from distreward.rollout import Rollout, RolloutScorer  # noqa: E402
 from distreward.tiny import build_tiny_policy  # noqa: E402
@@ -35,8 +35,7 @@ def model_dirs(tmp_path_factory, tokenizer):
     torch.manual_seed(0)
     reward_model = DistRewardForSequenceClassification.from_backbone(build_tiny_policy(tokenizer, seed=1, **SMALL))
     torch.nn.init.normal_(reward_model.head.weight, std=1.0)  # spread-out distributions: shapings differ
-    reward_model.save_pretrained(rm_dir)
-    tokenizer.save_pretrained(rm_dir)
+    save_reward_model(reward_model, tokenizer, str(rm_dir))
     return policy_dir, rm_dir
 
 
@@ -61,9 +60,7 @@ def reference_outputs(reward: DistributionalReward, questions: list, answers: li
     scorer = RolloutScorer(reward.model, reward.model, reward.tokenizer)
     with torch.no_grad():
         output = scorer.reward(rollout)
-    bin_logits = getattr(output, "bin_logits", None)
-    bin_logits = output.logits if bin_logits is None else bin_logits
-    quantile = distribution_quantile(bin_logits, LEVEL, reward.model.low, reward.model.high)
+    quantile = distribution_quantile(output.bin_logits, LEVEL, reward.model.low, reward.model.high)
     zeros = torch.zeros_like(output.mean)
     shaped = {shaping: shape_rewards(output.mean, output.std, zeros, shaping, beta=0.0, alpha=ALPHA,
                                      quantile=quantile) for shaping in ("none", "std_penalty", "std_scale", "quantile")}
@@ -133,10 +130,11 @@ def test_trainer_rewards_match_shape_rewards_and_two_steps_train(kind, model_dir
     funcs = [reward.mean, reward.std, reward.quantile(LEVEL), reward.shaped("std_scale")]
     args = config_class(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
                         max_completion_length=4, max_steps=2, logging_steps=1, report_to="none", use_cpu=True,
-                        beta=0.0, reward_weights=[1.0, -ALPHA, 0.0, 0.0], save_strategy="no", seed=0,
-                        learning_rate=1e-3)
-    trainer = trainer_class(model=str(policy_dir), reward_funcs=funcs, args=args, train_dataset=prompt_dataset(),
-                            processing_class=tokenizer)
+                        beta=0.0, reward_weights=[1.0, -ALPHA, 0.0, 0.0, 0.0], save_strategy="no", seed=0,
+                        learning_rate=1e-3, bf16=False)  # fp32: TRL autocasts the models it prepares to bf16
+    # the last: the directory itself, which TRL loads as a sequence classifier and reads logits[:, 0] = E from
+    trainer = trainer_class(model=str(policy_dir), reward_funcs=[*funcs, str(rm_dir)], args=args,
+                            train_dataset=prompt_dataset(), processing_class=tokenizer)
     trainer.train()
     assert reward.forward_calls == 2  # one per generation batch, for four reward functions
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -152,6 +150,8 @@ def test_trainer_rewards_match_shape_rewards_and_two_steps_train(kind, model_dir
     for func in funcs:
         torch.testing.assert_close(torch.tensor(list(logs["rewards"][func.__name__])), expected[func.__name__],
                                    rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(list(logs["rewards"][rm_dir.name])), expected["rm_mean"],
+                               rtol=1e-5, atol=1e-6)
     if kind == "rloo":
         total = expected["rm_std_penalty"]
         torch.testing.assert_close(torch.tensor(list(logs["advantages"])), total - RLOOBaseline(2)(total, total.mean()),

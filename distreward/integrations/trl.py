@@ -75,9 +75,10 @@ def named(name: str, function: Callable) -> Callable:
 class DistributionalReward:
     """One reward model shared by TRL reward functions: every function reads the same cached forward per batch.
 
-    ``model(input_ids [N, L], attention_mask [N, L])`` returns ``mean`` and ``std`` [N] and the K-bin logits
-    (:func:`distreward.modeling.load_reward_model`'s model); ``tokenizer`` renders its input. ``prefix`` starts
-    every function's name and logged metric; ``cache_size`` is how many batches' outputs are kept.
+    ``model(input_ids [N, L], attention_mask [N, L])`` returns ``mean``, ``std`` [N] and ``bin_logits`` [N, K]
+    (a :class:`distreward.modeling.DistRewardForSequenceClassification`); ``tokenizer`` renders its input.
+    ``prefix`` starts every function's name and logged metric; ``cache_size`` is how many batches' outputs are
+    kept.
     """
 
     def __init__(self, model, tokenizer, prefix: str = "rm", cache_size: int = 4):
@@ -113,9 +114,7 @@ class DistributionalReward:
         input_ids, attention_mask = reward_model_inputs(self.tokenizer, prompts, completions)
         device = next(self.model.parameters()).device
         output = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-        bin_logits = getattr(output, "bin_logits", None)
-        scores = RewardScores(output.mean.float(), output.std.float(),
-                              (output.logits if bin_logits is None else bin_logits).float())
+        scores = RewardScores(output.mean.float(), output.std.float(), output.bin_logits.float())
         self._cache[key] = scores
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
