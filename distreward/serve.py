@@ -215,13 +215,10 @@ class BatchScorer:
         length = max(len(sequence) for sequence in sequences)
         output = self.model(input_ids=pad(sequences, self.pad_token_id, length).to(self.device),
                             attention_mask=attention_mask_for(sequences, length).to(self.device))
-        bin_logits = getattr(output, "bin_logits", None)
-        if bin_logits is None:  # distreward's nn.Module reward model: logits are the K bins
-            bin_logits = output.logits
         mean, std = output.mean.float(), output.std.float()
-        quantiles = [distribution_quantile(bin_logits, level, self.model.low, self.model.high)
+        quantiles = [distribution_quantile(output.bin_logits, level, self.model.low, self.model.high)
                      for level in self.quantiles]
-        risk = (distribution_quantile(bin_logits, self.quantile_level, self.model.low, self.model.high)
+        risk = (distribution_quantile(output.bin_logits, self.quantile_level, self.model.low, self.model.high)
                 if self.shaping == "quantile" else None)
         reward = shape_rewards(mean, std, torch.zeros_like(mean), self.shaping, beta=0.0, alpha=self.alpha,
                                quantile=risk)
