@@ -350,6 +350,10 @@ def run_steps(config: TrainingConfig, accelerator: Accelerator, model, optimizer
             stopping = torch.tensor(float(stop.requested), device=loss.device)
             *values, stopping = accelerator.reduce(torch.stack([loss.detach(), *metrics.values(), stopping]).float(),
                                                    "mean").tolist()
+            if not math.isfinite(values[0]):  # the step's one host read: where ops called without validate report
+                raise ValueError(f"the training loss is {values[0]} at micro-step {state.micro_step} (bad input "
+                                 "such as NaN logits or targets outside [0, 1], or a diverged model; the ops name "
+                                 "the bad input when called with validate=True)")
             for name, value in zip(["loss", *metrics], values):
                 state.metrics_window.setdefault(name, []).append(value)
             if not accelerator.sync_gradients:
