@@ -46,5 +46,5 @@ def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos,
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, prompt_key: str = "question",
                   url: Optional[str] = None, **kwargs) -> dict:
-    """verl's per-sample reward: ``{"score", "rm_mean", "rm_std"}`` for one response (see :func:`compute_score_batch`)."""
+    """verl's per-sample reward: ``{"score", "rm_mean", "rm_std"}`` for one response (:func:`compute_score_batch`)."""
     return compute_score_batch([data_source], [solution_str], [ground_truth], [extra_info], prompt_key, url)[0]
