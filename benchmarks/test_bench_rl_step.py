@@ -150,8 +150,8 @@ def test_rl_step_against_trl(tmp_path, report, quick, check_thresholds, monkeypa
     build_tiny_policy(tokenizer, seed=0).save_pretrained(policy_dir)
     tokenizer.save_pretrained(policy_dir)
     torch.manual_seed(0)
-    save_reward_model(DistRewardForSequenceClassification.from_backbone(build_tiny_policy(tokenizer, seed=1)), tokenizer,
-                      str(rm_dir))
+    reward_model = DistRewardForSequenceClassification.from_backbone(build_tiny_policy(tokenizer, seed=1))
+    save_reward_model(reward_model, tokenizer, str(rm_dir))
     prompts = [f"What is {a} + {a + 3}?" for a in range(size[0])]
 
     clock = PhaseClock()
