@@ -107,6 +107,23 @@ def test_the_auto_classes_load_the_registered_model(saved, tokenizer, name):
     torch.testing.assert_close(output.std, std, rtol=0, atol=1e-6)
 
 
+def test_distreward_puts_its_fused_moments_in_the_model_and_the_rm_stage_its_backend(tmp_path):
+    """One model class: the saved file's plain softmax moments, replaced on ``import distreward`` by
+    ``ops.dist_moments``; the rm stage's ``--ops_backend`` picks that op's backend for its model."""
+    from distreward.modeling_distreward import softmax_moments
+    from distreward.rm_trainer import RewardConfig, load_backbone
+
+    assert DistRewardForSequenceClassification.moments is ops.dist_moments
+    logits, centers = torch.randn(4, 10, generator=torch.Generator().manual_seed(0)), ops.bin_centers(10)
+    for expected, computed in zip(ops.dist_moments(logits, centers, backend="eager"), softmax_moments(logits, centers)):
+        torch.testing.assert_close(computed, expected, rtol=0, atol=1e-6)
+    model, _ = load_backbone(RewardConfig(output_dir=str(tmp_path), model_name_or_path="embedded",
+                                          ops_backend="eager"))
+    assert model.moments.func is ops.dist_moments and model.moments.keywords == {"backend": "eager"}
+    model, _ = load_backbone(RewardConfig(output_dir=str(tmp_path), model_name_or_path="embedded"))
+    assert model.moments is ops.dist_moments  # auto: the class's
+
+
 # Runs with `python -S` (no site-packages .pth files, so no editable install of distreward) and the interpreter's
 # site-packages on PYTHONPATH, in a directory outside the repository.
 REMOTE_CODE_SCRIPT = """
