@@ -32,6 +32,7 @@ from distreward.modeling import load_policy_and_reference, load_reward_model
 from distreward.ops.validation import check_choice, check_positive
 from distreward.rewards import check_shaping, make_baseline, replace_std, shape_rewards
 from distreward.rollout import RolloutScorer, generate_rollouts, token_logprobs
+from distreward.timing import PhaseTimer, timed
 from distreward.trainer_utils import MetricsLogger, TrainingConfig, make_accelerator, save_run_config, train_loop
 
 POLICY_DIR = "policy"
@@ -172,6 +173,7 @@ class ReinforceTrainer:
         if config.curve_eval_steps > 0:
             self.curve = CurveRecorder(self, eval_prompts[:config.curve_eval_prompts])
         self.accelerator = make_accelerator(config)
+        self.timer = PhaseTimer(self.accelerator.device)  # the seconds_* of metrics.jsonl (docs/training.md)
         for model in (policy, scorer.reference, scorer.reward_model):
             model.to(self.accelerator.device)
         self.baseline = make_baseline(config.baseline, config.samples_per_prompt, config.ema_decay)
@@ -186,18 +188,20 @@ class ReinforceTrainer:
         """Run the configured steps (resuming if asked); returns the unwrapped trained policy."""
         self.policy = train_loop(self.config, self.accelerator, self.policy, self.dataloader, self.compute_loss,
                                  self.tokenizer, description=f"rl ({self.config.shaping}, {self.config.baseline})",
-                                 on_step=self.curve)
+                                 on_step=self.curve, timer=self.timer)
         return self.policy
 
     def compute_loss(self, model, prompts: list):
         """Sample, score and shape one batch of prompts -> (REINFORCE loss, detached metrics)."""
         config = self.config
-        rollout = generate_rollouts(self.accelerator.unwrap_model(model), self.tokenizer, prompts,
-                                    config.samples_per_prompt, config.max_new_tokens, config.temperature, config.top_p)
-        rollout = rollout.to(self.accelerator.device)
-        # inside DDP's forward: gradients all-reduced
-        logprobs = call_in_forward(model, token_logprobs, rollout, scoring_temperature(config.temperature))
-        scores = self.scorer.score(rollout, logprobs)
+        with timed(self.timer, "generation"):
+            rollout = generate_rollouts(self.accelerator.unwrap_model(model), self.tokenizer, prompts,
+                                        config.samples_per_prompt, config.max_new_tokens, config.temperature,
+                                        config.top_p)
+            rollout = rollout.to(self.accelerator.device)
+        with timed(self.timer, "policy_logprobs"):  # inside DDP's forward: gradients all-reduced
+            logprobs = call_in_forward(model, token_logprobs, rollout, scoring_temperature(config.temperature))
+        scores = self.scorer.score(rollout, logprobs, self.timer)
         std = replace_std(scores.std, config.std_source, samples_per_prompt=config.samples_per_prompt)
         total = shape_rewards(scores.reward, std, scores.kl, config.shaping, config.beta, config.alpha, scores.quantile)
         baseline = self.baseline(total, self.accelerator.reduce(total.mean(), "mean"))

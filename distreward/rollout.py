@@ -16,6 +16,7 @@ from distreward.data import attention_mask_for, encode, pad, render, to_messages
 from distreward.ops.validation import check_positive
 from distreward.rewards import check_level, distribution_quantile
 from distreward.sequence import sequence_logprobs
+from distreward.timing import PhaseTimer, timed
 
 
 @dataclass
@@ -163,12 +164,15 @@ class RolloutScorer:
         return output
 
     @torch.no_grad()
-    def score(self, rollout: Rollout, policy_logprobs: torch.Tensor) -> RolloutScores:
+    def score(self, rollout: Rollout, policy_logprobs: torch.Tensor,
+              timer: Optional[PhaseTimer] = None) -> RolloutScores:
         """Scores of ``rollout`` given the policy's per-token log-probs [B, T] (from :func:`token_logprobs`, at
-        the temperature it sampled at)."""
-        reference_logprobs = token_logprobs(self.reference, rollout, self.temperature)
+        the temperature it sampled at); ``timer`` times the phases ``reference_logprobs`` and ``reward``."""
+        with timed(timer, "reference_logprobs"):
+            reference_logprobs = token_logprobs(self.reference, rollout, self.temperature)
         kl = (policy_logprobs.detach() - reference_logprobs).sum(-1)
-        output = self.reward(rollout)
+        with timed(timer, "reward"):
+            output = self.reward(rollout)
         ground_truth = quantile = None
         if self.ground_truth is not None:
             ground_truth = torch.tensor([self.ground_truth(prompt, response) for prompt, response

@@ -27,6 +27,7 @@ from transformers import SchedulerType, get_scheduler
 from transformers.utils import logging as transformers_logging
 
 from distreward.distributed import check_data_parallel, has_accelerator
+from distreward.timing import PhaseTimer, timed
 
 RUN_CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
@@ -290,7 +291,7 @@ def total_optimizer_steps(config: TrainingConfig, batches_per_epoch: int) -> int
 
 def train_loop(config: TrainingConfig, accelerator: Accelerator, model: torch.nn.Module, dataloader,
                compute_loss: Callable, tokenizer=None, description: str = "train",
-               on_step: Optional[Callable] = None) -> torch.nn.Module:
+               on_step: Optional[Callable] = None, timer: Optional[PhaseTimer] = None) -> torch.nn.Module:
     """Train ``model`` with AdamW on ``dataloader``; returns the unwrapped trained model.
 
     ``compute_loss(model, batch) -> (loss, metrics)``: a scalar loss tensor and a dict of detached
@@ -301,7 +302,10 @@ def train_loop(config: TrainingConfig, accelerator: Accelerator, model: torch.nn
     ``on_step(step, total, model)``, if given, is called on every process once before the first update (with
     0, or the step a resumed run starts from) and after each optimizer step, before that step's checkpoint.
     SIGINT / SIGTERM (on any process) stops training at the end of the optimizer step under way, saves a checkpoint
-    there and raises :class:`TrainingInterrupted`. The caller saves the final model.
+    there and raises :class:`TrainingInterrupted`. With a ``timer``, the seconds of the phases ``loss``
+    (``compute_loss``, less the phases it times itself on the same timer), ``backward`` and ``optimizer``, and
+    those ``compute_loss`` times, are logged per micro-batch as ``seconds_{phase}`` (this process's wall clock).
+    The caller saves the final model.
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
@@ -320,7 +324,7 @@ def train_loop(config: TrainingConfig, accelerator: Accelerator, model: torch.nn
         on_step(state.global_step, total, model)
     with StopRequest() as stop:
         run_steps(config, accelerator, model, optimizer, scheduler, dataloader, compute_loss, state, total, logger,
-                  progress, stop, tokenizer, on_step)
+                  progress, stop, tokenizer, on_step, timer)
     progress.close()
     if accelerator.is_main_process and not config.keep_checkpoints:
         remove_checkpoints(config.output_dir)
@@ -330,7 +334,7 @@ def train_loop(config: TrainingConfig, accelerator: Accelerator, model: torch.nn
 
 def run_steps(config: TrainingConfig, accelerator: Accelerator, model, optimizer, scheduler, dataloader,
               compute_loss: Callable, state: TrainerState, total: int, logger: MetricsLogger, progress, stop: StopRequest,
-              tokenizer=None, on_step: Optional[Callable] = None) -> None:
+              tokenizer=None, on_step: Optional[Callable] = None, timer: Optional[PhaseTimer] = None) -> None:
     """:func:`train_loop`'s optimizer steps from ``state`` to ``total``; the stop request travels with the logged
     metrics' reduction, so every process stops at the same step at no extra cost."""
     while state.global_step < total:
@@ -339,13 +343,16 @@ def run_steps(config: TrainingConfig, accelerator: Accelerator, model, optimizer
         batches = accelerator.skip_first_batches(dataloader, done_in_epoch) if done_in_epoch else dataloader
         for batch in batches:
             with accelerator.accumulate(model):
-                loss, metrics = compute_loss(model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+                with timed(timer, "loss"):
+                    loss, metrics = compute_loss(model, batch)
+                with timed(timer, "backward"):
+                    accelerator.backward(loss)
+                with timed(timer, "optimizer"):
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
             state.micro_step += 1
             stopping = torch.tensor(float(stop.requested), device=loss.device)
             *values, stopping = accelerator.reduce(torch.stack([loss.detach(), *metrics.values(), stopping]).float(),
@@ -354,7 +361,8 @@ def run_steps(config: TrainingConfig, accelerator: Accelerator, model, optimizer
                 raise ValueError(f"the training loss is {values[0]} at micro-step {state.micro_step} (bad input "
                                  "such as NaN logits or targets outside [0, 1], or a diverged model; the ops name "
                                  "the bad input when called with validate=True)")
-            for name, value in zip(["loss", *metrics], values):
+            seconds = {f"seconds_{phase}": value for phase, value in (timer.pop() if timer else {}).items()}
+            for name, value in [*zip(["loss", *metrics], values), *seconds.items()]:
                 state.metrics_window.setdefault(name, []).append(value)
             if not accelerator.sync_gradients:
                 continue

@@ -9,6 +9,7 @@ import pytest
 
 from distreward import pipeline, rl_trainer, rm_trainer, sft_trainer, train, trainer_utils
 from distreward.pipeline import PipelineConfig, run_stages
+from run_files import jsonl_without_timings
 
 TINY = {"num_pairs": 64, "sft_epochs": 2, "rm_epochs": 2, "rl_steps": 4, "num_eval_prompts": 2}  # 4 steps a stage
 # Stage settings the pipeline leaves at their defaults (sft, rm, rl): a checkpoint after step 2, small evaluation
@@ -54,7 +55,8 @@ def kill_in(monkeypatch, module) -> None:
 
 def outputs(root) -> dict:
     """Relative path -> content of every file under ``root``; run settings (``*config.json``) parsed, with
-    ``root`` written as ``ROOT`` and without the ``resume`` flag, which records how the run was started."""
+    ``root`` written as ``ROOT`` and without the ``resume`` flag, which records how the run was started;
+    ``metrics.jsonl`` without its wall-clock timings."""
     contents = {}
     for directory, _, names in os.walk(root):
         for name in names:
@@ -64,6 +66,8 @@ def outputs(root) -> dict:
             if name.endswith("config.json"):
                 content = json.loads(content.decode().replace(str(root), "ROOT"))
                 content.pop("resume", None)
+            elif name == "metrics.jsonl":
+                content = jsonl_without_timings(path)
             contents[os.path.relpath(path, root)] = content
     return contents
 

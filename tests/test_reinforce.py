@@ -19,6 +19,7 @@ from distreward.rollout import RolloutScorer, generate_rollouts, left_align, mas
     token_logprobs
 from distreward.splits import prompt_split
 from distreward.tiny import build_tiny_policy
+from run_files import jsonl_without_timings
 
 SMALL = dict(hidden_size=32, num_layers=1, num_heads=2)
 DIGIT_PROMPTS = ["Pick a lucky digit.", "Choose any digit."]
@@ -382,6 +383,10 @@ def test_run_reinforce_writes_spec_outputs(saved_models, tmp_path):
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert {"loss", "reward", "reward_sd", "kl", "total_reward", "ground_truth"} <= set(metrics[0])
+    phases = {f"seconds_{phase}" for phase in ("generation", "policy_logprobs", "reference_logprobs", "reward",
+                                                "loss", "backward", "optimizer")}
+    assert all(phases == {key for key in record if key.startswith("seconds_")} for record in metrics)
+    assert all(record[key] > 0 for record in metrics for key in phases)
     assert os.path.isfile(tmp_path / "policy" / "model.safetensors")
     samples = [json.loads(line) for line in open(tmp_path / "eval_samples.jsonl")]
     assert collections.Counter(s["policy"] for s in samples) == {"sft": 4, "trained": 4, "sharpened": 4,
@@ -438,8 +443,10 @@ def test_curve_records_ground_truth_against_kl_and_leaves_training_alone(saved_m
         assert point["num_prompts"] == 3 and 0 <= point["reward"] <= 1 and 0 <= point["ground_truth"] <= 4
         assert 0 < point["reward_std"] < 0.5
     assert abs(curve[0]["kl_to_ref"]) < 1e-6 and abs(curve[-1]["kl_to_ref"]) > 1e-3
-    for name in ("metrics.jsonl", "eval.json", "eval_samples.jsonl"):
+    for name in ("eval.json", "eval_samples.jsonl"):
         assert open(tmp_path / "plain" / name).read() == open(tmp_path / "curve" / name).read(), name
+    assert jsonl_without_timings(tmp_path / "plain" / "metrics.jsonl") == \
+        jsonl_without_timings(tmp_path / "curve" / "metrics.jsonl")
     assert "reward_quantile" in read_jsonl(tmp_path / "curve" / "metrics.jsonl")[0]
 
 
@@ -487,8 +494,10 @@ def test_resume_continues_exactly_where_a_killed_run_stopped(saved_models, tmp_p
     resumed = load_file(tmp_path / "killed" / "policy" / "model.safetensors")
     for name in whole:
         torch.testing.assert_close(resumed[name], whole[name])
-    for name in ("metrics.jsonl", "curve.jsonl") if "curve_eval_steps" in settings else ("metrics.jsonl",):
-        assert open(tmp_path / "whole" / name).read() == open(tmp_path / "killed" / name).read(), name
+    assert jsonl_without_timings(tmp_path / "whole" / "metrics.jsonl") == \
+        jsonl_without_timings(tmp_path / "killed" / "metrics.jsonl")
+    if "curve_eval_steps" in settings:
+        assert open(tmp_path / "whole" / "curve.jsonl").read() == open(tmp_path / "killed" / "curve.jsonl").read()
     if "curve_eval_steps" in settings:
         assert [point["step"] for point in read_jsonl(tmp_path / "killed" / "curve.jsonl")] == [0, 1, 2, 3, 4]
 
