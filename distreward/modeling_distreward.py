@@ -94,6 +94,8 @@ class DistRewardForSequenceClassification(PreTrainedModel):
         """``backbone``: a loaded transformer body to use (its config must be ``config.backbone_config``); None
         builds one from ``config.backbone_config``."""
         super().__init__(config)
+        if config.backbone_config is None:
+            raise ValueError("DistRewardConfig has no backbone_config (the config of the transformer body)")
         self.backbone = AutoModel.from_config(config.backbone_config) if backbone is None else backbone
         self.head = nn.Linear(config.backbone_config.hidden_size, 1 if self.is_scalar else config.num_bins)
         self.post_init()

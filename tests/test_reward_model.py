@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from distreward import ops
-from distreward.modeling import DistRewardForSequenceClassification, last_token_index, load_reward_model
+from distreward.modeling import (DistRewardConfig, DistRewardForSequenceClassification, last_token_index,
+                                 load_reward_model)
 from distreward.tiny import build_tiny_policy
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
@@ -78,3 +79,19 @@ def test_from_backbone_accepts_a_saved_causal_lm_directory(tmp_path, tokenizer):
 def test_load_reward_model_rejects_a_directory_without_a_reward_model(tmp_path):
     with pytest.raises(ValueError, match="^no reward model in"):
         load_reward_model(str(tmp_path), None)
+
+
+@pytest.mark.parametrize("settings, match", [
+    ({"head": "gaussian"}, "head must be one of distribution, scalar, got 'gaussian'"),
+    ({"num_bins": 1}, "num_bins must be an integer >= 2, got 1"),
+    ({"num_bins": 2.5}, "num_bins must be an integer >= 2, got 2.5"),
+    ({"low": 1.0, "high": 1.0}, "low must be below high"),
+])
+def test_a_bad_head_setting_is_a_value_error(tokenizer, settings, match):
+    with pytest.raises(ValueError, match=match):
+        DistRewardForSequenceClassification.from_backbone(build_tiny_policy(tokenizer, **SMALL), **settings)
+
+
+def test_a_config_without_a_backbone_config_is_a_value_error():
+    with pytest.raises(ValueError, match="no backbone_config"):
+        DistRewardForSequenceClassification(DistRewardConfig())
