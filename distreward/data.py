@@ -318,6 +318,21 @@ def attention_mask_for(sequences: list, length: int) -> torch.Tensor:
     return pad([[1] * len(sequence) for sequence in sequences], 0, length)
 
 
+def padded_batch(sequences: list, pad_token_id: int) -> tuple:
+    """(input_ids, attention_mask), both int64 [len(sequences), longest], of lists of ids right-padded with
+    ``pad_token_id``."""
+    length = max(len(sequence) for sequence in sequences)
+    return pad(sequences, pad_token_id, length), attention_mask_for(sequences, length)
+
+
+def conversation_ids(tokenizer, messages: list) -> list:
+    """The ids a reward model reads for a conversation ending with the assistant's answer (:func:`to_messages`):
+    the prompt's and the answer's ids back to back (:func:`encode`), as the RL stage, the TRL reward functions and
+    the reward server all build them."""
+    prompt_ids, answer_ids = encode(tokenizer, messages)
+    return prompt_ids + answer_ids
+
+
 @dataclass
 class PreferenceCollator:
     """Pads a list of tokenised pairs to one length (both sides alike, so they can share a forward).

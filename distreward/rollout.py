@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from distreward.data import attention_mask_for, encode, pad, render, to_messages
+from distreward.data import conversation_ids, padded_batch, render, to_messages
 from distreward.ops.validation import check_positive
 from distreward.rewards import check_level, distribution_quantile
 from distreward.sequence import sequence_logprobs
@@ -153,15 +153,11 @@ class RolloutScorer:
     def reward(self, rollout: Rollout):
         """The reward model's output (``bin_logits`` [B, K], ``mean`` and ``std`` [B]) on each (prompt, response)
         conversation."""
-        sequences = []
-        for prompt, response in zip(rollout.prompts, rollout.responses):
-            prompt_ids, answer_ids = encode(self.reward_tokenizer, to_messages(prompt, response))
-            sequences.append(prompt_ids + answer_ids)
-        length = max(len(sequence) for sequence in sequences)
+        sequences = [conversation_ids(self.reward_tokenizer, to_messages(prompt, response))
+                     for prompt, response in zip(rollout.prompts, rollout.responses)]
+        input_ids, attention_mask = padded_batch(sequences, self.reward_tokenizer.pad_token_id)
         device = rollout.input_ids.device
-        output = self.reward_model(input_ids=pad(sequences, self.reward_tokenizer.pad_token_id, length).to(device),
-                                   attention_mask=attention_mask_for(sequences, length).to(device))
-        return output
+        return self.reward_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
 
     @torch.no_grad()
     def score(self, rollout: Rollout, policy_logprobs: torch.Tensor,

@@ -8,7 +8,7 @@ sequences, waiting at most ``--max_wait_ms`` for more after the first arrives. J
 - ``POST /score`` with exactly one of
   ``{"prompts": [P, ...], "completions": [str, ...]}``: P a user message (a string) or a chat message list; each
   pair is rendered and tokenized as the RL stage gives it to the reward model
-  (:func:`distreward.data.encode` of :func:`distreward.data.to_messages`);
+  (:func:`distreward.data.conversation_ids` of :func:`distreward.data.to_messages`);
   ``{"messages": [[{"role": ..., "content": ...}, ..., {"role": "assistant", ...}], ...]}``: whole conversations,
   rendered alike;
   ``{"texts": [str, ...]}``: already rendered, tokenized as they are (no special tokens added);
@@ -41,7 +41,7 @@ import torch
 from jinja2 import TemplateError
 from transformers.utils import logging as transformers_logging
 
-from distreward.data import attention_mask_for, encode, pad, to_messages
+from distreward.data import conversation_ids, padded_batch, to_messages
 from distreward.integrations.openrlhf import openrlhf_reply
 from distreward.modeling import load_reward_model
 from distreward.rewards import SHAPINGS, check_level, check_shaping, distribution_quantile, shape_rewards
@@ -82,13 +82,6 @@ def check_conversation(name: str, conversation) -> None:
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)
                 and isinstance(message.get("content"), str)):
             raise RequestError(f"{name}[{index}] must be a message {{\"role\": str, \"content\": str}}")
-
-
-def conversation_ids(tokenizer, messages: list) -> list:
-    """The token ids the reward model reads for a conversation ending with the assistant's answer: its prompt's and
-    its answer's ids (:func:`distreward.data.encode`), as the RL stage builds them (``RolloutScorer.reward``)."""
-    prompt_ids, answer_ids = encode(tokenizer, messages)
-    return prompt_ids + answer_ids
 
 
 def request_sequences(tokenizer, payload) -> list:
@@ -212,9 +205,8 @@ class BatchScorer:
     @torch.inference_mode()
     def forward(self, sequences: list) -> torch.Tensor:
         """One reward-model forward -> [N, 3 + len(quantiles)] fp32 on the CPU: reward, mean, std, quantiles."""
-        length = max(len(sequence) for sequence in sequences)
-        output = self.model(input_ids=pad(sequences, self.pad_token_id, length).to(self.device),
-                            attention_mask=attention_mask_for(sequences, length).to(self.device))
+        input_ids, attention_mask = padded_batch(sequences, self.pad_token_id)
+        output = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
         mean, std = output.mean.float(), output.std.float()
         quantiles = [distribution_quantile(output.bin_logits, level, self.model.low, self.model.high)
                      for level in self.quantiles]

@@ -25,6 +25,15 @@ ALPHA, LEVEL = 0.5, 0.25
 QUESTIONS = ["What is 2 + 3?", "Sort: 3 1 2", "How many a in: banana?", "Is 7 prime?"]
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """TRL's trainers set accelerate's process-wide state (their precision); later tests build their own."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, tokenizer):
     """(policy directory, reward-model directory): tiny models saved as the sft and rm stages save them."""

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from distreward.data import attention_mask_for, encode, pad, to_messages
+from distreward.data import conversation_ids, padded_batch, to_messages
 from distreward.modeling import load_reward_model
 from distreward.rewards import check_level, check_shaping, distribution_quantile, shape_rewards
 
@@ -54,16 +54,13 @@ def conversation(prompt, completion) -> list:
 def reward_model_inputs(tokenizer, prompts: list, completions: list) -> tuple:
     """(input_ids [N, L] int64 right-padded with ``tokenizer.pad_token_id``, attention_mask [N, L] int64): each
     pair rendered with the tokenizer's chat template as distreward's RL stage renders it
-    (:func:`distreward.data.encode`, the prompt's and the answer's ids back to back)."""
+    (:func:`distreward.data.conversation_ids`)."""
     if len(prompts) != len(completions) or not prompts:
         raise ValueError(f"need as many prompts as completions, at least one, got {len(prompts)} and "
                          f"{len(completions)}")
-    sequences = []
-    for prompt, completion in zip(prompts, completions):
-        prompt_ids, answer_ids = encode(tokenizer, conversation(prompt, completion))
-        sequences.append(prompt_ids + answer_ids)
-    length = max(len(sequence) for sequence in sequences)
-    return pad(sequences, tokenizer.pad_token_id, length), attention_mask_for(sequences, length)
+    sequences = [conversation_ids(tokenizer, conversation(prompt, completion))
+                 for prompt, completion in zip(prompts, completions)]
+    return padded_batch(sequences, tokenizer.pad_token_id)
 
 
 def named(name: str, function: Callable) -> Callable:
