@@ -204,6 +204,14 @@ def plot_training_curves(metrics: list, path: str) -> None:
     plt.close(figure)
 
 
+def reward_model_uses(rm_dir: str) -> str:
+    """The console's pointer to the ways a saved reward model is used outside distreward."""
+    return (f"the reward model in {rm_dir} is a Hugging Face model: load it with "
+            f"AutoModelForSequenceClassification.from_pretrained({rm_dir!r}, trust_remote_code=True), serve it with "
+            f"`python -m distreward.serve {rm_dir}`, or hand it to TRL with distreward.integrations.trl "
+            f"(docs/integrations.md)")
+
+
 def run_pipeline(config: PipelineConfig) -> dict:
     """Run every stage, write ``report.json`` and the plots, print the SFT vs trained table; returns the report."""
     start = time.perf_counter()
@@ -224,5 +232,5 @@ def run_pipeline(config: PipelineConfig) -> dict:
           f"{config.loss_kind}); the SFT vs trained numbers and the verdict are in "
           f"{os.path.join(config.output_dir, REPORT_NAME)}\n"
           f"plots: {histogram} (RM reward and ground truth of SFT vs trained responses), "
-          f"{curves} (REINFORCE metrics by step)")
+          f"{curves} (REINFORCE metrics by step)\n{reward_model_uses(stage_dirs[1])}")
     return report

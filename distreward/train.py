@@ -7,6 +7,8 @@ takes it. With no stage the whole embedded pipeline runs.
 import os
 import sys
 
+from accelerate import PartialState
+
 from distreward import pipeline
 from distreward.rl_trainer import EVAL_SAMPLES_NAME, ReinforceConfig, run_reinforce
 from distreward.rm_trainer import DISTRIBUTIONS_NAME, RewardConfig, run_reward_training
@@ -104,6 +106,8 @@ def main(argv=None) -> int:
                   f"--resume, which starts afresh and overwrites it)")
             return 0
         run(config)
+        if stage == "rm" and PartialState().is_main_process:
+            print(pipeline.reward_model_uses(config.output_dir))
     except USER_ERRORS as error:  # bad settings, data or paths: one clear line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -90,6 +90,7 @@ def test_pipeline_console_tells_the_story_once(tmp_path, capsys, monkeypatch):
     assert out.count("both sharpened: the trained policy sharpened to temperature") == 1
     assert "greedy answers to" in out and "sampled responses each" in out  # the two SFT scores, labelled
     assert "reward_histogram.png" in out and "training_curves.png" in out
+    assert f"`python -m distreward.serve {tmp_path / 'rm'}`" in out and "docs/integrations.md" in out
     assert "Writing model shards" not in err
 
 
