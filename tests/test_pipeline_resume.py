@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from distreward import pipeline, rl_trainer, rm_trainer, sft_trainer, train, trainer_utils
+from distreward import pipeline, reward_trainer, rl_trainer, rm_trainer, sft_trainer, train, trainer_utils
 from distreward.pipeline import PipelineConfig, run_stages
 from run_files import jsonl_without_timings
 
@@ -38,17 +38,28 @@ def small_stages(monkeypatch) -> None:
         replace(config, **settings) for config, settings in zip(stage_configs(*args), STAGE_SETTINGS)))
 
 
+def dying(compute_loss):
+    """``compute_loss`` that raises :class:`Killed` at its ``KILL_AT``-th call (micro-batch)."""
+    calls = itertools.count(1)
+
+    def compute_loss_or_die(model, batch):
+        if next(calls) == KILL_AT:
+            raise Killed
+        return compute_loss(model, batch)
+
+    return compute_loss_or_die
+
+
 def kill_in(monkeypatch, module) -> None:
-    """Make ``module``'s training loop raise :class:`Killed` at its ``KILL_AT``-th micro-batch."""
+    """Make ``module``'s training loop raise :class:`Killed` at its ``KILL_AT``-th micro-batch (the rm stage's
+    DistRewardTrainer builds its loss with ``reward_trainer.pair_loss_fn``)."""
+    if module is rm_trainer:
+        pair_loss_fn = reward_trainer.pair_loss_fn
+        monkeypatch.setattr(reward_trainer, "pair_loss_fn", lambda *args: dying(pair_loss_fn(*args)))
+        return
+
     def train_loop(config, accelerator, model, dataloader, compute_loss, *args, **kwargs):
-        calls = itertools.count(1)
-
-        def compute_loss_or_die(model, batch):
-            if next(calls) == KILL_AT:
-                raise Killed
-            return compute_loss(model, batch)
-
-        return trainer_utils.train_loop(config, accelerator, model, dataloader, compute_loss_or_die, *args, **kwargs)
+        return trainer_utils.train_loop(config, accelerator, model, dataloader, dying(compute_loss), *args, **kwargs)
 
     monkeypatch.setattr(module, "train_loop", train_loop)
 

@@ -1,0 +1,327 @@
+"""The reward-model trainer as a library class: :class:`DistRewardTrainer` (a ``transformers.Trainer``) and its
+settings :class:`RewardConfig` (a ``TrainingArguments``), shaped as TRL's ``RewardTrainer`` / ``RewardConfig``.
+
+TRL's ``RewardTrainer`` trains a head with one output; this one trains
+:class:`~distreward.modeling_distreward.DistRewardForSequenceClassification` (K bins, or a scalar head) with
+``ops.pair_loss`` for every ``loss_kind`` (docs/math.md §1-3), on :class:`~distreward.data.PreferenceCollator`
+batches, which carry the score labels. Everything else is the Trainer's: DDP, FSDP2 and DeepSpeed ZeRO through
+``accelerate launch --config_file``, LoRA through PEFT (``--use_peft``), gradient checkpointing, bf16,
+``report_to``, ``push_to_hub`` and resume (``--resume``, or ``train(resume_from_checkpoint=...)``).
+
+    trainer = DistRewardTrainer(model, RewardConfig(output_dir="rm", loss_kind="bt_kl"), train_dataset=pairs,
+                                eval_dataset=held_out, processing_class=tokenizer)
+    trainer.train()
+    trainer.evaluate()  # eval_pairwise_accuracy, eval_mean_std, eval_label_kl, eval_calibration_ece, ...
+
+``python -m distreward.train rm`` (:mod:`distreward.rm_trainer`) runs it on the embedded task or a data set.
+"""
+import json
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from distreward import evaluation, ops
+from distreward.data import EMBEDDED, PreferenceCollator, PreferenceTrainingConfig, held_out_pairs
+from distreward.distributed import has_accelerator
+from distreward.labels import check_label_kind
+from distreward.ops.validation import check_choice, check_positive
+from distreward.trainer_utils import (MetricsLogger, StopRequest, TrainingInterrupted, list_checkpoints,
+                                      remove_checkpoints, resolve_mixed_precision)
+
+METRICS_WINDOW_NAME = "metrics_window.json"  # in a checkpoint: the metrics of the steps not logged yet
+
+
+@dataclass
+class RewardConfig(PreferenceTrainingConfig, TrainingArguments):
+    """Settings of the ``rm`` stage and of :class:`DistRewardTrainer`: a ``TrainingArguments`` (every Trainer flag
+    works: ``--bf16``, ``--gradient_checkpointing``, ``--report_to``, ``--push_to_hub``, ``--fsdp``, ...) whose
+    shared training and data flags and their checks come from PreferenceTrainingConfig. Old names kept as aliases
+    of the Trainer's: ``--warmup_ratio`` (used when ``--warmup_steps`` is 0; floor, as the loop before), ``--resume``
+    (``resume_from_checkpoint`` = the latest checkpoint), ``--mixed_precision`` (sets ``--bf16`` / ``--fp16``)."""
+
+    stage: ClassVar[str] = "rm"
+    model_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "Backbone: a causal LM directory (default: RUN_DIR/sft, the sft stage's output; if that default is "
+                "missing, a fresh embedded tiny Llama), 'embedded' for a fresh tiny Llama, or a hub id "
+                "such as HuggingFaceTB/SmolLM2-135M-Instruct."})
+    eval_fraction: float = field(default=0.1, metadata={
+        "help": "Embedded task: validation and test pairs, each as a share of --num_pairs (other data are "
+                "split by prompt hash, 10%% each)."})
+    score_min: float = field(default=0.0, metadata={"help": "Lowest possible score (HelpSteer2 average_rating: 0)."})
+    score_max: float = field(default=4.0, metadata={"help": "Highest possible score (HelpSteer2 average_rating: 4)."})
+    num_bins: int = field(default=10, metadata={"help": "Bins K of the reward distribution over [0, 1]."})
+    loss_kind: str = field(default="bt_kl", metadata={
+        "help": "bt_mean (H1.1: Bradley-Terry on E), bt_kl (H1.2: + KL to Gaussian labels), dpl, or the scalar "
+                "baselines scalar_bt (TRL Bradley-Terry) and scalar_reg (+ squared error to the labels)."})
+    label_kind: str = field(default="auto", metadata={
+        "help": "Score labels (docs/math.md §2): gaussian (the write-up's fixed width --sigma), gaussian_spread "
+                "(width sqrt(sigma^2 + the raters' sd^2)), mixture (the mean of one Gaussian per rater) or auto "
+                "(mixture where the data keep per-rater ratings, as the embedded task v2 does; gaussian elsewhere). "
+                "Scalar heads and bt_mean read only the mean."})
+    sigma: float = field(default=0.1, metadata={"help": "Width of the Gaussian label distribution (sigma0 of the "
+                                                        "panel label kinds)."})
+    score_weight: float = field(default=1.0, metadata={
+        "help": "Weight of the KL term (bt_kl, dpl) or of the squared error (scalar_reg)."})
+    margin_temperature: float = field(default=1.0, metadata={
+        "help": "The Bradley-Terry term is -log sigmoid((E_c - E_r) / T) (dpl: only 1)."})
+    ops_backend: str = field(default="auto", metadata={"help": "distreward.ops backend: auto, eager or triton."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate (use ~1e-5 for SmolLM2)."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the training pairs "
+                                                                   "(ignored when --max_steps > 0)."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Pairs per batch in evaluation."})
+    optim: str = field(default="adamw_torch", metadata={
+        "help": "Trainer optimizer name (default adamw_torch: torch.optim.AdamW, as the loop before)."})
+    remove_unused_columns: bool = field(default=False, metadata={
+        "help": "Keep the data set's columns: the collator reads the pairs' sides and score labels (as TRL's)."})
+
+    def __post_init__(self) -> None:
+        for name in ("lr_scheduler_type", "optim"):  # a copy (dataclasses.replace) passes the Trainer's enums back
+            setattr(self, name, getattr(getattr(self, name), "value", getattr(self, name)))
+        super().__post_init__()  # PreferenceTrainingConfig's checks and output_dir (TrainingConfig does not chain)
+        if self.model_name_or_path is None:
+            self.model_name_or_path = self.default_backbone()
+        check_choice("--loss_kind", self.loss_kind, ops.REWARD_LOSS_KINDS)
+        check_label_kind(self.label_kind)
+        check_choice("--ops_backend", self.ops_backend, ("auto", "eager", "triton"))
+        check_positive("--margin_temperature", self.margin_temperature)
+        if self.loss_kind == "dpl" and self.margin_temperature != 1:
+            raise ValueError("--margin_temperature applies to a Bradley-Terry margin: dpl has none (leave it 1)")
+        if self.is_scalar and self.ops_backend == "triton":
+            raise ValueError(f"--loss_kind {self.loss_kind} trains a scalar head, which has no triton backend")
+        if self.ops_backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("--ops_backend triton needs a CUDA GPU (or TRITON_INTERPRET=1 set before the start, "
+                             "which runs the kernels slowly on the CPU): use auto or eager")
+        ops.bin_centers(self.num_bins)  # raises unless num_bins is an integer >= 2
+        check_positive("--sigma", self.sigma)
+        check_positive("--score_weight", self.score_weight, allow_zero=True)
+        if self.dataset_name == EMBEDDED:
+            held_out_pairs(self.num_pairs, self.eval_fraction)  # enough validation and test pairs to evaluate
+        precision = resolve_mixed_precision(self.mixed_precision)
+        self.bf16, self.fp16 = self.bf16 or precision == "bf16", self.fp16 or precision == "fp16"
+        self.use_cpu = self.use_cpu or not has_accelerator()  # torchrun on a CPU machine: gloo, not a lone process
+        if self.data_seed is None:
+            self.data_seed = self.seed  # the data order the loop before used (accelerate's seedable sampler)
+        TrainingArguments.__post_init__(self)  # sets mixed_precision to what it resolved ("no", "bf16", "fp16")
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        """``--warmup_steps`` when set, else ``floor(warmup_ratio * num_training_steps)``."""
+        if self.warmup_steps > 0:
+            return super().get_warmup_steps(num_training_steps)
+        return int(self.warmup_ratio * num_training_steps)
+
+    @property
+    def reads_labels(self) -> bool:
+        """Whether ``loss_kind`` reads the score labels' distribution (not bt_mean, not the scalar heads)."""
+        return self.loss_kind in ("bt_kl", "dpl")
+
+    @property
+    def is_scalar(self) -> bool:
+        """Whether ``loss_kind`` trains a scalar head (the baselines) rather than a distribution."""
+        return self.loss_kind in ops.SCALAR_LOSS_KINDS
+
+    def default_backbone(self) -> str:
+        return os.path.join(self.run_dir, "sft")
+
+    def to_json_file(self, path: str) -> None:
+        """Write these settings (``rm_config.json``): ``to_dict`` (enums as their values, tokens hidden)."""
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as handle:
+            json.dump(self.to_dict(), handle, indent=2)
+
+
+def pair_labels(batch: dict, config: RewardConfig) -> tuple:
+    """((target_chosen, target_rejected), sigma) for ``ops.pair_loss`` from a collated batch: the panel label
+    distributions q [B, K] (``mixture``) or the means [B] with per-answer widths (``gaussian_spread``) or the
+    fixed ``config.sigma``. Batches carry panel labels only for a loss that reads them
+    (:attr:`RewardConfig.reads_labels`: the rm stage loads the others' data with mean labels)."""
+    if "q_chosen" in batch:
+        return (batch["q_chosen"], batch["q_rejected"]), config.sigma
+    sigma = (batch["sigma_chosen"], batch["sigma_rejected"]) if "sigma_chosen" in batch else config.sigma
+    return (batch["target_chosen"], batch["target_rejected"]), sigma
+
+
+def pair_loss_fn(config: RewardConfig, centers: Optional[torch.Tensor]):
+    """``compute_loss(model, batch) -> (loss, metrics)`` (the shape :func:`distreward.trainer_utils.train_loop`
+    takes): both sides in one forward, the loss over the model's bin ``centers`` [K] (None for a scalar head,
+    which logs no ``mean_std``); ``metrics`` are detached scalars (``accuracy``, ``mean_std``)."""
+
+    def compute_loss(model, batch):
+        output = model(torch.cat([batch["input_ids_chosen"], batch["input_ids_rejected"]]),
+                       torch.cat([batch["attention_mask_chosen"], batch["attention_mask_rejected"]]))
+        logits_chosen, logits_rejected = output.bin_logits.chunk(2)
+        targets, sigma = pair_labels(batch, config)
+        loss = ops.pair_loss(logits_chosen, logits_rejected, *targets,
+                             kind=config.loss_kind, sigma=sigma, score_weight=config.score_weight,
+                             centers=None if centers is None else centers.to(logits_chosen.device),
+                             backend=config.ops_backend, temperature=config.margin_temperature)
+        mean_chosen, mean_rejected = output.mean.detach().chunk(2)
+        metrics = {"accuracy": (mean_chosen > mean_rejected).float().mean()}
+        if centers is not None:
+            metrics["mean_std"] = output.std.detach().mean()
+        return loss, metrics
+
+    return compute_loss
+
+
+def held_out_metrics(model, tokenizer, pairs, config: RewardConfig) -> tuple:
+    """(metrics, predictions) of the reward model on held-out ``pairs`` (with the ground-truth, per-kind and
+    per prompt group (clear / ambiguous) metrics where the pairs carry those columns)."""
+    predictions = evaluation.predict(model, pairs, tokenizer.pad_token_id, config.per_device_eval_batch_size)
+    report = evaluation.reward_metrics(predictions, config.sigma)
+    if "truth_chosen" in pairs.column_names:
+        report.update(evaluation.truth_metrics(predictions, pairs["truth_chosen"], pairs["truth_rejected"]))
+    if "kind" in pairs.column_names:
+        report["by_kind"] = evaluation.metrics_by_group(predictions, pairs["kind"], config.sigma)
+    if "region" in pairs.column_names:
+        report["by_region"] = evaluation.metrics_by_group(predictions, pairs["region"], config.sigma)
+        if "ratings_chosen" in pairs.column_names and not config.is_scalar:
+            report["panel"] = evaluation.panel_metrics(predictions, pairs)
+    elif "kind" in pairs.column_names:
+        report["by_prompt_group"] = evaluation.metrics_by_group(
+            predictions, evaluation.prompt_groups(pairs["kind"]), config.sigma)
+    return report, predictions
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Writes ``output_dir/metrics.jsonl`` (process 0): one line per logged training step, ``{"step", "epoch",
+    "lr", "loss", "accuracy", "mean_std"}`` as the loop before wrote it; a resumed run keeps the lines up to its
+    checkpoint's step."""
+
+    logger: Optional[MetricsLogger] = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.logger = MetricsLogger(args.output_dir, state.is_world_process_zero, resume_step=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, lr_scheduler=None, **kwargs):
+        if self.logger is None or "loss" not in (logs or {}):
+            return
+        skipped = ("epoch", "learning_rate", "grad_norm", "loss")
+        # lr: the scheduler's after the step (the next step's), as the loop before logged it; the Trainer's own
+        # learning_rate (for report_to) is the step's
+        self.logger.log(state.global_step, epoch=state.epoch, lr=lr_scheduler.get_last_lr()[0], loss=logs["loss"],
+                        **{name: value for name, value in logs.items() if name not in skipped})
+
+
+class StepFlowCallback(TrainerCallback):
+    """The loop before's step flow on top of the Trainer's: ends training at the end of the step where
+    :class:`DistRewardTrainer` saw a stop request (SIGINT / SIGTERM on any process), saving a checkpoint there;
+    at the last step, logs and saves no checkpoint (the run's output is the model)."""
+
+    def __init__(self, trainer: "DistRewardTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.stop_seen:
+            control.should_save = control.should_training_stop = True
+        elif state.global_step >= state.max_steps:
+            control.should_save, control.should_log = False, True
+
+
+class DistRewardTrainer(Trainer):
+    """``transformers.Trainer`` for :class:`DistRewardForSequenceClassification` on preference pairs.
+
+    ``train_dataset`` / ``eval_dataset``: tokenised pairs (``input_ids_chosen`` / ``input_ids_rejected`` and the
+    score labels ``target_*`` [, ``sigma_*`` or ``q_*``], as :func:`distreward.data.load_preference_data` makes
+    them); the default collator is :class:`PreferenceCollator`. ``peft_config``: a PEFT config (LoRA) to wrap the
+    model with. Logs ``loss``, ``accuracy`` and, for a distributional head, ``mean_std``, each the mean over the
+    micro-batches since the last log and over processes (the window travels in checkpoints, so a resumed run logs
+    the numbers of an uninterrupted one). :meth:`evaluate` reports ``eval.json``'s metrics.
+    SIGINT / SIGTERM stop training at the end of the step under way with a checkpoint, and :meth:`train` raises
+    :class:`~distreward.trainer_utils.TrainingInterrupted`.
+    """
+
+    def __init__(self, model, args: RewardConfig, train_dataset=None, eval_dataset=None, processing_class=None,
+                 data_collator=None, callbacks=None, optimizers=(None, None), peft_config=None):
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        if data_collator is None:
+            data_collator = PreferenceCollator(processing_class.pad_token_id)
+        self.pair_loss = pair_loss_fn(args, model.centers)
+        self.stop_request, self.stop_seen = StopRequest(), False
+        self._metrics = defaultdict(list)  # name -> per-micro-batch values (over processes) since the last log
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         callbacks=[MetricsFileCallback(), StepFlowCallback(self), *(callbacks or [])],
+                         optimizers=optimizers)
+        self.loss_is_scaled_for_ga = False  # pair_loss is a batch mean: the Trainer divides it by the micro-batches
+        self.can_return_loss, self.label_names = True, []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The ``ops.pair_loss`` of a collated batch; records the loss, the metrics and the stop request, averaged
+        over processes in the one reduction a micro-batch (read on the host, where a non-finite loss raises)."""
+        loss, metrics = self.pair_loss(model, inputs)
+        stop = torch.tensor(float(self.stop_request.requested), device=loss.device)
+        *values, stop = self.accelerator.reduce(torch.stack([loss.detach(), *metrics.values(), stop]).float(),
+                                                "mean").tolist()
+        if not math.isfinite(values[0]):
+            raise ValueError(f"the training loss is {values[0]} at step {self.state.global_step + 1} (bad input such "
+                             "as NaN logits or targets outside [0, 1], or a diverged model; the ops name the bad "
+                             "input when called with validate=True)")
+        if model.training:
+            for name, value in zip(["loss", *metrics], values):
+                self._metrics[name].append(value)
+            self.stop_seen = self.stop_seen or stop > 0
+        return (loss, metrics) if return_outputs else loss
+
+    def log(self, logs: dict, start_time: Optional[float] = None) -> None:
+        """A training log (it has ``loss``) gets the window's means (its ``loss`` too: the same number the Trainer
+        computes, but carried across a resume)."""
+        if "loss" in logs and self._metrics:
+            logs.update({name: sum(values) / len(values) for name, values in self._metrics.items()})
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """``eval.json``'s numbers (pairwise and truth-differs accuracy, mean std, std-error Spearman, label KL,
+        calibration ECE) of the pairs ``eval_dataset`` (default: the trainer's; a dict evaluates each under
+        ``{prefix}_{name}``), prefixed and logged. Every process evaluates the whole set."""
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, dict):
+            return {key: value for name, part in dataset.items()
+                    for key, value in self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}").items()}
+        report, _ = held_out_metrics(self.model, self.processing_class, dataset, self.args)
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in report.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` (``--resume``) with no checkpoint in ``output_dir``
+        starts afresh, and a fresh start deletes the checkpoints an earlier run left there (so a later resume
+        cannot pick them up). A finished run deletes its checkpoints unless ``args.keep_checkpoints``."""
+        checkpoints = list_checkpoints(self.args.output_dir)
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = checkpoints[-1] if checkpoints else None
+            if self.is_world_process_zero():
+                print(f"resuming from {resume_from_checkpoint}" if checkpoints else
+                      f"no checkpoint in {self.args.output_dir}: starting from scratch")
+        if resume_from_checkpoint:
+            with open(os.path.join(resume_from_checkpoint, METRICS_WINDOW_NAME)) as handle:
+                self._metrics.update(json.load(handle))
+        elif self.is_world_process_zero():
+            remove_checkpoints(self.args.output_dir)
+        self.accelerator.wait_for_everyone()
+        with self.stop_request:
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if self.stop_seen:
+            raise TrainingInterrupted(os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}"))
+        if self.is_world_process_zero() and not self.args.keep_checkpoints:
+            remove_checkpoints(self.args.output_dir)
+        self.accelerator.wait_for_everyone()
+        return output
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, and the metrics window not logged yet."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", METRICS_WINDOW_NAME)
+            with open(path, "w") as handle:
+                json.dump(self._metrics, handle)
