@@ -104,11 +104,13 @@ def test_sft_then_rm_on_local_data_through_the_hub_code_path(tmp_path):
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     argv = ["rm", *TINY_RUN, "--model_name_or_path", str(sft_dir), "--dataset_name", str(data),
             "--output_dir", str(rm_dir), "--loss_kind", "bt_mean", "--keep_checkpoints",
-            "--label_kind", "gaussian"]  # the data keep no per-rater ratings, as HelpSteer2_binarized
+            "--label_kind", "gaussian",  # the data keep no per-rater ratings, as HelpSteer2_binarized
+            "--adam_beta2", "0.99", "--report_to", "none"]  # TrainingArguments' flags are the rm stage's too
     assert main(argv) == 0
 
     config = json.loads((rm_dir / "rm_config.json").read_text())
     assert config["loss_kind"] == "bt_mean" and config["model_name_or_path"] == str(sft_dir)
+    assert (config["adam_beta2"], config["report_to"], config["optim"]) == (0.99, [], "adamw_torch")
     assert [json.loads(line)["step"] for line in (rm_dir / "metrics.jsonl").read_text().splitlines()] == [3]
     assert (rm_dir / "checkpoint-2" / "model.safetensors").exists()
     report = json.loads((rm_dir / "eval.json").read_text())

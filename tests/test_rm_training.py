@@ -1,6 +1,8 @@
 """Reward-model training steps on DistRewardTrainer, parity with the loop before it, exact resume after a kill,
 metrics.jsonl, and the held-out metrics."""
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -13,9 +15,9 @@ from distreward.data import PreferenceCollator, load_preference_data
 from distreward.evaluation import (average_ranks, markdown_table, metrics_by_group, predict, reward_metrics,
                                    spearman, truth_metrics)
 from distreward.modeling import DistRewardForSequenceClassification
-from distreward.reward_trainer import DistRewardTrainer, RewardConfig, pair_loss_fn
+from distreward.reward_trainer import DistRewardTrainer, RewardConfig, held_out_metrics, pair_loss_fn
 from distreward.tiny import build_tiny_policy
-from distreward.trainer_utils import list_checkpoints, make_accelerator, train_loop
+from distreward.trainer_utils import TrainingInterrupted, list_checkpoints, make_accelerator, train_loop
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
 
@@ -125,6 +127,47 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, tokenizer, p
     for (name, expected), actual in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=name)
     assert read_metrics(killed.output_dir) == read_metrics(tmp_path / "straight")
+
+
+def test_a_signal_stops_at_a_step_with_a_checkpoint_that_resumes_exactly(tmp_path, tokenizer, pairs):
+    """SIGINT in micro-batch 3 (step 3): the step ends, checkpoint-3 is saved, TrainingInterrupted names it, and
+    --resume ends with the weights and metrics.jsonl of an uninterrupted run."""
+    straight = train(config_for(tmp_path, "straight", max_steps=6), tokenizer, pairs)
+    config = config_for(tmp_path, "stopped", max_steps=6, save_steps=100)
+    trainer = DistRewardTrainer(small_model(config, tokenizer), config, train_dataset=pairs, processing_class=tokenizer)
+    compute_loss, calls = trainer.pair_loss, []
+
+    def signalled(model, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return compute_loss(model, batch)
+
+    trainer.pair_loss = signalled
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.train()
+    assert stopped.value.checkpoint == os.path.join(config.output_dir, "checkpoint-3") and len(calls) == 3
+    assert [record["step"] for record in read_metrics(config.output_dir)] == [1, 2, 3]
+    config.resume = True
+    resumed = train(config, tokenizer, pairs)
+    for (name, expected), actual in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=name)
+    assert read_metrics(config.output_dir) == read_metrics(tmp_path / "straight")
+
+
+def test_evaluate_reports_the_held_out_metrics_of_eval_json(tmp_path, tokenizer):
+    data = load_preference_data(tokenizer, num_pairs=50, eval_fraction=0.2, seed=0)
+    config = config_for(tmp_path, "eval", max_steps=2)
+    model = small_model(config, tokenizer)
+    trainer = DistRewardTrainer(model, config, train_dataset=data["train"], processing_class=tokenizer,
+                                eval_dataset={"validation": data["validation"], "test": data["test"]})
+    metrics = trainer.evaluate()
+    report, _ = held_out_metrics(model, tokenizer, data["test"], config)
+    for name in ("pairwise_accuracy", "truth_differs_accuracy", "mean_std", "label_kl", "calibration_ece"):
+        assert metrics[f"eval_test_{name}"] == report[name], name
+    assert metrics["eval_validation_pairwise_accuracy"] == held_out_metrics(
+        model, tokenizer, data["validation"], config)[0]["pairwise_accuracy"]
+    assert trainer.state.log_history[-1]["eval_test_mean_std"] == report["mean_std"]
 
 
 def test_a_fresh_run_deletes_old_checkpoints_and_keeps_the_newest(tmp_path, tokenizer, pairs):
