@@ -243,10 +243,9 @@ def load_preference_data(tokenizer, name_or_path: str = EMBEDDED, hub_split: str
         raw = load_raw_preferences(name_or_path, hub_split, num_pairs if split == "train" else held_out, seed, split,
                                    task)
         data[split] = tokenize_pairs(tokenizer, raw, score_min, score_max, max_length, label_kind, sigma, num_bins)
-        needed = 1 if split == "train" else MIN_HELD_OUT_PAIRS
-        if len(data[split]) < needed:
-            raise ValueError(f"{len(data[split])} {split} pairs fit in max_length={max_length} tokens, fewer than "
-                             f"{needed} (the data have {len(raw)} {split} pairs, split by prompt)")
+        if len(data[split]) == 0:
+            raise ValueError(f"no {split} pair fits in max_length={max_length} tokens (the data have "
+                             f"{len(raw)} {split} pairs, split by prompt)")
     return DatasetDict(data)
 
 
