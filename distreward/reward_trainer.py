@@ -15,6 +15,7 @@ batches, which carry the score labels. Everything else is the Trainer's: DDP, FS
 
 ``python -m distreward.train rm`` (:mod:`distreward.rm_trainer`) runs it on the embedded task or a data set.
 """
+import importlib.util
 import json
 import math
 import os
@@ -78,6 +79,15 @@ class RewardConfig(PreferenceTrainingConfig, TrainingArguments):
         "help": "Trainer optimizer name (default adamw_torch: torch.optim.AdamW, as the loop before)."})
     remove_unused_columns: bool = field(default=False, metadata={
         "help": "Keep the data set's columns: the collator reads the pairs' sides and score labels (as TRL's)."})
+    use_peft: bool = field(default=False, metadata={
+        "help": "Train LoRA adapters (PEFT) on the backbone and the whole head; the model saved is merged, the "
+                "adapter and head go to OUTPUT_DIR/adapter (needs `pip install distreward[peft]`)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (--use_peft)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha: the update is scaled by alpha / r (--use_peft)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input (--use_peft)."})
+    lora_target_modules: Optional[list[str]] = field(default=None, metadata={
+        "help": "Backbone modules that get LoRA adapters, e.g. q_proj k_proj v_proj o_proj (--use_peft; default: "
+                "PEFT's for the backbone's model type, q_proj v_proj for Llama, Qwen2, ...)."})
 
     def __post_init__(self) -> None:
         for name in ("lr_scheduler_type", "optim"):  # a copy (dataclasses.replace) passes the Trainer's enums back
@@ -101,6 +111,13 @@ class RewardConfig(PreferenceTrainingConfig, TrainingArguments):
         check_positive("--score_weight", self.score_weight, allow_zero=True)
         if self.dataset_name == EMBEDDED:
             held_out_pairs(self.num_pairs, self.eval_fraction)  # enough validation and test pairs to evaluate
+        if self.use_peft:
+            check_positive("--lora_r", self.lora_r)
+            check_positive("--lora_alpha", self.lora_alpha)
+            if not 0 <= self.lora_dropout < 1:
+                raise ValueError(f"--lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+            if importlib.util.find_spec("peft") is None:
+                raise ValueError("--use_peft needs PEFT: pip install 'distreward[peft]' (or pip install peft)")
         precision = resolve_mixed_precision(self.mixed_precision)
         self.bf16, self.fp16 = self.bf16 or precision == "bf16", self.fp16 or precision == "fp16"
         self.use_cpu = self.use_cpu or not has_accelerator()  # torchrun on a CPU machine: gloo, not a lone process
@@ -187,6 +204,24 @@ def held_out_metrics(model, tokenizer, pairs, config: RewardConfig) -> tuple:
     return report, predictions
 
 
+def lora_config(args: RewardConfig, model):
+    """The ``peft.LoraConfig`` of ``--use_peft`` for ``model`` (a DistRewardForSequenceClassification): LoRA of rank
+    ``lora_r`` on the backbone's ``lora_target_modules`` (default: PEFT's for the backbone's model type) and the
+    head trained whole (``modules_to_save``: a head on a frozen body would not learn a new reward)."""
+    from peft import LoraConfig
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+
+    targets = args.lora_target_modules
+    if targets is None:
+        model_type = model.config.backbone_config.model_type
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(f"PEFT has no default LoRA modules for a {model_type} backbone: name them with "
+                             "--lora_target_modules")
+        targets = DEFAULT_TARGETS[model_type]
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=list(targets), modules_to_save=["head"], bias="none")
+
+
 class MetricsFileCallback(TrainerCallback):
     """Writes ``output_dir/metrics.jsonl`` (process 0): one line per logged training step, ``{"step", "epoch",
     "lr", "loss", "accuracy", "mean_std"}`` as the loop before wrote it; a resumed run keeps the lines up to its
@@ -227,8 +262,8 @@ class DistRewardTrainer(Trainer):
 
     ``train_dataset`` / ``eval_dataset``: tokenised pairs (``input_ids_chosen`` / ``input_ids_rejected`` and the
     score labels ``target_*`` [, ``sigma_*`` or ``q_*``], as :func:`distreward.data.load_preference_data` makes
-    them); the default collator is :class:`PreferenceCollator`. ``peft_config``: a PEFT config (LoRA) to wrap the
-    model with. Logs ``loss``, ``accuracy`` and, for a distributional head, ``mean_std``, each the mean over the
+    them); the default collator is :class:`PreferenceCollator`. ``peft_config``: a PEFT config to wrap the
+    model with (default with ``args.use_peft``: :func:`lora_config`). Logs ``loss``, ``accuracy`` and, for a distributional head, ``mean_std``, each the mean over the
     micro-batches since the last log and over processes (the window travels in checkpoints, so a resumed run logs
     the numbers of an uninterrupted one). :meth:`evaluate` reports ``eval.json``'s metrics.
     SIGINT / SIGTERM stop training at the end of the step under way with a checkpoint, and :meth:`train` raises
@@ -237,6 +272,8 @@ class DistRewardTrainer(Trainer):
 
     def __init__(self, model, args: RewardConfig, train_dataset=None, eval_dataset=None, processing_class=None,
                  data_collator=None, callbacks=None, optimizers=(None, None), peft_config=None):
+        if peft_config is None and args.use_peft:
+            peft_config = lora_config(args, model)
         if peft_config is not None:
             from peft import get_peft_model
 

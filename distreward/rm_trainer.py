@@ -15,7 +15,9 @@ Training is :class:`~distreward.reward_trainer.DistRewardTrainer` (a ``transform
 ``model.safetensors``, ``modeling_distreward.py``: see :func:`distreward.modeling.save_reward_model`), its
 tokenizer and ``README.md``, ``eval.json`` (held-out metrics on the test pairs, per prompt kind and against the ground
 truth too for the embedded task; the validation pairs' under ``validation``),
-``predictions.safetensors``, ``distributions.png`` and (distributional heads) ``reliability.png``.
+``predictions.safetensors``, ``distributions.png`` and (distributional heads) ``reliability.png``. With
+``--use_peft`` the model is the LoRA-merged one, and ``adapter/`` holds the adapter and head as trained
+(``PeftModel.from_pretrained(reward model on the same backbone, "OUTPUT_DIR/adapter")`` loads them back).
 """
 import functools
 import json
@@ -33,6 +35,7 @@ from distreward.reward_trainer import DistRewardTrainer, RewardConfig, held_out_
 RUN_CONFIG_NAME = evaluation.RM_CONFIG_NAME  # the model's config.json is the model's, as the sft stage's is
 DISTRIBUTIONS_NAME = "distributions.png"
 RELIABILITY_NAME = "reliability.png"
+ADAPTER_DIR = "adapter"  # --use_peft: the LoRA adapter and the head (PEFT's save_pretrained)
 
 
 def load_backbone(config: RewardConfig, print_fn=print):
@@ -67,6 +70,10 @@ def run_reward_training(config: RewardConfig):
     transformers_logging.disable_progress_bar()  # no "Writing model shards" bar per save: the Trainer's bar tells it
     trainer.train(resume_from_checkpoint=config.resume)
     model = trainer.accelerator.unwrap_model(trainer.model)
+    if config.use_peft:  # the adapter and head as trained, then the merged model as the stage's output
+        if state.is_main_process:
+            model.save_pretrained(os.path.join(config.output_dir, ADAPTER_DIR))
+        model = model.merge_and_unload()
     if state.is_main_process:
         save_reward_model(model, tokenizer, config.output_dir)
         evaluate_and_report(model, tokenizer, data, config, state.print)
