@@ -1,0 +1,57 @@
+"""The package's structure (issue #26): which layer may import which, and what importing the op layer loads."""
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# The training code: stages, their data and configs, evaluation, serving. The op layer (distreward.ops,
+# distreward.kernels) must load none of it.
+TRAINING_MODULES = tuple(f"distreward.{name}" for name in (
+    "data", "pipeline", "train", "experiments", "experiment_report", "evaluation", "rollout", "rl_trainer",
+    "rm_trainer", "reward_trainer", "sft_trainer", "trainer_utils", "serve", "testbed", "integrations"))
+
+
+def imported_modules(path: pathlib.Path) -> set:
+    """Every module ``path`` imports, at the top or inside a function, as an absolute dotted name
+    (``from a import b`` gives ``a.b``: b may be a submodule)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import of {node.module!r}"
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "kernels").glob("*.py")), ids=lambda path: path.name)
+def test_the_triton_kernels_import_nothing_from_distreward(path):
+    """kernels/ is shipped as distreward.kernels but stays a leaf: torch and triton only."""
+    assert not {name for name in imported_modules(path) if name.split(".")[0] == "distreward"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "distreward" / "ops").glob("*.py")), ids=lambda path: path.name)
+def test_the_ops_import_only_the_op_layer(path):
+    """distreward.ops imports from distreward only itself, the Triton kernels and the C++ extension."""
+    allowed = ("distreward.ops", "distreward.kernels", "distreward._C", "distreward._build_info")
+    outside = {name for name in imported_modules(path) if name.split(".")[0] == "distreward"
+               and name != "distreward" and not name.startswith(allowed)}
+    assert not outside, f"{path.name} imports {sorted(outside)}"
+
+
+def test_importing_the_op_layer_loads_no_training_code():
+    """distreward.kernels, distreward.ops and the C++ gather (one process: what they load together)."""
+    modules = ("distreward.kernels", "distreward.ops", "distreward.ops.cpp")
+    script = f"import {', '.join(modules)}, sys; print(' '.join(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = set(done.stdout.split())
+    assert loaded.issuperset(modules)
+    training = sorted(name for name in loaded if ".".join(name.split(".")[:2]) in TRAINING_MODULES)
+    assert not training, f"importing the op layer loads {training}"
+    assert "transformers.trainer" not in loaded
