@@ -11,6 +11,7 @@ distreward (docs/integrations.md). :func:`load_reward_model` also reads the form
 import copy
 import json
 import os
+from typing import Optional
 
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -107,10 +108,12 @@ def save_tokenizer(tokenizer, directory: str) -> None:
         json.dump(settings, handle, indent=2, ensure_ascii=False)
 
 
-def save_reward_model(model: DistRewardForSequenceClassification, tokenizer, directory: str) -> None:
+def save_reward_model(model: DistRewardForSequenceClassification, tokenizer, directory: str,
+                      state_dict: Optional[dict] = None) -> None:
     """Write ``model`` (``config.json`` with ``auto_map``, ``model.safetensors``, ``modeling_distreward.py``), its
-    tokenizer (:func:`save_tokenizer`) and a model card ``README.md`` into ``directory``."""
-    model.save_pretrained(directory)
+    tokenizer (:func:`save_tokenizer`) and a model card ``README.md`` into ``directory``. ``state_dict``: the
+    weights to write instead of ``model``'s own (a sharded model's, gathered whole)."""
+    model.save_pretrained(directory, state_dict=state_dict)
     save_tokenizer(tokenizer, directory)
     config = model.config
     with open(os.path.join(directory, "README.md"), "w") as handle:

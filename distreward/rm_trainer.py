@@ -23,13 +23,14 @@ import functools
 import json
 import os
 
+import torch
 from accelerate import PartialState
 from transformers import set_seed
 from transformers.utils import logging as transformers_logging
 
 from distreward import evaluation, ops
 from distreward.data import EMBEDDED, load_preference_data
-from distreward.modeling import DistRewardForSequenceClassification, load_policy, save_reward_model
+from distreward.modeling import DistRewardForSequenceClassification, load_policy, load_reward_model, save_reward_model
 from distreward.reward_trainer import DistRewardTrainer, RewardConfig, held_out_metrics
 
 RUN_CONFIG_NAME = evaluation.RM_CONFIG_NAME  # the model's config.json is the model's, as the sft stage's is
@@ -48,9 +49,14 @@ def load_backbone(config: RewardConfig, print_fn=print):
     backbone, tokenizer = load_policy(path, config.seed)
     model = DistRewardForSequenceClassification.from_backbone(
         backbone, num_bins=config.num_bins, head="scalar" if config.is_scalar else "distribution")
+    return with_ops_backend(model, config), tokenizer
+
+
+def with_ops_backend(model: DistRewardForSequenceClassification, config: RewardConfig):
+    """``model``, its moments computed with ``config.ops_backend`` unless that is ``auto``."""
     if config.ops_backend != "auto":
         model.moments = functools.partial(ops.dist_moments, backend=config.ops_backend)
-    return model, tokenizer
+    return model
 
 
 def run_reward_training(config: RewardConfig):
@@ -67,18 +73,36 @@ def run_reward_training(config: RewardConfig):
     if state.is_main_process:
         config.to_json_file(os.path.join(config.output_dir, RUN_CONFIG_NAME))
     trainer = DistRewardTrainer(model, config, train_dataset=data["train"], processing_class=tokenizer)
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if sharded and config.use_peft:
+        raise ValueError("--use_peft under FSDP or DeepSpeed: the rm stage merges the adapter into the model it saves, "
+                         "which needs the whole model in one process (launch a LoRA run without sharding)")
     transformers_logging.disable_progress_bar()  # no "Writing model shards" bar per save: the Trainer's bar tells it
     trainer.train(resume_from_checkpoint=config.resume)
+    # sharded: the whole weights, gathered on process 0 (a collective: every process calls it)
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
     model = trainer.accelerator.unwrap_model(trainer.model)
     if config.use_peft:  # the adapter and head as trained, then the merged model as the stage's output
         if state.is_main_process:
             model.save_pretrained(os.path.join(config.output_dir, ADAPTER_DIR))
         model = model.merge_and_unload()
     if state.is_main_process:
-        save_reward_model(model, tokenizer, config.output_dir)
+        if sharded:  # process 0 holds a shard only: save the gathered weights, evaluate the model as saved
+            save_gathered(model, tokenizer, config.output_dir, state_dict)
+            model = with_ops_backend(load_reward_model(config.output_dir, tokenizer)[0], config).to(state.device)
+        else:
+            save_reward_model(model, tokenizer, config.output_dir)
         evaluate_and_report(model, tokenizer, data, config, state.print)
     state.wait_for_everyone()
     return model
+
+
+def save_gathered(model, tokenizer, directory: str, state_dict: dict) -> None:
+    """:func:`save_reward_model` of a sharded ``model`` (FSDP2 turns it into another class in place) from its whole
+    ``state_dict``, gathered on this process: written through an empty (meta-device) model of its config."""
+    with torch.device("meta"):
+        shell = DistRewardForSequenceClassification(model.config)
+    save_reward_model(shell, tokenizer, directory, state_dict)
 
 
 def evaluate_and_report(model, tokenizer, data, config: RewardConfig, print_fn=print) -> dict:
