@@ -83,7 +83,8 @@ class RewardConfig(PreferenceTrainingConfig, TrainingArguments):
         "help": "Train LoRA adapters (PEFT) on the backbone and the whole head; the model saved is merged, the "
                 "adapter and head go to OUTPUT_DIR/adapter (needs `pip install distreward[peft]`)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (--use_peft)."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha: the update is scaled by alpha / r (--use_peft)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha: the update is scaled by alpha / r "
+                                                          "(--use_peft)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input (--use_peft)."})
     lora_target_modules: Optional[list[str]] = field(default=None, metadata={
         "help": "Backbone modules that get LoRA adapters, e.g. q_proj k_proj v_proj o_proj (--use_peft; default: "
@@ -263,11 +264,11 @@ class DistRewardTrainer(Trainer):
     ``train_dataset`` / ``eval_dataset``: tokenised pairs (``input_ids_chosen`` / ``input_ids_rejected`` and the
     score labels ``target_*`` [, ``sigma_*`` or ``q_*``], as :func:`distreward.data.load_preference_data` makes
     them); the default collator is :class:`PreferenceCollator`. ``peft_config``: a PEFT config to wrap the
-    model with (default with ``args.use_peft``: :func:`lora_config`). Logs ``loss``, ``accuracy`` and, for a distributional head, ``mean_std``, each the mean over the
-    micro-batches since the last log and over processes (the window travels in checkpoints, so a resumed run logs
-    the numbers of an uninterrupted one). :meth:`evaluate` reports ``eval.json``'s metrics.
-    SIGINT / SIGTERM stop training at the end of the step under way with a checkpoint, and :meth:`train` raises
-    :class:`~distreward.trainer_utils.TrainingInterrupted`.
+    model with (default with ``args.use_peft``: :func:`lora_config`). Logs ``loss``, ``accuracy`` and, for a
+    distributional head, ``mean_std``, each the mean over the micro-batches since the last log and over processes
+    (the window travels in checkpoints, so a resumed run logs the numbers of an uninterrupted one).
+    :meth:`evaluate` reports ``eval.json``'s metrics. SIGINT / SIGTERM stop training at the end of the step under
+    way with a checkpoint, and :meth:`train` raises :class:`~distreward.trainer_utils.TrainingInterrupted`.
     """
 
     def __init__(self, model, args: RewardConfig, train_dataset=None, eval_dataset=None, processing_class=None,

@@ -11,7 +11,8 @@ line says so; any other path or hub id that fails to load is an error.
 
 Training is :class:`~distreward.reward_trainer.DistRewardTrainer` (a ``transformers.Trainer``), so every
 ``TrainingArguments`` flag works here too. Outputs in ``output_dir``: ``rm_config.json`` (these settings),
-``metrics.jsonl``, ``checkpoint-{step}/`` (the Trainer's, until the run finishes, unless ``--keep_checkpoints``), the model as a Hugging Face model (``config.json``,
+``metrics.jsonl``, ``checkpoint-{step}/`` (the Trainer's, until the run finishes, unless ``--keep_checkpoints``),
+the model as a Hugging Face model (``config.json``,
 ``model.safetensors``, ``modeling_distreward.py``: see :func:`distreward.modeling.save_reward_model`), its
 tokenizer and ``README.md``, ``eval.json`` (held-out metrics on the test pairs, per prompt kind and against the ground
 truth too for the embedded task; the validation pairs' under ``validation``),

@@ -107,7 +107,8 @@ def main(out_dir: str) -> int:
     local_numel = [parameter.to_local().numel() for parameter in sharded.parameters()]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump({"gradient_error": gradient_error, "weights_equal": weights_equal, "moments_equal": moments_equal,
-                   "step_changed_weights": changed, "saved_equal": saved_equal, "saved_files": saved_files, "local_numel": sum(local_numel),
+                   "step_changed_weights": changed, "saved_equal": saved_equal, "saved_files": saved_files,
+                   "local_numel": sum(local_numel),
                    "full_numel": sum(p.numel() for p in whole.parameters())}, handle)
     dist.destroy_process_group()
     return 0
