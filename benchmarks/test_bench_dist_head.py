@@ -1,155 +1,183 @@
-"""``pair_loss`` through the public call, against its raw Triton kernel, eager and ``torch.compile``.
+"""The bin ops ``pair_loss``, ``dist_moments`` and ``gaussian_kl`` (K = 10), timed interleaved
+(benchmarks/interleave.py) through their public calls, validation included.
 
-Every docs/math.md §3 kind (bt_kl, bt_mean, dpl) in fp32 and bf16, forward ("fwd", no autograd) and
-forward+backward ("fwd_bwd"), N = 1k to 4M pairs of K = 10 logits. Rows:
+Candidates: ``public`` = ``ops.<op>(backend="auto")``; ``raw kernel`` = the implementation ``auto`` runs, called
+below the public call's checks (ops' dispatch table, ``validate=False``); ``eager`` = the plain-PyTorch reference
+(``distreward.ops.reference``) and ``torch.compile`` of it. No other library implements these losses: no peer.
+Forward ("fwd", no autograd) and forward+backward ("fwd_bwd").
 
-- ``public``: ``ops.pair_loss(backend="auto")``, validation included (the Triton kernel on CUDA);
-- ``raw kernel``: ``kernels.dist_head.triton_pair_loss``, below the validation;
-- ``eager``: ``ops.pair_loss(backend="eager")``; ``compiled``: ``torch.compile`` of the eager reference.
-
-Each benchmark records its median (pytest-benchmark), GB/s (bytes that must move / median) and the
-share of the card's peak bandwidth; one table per (kind, dtype, mode) is printed at the end.
-``test_issue_targets`` checks issue 12's targets, ``test_auto_picks_the_faster_backend`` the ``auto``
-choice, ``test_fused_tile_size`` sweeps the kernel's rows per program.
-
-    pytest benchmarks/test_bench_dist_head.py --benchmark-group-by=group \
-        --benchmark-columns=median,iqr,rounds --benchmark-json=dist_head.json
-
-CUDA only: without a GPU (or under TRITON_INTERPRET=1) every benchmark skips, saying why. On a CPU
-``eager`` is the only bin-op backend: ``triton`` runs there only in the interpreter.
+On CUDA, ``test_pair_loss`` also checks issue 23's targets on the public bt_kl fp32 forward+backward: under
+60 us at N = 65536, >= 80% of the card's peak bandwidth at N = 4M, no slower than ``torch.compile`` at any N,
+within 1.1x of the raw kernel.
 """
-from collections import defaultdict
+import functools
 
 import pytest
 import torch
 
 from distreward import ops
 from distreward.ops import reference
-
-dist_head = pytest.importorskip("distreward.kernels.dist_head", reason="the fused kernels need triton")
+from interleave import interleave, rounds, speedup
 
 BINS, SIGMA, SCORE_WEIGHT = 10, 0.1, 1.0
-ROWS = [1 << 10, 1 << 13, 1 << 16, 1 << 19, 1 << 22]
-DTYPES = [torch.float32, torch.bfloat16]
+K64, K256, M4 = 1 << 16, 1 << 18, 1 << 22
+# (kind, dtype, N, pass) per device; --bench-quick takes each list's first two cases at N = 256.
+PAIR_CASES = {
+    "cpu": [("bt_kl", torch.float32, K64, "fwd"), ("bt_kl", torch.float32, K64, "fwd_bwd"),
+            ("bt_kl", torch.float32, K256, "fwd"), ("bt_kl", torch.float32, K256, "fwd_bwd"),
+            ("bt_kl", torch.bfloat16, K64, "fwd_bwd"), ("bt_mean", torch.float32, K64, "fwd_bwd"),
+            ("dpl", torch.float32, K64, "fwd_bwd")],
+    "cuda": [("bt_kl", torch.float32, n, "fwd_bwd") for n in (1 << 10, 1 << 13, K64, 1 << 19, M4)]
+            + [("bt_kl", torch.float32, n, "fwd") for n in (K64, M4)]
+            + [("bt_kl", torch.bfloat16, n, "fwd_bwd") for n in (K64, M4)]
+            + [("bt_mean", torch.float32, K64, "fwd_bwd"), ("dpl", torch.float32, K64, "fwd_bwd")],
+}
+ROW_CASES = {"cpu": [(torch.float32, K256, "fwd"), (torch.float32, K256, "fwd_bwd")],  # dist_moments, gaussian_kl
+             "cuda": [(torch.float32, K64, "fwd_bwd"), (torch.float32, M4, "fwd_bwd")]}
+DEVICES = ["cpu", "cuda"]
 
-
-def public(*args):
-    return ops.pair_loss(*args[:4], kind=args[4], sigma=args[5], score_weight=args[6], centers=args[7])
-
-
-def eager(*args):
-    return ops.pair_loss(*args[:4], kind=args[4], sigma=args[5], score_weight=args[6], centers=args[7],
-                         backend="eager")
-
-
-IMPLEMENTATIONS = {"public": public, "raw kernel": dist_head.triton_pair_loss, "eager": eager,
-                   "compiled": torch.compile(reference.pair_loss, dynamic=False)}
-RESULTS = defaultdict(dict)  # (kind, dtype, mode) -> {(impl, n_rows): (seconds, GB/s, share of peak)}
+# CPU: public call >= this x eager, median of per-round ratios, N >= 65536 (docs/performance.md has the figures).
+CPU_MIN_SPEEDUP = {"fwd": 2.0, "fwd_bwd": 2.0}
+GPU_TARGETS = dict(n_fast=K64, max_seconds=60e-6, n_bandwidth=M4, min_bandwidth_share=0.8, max_public_over_raw=1.1)
 
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def print_tables(request):
-    """After the module: one table per (kind, dtype, mode), rows = implementations, columns = N."""
-    yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    for (kind, dtype, mode), cells in sorted(RESULTS.items()):
-        rows = sorted({n for _, n in cells})
-        reporter.write_line(f"\npair_loss {kind} {dtype} {mode}, K = {BINS}: median us (GB/s, % of peak)")
-        reporter.write_line("| impl | " + " | ".join(f"N={n}" for n in rows) + " |")
-        reporter.write_line("|---" * (len(rows) + 1) + "|")
-        for impl in IMPLEMENTATIONS:
-            entries = [f"{cells[impl, n][0] * 1e6:.1f} ({cells[impl, n][1]:.0f} GB/s, {cells[impl, n][2]:.0%})"
-                       if (impl, n) in cells else "-" for n in rows]
-            reporter.write_line(f"| {impl} | " + " | ".join(entries) + " |")
+def params(table: dict) -> list:
+    """(device, case) of every device's cases, with ids like "cpu-bt_kl-float32-N65536-fwd_bwd"."""
+    return [pytest.param(device, case, id="-".join([device] + [_name(x) if isinstance(x, torch.dtype) else
+                                                              f"N{x}" if isinstance(x, int) else x for x in case]))
+            for device in DEVICES for case in table[device]]
 
 
-@pytest.fixture(autouse=True)
-def one_compiled_graph_per_shape():
-    """Static shapes are torch.compile's best case: let every (N, dtype, kind, mode) have its own graph."""
-    with torch._dynamo.config.patch(recompile_limit=256):
-        yield
+def sized(table: dict, device: torch.device, case: tuple, quick: bool) -> tuple:
+    """``case``, or under --bench-quick the same at N = 256 (skipping all but each device's first two cases)."""
+    if not quick:
+        return case
+    if case not in table[device.type][:2]:
+        pytest.skip("--bench-quick runs each device's first two cases only")
+    return case[:-2] + (256, case[-1])
 
 
-def make_step(loss_fn, n_rows: int, dtype: torch.dtype, kind: str, backward: bool, device="cuda"):
-    """A callable that runs ``loss_fn`` on fixed random pairs (and its backward, returning the logit gradients)."""
-    g = torch.Generator(device=device).manual_seed(0)
-    chosen, rejected = (torch.randn(n_rows, BINS, generator=g, device=device).mul_(3).to(dtype).requires_grad_(backward)
-                        for _ in range(2))
-    targets = torch.rand(n_rows, generator=g, device=device), torch.rand(n_rows, generator=g, device=device)
-    centers = ops.bin_centers(BINS, device=device)
+def raw_kernel(table: dict, logits: torch.Tensor):
+    """What ``backend="auto"`` runs for ``logits`` (the op's dispatch table in distreward.ops), below every check."""
+    return functools.partial(ops._dist_implementation(table, "auto", logits), validate=False)
 
+
+def record(report, op: str, device, case: dict, candidates: dict, quick: bool, bytes_moved: int) -> dict:
+    timings = interleave(candidates, device, rounds(device, quick))
+    report.add(op, device, case, timings, bytes_moved=bytes_moved)
+    report.note(op, device, f"public = ops.{op} (auto), its checks included; raw kernel = the implementation auto "
+                "picks, below the checks; eager = distreward.ops.reference; no other library implements this op")
+    return timings
+
+
+def cpu_failures(timings: dict, mode: str) -> list:
+    over_eager = speedup(timings, "eager", "public")[0]
+    return [f"public call {over_eager:.2f}x eager < {CPU_MIN_SPEEDUP[mode]}x"] if over_eager < CPU_MIN_SPEEDUP[mode] else []
+
+
+def grad_step(forward, inputs: tuple, backward: bool, generator: torch.Generator):
+    """A callable running ``forward()`` and, with ``backward``, its gradient for ``inputs`` under a fixed upstream."""
     def step():
-        loss = loss_fn(chosen, rejected, *targets, kind, SIGMA, SCORE_WEIGHT, centers)
-        return torch.autograd.grad(loss, (chosen, rejected)) if backward else loss
+        out = forward()
+        if backward:
+            outs = out if isinstance(out, tuple) else (out,)
+            upstream = [torch.ones_like(o) for o in outs]
+            torch.autograd.grad(outs, inputs, upstream)
 
     return step
 
 
-def bytes_moved(n_rows: int, dtype: torch.dtype, kind: str, backward: bool) -> int:
+def pair_inputs(n_rows: int, dtype: torch.dtype, backward: bool, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    chosen, rejected = (torch.randn(n_rows, BINS, generator=g, device=device).mul_(3).to(dtype).requires_grad_(backward)
+                        for _ in range(2))
+    targets = torch.rand(n_rows, generator=g, device=device), torch.rand(n_rows, generator=g, device=device)
+    return chosen, rejected, targets, g
+
+
+def pair_bytes(n_rows: int, dtype: torch.dtype, kind: str, backward: bool) -> int:
     """Both [N, K] logits read, both fp32 targets read (not by bt_mean), with backward both [N, K] gradients written."""
     logits = 2 * n_rows * BINS * dtype.itemsize
     return logits + (0 if kind == "bt_mean" else 2 * n_rows * 4) + (logits if backward else 0)
 
 
-@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
-@pytest.mark.parametrize("n_rows", ROWS, ids=lambda n: f"N{n}")
-@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
-@pytest.mark.parametrize("kind", ops.LOSS_KINDS)
-def test_pair_loss(gpu_benchmark, card_bandwidth, benchmark, kind, dtype, n_rows, impl, mode):
+compiled_pair_loss = torch.compile(reference.pair_loss, dynamic=False)
+
+
+@pytest.mark.parametrize("device,case", params(PAIR_CASES), indirect=["device"])
+def test_pair_loss(report, quick, check_thresholds, device, case, request):
+    kind, dtype, n_rows, mode = sized(PAIR_CASES, device, case, quick)
     backward = mode == "fwd_bwd"
-    step = make_step(IMPLEMENTATIONS[impl], n_rows, dtype, kind, backward)
-    moved = bytes_moved(n_rows, dtype, kind, backward)
-    gpu_benchmark(step, moved, f"pair_loss {kind} {_name(dtype)} {mode} N={n_rows}")
-    if benchmark.stats:  # None under --benchmark-disable
-        seconds = benchmark.stats.stats.median
-        share = benchmark.extra_info["share_of_peak"] = moved / seconds / card_bandwidth
-        RESULTS[kind, _name(dtype), mode][impl, n_rows] = (seconds, moved / seconds / 1e9, share)
+    chosen, rejected, targets, g = pair_inputs(n_rows, dtype, backward, device)
+    centers = ops.bin_centers(BINS, device=device)
+    args = (chosen, rejected, *targets)
+    options = dict(kind=kind, sigma=SIGMA, score_weight=SCORE_WEIGHT)
+    raw = raw_kernel(ops._PAIR_LOSS, chosen)
+    functions = {"public": lambda: ops.pair_loss(*args, **options),
+                 "raw kernel": lambda: raw(*args, kind, SIGMA, SCORE_WEIGHT, centers),
+                 "eager": lambda: reference.pair_loss(*args, kind, SIGMA, SCORE_WEIGHT, centers),
+                 "torch.compile": lambda: compiled_pair_loss(*args, kind, SIGMA, SCORE_WEIGHT, centers)}
+    moved = pair_bytes(n_rows, dtype, kind, backward)
+    case = {"kind": kind, "N": str(n_rows), "dtype": _name(dtype), "pass": mode}
+    timings = record(report, "pair_loss", device, case,
+                     {name: grad_step(fn, (chosen, rejected), backward, g) for name, fn in functions.items()},
+                     quick, moved)
+    if device.type == "cpu":
+        check_thresholds([f"pair_loss cpu {case}: {f}" for f in cpu_failures(timings, mode)])
+    elif kind == "bt_kl" and dtype == torch.float32 and backward:
+        check_thresholds([f"pair_loss cuda {case}: {f}" for f in gpu_failures(timings, n_rows, moved, request)])
 
 
-def median_seconds(step) -> float:
-    """Median CUDA time of ``step`` (L2 flushed between runs) after a warm-up; triton.testing.do_bench."""
-    from triton.testing import do_bench
-
-    return do_bench(step, warmup=50, rep=200, return_mode="median") * 1e-3
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
-@pytest.mark.parametrize("kind", ops.LOSS_KINDS)
-def test_issue_targets(card_bandwidth, kind, dtype):
-    """Issue 12 point 3, fwd+bwd through the public call: >= torch.compile at every N, under 60 us at
-    N = 65536, >= 80% of the card's bandwidth at N = 4M; the public call within 1.1x the raw kernel."""
-    times = {(name, n): median_seconds(make_step(fn, n, dtype, kind, True))
-             for name, fn in IMPLEMENTATIONS.items() if name != "eager" for n in ROWS}
-    report = "; ".join(f"{name} N={n}: {t * 1e6:.1f} us" for (name, n), t in times.items())
-    for n in ROWS:
-        assert times["public", n] <= times["compiled", n], report
-        assert times["public", n] <= 1.1 * times["raw kernel", n] + 5e-6, report  # + one host read of the flag
-    assert times["public", 1 << 16] < 60e-6, report
-    achieved = bytes_moved(1 << 22, dtype, kind, True) / times["public", 1 << 22]
-    assert achieved >= 0.8 * card_bandwidth, f"N = 4M: {achieved / card_bandwidth:.0%} of peak; {report}"
+def gpu_failures(timings: dict, n_rows: int, moved: int, request) -> list:
+    """Issue 23 item 6 on the public bt_kl fp32 forward+backward of one N."""
+    t = GPU_TARGETS
+    public = timings["public"].median
+    failures = []
+    if speedup(timings, "torch.compile", "public")[0] < 1:
+        failures.append(f"slower than torch.compile ({speedup(timings, 'torch.compile', 'public')[0]:.2f}x)")
+    if speedup(timings, "public", "raw kernel")[0] > t["max_public_over_raw"]:
+        failures.append(f"public {speedup(timings, 'public', 'raw kernel')[0]:.2f}x the raw kernel")
+    if n_rows == t["n_fast"] and public > t["max_seconds"]:
+        failures.append(f"{public * 1e6:.1f} us >= {t['max_seconds'] * 1e6:.0f} us")
+    if n_rows == t["n_bandwidth"]:
+        share = moved / public / request.getfixturevalue("card_bandwidth")
+        if share < t["min_bandwidth_share"]:
+            failures.append(f"{share:.0%} of peak bandwidth < {t['min_bandwidth_share']:.0%}")
+    return failures
 
 
-@pytest.mark.parametrize("n_rows", ROWS, ids=lambda n: f"N{n}")
-def test_auto_picks_the_faster_backend(cuda_device, n_rows):
-    """backend="auto" on CUDA takes the Triton kernel; measured: it is within 10% of the faster of triton and eager."""
-    def call(backend):
-        return lambda *args: ops.pair_loss(*args[:4], kind=args[4], sigma=args[5], score_weight=args[6],
-                                           centers=args[7], backend=backend)
-
-    times = {backend: median_seconds(make_step(call(backend), n_rows, torch.float32, "bt_kl", True))
-             for backend in ("auto", "triton", "eager")}
-    assert times["auto"] <= 1.1 * min(times["triton"], times["eager"]), times
+compiled_moments = torch.compile(reference.dist_moments, dynamic=False)
+compiled_kl = torch.compile(reference.gaussian_kl, dynamic=False)
 
 
-@pytest.mark.parametrize("tile_elements", [512, 1024, 2048, 4096, 8192])
-def test_fused_tile_size(gpu_benchmark, monkeypatch, tile_elements):
-    """bt_kl fwd+bwd at N = 4M, fp32, for several rows-per-program budgets (dist_head.GPU_TILE_ELEMENTS)."""
-    monkeypatch.setattr(dist_head, "GPU_TILE_ELEMENTS", tile_elements)
-    step = make_step(dist_head.triton_pair_loss, 1 << 22, torch.float32, "bt_kl", True)
-    group = "raw kernel pair_loss bt_kl float32 fwd_bwd N=4194304 by tile elements"
-    gpu_benchmark(step, bytes_moved(1 << 22, torch.float32, "bt_kl", True), group)
+@pytest.mark.parametrize("op", ["dist_moments", "gaussian_kl"])
+@pytest.mark.parametrize("device,case", params(ROW_CASES), indirect=["device"])
+def test_row_op(report, quick, check_thresholds, device, case, op):
+    dtype, n_rows, mode = sized(ROW_CASES, device, case, quick)
+    backward = mode == "fwd_bwd"
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(n_rows, BINS, generator=g, device=device).mul_(3).to(dtype).requires_grad_(backward)
+    target = torch.rand(n_rows, generator=g, device=device)
+    centers = ops.bin_centers(BINS, device=device)
+    if op == "dist_moments":
+        raw = raw_kernel(ops._DIST_MOMENTS, logits)
+        functions = {"public": lambda: ops.dist_moments(logits), "raw kernel": lambda: raw(logits, centers),
+                     "eager": lambda: reference.dist_moments(logits, centers),
+                     "torch.compile": lambda: compiled_moments(logits, centers)}
+        moved = n_rows * BINS * dtype.itemsize * (2 if backward else 1) + 8 * n_rows
+    else:
+        raw = raw_kernel(ops._GAUSSIAN_KL, logits)
+        functions = {"public": lambda: ops.gaussian_kl(logits, target, sigma=SIGMA),
+                     "raw kernel": lambda: raw(logits, target, SIGMA, centers),
+                     "eager": lambda: reference.gaussian_kl(logits, target, SIGMA, centers),
+                     "torch.compile": lambda: compiled_kl(logits, target, SIGMA, centers)}
+        moved = n_rows * BINS * dtype.itemsize * (2 if backward else 1) + 8 * n_rows
+    case = {"N": str(n_rows), "dtype": _name(dtype), "pass": mode}
+    timings = record(report, op, device, case,
+                     {name: grad_step(fn, (logits,), backward, g) for name, fn in functions.items()}, quick, moved)
+    if device.type == "cpu":
+        check_thresholds([f"{op} cpu {case}: {f}" for f in cpu_failures(timings, mode)])

@@ -1,65 +1,53 @@
-"""The rollout log-prob gather and ``sequence_logprobs`` timed through their PUBLIC calls, input checks
-included, against eager ``log_softmax().gather()``, ``torch.compile`` of it, TRL's per-row loop and
-Liger-Kernel's cross-entropy (an optional dependency: its rows skip, saying why, where it is absent);
-the raw kernel below the checks is a second row.
+"""The rollout log-prob gather and ``sequence_logprobs``, timed interleaved (benchmarks/interleave.py) through
+their PUBLIC calls, input checks included.
 
-* ``gather`` on the CPU (the C++ kernel) and on CUDA (the Triton kernel; skips without a GPU), forward
-  ("fwd") and forward+backward ("fwd_bwd") in fp32 and bf16;
-* ``sequence_logprobs`` forward+backward of a tiny Llama with SmolLM2's vocabulary (49152), T = 1024,
-  chunked (the public call) vs the model's full logits;
-* ``test_auto_choice`` times C++ vs eager at small and large sizes, what ``backend="auto"`` rests on.
+``gather_logprobs`` [B, T, V] -> [B, T], forward ("fwd", no autograd) and forward+backward ("fwd_bwd"), fp32 and
+bf16. Candidates: ``public`` = ``ops.gather_logprobs`` (backend="auto": C++ on the CPU, Triton on CUDA);
+``raw kernel`` = the same fused kernels below every check; ``eager`` = what a user writes, fp32
+``log_softmax().gather()``; ``torch.compile`` of it; peers: TRL's ``selective_log_softmax``
+(trl/trainer/utils.py: a per-row loop on the CPU, TRL's fused Triton kernel on CUDA) and on CUDA Liger-Kernel's
+cross-entropy (``reduction="none"``), each where installed.
 
-Each benchmark records its time (pytest-benchmark) and, on the CPU, ``peak_extra_mib`` in ``extra_info``
-(see :func:`peak_extra_bytes`). ``test_report`` prints one table per op and checks issue 12's CPU
-targets on what this run measured: forward >= 5x eager and forward+backward >= 2.5x eager at
-8x256x49152 fp32, the public call within 1.1x of the raw kernel. The fused backward asks the kernel for
-transparent huge pages for its fresh gradient; torch does that for every allocation under
-``THP_MEM_ALLOC_ENABLE=1``, which speeds up the eager baselines' backward too.
+``sequence_logprobs`` forward+backward of a tiny Llama with SmolLM2's vocabulary (49152), T = 512 (1024 on CUDA): the public
+chunked call against the model's full logits (eager), eager chunks, and TRL's fused LM head
+(``trl.trainer.utils.add_fused_lm_head``: its chunked log-prob kernel, torch tiles on the CPU) and TRL's loop over
+the full logits.
 
-    pytest benchmarks/test_bench_gather.py --benchmark-group-by=group --benchmark-columns=min,median,rounds
+``test_auto_choice``: public C++ vs eager, from 8 logits to 100M: the evidence behind ``backend="auto"``.
 """
-import ctypes
-import gc
-import importlib.util
-import sys
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distreward import ops, sequence_logprobs
 from distreward.ops import logprobs as gather_table
+from interleave import interleave, peak_extra_bytes, rounds, speedup
 
-CPU_SHAPES = [(8, 256, 49152), (4, 64, 49152)]
-GPU_SHAPES = [(8, 1024, 49152)]
+try:
+    from trl.trainer.utils import add_fused_lm_head, selective_log_softmax
+    TRL = None
+except ImportError as error:
+    TRL = f"trl is not importable ({error}): pip install -e '.[trl]'"
+
+try:
+    from liger_kernel.transformers import LigerCrossEntropyLoss
+    LIGER = None
+except ImportError:
+    LIGER = "Liger-Kernel is not installed (pip install liger-kernel): its column is left out"
+
+SHAPES = {"cpu": (8, 256, 49152), "cuda": (8, 1024, 49152), "quick": (2, 16, 512)}
 DTYPES = [torch.float32, torch.bfloat16]
-ROUNDS = 3
-RESULTS = {}  # (op, device, shape, dtype name, mode) -> {impl: (seconds, peak extra bytes or None)}
-LIGER = importlib.util.find_spec("liger_kernel") is not None
+DEVICES = ["cpu", "cuda"]
 
-if sys.platform == "linux":
-    # Every allocation of 1 MiB or more gets its own mapping, returned to the OS on free, so resident
-    # memory follows the live tensors (glibc's adaptive threshold would otherwise keep freed blocks).
-    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
+# CPU thresholds, median of per-round ratios at 8x256x49152 (measured on the 2-core machines of docs/performance.md:
+# see its tables for the figures these leave a margin below). Each fails when the fused path is replaced by eager.
+CPU_MIN_SPEEDUP = {  # (dtype, pass) -> public call >= this x eager
+    ("float32", "fwd"): 2.5, ("float32", "fwd_bwd"): 1.8, ("bfloat16", "fwd"): 2.5, ("bfloat16", "fwd_bwd"): 1.8}
+MAX_PUBLIC_OVER_RAW = 1.1  # at 100M logits the checks must cost under 10% (CPU and CUDA, issue 23 item 6)
 
 
-def peak_extra_bytes(step) -> int:
-    """Peak resident memory during ``step()`` above the resident memory just before it (Linux: the
-    peak is reset through /proc/self/clear_refs). Counts everything the call allocates, outputs included."""
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    before = _status_bytes("VmRSS")
-    step()
-    return _status_bytes("VmHWM") - before
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def eager(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -70,63 +58,42 @@ def eager(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 compiled = torch.compile(eager, dynamic=False)
 
 
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """TRL's ``selective_log_softmax`` (trl/trainer/utils.py): a per-row ``logsumexp`` loop for fp32, a
-    per-row ``log_softmax`` + gather loop for bf16, so only one [T, V] temporary lives at a time."""
-    if logits.dtype in (torch.float32, torch.float64):
-        selected = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
-        return selected - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
-    return torch.stack([torch.log_softmax(row, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-                        for row, ids in zip(logits, index)])
+def raw(device: torch.device):
+    """The fused kernel pair of ``backend="auto"`` below every check (the mask made once, outside the timing)."""
+    backend = gather_table.resolve_backend("auto", device)
+    kernels = gather_table.gather_kernels(backend)
 
-
-def liger(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Liger-Kernel's fused cross-entropy, reduction="none": -log p of each token."""
-    from liger_kernel.transformers import LigerCrossEntropyLoss
-
-    loss = LigerCrossEntropyLoss(reduction="none")(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
-    return -loss.view(ids.shape)
-
-
-def raw(backend: str):
-    """The fused kernel pair below every check: the C++ op (its own autograd) or Triton's autograd Function."""
-    forward, backward = gather_table.gather_kernels(backend)
-
-    def gather(logits, ids):
-        mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-        if backend == "cpp":
-            return forward(logits, ids, mask)[0]
-        return gather_table.FusedGatherLogprobs.apply(logits, ids, mask, (forward, backward))[0]
+    def gather(logits, ids, mask):
+        return gather_table.FusedGatherLogprobs.apply(logits, ids, mask, kernels)[0]
 
     return gather
 
 
-def public(backend: str):
-    return lambda logits, ids: ops.gather_logprobs(logits, ids, backend=backend)
+def liger(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Liger-Kernel's fused cross-entropy, reduction="none": -log p of each token."""
+    loss = LigerCrossEntropyLoss(reduction="none")(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
+    return -loss.view(ids.shape)
 
 
-IMPLEMENTATIONS = {
-    "cpu": {"public": public("auto"), "raw": raw("cpp"), "eager": eager, "compile": compiled,
-            "loop": selective_log_softmax},
-    "cuda": {"public": public("auto"), "raw": raw("triton"), "eager": eager, "compile": compiled,
-             "loop": selective_log_softmax, "liger": liger},
-}
+def gather_candidates(device: torch.device) -> tuple:
+    """(candidates, peers): name -> f(logits, ids), and which names are peers."""
+    mask = {}
+    kernel = raw(device)
+    candidates = {"public": lambda logits, ids: ops.gather_logprobs(logits, ids),
+                  "raw kernel": lambda logits, ids: kernel(logits, ids, mask.setdefault(
+                      ids.shape, torch.ones(ids.shape, dtype=torch.bool, device=ids.device))),
+                  "eager": eager, "torch.compile": compiled}
+    peers = []
+    if TRL is None:
+        candidates["TRL selective_log_softmax"] = selective_log_softmax
+        peers.append("TRL selective_log_softmax")
+    if device.type == "cuda" and LIGER is None:
+        candidates["Liger CE"] = liger
+        peers.append("Liger CE")
+    return candidates, peers
 
 
-@pytest.fixture(autouse=True)
-def one_compiled_graph_per_shape():
-    """Static shapes are torch.compile's best case: let every (shape, dtype, mode) have its own graph."""
-    with torch._dynamo.config.patch(recompile_limit=64):
-        yield
-
-
-def make_step(gather, shape, dtype: torch.dtype, backward: bool, device="cpu"):
-    """A callable running ``gather`` on fixed random logits (and its backward) and returning nothing."""
-    g = torch.Generator(device=device).manual_seed(0)  # drawn where they live: no 1.6 GB host copy per case
-    logits = torch.empty(shape, dtype=dtype, device=device).normal_(generator=g).mul_(3).requires_grad_(backward)
-    ids = torch.randint(0, shape[-1], shape[:2], generator=g, device=device)
-    upstream = torch.randn(shape[:2], generator=g, device=device)
-
+def make_step(gather, logits: torch.Tensor, ids: torch.Tensor, upstream: torch.Tensor, backward: bool):
     def step():
         logp = gather(logits, ids)
         if backward:
@@ -135,169 +102,134 @@ def make_step(gather, shape, dtype: torch.dtype, backward: bool, device="cpu"):
     return step
 
 
-def record(benchmark, key, impl, step, rounds=ROUNDS):
-    """Time ``step`` (best of ``rounds``) after a warm-up and a peak-memory run; keep both for the report."""
-    step()  # warm-up (thread pools, first-touch of stack pages, torch.compile)
-    peak = peak_extra_bytes(step)
-    benchmark.extra_info["peak_extra_mib"] = round(peak / 2**20, 2)
-    benchmark.pedantic(step, rounds=rounds, iterations=1)
-    if benchmark.stats:  # None under --benchmark-disable
-        RESULTS.setdefault(key, {})[impl] = (benchmark.stats.stats.min, peak)
-
-
-def names(shape, dtype):
-    return "x".join(map(str, shape)), str(dtype).removeprefix("torch.")
-
-
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS["cpu"]))
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_gather_cpu(benchmark, shape, dtype, impl, mode):
-    key = ("gather", "cpu") + names(shape, dtype) + (mode,)
-    benchmark.group = " ".join(key)
-    record(benchmark, key, impl, make_step(IMPLEMENTATIONS["cpu"][impl], shape, dtype, mode == "fwd_bwd"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_gather(report, quick, check_thresholds, device, dtype, mode):
+    shape = SHAPES["quick" if quick else device.type]
+    backward = mode == "fwd_bwd"
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = torch.empty(shape, dtype=dtype, device=device).normal_(generator=g).mul_(3).requires_grad_(backward)
+    ids = torch.randint(0, shape[-1], shape[:2], generator=g, device=device)
+    upstream = torch.randn(shape[:2], generator=g, device=device)
+    candidates, peers = gather_candidates(device)
+    timings = interleave({name: make_step(fn, logits, ids, upstream, backward) for name, fn in candidates.items()},
+                         device, rounds(device, quick), memory=True)
+    reads = logits.numel() * logits.element_size()
+    case = {"B x T x V": "x".join(map(str, shape)), "dtype": _name(dtype), "pass": mode}
+    report.add("gather_logprobs", device, case, timings, peers, bytes_moved=3 * reads if backward else reads)
+    for reason in (TRL, LIGER if device.type == "cuda" else None):
+        if reason:
+            report.note("gather_logprobs", device, reason)
+    report.note("gather_logprobs", device, "public = ops.gather_logprobs (auto), input checks included; raw kernel = "
+                "the same kernels below the checks; eager = fp32 log_softmax + gather; peak extra = resident (CPU) or "
+                "allocated (CUDA) memory above the inputs during one call, outputs and gradient included")
+
+    failures = []
+    public_over_raw = speedup(timings, "public", "raw kernel")[0]
+    if public_over_raw > MAX_PUBLIC_OVER_RAW:
+        failures.append(f"public call {public_over_raw:.2f}x the raw kernel > {MAX_PUBLIC_OVER_RAW}x")
+    if device.type == "cpu":
+        target = CPU_MIN_SPEEDUP[_name(dtype), mode]
+        over_eager = speedup(timings, "eager", "public")[0]
+        if over_eager < target:
+            failures.append(f"public call {over_eager:.2f}x eager < {target}x")
+    peak = timings["public"].peak_extra_bytes
+    if not backward and peak is not None and peak > 64 * ids.numel() + (8 << 20):
+        failures.append(f"public forward's peak extra memory {peak} bytes is not O(B*T)")
+    check_thresholds([f"gather {device.type} {case}: {f}" for f in failures])
 
 
-@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS["cuda"]))
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_gather_gpu(gpu_benchmark, benchmark, shape, dtype, impl, mode):
-    if impl == "liger" and not LIGER:
-        pytest.skip("Liger-Kernel is not installed (pip install liger-kernel): an optional benchmark dependency")
-    key = ("gather", "cuda") + names(shape, dtype) + (mode,)
-    step = make_step(IMPLEMENTATIONS["cuda"][impl], shape, dtype, mode == "fwd_bwd", device="cuda")
-    gpu_benchmark(step, bytes_moved=shape[0] * shape[1] * shape[2] * dtype.itemsize, group=" ".join(key))
-    if benchmark.stats:
-        RESULTS.setdefault(key, {})[impl] = (benchmark.stats.stats.median, None)
+SEQUENCE = {"cpu": dict(batch=2, steps=512, vocab=49152, prompt=64, chunk_size=256),
+            "cuda": dict(batch=2, steps=1024, vocab=49152, prompt=128, chunk_size=256),
+            "quick": dict(batch=2, steps=64, vocab=512, prompt=8, chunk_size=16)}
 
 
-SEQUENCE = dict(batch=2, steps=1024, vocab=49152, prompt=128, chunk_size=256)
-
-
-def tiny_llama(device):
+def tiny_llama(sizes: dict, device: torch.device) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=SEQUENCE["vocab"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQUENCE["steps"])
-    return LlamaForCausalLM(config).to(device).eval()
+    config = LlamaConfig(vocab_size=sizes["vocab"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=sizes["steps"])
+    return LlamaForCausalLM(config).to(device)
 
 
-def full_logits(model, input_ids, attention_mask, response_mask):
-    """The materialised path: the model's full [B, T, V] logits, then eager log_softmax + gather."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return eager(logits[:, :-1], input_ids[:, 1:]) * response_mask[:, 1:]
-
-
-def chunked(backend):
-    def run(model, input_ids, attention_mask, response_mask):
-        return sequence_logprobs(model, input_ids, attention_mask, response_mask, chunk_size=SEQUENCE["chunk_size"],
-                                 backend=backend)
-
-    return run
-
-
-SEQUENCE_IMPLEMENTATIONS = {"public": chunked("auto"), "eager_chunks": chunked("eager"), "full_logits": full_logits}
-
-
-def sequence_step(model, impl, device):
-    shape = (SEQUENCE["batch"], SEQUENCE["steps"])
-    input_ids = torch.randint(0, SEQUENCE["vocab"], shape, generator=torch.Generator().manual_seed(0)).to(device)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_sequence_logprobs(report, quick, check_thresholds, device):
+    """Forward+backward of the response tokens' log-probs, fp32; the public chunked call's peak memory <= 1/4 of
+    the full logits' (its point)."""
+    sizes = SEQUENCE["quick" if quick else device.type]
+    shape = (sizes["batch"], sizes["steps"])
+    input_ids = torch.randint(0, sizes["vocab"], shape, generator=torch.Generator().manual_seed(0)).to(device)
     attention_mask = torch.ones(shape, dtype=torch.long, device=device)
     response_mask = torch.zeros(shape, dtype=torch.bool, device=device)
-    response_mask[:, SEQUENCE["prompt"]:] = True
+    response_mask[:, sizes["prompt"]:] = True
+    labels = input_ids.masked_fill(~response_mask, -100)  # TRL's convention: -100 is not scored
+    model = tiny_llama(sizes, device)
 
-    def step():
-        SEQUENCE_IMPLEMENTATIONS[impl](model, input_ids, attention_mask, response_mask).sum().backward()
-        model.zero_grad(set_to_none=True)
+    def chunked(backend):
+        return lambda: sequence_logprobs(model, input_ids, attention_mask, response_mask,
+                                         chunk_size=sizes["chunk_size"], backend=backend)
 
-    return step
+    def full_logits(gather):
+        def run():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            return gather(logits[:, :-1], input_ids[:, 1:]) * response_mask[:, 1:]
+        return run
 
+    functions = {"public": chunked("auto"), "eager": full_logits(eager), "eager chunks": chunked("eager")}
+    peers = []
+    if TRL is None:
+        trl_model = tiny_llama(sizes, device)  # the same weights; its forward patched by TRL
+        add_fused_lm_head(trl_model)
+        functions["TRL fused LM head"] = lambda: trl_model(input_ids=input_ids, attention_mask=attention_mask,
+                                                           labels=labels, fused_lm_head=True).log_probs
+        functions["TRL selective_log_softmax"] = full_logits(selective_log_softmax)
+        peers = ["TRL fused LM head", "TRL selective_log_softmax"]
+    else:
+        report.note("sequence_logprobs", device, TRL)
 
-@pytest.mark.parametrize("impl", list(SEQUENCE_IMPLEMENTATIONS))
-def test_sequence_logprobs_cpu(benchmark, impl):
-    """Forward+backward of the per-token log-probs of a tiny Llama with SmolLM2's vocabulary, T = 1024."""
-    key = ("sequence_logprobs", "cpu", "2x1024x49152", "float32", "fwd_bwd")
-    benchmark.group = " ".join(key)
-    record(benchmark, key, impl, sequence_step(tiny_llama("cpu"), impl, "cpu"), rounds=1)
+    def step(fn, owner):
+        def run():
+            fn().sum().backward()
+            owner.zero_grad(set_to_none=True)
+        return run
 
-
-@pytest.mark.parametrize("impl", list(SEQUENCE_IMPLEMENTATIONS))
-def test_sequence_logprobs_gpu(gpu_benchmark, benchmark, impl):
-    key = ("sequence_logprobs", "cuda", "2x1024x49152", "float32", "fwd_bwd")
-    gpu_benchmark(sequence_step(tiny_llama("cuda"), impl, "cuda"), bytes_moved=0, group=" ".join(key))
-    if benchmark.stats:
-        RESULTS.setdefault(key, {})[impl] = (benchmark.stats.stats.median, None)
+    owners = {name: trl_model if name == "TRL fused LM head" else model for name in functions}
+    timings = interleave({name: step(fn, owners[name]) for name, fn in functions.items()}, device,
+                         min(rounds(device, quick), 5), warmup=1, memory=True)
+    case = {"B x T x V": f"{shape[0]}x{shape[1]}x{sizes['vocab']}", "dtype": "float32", "pass": "fwd_bwd",
+            "chunk": str(sizes["chunk_size"])}
+    report.add("sequence_logprobs", device, case, timings, peers)
+    report.note("sequence_logprobs", device, "a 2-layer Llama (hidden 64), response = all but the first "
+                f"{sizes['prompt']} tokens; public = distreward.sequence_logprobs (auto); eager = the model's full "
+                "logits, then fp32 log_softmax + gather; peak extra as for the gather")
+    peaks = {name: t.peak_extra_bytes for name, t in timings.items()}
+    failures = []
+    if peaks["public"] is not None and peaks["public"] > peaks["eager"] / 4:
+        failures.append(f"public peak {peaks['public'] / peaks['eager']:.2f} of the full logits' > 1/4")
+    check_thresholds([f"sequence_logprobs {device.type}: {f}" for f in failures])
 
 
 AUTO_SIZES = [(1, 1, 8), (1, 4, 64), (4, 16, 512), (8, 64, 4096), (8, 256, 49152)]
+AUTO_MIN_SPEEDUP = 1.5  # from 8x64x4096 on: C++ >= 1.5x eager forward+backward (measured: docs/performance.md)
 
 
-def test_auto_choice(capsys):
-    """Median of 5 public calls, C++ vs eager, forward+backward in fp32, from 8 logits to 100M: the evidence
-    behind ``backend="auto"`` choosing C++ on the CPU (``distreward.ops.logprobs.AUTO``)."""
-    import time
-
-    lines = ["| B x T x V | cpp | eager | eager / cpp |", "|---|---|---|---|"]
-    for shape in AUTO_SIZES:
-        times = {}
-        for backend in ("cpp", "eager"):
-            step = make_step(public(backend), shape, torch.float32, backward=True)
-            step()
-            samples = []
-            for _ in range(5):
-                start = time.perf_counter()
-                step()
-                samples.append(time.perf_counter() - start)
-            times[backend] = sorted(samples)[2]
-        lines.append(f"| {'x'.join(map(str, shape))} | {times['cpp'] * 1e3:.3f} ms | {times['eager'] * 1e3:.3f} ms | "
-                     f"{times['eager'] / times['cpp']:.2f}x |")
-    with capsys.disabled():
-        print("\nbackend='auto' on the CPU, public calls, fp32 forward+backward\n" + "\n".join(lines))
-
-
-def _table(op, device):
-    rows = {key: timings for key, timings in RESULTS.items() if key[:2] == (op, device)}
-    if not rows:
-        return []
-    impls = list(dict.fromkeys(impl for timings in rows.values() for impl in timings))
-    lines = [f"\n{op} on {device} (best of {ROUNDS} on the CPU, median on CUDA; public = input checks included)",
-             "| shape | dtype | mode | " + " | ".join(impls) + " | public vs eager | public / raw |",
-             "|---|---|---|" + "---|" * (len(impls) + 2)]
-    for (_, _, shape, dtype, mode), timings in rows.items():
-        cells = [f"{timings[i][0] * 1e3:.1f} ms" if i in timings else "" for i in impls]
-        ratio = lambda a, b: f"{timings[a][0] / timings[b][0]:.2f}x" if a in timings and b in timings else ""
-        lines.append(f"| {shape} | {dtype} | {mode} | " + " | ".join(cells)
-                     + f" | {ratio('eager', 'public')} | {ratio('public', 'raw')} |")
-    return lines
-
-
-def test_report(capsys):
-    """One table per op, then on what this run measured: issue 12's CPU targets at 8x256x49152 fp32, the
-    public forward's peak extra memory O(B*T), sequence_logprobs' peak <= 1/4 of the full logits'."""
-    if not RESULTS:
-        pytest.skip("run with the benchmarks above (and without --benchmark-disable)")
-    lines = []
-    for op in ("gather", "sequence_logprobs"):
-        for device in ("cpu", "cuda"):
-            lines += _table(op, device)
-    with capsys.disabled():
-        print("\n".join(lines))
-    failures = []
-    for (op, device, shape, dtype, mode), timings in RESULTS.items():
-        b, t, _ = map(int, shape.split("x"))
-        peak = timings.get("public", (0, None))[1]
-        if op == "gather" and mode == "fwd" and peak is not None and peak > 64 * b * t + (4 << 20):
-            failures.append(f"{shape} {dtype} fwd: public peak extra {peak} bytes is not O(B*T)")
-        if op == "sequence_logprobs" and peak is not None and {"public", "full_logits"} <= set(timings):
-            if peak > timings["full_logits"][1] / 4:
-                failures.append(f"sequence_logprobs peak {peak / timings['full_logits'][1]:.2f} of the full logits > 1/4")
-    for mode, target in (("fwd", 5.0), ("fwd_bwd", 2.5)):
-        timings = RESULTS.get(("gather", "cpu", "8x256x49152", "float32", mode), {})
-        if {"public", "raw", "eager"} <= set(timings):
-            public_s, raw_s, eager_s = (timings[k][0] for k in ("public", "raw", "eager"))
-            if eager_s / public_s < target:
-                failures.append(f"{mode}: public call {eager_s / public_s:.2f}x eager < {target}x")
-            if public_s > 1.1 * raw_s:
-                failures.append(f"{mode}: public call {public_s / raw_s:.2f}x the raw kernel > 1.1x")
-    assert not failures, failures
+@pytest.mark.parametrize("shape", AUTO_SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_auto_choice(report, quick, check_thresholds, shape):
+    """Public calls, backend "cpp" vs "eager", fp32 forward+backward: the evidence behind ``backend="auto"``
+    choosing C++ on the CPU (``distreward.ops.logprobs.AUTO``)."""
+    if quick and shape[-1] > 512:
+        pytest.skip("--bench-quick: small sizes only")
+    device = torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(shape, generator=g).mul_(3).requires_grad_()
+    ids = torch.randint(0, shape[-1], shape[:2], generator=g)
+    upstream = torch.randn(shape[:2], generator=g)
+    steps = {name: make_step(lambda x, i, b=backend: ops.gather_logprobs(x, i, backend=b), logits, ids, upstream,
+                             True) for name, backend in (("public", "cpp"), ("eager", "eager"))}
+    timings = interleave(steps, device, rounds(device, quick))
+    op = "gather_logprobs backend choice (fp32 fwd_bwd)"
+    report.add(op, device, {"B x T x V": "x".join(map(str, shape))}, timings)
+    report.note(op, device, 'public = ops.gather_logprobs(backend="cpp"), eager = its backend="eager"')
+    over_eager = speedup(timings, "eager", "public")[0]
+    if shape[-1] >= 4096 and over_eager < AUTO_MIN_SPEEDUP:
+        check_thresholds([f"{shape}: cpp {over_eager:.2f}x eager < {AUTO_MIN_SPEEDUP}x"])
