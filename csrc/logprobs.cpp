@@ -12,6 +12,8 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "fast_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -29,7 +31,6 @@
 #else
 #define DISTREWARD_SIMD_CLONES
 #endif
-#define DISTREWARD_INLINE inline __attribute__((always_inline))
 
 namespace {
 
@@ -39,29 +40,7 @@ constexpr int64_t kChunk = 2048;  // logits per chunk: 8 KiB of fp32, stays in L
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// exp(x) for x <= 0 (and -inf), branch-free so loops over it vectorise: Cody-Waite reduction
-// x = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-6 polynomial for exp(r) (about 1 ulp), 2^n built
-// in the exponent bits. Below about log(FLT_MIN) the exponent clamps to 0 and the result is exactly
-// 0, as softmax of -inf must be.
-DISTREWARD_INLINE float exp_nonpositive(float x) {
-  x = std::max(x, -88.f);
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (x * 1.44269504088896341f + kRound) - kRound;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const int32_t bits = std::max(static_cast<int32_t>(n) + 127, 0) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-DISTREWARD_INLINE double exp_nonpositive(double x) { return std::exp(x); }
+using distreward_cpu::exp_nonpositive;  // csrc/fast_math.h
 
 template <typename acc_t>
 DISTREWARD_INLINE acc_t max_of(const acc_t* x, int64_t n) {

@@ -163,9 +163,13 @@ def row(kernels: int, allocations: int, ops=(), syncs: int = 0) -> dict:
 # The floors: one kernel each way, the outputs' allocations, no host sync; the pair loss's forward zeroes its
 # accumulator (the kernel adds into it), and a validating call of an interpreted Triton kernel zeroes a flag and
 # reads it (a pair loss reads its loss instead). On CUDA, validate=False is the default.
-PAIR_LOSS = {"triton": {None: (row(1, 2, ["zeros"], 1), row(1, 2)), False: (row(1, 2, ["zeros"]), row(1, 2))}}
-ROW_OPS = {"triton": {None: (row(1, 2, ["zeros"], 1), row(1, 1)), False: (row(1, 2), row(1, 1))}}
-GAUSSIAN_KL = {"triton": {None: (row(1, 1, ["zeros"], 1), row(1, 1)), False: (row(1, 1), row(1, 1))}}
+# The C++ bin ops allocate inside their one op and check values in their own loop: no other op, no sync.
+CPP_BIN_OPS = {None: (row(1, 0), row(1, 0)), False: (row(1, 0), row(1, 0))}
+PAIR_LOSS = {"triton": {None: (row(1, 2, ["zeros"], 1), row(1, 2)), False: (row(1, 2, ["zeros"]), row(1, 2))},
+             "cpp": CPP_BIN_OPS}
+ROW_OPS = {"triton": {None: (row(1, 2, ["zeros"], 1), row(1, 1)), False: (row(1, 2), row(1, 1))}, "cpp": CPP_BIN_OPS}
+GAUSSIAN_KL = {"triton": {None: (row(1, 1, ["zeros"], 1), row(1, 1)), False: (row(1, 1), row(1, 1))},
+               "cpp": CPP_BIN_OPS}
 GATHER = {"triton": {None: (row(1, 2, ["zeros"], 1), row(1, 1)), False: (row(1, 2), row(1, 1))},
           "cpp": {None: (row(1, 0), row(1, 0)), False: (row(1, 0), row(1, 0))}}
 CHUNK = {"triton": (row(1, 2, ["mm"]), row(1, 0, ["mm"] * 3)), "cpp": (row(1, 0, ["mm"]), row(1, 0, ["mm"] * 3))}

@@ -1,9 +1,9 @@
 """Public ops of docs/math.md §6, each with ``backend="auto" | "eager" | "triton" | "cpp"``.
 
 ``eager`` is the plain-PyTorch reference (:mod:`distreward.ops.reference`). ``auto`` picks the
-fused path for the tensor's device: the Triton kernels for CUDA tensors, the C++ extension for
-CPU log-prob gathers (:mod:`distreward.ops.logprobs` holds the gather's dispatch table), and the
-reference otherwise.
+fused path for the tensor's device: the Triton kernels for CUDA tensors, the C++ extension for CPU
+tensors (:mod:`distreward.ops.cpp_bins` for the bin ops; :mod:`distreward.ops.logprobs` holds the
+gather's dispatch table), and the reference otherwise (the scalar losses; no C++ build).
 
 Every op also takes ``validate`` (docs/performance.md, "Value checks"): shapes, dtypes and devices are
 always checked on the host; values (NaN / inf logits, targets outside [0, 1], bad widths or label
@@ -94,19 +94,55 @@ def _triton_max_bins() -> int:
     return TRITON_MAX_BINS
 
 
+def _cpp_kernel(name: str):
+    """The fused C++ op ``name`` of distreward/ops/cpp_bins.py (csrc/bin_ops.cpp) as a bin-op implementation: the
+    kernel itself raises check.BadValues under ``validate`` as it writes a non-finite result."""
+    def run(*args, validate: bool, **kwargs):
+        from distreward.ops import cpp_bins
+        return getattr(cpp_bins, name)(*args, validate=validate, **kwargs)
+
+    return run
+
+
+_CPP_IMPORT_ERROR = []  # [None or why the C++ bin ops did not import], filled on first use
+
+
+def _cpp_unavailable():
+    """None when the C++ bin ops import, else why not (no build, or one older than csrc/bin_ops.cpp)."""
+    if not _CPP_IMPORT_ERROR:
+        try:
+            from distreward.ops import cpp_bins  # noqa: F401
+            _CPP_IMPORT_ERROR.append(None)
+        except (ImportError, RuntimeError) as error:
+            _CPP_IMPORT_ERROR.append(f"{type(error).__name__}: {error}")
+    return _CPP_IMPORT_ERROR[0]
+
+
 # One dispatch table per bin op: backend -> implementation with the reference's signature and a keyword
-# ``validate`` (raise check.BadValues on a non-finite result).
-_DIST_MOMENTS = {"eager": _eager(reference.dist_moments), "triton": _head_kernel("triton_dist_moments", True)}
-_GAUSSIAN_KL = {"eager": _eager(reference.gaussian_kl), "triton": _head_kernel("triton_gaussian_kl", True)}
-_PAIR_LOSS = {"eager": _eager(reference.pair_loss), "triton": _head_kernel("triton_pair_loss", False)}
+# ``validate`` (raise check.BadValues on a non-finite result). backend="auto" on the CPU is "cpp": faster than
+# eager and than torch.compile of the reference at N >= 65536 (docs/performance.md, "CPU fused bin ops").
+_DIST_MOMENTS = {"eager": _eager(reference.dist_moments), "triton": _head_kernel("triton_dist_moments", True),
+                 "cpp": _cpp_kernel("dist_moments")}
+_GAUSSIAN_KL = {"eager": _eager(reference.gaussian_kl), "triton": _head_kernel("triton_gaussian_kl", True),
+                "cpp": _cpp_kernel("gaussian_kl")}
+_PAIR_LOSS = {"eager": _eager(reference.pair_loss), "triton": _head_kernel("triton_pair_loss", False),
+              "cpp": _cpp_kernel("pair_loss")}
 _SCALAR_PAIR_LOSS = _eager(reference.scalar_pair_loss)
 
 
 def _dist_implementation(table: dict, backend: str, logits: torch.Tensor):
-    """``table``'s entry for ``backend``; ``auto`` keeps rows wider than the fused head takes on eager."""
+    """``table``'s entry for ``backend``; ``auto`` keeps rows wider than the fused head takes on eager, and CPU
+    rows on eager where the C++ extension did not build."""
     chosen = _pick(backend, logits.device, tuple(name for name in table if name != "eager"))
     if backend == "auto" and chosen == "triton" and logits.shape[-1] > _triton_max_bins():
         chosen = "eager"
+    if chosen == "cpp":
+        if backend == "auto" and _cpp_unavailable():
+            chosen = "eager"
+        elif logits.device.type != "cpu":
+            raise ValueError(f"backend='cpp' needs CPU tensors, got {logits.device}")
+        elif _cpp_unavailable():
+            raise ValueError(f"backend='cpp' is not available: {_cpp_unavailable()}")
     return table[chosen]
 
 
