@@ -16,34 +16,23 @@ batches, which carry the score labels. Everything else is the Trainer's: DDP, FS
 ``python -m distreward.train rm`` (:mod:`distreward.rm_trainer`) runs it on the embedded task or a data set.
 """
 import importlib.util
-import json
-import math
 import os
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from distreward import evaluation, ops
-from distreward.data import EMBEDDED, PreferenceCollator, PreferenceTrainingConfig, held_out_pairs
-from distreward.distributed import has_accelerator
+from distreward.data import EMBEDDED, PreferenceCollator, held_out_pairs
 from distreward.labels import check_label_kind
 from distreward.ops.validation import check_choice, check_positive
-from distreward.trainer_utils import (MetricsLogger, StopRequest, TrainingInterrupted, list_checkpoints,
-                                      remove_checkpoints, resolve_mixed_precision)
-
-METRICS_WINDOW_NAME = "metrics_window.json"  # in a checkpoint: the metrics of the steps not logged yet
+from distreward.stage_trainer import StageArguments, StageTrainer
 
 
 @dataclass
-class RewardConfig(PreferenceTrainingConfig, TrainingArguments):
-    """Settings of the ``rm`` stage and of :class:`DistRewardTrainer`: a ``TrainingArguments`` (every Trainer flag
-    works: ``--bf16``, ``--gradient_checkpointing``, ``--report_to``, ``--push_to_hub``, ``--fsdp``, ...) whose
-    shared training and data flags and their checks come from PreferenceTrainingConfig. Old names kept as aliases
-    of the Trainer's: ``--warmup_ratio`` (used when ``--warmup_steps`` is 0; floor, as the loop before), ``--resume``
-    (``resume_from_checkpoint`` = the latest checkpoint), ``--mixed_precision`` (sets ``--bf16`` / ``--fp16``)."""
+class RewardConfig(StageArguments):
+    """Settings of the ``rm`` stage and of :class:`DistRewardTrainer`: a ``TrainingArguments``
+    (:class:`~distreward.stage_trainer.StageArguments`: the Trainer's flags, and the loop before's as aliases)."""
 
     stage: ClassVar[str] = "rm"
     model_name_or_path: Optional[str] = field(default=None, metadata={
@@ -75,10 +64,6 @@ class RewardConfig(PreferenceTrainingConfig, TrainingArguments):
     num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the training pairs "
                                                                    "(ignored when --max_steps > 0)."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Pairs per batch in evaluation."})
-    optim: str = field(default="adamw_torch", metadata={
-        "help": "Trainer optimizer name (default adamw_torch: torch.optim.AdamW, as the loop before)."})
-    remove_unused_columns: bool = field(default=False, metadata={
-        "help": "Keep the data set's columns: the collator reads the pairs' sides and score labels (as TRL's)."})
     use_peft: bool = field(default=False, metadata={
         "help": "Train LoRA adapters (PEFT) on the backbone and the whole head; the model saved is merged, the "
                 "adapter and head go to OUTPUT_DIR/adapter (needs `pip install distreward[peft]`)."})
@@ -90,10 +75,7 @@ class RewardConfig(PreferenceTrainingConfig, TrainingArguments):
         "help": "Backbone modules that get LoRA adapters, e.g. q_proj k_proj v_proj o_proj (--use_peft; default: "
                 "PEFT's for the backbone's model type, q_proj v_proj for Llama, Qwen2, ...)."})
 
-    def __post_init__(self) -> None:
-        for name in ("lr_scheduler_type", "optim"):  # a copy (dataclasses.replace) passes the Trainer's enums back
-            setattr(self, name, getattr(getattr(self, name), "value", getattr(self, name)))
-        super().__post_init__()  # PreferenceTrainingConfig's checks and output_dir (TrainingConfig does not chain)
+    def check(self) -> None:
         if self.model_name_or_path is None:
             self.model_name_or_path = self.default_backbone()
         check_choice("--loss_kind", self.loss_kind, ops.REWARD_LOSS_KINDS)
@@ -119,18 +101,6 @@ class RewardConfig(PreferenceTrainingConfig, TrainingArguments):
                 raise ValueError(f"--lora_dropout must lie in [0, 1), got {self.lora_dropout}")
             if importlib.util.find_spec("peft") is None:
                 raise ValueError("--use_peft needs PEFT: pip install 'distreward[peft]' (or pip install peft)")
-        precision = resolve_mixed_precision(self.mixed_precision)
-        self.bf16, self.fp16 = self.bf16 or precision == "bf16", self.fp16 or precision == "fp16"
-        self.use_cpu = self.use_cpu or not has_accelerator()  # torchrun on a CPU machine: gloo, not a lone process
-        if self.data_seed is None:
-            self.data_seed = self.seed  # the data order the loop before used (accelerate's seedable sampler)
-        TrainingArguments.__post_init__(self)  # sets mixed_precision to what it resolved ("no", "bf16", "fp16")
-
-    def get_warmup_steps(self, num_training_steps: int) -> int:
-        """``--warmup_steps`` when set, else ``floor(warmup_ratio * num_training_steps)``."""
-        if self.warmup_steps > 0:
-            return super().get_warmup_steps(num_training_steps)
-        return int(self.warmup_ratio * num_training_steps)
 
     @property
     def reads_labels(self) -> bool:
@@ -144,12 +114,6 @@ class RewardConfig(PreferenceTrainingConfig, TrainingArguments):
 
     def default_backbone(self) -> str:
         return os.path.join(self.run_dir, "sft")
-
-    def to_json_file(self, path: str) -> None:
-        """Write these settings (``rm_config.json``): ``to_dict`` (enums as their values, tokens hidden)."""
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as handle:
-            json.dump(self.to_dict(), handle, indent=2)
 
 
 def pair_labels(batch: dict, config: RewardConfig) -> tuple:
@@ -223,52 +187,15 @@ def lora_config(args: RewardConfig, model):
                       target_modules=list(targets), modules_to_save=["head"], bias="none")
 
 
-class MetricsFileCallback(TrainerCallback):
-    """Writes ``output_dir/metrics.jsonl`` (process 0): one line per logged training step, ``{"step", "epoch",
-    "lr", "loss", "accuracy", "mean_std"}`` as the loop before wrote it; a resumed run keeps the lines up to its
-    checkpoint's step."""
-
-    logger: Optional[MetricsLogger] = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.logger = MetricsLogger(args.output_dir, state.is_world_process_zero, resume_step=state.global_step)
-
-    def on_log(self, args, state, control, logs=None, lr_scheduler=None, **kwargs):
-        if self.logger is None or "loss" not in (logs or {}):
-            return
-        skipped = ("epoch", "learning_rate", "grad_norm", "loss")
-        # lr: the scheduler's after the step (the next step's), as the loop before logged it; the Trainer's own
-        # learning_rate (for report_to) is the step's
-        self.logger.log(state.global_step, epoch=state.epoch, lr=lr_scheduler.get_last_lr()[0], loss=logs["loss"],
-                        **{name: value for name, value in logs.items() if name not in skipped})
-
-
-class StepFlowCallback(TrainerCallback):
-    """The loop before's step flow on top of the Trainer's: ends training at the end of the step where
-    :class:`DistRewardTrainer` saw a stop request (SIGINT / SIGTERM on any process), saving a checkpoint there;
-    at the last step, logs and saves no checkpoint (the run's output is the model)."""
-
-    def __init__(self, trainer: "DistRewardTrainer"):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.stop_seen:
-            control.should_save = control.should_training_stop = True
-        elif state.global_step >= state.max_steps:
-            control.should_save, control.should_log = False, True
-
-
-class DistRewardTrainer(Trainer):
+class DistRewardTrainer(StageTrainer):
     """``transformers.Trainer`` for :class:`DistRewardForSequenceClassification` on preference pairs.
 
     ``train_dataset`` / ``eval_dataset``: tokenised pairs (``input_ids_chosen`` / ``input_ids_rejected`` and the
     score labels ``target_*`` [, ``sigma_*`` or ``q_*``], as :func:`distreward.data.load_preference_data` makes
     them); the default collator is :class:`PreferenceCollator`. ``peft_config``: a PEFT config to wrap the
     model with (default with ``args.use_peft``: :func:`lora_config`). Logs ``loss``, ``accuracy`` and, for a
-    distributional head, ``mean_std``, each the mean over the micro-batches since the last log and over processes
-    (the window travels in checkpoints, so a resumed run logs the numbers of an uninterrupted one).
-    :meth:`evaluate` reports ``eval.json``'s metrics. SIGINT / SIGTERM stop training at the end of the step under
-    way with a checkpoint, and :meth:`train` raises :class:`~distreward.trainer_utils.TrainingInterrupted`.
+    distributional head, ``mean_std`` (:class:`~distreward.stage_trainer.StageTrainer`: ``metrics.jsonl``, resume,
+    stop on a signal); :meth:`evaluate` reports ``eval.json``'s metrics.
     """
 
     def __init__(self, model, args: RewardConfig, train_dataset=None, eval_dataset=None, processing_class=None,
@@ -282,39 +209,14 @@ class DistRewardTrainer(Trainer):
         if data_collator is None:
             data_collator = PreferenceCollator(processing_class.pad_token_id)
         self.pair_loss = pair_loss_fn(args, model.centers)
-        self.stop_request, self.stop_seen = StopRequest(), False
-        self._metrics = defaultdict(list)  # name -> per-micro-batch values (over processes) since the last log
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class,
-                         callbacks=[MetricsFileCallback(), StepFlowCallback(self), *(callbacks or [])],
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers)
-        self.loss_is_scaled_for_ga = False  # pair_loss is a batch mean: the Trainer divides it by the micro-batches
         self.can_return_loss, self.label_names = True, []
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The ``ops.pair_loss`` of a collated batch; records the loss, the metrics and the stop request, averaged
-        over processes in the one reduction a micro-batch (read on the host, where a non-finite loss raises)."""
-        loss, metrics = self.pair_loss(model, inputs)
-        stop = torch.tensor(float(self.stop_request.requested), device=loss.device)
-        *values, stop = self.accelerator.reduce(torch.stack([loss.detach(), *metrics.values(), stop]).float(),
-                                                "mean").tolist()
-        if not math.isfinite(values[0]):
-            raise ValueError(f"the training loss is {values[0]} at step {self.state.global_step + 1} (bad input such "
-                             "as NaN logits or targets outside [0, 1], or a diverged model; the ops name the bad "
-                             "input when called with validate=True)")
-        if model.training:
-            for name, value in zip(["loss", *metrics], values):
-                self._metrics[name].append(value)
-            self.stop_seen = self.stop_seen or stop > 0
-        return (loss, metrics) if return_outputs else loss
-
-    def log(self, logs: dict, start_time: Optional[float] = None) -> None:
-        """A training log (it has ``loss``) gets the window's means (its ``loss`` too: the same number the Trainer
-        computes, but carried across a resume)."""
-        if "loss" in logs and self._metrics:
-            logs.update({name: sum(values) / len(values) for name, values in self._metrics.items()})
-            self._metrics.clear()
-        super().log(logs, start_time)
+    def loss_and_metrics(self, model, inputs) -> tuple:
+        """``ops.pair_loss`` of a collated batch of pairs, with ``accuracy`` and ``mean_std``."""
+        return self.pair_loss(model, inputs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """``eval.json``'s numbers (pairwise and truth-differs accuracy, mean std, std-error Spearman, label KL,
@@ -330,36 +232,3 @@ class DistRewardTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
-
-    def train(self, resume_from_checkpoint=None, **kwargs):
-        """``Trainer.train``; ``resume_from_checkpoint=True`` (``--resume``) with no checkpoint in ``output_dir``
-        starts afresh, and a fresh start deletes the checkpoints an earlier run left there (so a later resume
-        cannot pick them up). A finished run deletes its checkpoints unless ``args.keep_checkpoints``."""
-        checkpoints = list_checkpoints(self.args.output_dir)
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = checkpoints[-1] if checkpoints else None
-            if self.is_world_process_zero():
-                print(f"resuming from {resume_from_checkpoint}" if checkpoints else
-                      f"no checkpoint in {self.args.output_dir}: starting from scratch")
-        if resume_from_checkpoint:
-            with open(os.path.join(resume_from_checkpoint, METRICS_WINDOW_NAME)) as handle:
-                self._metrics.update(json.load(handle))
-        elif self.is_world_process_zero():
-            remove_checkpoints(self.args.output_dir)
-        self.accelerator.wait_for_everyone()
-        with self.stop_request:
-            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-        if self.stop_seen:
-            raise TrainingInterrupted(os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}"))
-        if self.is_world_process_zero() and not self.args.keep_checkpoints:
-            remove_checkpoints(self.args.output_dir)
-        self.accelerator.wait_for_everyone()
-        return output
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint, and the metrics window not logged yet."""
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", METRICS_WINDOW_NAME)
-            with open(path, "w") as handle:
-                json.dump(self._metrics, handle)

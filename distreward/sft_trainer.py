@@ -10,26 +10,31 @@ Outputs in ``output_dir``: the policy and tokenizer in ``save_pretrained`` form 
 ``AutoModelForCausalLM.from_pretrained(output_dir)`` loads it; its ``config.json`` is the model's,
 so the run's settings go to ``sft_config.json``), ``metrics.jsonl``, ``checkpoint-{step}/`` and, for
 the embedded task, ``eval.json`` with the ground-truth score of greedy answers to test prompts (per region).
-It trains on the ``train`` prompts' pairs only (:mod:`distreward.splits`).
+It trains on the ``train`` prompts' pairs only (:mod:`distreward.splits`). Training is :class:`CompletionTrainer`,
+a ``transformers.Trainer`` (every ``TrainingArguments`` flag works here too, as in the ``rm`` stage), with the
+loss on the answer tokens only, TRL's completion-only loss.
 """
 import json
 import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from torch.utils.data import DataLoader
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, set_seed
+from transformers.utils import logging as transformers_logging
 
-from distreward.data import EMBEDDED, CompletionCollator, PreferenceTrainingConfig, embedded_task, load_sft_data
+from distreward.data import EMBEDDED, CompletionCollator, embedded_task, load_sft_data
 from distreward.modeling import load_policy
 from distreward.rollout import generate_rollouts
-from distreward.trainer_utils import make_accelerator, save_run_config, train_loop
+from distreward.stage_trainer import StageArguments, StageTrainer
 
 RUN_CONFIG_NAME = "sft_config.json"
 
 
 @dataclass
-class SFTConfig(PreferenceTrainingConfig):
-    """Settings of the ``sft`` stage (shared training and data flags come from PreferenceTrainingConfig)."""
+class SFTConfig(StageArguments):
+    """Settings of the ``sft`` stage: a ``TrainingArguments`` (:class:`~distreward.stage_trainer.StageArguments`:
+    the Trainer's flags, and the loop before's as aliases)."""
 
     stage: ClassVar[str] = "sft"
     model_name_or_path: str = field(default=EMBEDDED, metadata={
@@ -61,35 +66,47 @@ def evaluate_policy(policy, tokenizer, num_prompts: int, seed: int, task: str = 
             "examples": [{"prompt": p, "answer": a} for p, a in list(zip(prompts, answers))[:8]]}
 
 
-def sft_loss(model, batch):
-    """Causal-LM cross-entropy on the answer tokens (labels are -100 elsewhere)."""
-    return model(**batch).loss, {}
+class CompletionTrainer(StageTrainer):
+    """``transformers.Trainer`` for a causal LM on :class:`~distreward.data.CompletionCollator` batches: the
+    cross-entropy on the answer tokens only (labels are -100 elsewhere), each micro-batch's mean over its answer
+    tokens, as the loop before computed it (:class:`~distreward.stage_trainer.StageTrainer`: ``metrics.jsonl``,
+    resume, stop on a signal)."""
+
+    def loss_and_metrics(self, model, inputs) -> tuple:
+        return model(**inputs).loss, {}
 
 
 def run_sft(config: SFTConfig):
-    """Fine-tune the policy on the SFT data (:func:`~distreward.data.load_sft_data`); save it with its tokenizer
-    to ``config.output_dir``."""
-    accelerator = make_accelerator(config)
+    """Fine-tune the policy on the SFT data (:func:`~distreward.data.load_sft_data`) with :class:`CompletionTrainer`;
+    save it with its tokenizer to ``config.output_dir``."""
+    state = PartialState()
+    set_seed(config.seed)
     policy, tokenizer = load_policy(config.model_name_or_path, config.seed)
-    with accelerator.main_process_first():  # rank 0 downloads and caches the data, the others then read it
+    with state.main_process_first():  # rank 0 downloads and caches the data, the others then read it
         data = load_sft_data(tokenizer, config.dataset_name, config.dataset_split, config.num_pairs,
                              config.max_length, config.seed, config.task)
-    if accelerator.is_main_process:
-        save_run_config(config, config.output_dir, RUN_CONFIG_NAME)
-    loader = DataLoader(data, batch_size=config.per_device_train_batch_size, shuffle=True,
-                        collate_fn=CompletionCollator(tokenizer.pad_token_id))
-    policy = train_loop(config, accelerator, policy, loader, sft_loss, tokenizer, description="sft")
-    if accelerator.is_main_process:
-        policy.save_pretrained(config.output_dir)
+    if state.is_main_process:
+        config.to_json_file(os.path.join(config.output_dir, RUN_CONFIG_NAME))
+    trainer = CompletionTrainer(model=policy, args=config, train_dataset=data, processing_class=tokenizer,
+                                data_collator=CompletionCollator(tokenizer.pad_token_id))
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    transformers_logging.disable_progress_bar()  # no "Writing model shards" bar per save: the Trainer's bar tells it
+    trainer.train(resume_from_checkpoint=config.resume)
+    # sharded: the whole weights, gathered on process 0 (a collective: every process calls it)
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    if state.is_main_process:
+        policy.save_pretrained(config.output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(config.output_dir)
+        if sharded:  # process 0 holds a shard only: evaluate the policy as saved
+            policy = AutoModelForCausalLM.from_pretrained(config.output_dir).to(state.device)
         if config.dataset_name == EMBEDDED and config.num_eval_prompts > 0:
             report = evaluate_policy(policy, tokenizer, config.num_eval_prompts, config.seed, config.task)
             with open(os.path.join(config.output_dir, "eval.json"), "w") as handle:
                 json.dump(report, handle, indent=2)
-            accelerator.print(f"SFT policy, greedy answers to {config.num_eval_prompts} test prompts: mean ground "
-                              f"truth {report['ground_truth']['mean']:.2f} / 4 (greedy decoding; REINFORCE's table "
-                              f"scores sampled answers, so its sft row differs); by region: "
-                              + ", ".join(f"{name} {values['mean']:.2f}"
-                                          for name, values in report["by_region"].items()))
-    accelerator.wait_for_everyone()
+            state.print(f"SFT policy, greedy answers to {config.num_eval_prompts} test prompts: mean ground "
+                        f"truth {report['ground_truth']['mean']:.2f} / 4 (greedy decoding; REINFORCE's table "
+                        f"scores sampled answers, so its sft row differs); by region: "
+                        + ", ".join(f"{name} {values['mean']:.2f}" for name, values in report["by_region"].items()))
+    state.wait_for_everyone()
     return policy
