@@ -14,7 +14,7 @@ import statistics
 
 from scipy.stats import t as student_t
 
-from distreward.evaluation import pyplot
+from distreward.plots import pyplot
 
 REFERENCE_ARM = "bt_kl/none"
 # a control of a std shaping -> that shaping, with which (not with none) it is compared
@@ -48,7 +48,7 @@ def read_json(path: str):
 
 def gains(report: dict) -> dict:
     """One run's rl ``eval.json`` -> ground truth of both policies, the gains with their 95% intervals over
-    prompts, the KL of both policies and the verdict (:func:`distreward.evaluation.compare_policies`)."""
+    prompts, the KL of both policies and the verdict (:func:`distreward.policy_comparison.compare_policies`)."""
     comparison = report["comparison"]
     truth, reward = comparison["ground_truth"], comparison["reward"]
     return {"sft_ground_truth": truth["sft"], "trained_ground_truth": truth["trained"],

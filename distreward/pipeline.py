@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from accelerate import PartialState
 
-from distreward.evaluation import pyplot
+from distreward.plots import pyplot
 from distreward.rl_trainer import EVAL_NAME, EVAL_SAMPLES_NAME, ReinforceConfig, run_reinforce
 from distreward.rm_trainer import DISTRIBUTIONS_NAME, RewardConfig, run_reward_training
 from distreward.sft_trainer import SFTConfig, run_sft

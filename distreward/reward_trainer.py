@@ -22,7 +22,7 @@ from typing import ClassVar, Optional
 
 import torch
 
-from distreward import evaluation, ops
+from distreward import ops, rm_metrics
 from distreward.data import EMBEDDED, PreferenceCollator, held_out_pairs
 from distreward.labels import check_label_kind
 from distreward.ops.validation import check_choice, check_positive
@@ -153,19 +153,19 @@ def pair_loss_fn(config: RewardConfig, centers: Optional[torch.Tensor]):
 def held_out_metrics(model, tokenizer, pairs, config: RewardConfig) -> tuple:
     """(metrics, predictions) of the reward model on held-out ``pairs`` (with the ground-truth, per-kind and
     per prompt group (clear / ambiguous) metrics where the pairs carry those columns)."""
-    predictions = evaluation.predict(model, pairs, tokenizer.pad_token_id, config.per_device_eval_batch_size)
-    report = evaluation.reward_metrics(predictions, config.sigma)
+    predictions = rm_metrics.predict(model, pairs, tokenizer.pad_token_id, config.per_device_eval_batch_size)
+    report = rm_metrics.reward_metrics(predictions, config.sigma)
     if "truth_chosen" in pairs.column_names:
-        report.update(evaluation.truth_metrics(predictions, pairs["truth_chosen"], pairs["truth_rejected"]))
+        report.update(rm_metrics.truth_metrics(predictions, pairs["truth_chosen"], pairs["truth_rejected"]))
     if "kind" in pairs.column_names:
-        report["by_kind"] = evaluation.metrics_by_group(predictions, pairs["kind"], config.sigma)
+        report["by_kind"] = rm_metrics.metrics_by_group(predictions, pairs["kind"], config.sigma)
     if "region" in pairs.column_names:
-        report["by_region"] = evaluation.metrics_by_group(predictions, pairs["region"], config.sigma)
+        report["by_region"] = rm_metrics.metrics_by_group(predictions, pairs["region"], config.sigma)
         if "ratings_chosen" in pairs.column_names and not config.is_scalar:
-            report["panel"] = evaluation.panel_metrics(predictions, pairs)
+            report["panel"] = rm_metrics.panel_metrics(predictions, pairs)
     elif "kind" in pairs.column_names:
-        report["by_prompt_group"] = evaluation.metrics_by_group(
-            predictions, evaluation.prompt_groups(pairs["kind"]), config.sigma)
+        report["by_prompt_group"] = rm_metrics.metrics_by_group(
+            predictions, rm_metrics.prompt_groups(pairs["kind"]), config.sigma)
     return report, predictions
 
 

@@ -12,7 +12,7 @@ Outputs in ``output_dir``: ``config.json`` (these settings), ``metrics.jsonl``, 
 (until the run finishes, unless ``--keep_checkpoints``), ``policy/`` (the trained policy and
 tokenizer, ``save_pretrained`` form), ``eval.json`` (docs/math.md §7: the SFT and the trained policy
 on the same held-out prompts, with the paired comparison and verdict of
-:func:`distreward.evaluation.compare_policies` under ``comparison``), ``eval_samples.jsonl``
+:func:`distreward.policy_comparison.compare_policies` under ``comparison``), ``eval_samples.jsonl``
 (every evaluated response with its scores) and, with ``curve_eval_steps > 0``, ``curve.jsonl`` (the
 policy along training on the first held-out prompts: ground truth against KL to the reference).
 """
@@ -26,12 +26,12 @@ from torch.utils.data import DataLoader
 
 from distreward.data import EMBEDDED, EMBEDDED_TASKS, HELD_OUT_SPLITS, embedded_task, load_prompts
 from distreward.distributed import call_in_forward
-from distreward.evaluation import (compare_policies, format_report, paired_gains, region_gains, sharpening_verdict,
-                                   summarize)
 from distreward.modeling import load_policy_and_reference, load_reward_model
 from distreward.ops.validation import check_choice, check_positive
+from distreward.policy_comparison import compare_policies, paired_gains, region_gains, sharpening_verdict, summarize
 from distreward.rewards import check_shaping, make_baseline, replace_std, shape_rewards
 from distreward.rollout import RolloutScorer, generate_rollouts, token_logprobs
+from distreward.tables import format_report
 from distreward.timing import PhaseTimer, timed
 from distreward.trainer_utils import MetricsLogger, TrainingConfig, make_accelerator, save_run_config, train_loop
 

@@ -29,7 +29,7 @@ from accelerate import PartialState
 from transformers import set_seed
 from transformers.utils import logging as transformers_logging
 
-from distreward import evaluation, ops
+from distreward import evaluation, ops, plots, rm_metrics
 from distreward.data import EMBEDDED, load_preference_data
 from distreward.modeling import DistRewardForSequenceClassification, load_policy, load_reward_model, save_reward_model
 from distreward.reward_trainer import DistRewardTrainer, RewardConfig, held_out_metrics
@@ -114,14 +114,14 @@ def evaluate_and_report(model, tokenizer, data, config: RewardConfig, print_fn=p
     report["validation"], _ = held_out_metrics(model, tokenizer, data["validation"], config)
     with open(os.path.join(config.output_dir, "eval.json"), "w") as handle:
         json.dump(report, handle, indent=2)
-    evaluation.save_predictions(predictions, config.output_dir)
-    evaluation.plot_runs({config.loss_kind: predictions}, os.path.join(config.output_dir, DISTRIBUTIONS_NAME))
-    if not evaluation.is_scalar(predictions):
+    rm_metrics.save_predictions(predictions, config.output_dir)
+    plots.plot_runs({config.loss_kind: predictions}, os.path.join(config.output_dir, DISTRIBUTIONS_NAME))
+    if not rm_metrics.is_scalar(predictions):
         columns = data["test"].column_names
         groups = (data["test"]["region"] if "region" in columns
-                  else evaluation.prompt_groups(data["test"]["kind"]) if "kind" in columns else [])
-        evaluation.plot_reliability(predictions, groups, os.path.join(config.output_dir, RELIABILITY_NAME))
-    names = evaluation.METRIC_NAMES + ("truth_differs_accuracy", "ground_truth_accuracy")
+                  else rm_metrics.prompt_groups(data["test"]["kind"]) if "kind" in columns else [])
+        plots.plot_reliability(predictions, groups, os.path.join(config.output_dir, RELIABILITY_NAME))
+    names = rm_metrics.METRIC_NAMES + ("truth_differs_accuracy", "ground_truth_accuracy")
     print_fn(f"test pairs ({report['num_pairs']}, prompts unseen in training): "
              + ", ".join(f"{key} {report[key]:.3f}" for key in names if report.get(key) is not None))
     if "panel" in report:

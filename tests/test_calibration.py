@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from distreward import evaluation, ops
-from distreward.evaluation import (CALIBRATION_LEVELS, calibration_curve, calibration_ece, pit_values,
-                                   plot_reliability, prompt_groups, reward_metrics)
+from distreward import ops, rm_metrics, tables
+from distreward.plots import plot_reliability
+from distreward.rm_metrics import (CALIBRATION_LEVELS, calibration_curve, calibration_ece, pit_values, prompt_groups,
+                                   reward_metrics)
 
 
 def test_pit_by_hand_for_two_and_three_bins():
@@ -77,9 +78,9 @@ def test_scalar_predictions_have_accuracy_and_no_distribution_metrics():
     report = reward_metrics(predictions)
     assert report["pairwise_accuracy"] == pytest.approx(0.5) and report["num_pairs"] == 3
     assert all(report[key] is None for key in ("mean_std", "std_error_spearman", "label_kl", "calibration_ece"))
-    truth = evaluation.truth_metrics(predictions, [4, 3, 2], [0, 1, 2])
+    truth = rm_metrics.truth_metrics(predictions, [4, 3, 2], [0, 1, 2])
     assert truth["truth_differs_accuracy"] == pytest.approx(0.5)
-    assert "—" in evaluation.markdown_table({"scalar_bt": report})
+    assert "—" in tables.markdown_table({"scalar_bt": report})
 
 
 def test_prompt_groups_and_the_reliability_plot(tmp_path):
@@ -91,6 +92,6 @@ def test_prompt_groups_and_the_reliability_plot(tmp_path):
     path = tmp_path / "reliability.png"
     plot_reliability(predictions, ["clear", "ambiguous", "clear", "clear"], str(path))
     assert path.stat().st_size > 0
-    grouped = evaluation.metrics_by_group(predictions, ["clear", "ambiguous", "clear", "clear"])
+    grouped = rm_metrics.metrics_by_group(predictions, ["clear", "ambiguous", "clear", "clear"])
     assert set(grouped) == {"clear", "ambiguous"} and grouped["clear"]["num_pairs"] == 3
     assert grouped["ambiguous"]["calibration_ece"] is not None

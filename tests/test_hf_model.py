@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 import distreward
-from distreward import evaluation, ops
+from distreward import ops, rm_metrics
 from distreward.data import EMBEDDED, load_raw_preferences, to_messages, tokenize_pairs
 from distreward.modeling import (LEGACY_CONFIG_NAME, DistRewardConfig, DistRewardForSequenceClassification,
                                  load_reward_model, save_reward_model)
@@ -213,11 +213,11 @@ def test_reward_bench_scoring_matches_our_pairwise_accuracy(saved):
         chat_texts(tokenizer, zip(raw["prompt"], raw[side])), **kwargs)] for side in ("chosen", "rejected")}
     results = [1 if chosen > rejected else 0 for chosen, rejected in zip(scores["chosen"], scores["rejected"])]
 
-    predictions = evaluation.predict(model, tokenize_pairs(tokenizer, raw, 0.0, 4.0, 256), tokenizer.pad_token_id)
+    predictions = rm_metrics.predict(model, tokenize_pairs(tokenizer, raw, 0.0, 4.0, 256), tokenizer.pad_token_id)
     for side in ("chosen", "rejected"):
-        means = evaluation.rewards(predictions[f"logits_{side}"], predictions["centers"])
+        means = rm_metrics.rewards(predictions[f"logits_{side}"], predictions["centers"])
         torch.testing.assert_close(torch.tensor(scores[side]), means, rtol=0, atol=1e-5)
     assert (torch.tensor(scores["chosen"]) - torch.tensor(scores["rejected"])).abs().min() > 1e-4  # no near-tie
     assert 0 < sum(results) < len(results)  # both outcomes occur: the comparison is exercised
-    accuracy = evaluation.reward_metrics(predictions)["pairwise_accuracy"]  # a float32 mean
+    accuracy = rm_metrics.reward_metrics(predictions)["pairwise_accuracy"]  # a float32 mean
     assert sum(results) / len(results) == pytest.approx(accuracy, rel=0, abs=1e-6)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from distreward import pipeline, testbed, train
-from distreward.evaluation import compare_policies, paired_bootstrap
 from distreward.pipeline import PipelineConfig, run_pipeline, run_stages
+from distreward.policy_comparison import compare_policies, paired_bootstrap
 
 # The default task v2 with its sharpened-SFT baseline on two temperatures; 8 held-out prompts (two of each family,
 # so the taste region has the two prompts a per-region paired comparison needs).

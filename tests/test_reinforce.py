@@ -12,12 +12,13 @@ from distreward.data import load_prompts
 from distreward.modeling import (DistRewardForSequenceClassification, RewardOutput, load_policy_and_reference,
                                  load_reward_model, save_reward_model)
 from distreward import rl_trainer, synthetic, testbed
-from distreward.evaluation import compare_policies, format_report
+from distreward.policy_comparison import compare_policies
 from distreward.rewards import SHAPINGS, distribution_quantile
 from distreward.rl_trainer import ReinforceConfig, ReinforceTrainer, run_reinforce
 from distreward.rollout import RolloutScorer, generate_rollouts, left_align, mask_through_eos, prompt_text, \
     token_logprobs
 from distreward.splits import prompt_split
+from distreward.tables import format_report
 from distreward.tiny import build_tiny_policy
 from run_files import jsonl_without_timings
 

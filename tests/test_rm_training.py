@@ -12,10 +12,11 @@ from transformers import set_seed
 
 from distreward import ops
 from distreward.data import PreferenceCollator, load_preference_data
-from distreward.evaluation import (average_ranks, markdown_table, metrics_by_group, predict, reward_metrics,
-                                   spearman, truth_metrics)
 from distreward.modeling import DistRewardForSequenceClassification
 from distreward.reward_trainer import DistRewardTrainer, RewardConfig, held_out_metrics, pair_loss_fn
+from distreward.rm_metrics import (average_ranks, metrics_by_group, predict, reward_metrics, save_predictions, spearman,
+                                   truth_metrics)
+from distreward.tables import markdown_table
 from distreward.tiny import build_tiny_policy
 from distreward.trainer_utils import TrainingInterrupted, list_checkpoints, make_accelerator, train_loop
 
@@ -258,7 +259,7 @@ def test_spearman_handles_ties_like_scipy():
 
 
 def test_compare_runs_tables_and_plots_finished_runs(tmp_path):
-    from distreward.evaluation import compare_runs, save_predictions
+    from distreward.evaluation import compare_runs
 
     for kind, sharpness in (("bt_mean", 200.0), ("bt_kl", 5.0), ("scalar_bt", None)):
         run_dir = tmp_path / f"rm_{kind}"

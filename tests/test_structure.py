@@ -11,8 +11,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The training code: stages, their data and configs, evaluation, serving. The op layer (distreward.ops,
 # distreward.kernels) must load none of it.
 TRAINING_MODULES = tuple(f"distreward.{name}" for name in (
-    "data", "pipeline", "train", "experiments", "experiment_report", "evaluation", "rollout", "rl_trainer",
-    "rm_trainer", "reward_trainer", "sft_trainer", "trainer_utils", "serve", "testbed", "integrations"))
+    "data", "pipeline", "train", "experiments", "experiment_report", "evaluation", "rm_metrics", "policy_comparison",
+    "plots", "tables", "rollout", "rl_trainer", "rm_trainer", "reward_trainer", "sft_trainer", "trainer_utils", "serve",
+    "testbed", "integrations"))
 
 
 def imported_modules(path: pathlib.Path) -> set:
@@ -55,3 +56,29 @@ def test_importing_the_op_layer_loads_no_training_code():
     training = sorted(name for name in loaded if ".".join(name.split(".")[:2]) in TRAINING_MODULES)
     assert not training, f"importing the op layer loads {training}"
     assert "transformers.trainer" not in loaded
+
+
+def distreward_imports(name: str) -> set:
+    """The distreward modules (and matplotlib / argparse) that distreward/``name``.py imports."""
+    return {module for module in imported_modules(ROOT / "distreward" / f"{name}.py")
+            if module.split(".")[0] in ("distreward", "matplotlib", "argparse")}
+
+
+def test_evaluation_is_split_by_job():
+    """RM metrics, policy comparison, plots and text tables are modules of their own; metrics and comparisons
+    neither plot nor parse a command line; ``distreward.evaluation`` is the CLI only."""
+    for numbers in ("rm_metrics", "policy_comparison", "tables"):
+        imports = distreward_imports(numbers)
+        assert not {name for name in imports if name.startswith(("matplotlib", "argparse", "distreward.plots",
+                                                                 "distreward.evaluation"))}, (numbers, imports)
+    assert not {name for name in distreward_imports("policy_comparison") if name.startswith("distreward")}
+    assert "matplotlib" in distreward_imports("plots") and "argparse" in distreward_imports("evaluation")
+    tree = ast.parse((ROOT / "distreward" / "evaluation.py").read_text())
+    functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert functions == {"run_settings_path", "compare_runs", "main"}
+
+
+def test_the_evaluation_command_still_runs():
+    done = subprocess.run([sys.executable, "-m", "distreward.evaluation", "--help"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.startswith("usage: python -m distreward.evaluation"), done.stderr

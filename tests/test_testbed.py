@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from distreward import evaluation, labels, testbed
+from distreward import labels, policy_comparison, rm_metrics, testbed
 from distreward.data import (PreferenceCollator, embedded_task, load_preference_data, load_sft_data,
                              tokenize_pairs)
 from distreward.ops import bin_centers
@@ -191,15 +191,15 @@ def records(policy, values, region="bug"):
 
 def test_region_gains_and_the_sharpening_verdict():
     samples = records("sharpened", [0.0, 0.0, 1.0, 0.0]) + records("trained", [4.0, 4.0, 4.0, 3.0])
-    gains = evaluation.region_gains(samples, "sharpened", "trained")
+    gains = policy_comparison.region_gains(samples, "sharpened", "trained")
     assert gains["bug"]["num_prompts"] == 4
     assert gains["bug"]["ground_truth"]["gain"] == pytest.approx(3.5)
     result = {"temperature": 0.5, "chosen_on": "4 validation prompts",
-              **evaluation.paired_gains(samples, "sharpened", "trained")}
-    assert evaluation.sharpening_verdict(result).startswith("the trained policy BEATS")
+              **policy_comparison.paired_gains(samples, "sharpened", "trained")}
+    assert policy_comparison.sharpening_verdict(result).startswith("the trained policy BEATS")
     worse = records("sharpened", [4.0, 4.0, 4.0, 3.0]) + records("trained", [0.0, 0.0, 1.0, 0.0])
-    result.update(evaluation.paired_gains(worse, "sharpened", "trained"))
-    assert "LOSES TO" in evaluation.sharpening_verdict(result)
+    result.update(policy_comparison.paired_gains(worse, "sharpened", "trained"))
+    assert "LOSES TO" in policy_comparison.sharpening_verdict(result)
 
 
 def test_panel_metrics_on_hand_made_predictions():
@@ -208,7 +208,7 @@ def test_panel_metrics_on_hand_made_predictions():
              "ratings_chosen": [[4, 4, 4, 4, 4], [4, 1, 4, 1, 4]], "ratings_rejected": [[0] * 5, [2] * 5]}
     predictions = {"logits_chosen": torch.tensor([sharp, flat]), "logits_rejected": torch.tensor([sharp[::-1], sharp]),
                    "target_chosen": torch.tensor([1.0, 0.7]), "target_rejected": torch.tensor([0.0, 0.5])}
-    metrics = evaluation.panel_metrics(predictions, pairs)
+    metrics = rm_metrics.panel_metrics(predictions, pairs)
     assert metrics["by_region"]["careful"]["ground_truth_accuracy"] == 1.0
     assert metrics["by_region"]["taste"]["ground_truth_accuracy"] == 0.0  # E(flat) = 0.5 < E(sharp at 1)
     assert metrics["by_region"]["taste"]["std_ratio_to_careful_correct"] > 2
