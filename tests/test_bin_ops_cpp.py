@@ -133,7 +133,8 @@ def test_gradcheck_fp64(kind):
 def test_gradcheck_fp64_row_ops():
     z = logits(6, 5, torch.float64, seed=18)
     g = _gen(19)
-    target, sigma = torch.rand(6, generator=g, dtype=torch.float64), torch.rand(6, generator=g, dtype=torch.float64) + .1
+    target = torch.rand(6, generator=g, dtype=torch.float64)
+    sigma = torch.rand(6, generator=g, dtype=torch.float64) + 0.1
     q = torch.softmax(torch.randn(6, 5, generator=g, dtype=torch.float64), -1)
     assert torch.autograd.gradcheck(lambda a: ops.dist_moments(a, backend="cpp"), (z,))
     assert torch.autograd.gradcheck(lambda a: ops.gaussian_kl(a, target, sigma, backend="cpp"), (z,))
