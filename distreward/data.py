@@ -15,7 +15,7 @@ SFT and the reward model train on ``train`` only.
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -23,7 +23,6 @@ from datasets import Dataset, DatasetDict, load_dataset
 
 from distreward import labels, synthetic, testbed
 from distreward.splits import SPLITS, check_split, prompt_split
-from distreward.trainer_utils import TrainingConfig
 
 EMBEDDED = "embedded"
 SCORE_KEYS = (("score_chosen", "score_rejected"), ("chosen_rating", "rejected_rating"))
@@ -42,28 +41,6 @@ def embedded_task(name: str):
     if name not in EMBEDDED_TASKS:
         raise ValueError(f"--task must be one of {', '.join(EMBEDDED_TASKS)}, got {name!r}")
     return EMBEDDED_TASKS[name]
-
-
-@dataclass
-class PreferenceTrainingConfig(TrainingConfig):
-    """Training settings plus where the preference pairs come from (shared by the sft and rm stages)."""
-
-    dataset_name: str = field(default=EMBEDDED, metadata={
-        "help": "'embedded' (the generated task), a local .jsonl/.parquet file or a hub id "
-                "(e.g. esfrankel17/HelpSteer2_binarized) in the HelpSteer2_binarized schema."})
-    dataset_split: str = field(default="average_rating_split", metadata={
-        "help": "Split to load from a hub data set (ignored for 'embedded' and local files)."})
-    task: str = field(default="v2", metadata={
-        "help": "Embedded task: v2 (demonstrations, a rater panel, regions; docs/testbed.md) or v1 (the first task)."})
-    num_pairs: int = field(default=4000, metadata={"help": "Pairs of the embedded task to generate."})
-    max_length: int = field(default=256, metadata={"help": "Conversations (a pair's sides) longer than this "
-                                                           "many tokens are dropped."})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        embedded_task(self.task)
-        if self.num_pairs < 1 or self.max_length < 1:
-            raise ValueError(f"--num_pairs and --max_length must be >= 1, got {self.num_pairs} and {self.max_length}")
 
 
 def local_path_or_hub_id(name: str, what: str, required_file: Optional[str] = None, repo_type: str = "model") -> str:

@@ -1,6 +1,6 @@
 """What the ``sft`` and ``rm`` stages share on ``transformers.Trainer``: :class:`StageArguments`, a
 ``TrainingArguments`` that keeps the flags and checks of the loop before
-(:class:`~distreward.data.PreferenceTrainingConfig`), and :class:`StageTrainer`, a ``Trainer`` that keeps its outputs and guarantees: ``metrics.jsonl``, ``--resume``
+(:class:`~distreward.data_config.PreferenceTrainingConfig`), and :class:`StageTrainer`, a ``Trainer`` that keeps its outputs and guarantees: ``metrics.jsonl``, ``--resume``
 ending with the files of an uninterrupted run, a checkpoint on SIGINT / SIGTERM, no checkpoint left by a finished
 run (unless ``--keep_checkpoints``), a one-line error on a non-finite loss.
 """
@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from distreward.data import PreferenceTrainingConfig
+from distreward.data_config import PreferenceTrainingConfig
 from distreward.distributed import has_accelerator
 from distreward.trainer_utils import (MetricsLogger, StopRequest, TrainingInterrupted, list_checkpoints,
                                       remove_checkpoints, resolve_mixed_precision)

@@ -38,7 +38,8 @@ def format_report(report: dict) -> str:
             cells.append(f"ground truth vs sharpened "
                          f"{report['sharpened_sft']['by_region'][region]['ground_truth']['gain']:+.3f}")
         lines.append(f"  region {region} ({gains['num_prompts']} prompts), trained - sft: " + ", ".join(cells))
-    return "\n".join(lines + [temperature_baseline_line(row, report) for row in report.get("temperature_baselines", [])])
+    lines += [temperature_baseline_line(row, report) for row in report.get("temperature_baselines", [])]
+    return "\n".join(lines)
 
 
 def temperature_baseline_line(row: dict, report: dict) -> str:

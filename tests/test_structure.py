@@ -11,9 +11,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The training code: stages, their data and configs, evaluation, serving. The op layer (distreward.ops,
 # distreward.kernels) must load none of it.
 TRAINING_MODULES = tuple(f"distreward.{name}" for name in (
-    "data", "pipeline", "train", "experiments", "experiment_report", "evaluation", "rm_metrics", "policy_comparison",
-    "plots", "tables", "rollout", "rl_trainer", "rm_trainer", "reward_trainer", "sft_trainer", "trainer_utils", "serve",
-    "testbed", "integrations"))
+    "data", "data_config", "pipeline", "train", "experiments", "experiment_report", "evaluation", "rm_metrics",
+    "policy_comparison", "plots", "tables", "rollout", "rl_trainer", "rm_trainer", "reward_trainer", "sft_trainer",
+    "stage_trainer", "trainer_utils", "serve", "testbed", "integrations"))
 
 
 def imported_modules(path: pathlib.Path) -> set:
@@ -82,3 +82,13 @@ def test_the_evaluation_command_still_runs():
     done = subprocess.run([sys.executable, "-m", "distreward.evaluation", "--help"], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.startswith("usage: python -m distreward.evaluation"), done.stderr
+
+
+def test_data_loading_is_apart_from_its_config():
+    """distreward/data.py loads data and knows no training settings; the stages' shared data settings are
+    distreward/data_config.py's."""
+    tree = ast.parse((ROOT / "distreward" / "data.py").read_text())
+    assert not [node.name for node in tree.body if isinstance(node, ast.ClassDef) and node.name.endswith("Config")]
+    assert not {name for name in distreward_imports("data") if "trainer" in name}
+    config = ast.parse((ROOT / "distreward" / "data_config.py").read_text())
+    assert [node.name for node in config.body if isinstance(node, ast.ClassDef)] == ["PreferenceTrainingConfig"]
