@@ -73,7 +73,8 @@ def run_reward_training(config: RewardConfig):
                                     config.sigma, config.num_bins)
     if state.is_main_process:
         config.to_json_file(os.path.join(config.output_dir, RUN_CONFIG_NAME))
-    trainer = DistRewardTrainer(model, config, train_dataset=data["train"], processing_class=tokenizer)
+    trainer = DistRewardTrainer(model, config, train_dataset=data["train"], eval_dataset=data["validation"],
+                                processing_class=tokenizer)  # evaluated during training with --eval_strategy
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     if sharded and config.use_peft:
         raise ValueError("--use_peft under FSDP or DeepSpeed: the rm stage merges the adapter into the model it saves, "

@@ -80,3 +80,40 @@ def test_bad_lora_settings_are_refused(flags, message):
     settings = {flags[0][2:]: type(getattr(RewardConfig, flags[0][2:]))(flags[1])}
     with pytest.raises(ValueError, match=message):
         RewardConfig(output_dir="unused", use_peft=True, **settings)
+
+
+class Killed(Exception):
+    """Stands in for the process being killed mid-run."""
+
+
+def test_a_killed_lora_run_resumes_to_the_uninterrupted_one(tmp_path, tokenizer):
+    """Checkpoints of a PEFT model hold the adapter and head (and the RNG of LoRA's dropout): the resumed run ends
+    with the weights and metrics.jsonl of an uninterrupted one."""
+    pairs = load_preference_data(tokenizer, num_pairs=50, eval_fraction=0.2, seed=0)["train"]
+
+    def run(name, kill_at=None, resume=False):
+        config = RewardConfig(output_dir=str(tmp_path / name), max_steps=6, save_steps=2, logging_steps=1,
+                              per_device_train_batch_size=8, learning_rate=1e-2, use_peft=True, lora_r=4,
+                              resume=resume)
+        trainer = DistRewardTrainer(reward_model(tokenizer, head_seed=0), config, train_dataset=pairs,
+                                    processing_class=tokenizer)
+        compute_loss, calls = trainer.pair_loss, []
+
+        def maybe_killed(model, batch):
+            calls.append(1)
+            if len(calls) == kill_at:
+                raise Killed
+            return compute_loss(model, batch)
+
+        trainer.pair_loss = maybe_killed
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer.model, (tmp_path / name / "metrics.jsonl").read_text()
+
+    straight, straight_metrics = run("straight")
+    with pytest.raises(Killed):
+        run("killed", kill_at=5)
+    assert (tmp_path / "killed" / "checkpoint-4" / "adapter_model.safetensors").exists()
+    resumed, resumed_metrics = run("killed", resume=True)
+    assert resumed_metrics == straight_metrics
+    for (name, expected), actual in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=name)

@@ -171,6 +171,21 @@ def test_evaluate_reports_the_held_out_metrics_of_eval_json(tmp_path, tokenizer)
     assert trainer.state.log_history[-1]["eval_test_mean_std"] == report["mean_std"]
 
 
+def test_evaluation_during_training_is_logged_apart_from_metrics_jsonl(tmp_path, tokenizer):
+    """--eval_strategy steps --eval_steps 2: the validation pairs' metrics at steps 2 and 4 in the Trainer's log
+    (what report_to sends), while metrics.jsonl keeps one training line per step."""
+    data = load_preference_data(tokenizer, num_pairs=50, eval_fraction=0.2, seed=0)
+    config = config_for(tmp_path, "during", max_steps=4, eval_strategy="steps", eval_steps=2)
+    trainer = DistRewardTrainer(small_model(config, tokenizer), config, train_dataset=data["train"],
+                                eval_dataset=data["validation"], processing_class=tokenizer)
+    trainer.train()
+    evaluated = [record for record in trainer.state.log_history if "eval_pairwise_accuracy" in record]
+    assert [record["step"] for record in evaluated] == [2, 4]
+    assert all(0 <= record["eval_calibration_ece"] <= 1 for record in evaluated)
+    assert [set(record) for record in read_metrics(config.output_dir)] == [
+        {"step", "epoch", "lr", "loss", "accuracy", "mean_std"}] * 4
+
+
 def test_a_fresh_run_deletes_old_checkpoints_and_keeps_the_newest(tmp_path, tokenizer, pairs):
     config = config_for(tmp_path, "run", max_steps=7, save_steps=2, save_total_limit=2, keep_checkpoints=True)
     train(config, tokenizer, pairs)
