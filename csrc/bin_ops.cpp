@@ -31,6 +31,8 @@
 namespace {
 
 using distreward_cpu::exp_nonpositive;
+using distreward_cpu::log1p_nonnegative;
+using distreward_cpu::log_nonnegative;
 
 constexpr int64_t kBlockRows = 256;       // rows per block: the unit of work and of the loss's partial sums
 constexpr int64_t kParallelWork = 1 << 15;  // logits below which one thread runs everything
@@ -92,7 +94,7 @@ DISTREWARD_INLINE void log_softmax_tile(acc_t* x, acc_t* p, int64_t bins) {
       total[l] += pk[l];
     }
   }
-  for (int64_t l = 0; l < kLanes; ++l) log_total[l] = std::log(total[l]);
+  DISTREWARD_LANES log_total[l] = log_nonnegative(total[l]);
   DISTREWARD_LANES total[l] = acc_t(1) / total[l];
   for (int64_t k = 0; k < bins; ++k) {
     acc_t *xk = x + k * kLanes, *pk = p + k * kLanes;
@@ -143,8 +145,8 @@ DISTREWARD_INLINE void label_tile(const Labels<acc_t>& labels, int64_t r0, int64
       DISTREWARD_LANES {
         usable[l] &= qk[l] >= 0 && qk[l] <= std::numeric_limits<acc_t>::max();
         total[l] += qk[l];
+        log_qk[l] = log_nonnegative(qk[l]);
       }
-      for (int64_t l = 0; l < kLanes; ++l) log_qk[l] = std::log(qk[l]);
     }
     DISTREWARD_LANES usable[l] &= std::abs(total[l] - 1) <= acc_t(kLabelSumTolerance);
   } else {
@@ -172,7 +174,7 @@ DISTREWARD_INLINE void label_tile(const Labels<acc_t>& labels, int64_t r0, int64
         total[l] += qk[l];
       }
     }
-    for (int64_t l = 0; l < kLanes; ++l) log_total[l] = std::log(total[l]);
+    DISTREWARD_LANES log_total[l] = log_nonnegative(total[l]);
     DISTREWARD_LANES total[l] = acc_t(1) / total[l];
     for (int64_t k = 0; k < bins; ++k) {
       acc_t *log_qk = log_q + k * kLanes, *qk = q + k * kLanes;
@@ -280,7 +282,8 @@ void check_logits(const at::Tensor& logits, const char* op) {
 // `t` as a contiguous acc tensor of `numel` entries on the CPU.
 at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc, int64_t numel, const char* what) {
   TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_floating_point() && t.numel() == numel,
-                    (std::string(what) + " must be a float CPU tensor of " + std::to_string(numel) + " entries").c_str());
+                    (std::string(what) + " must be a float CPU tensor of " + std::to_string(numel) + " entries")
+                        .c_str());
   return t.to(acc).contiguous();
 }
 
@@ -544,8 +547,9 @@ double pair_block(const Pairs<scalar_t, acc_t>& pairs, int64_t begin, int64_t en
           a[l] += pck[l] * wk[l];
         }
       }
-      for (int64_t l = 0; l < kLanes; ++l) loss[l] = -std::log(a[l]);
-      if (with_grad) {  // d(-log A)/dz_c,i = p_c,i (1 - w_i / A); rejected: p_r,j (1 - u_j / A), u_j = sum_{i>j} p_c,i + p_c,j / 2
+      DISTREWARD_LANES loss[l] = -log_nonnegative(a[l]);
+      // d(-log A)/dz_c,i = p_c,i (1 - w_i / A); rejected: p_r,j (1 - u_j / A), u_j = sum_{i>j} p_c,i + p_c,j / 2
+      if (with_grad) {
         DISTREWARD_LANES { b[l] = 0; x[l] = acc_t(1) / a[l]; }
         for (int64_t k = bins - 1; k >= 0; --k) {
           acc_t *pck = pc + k * kLanes, *prk = pr + k * kLanes, *gck = gc + k * kLanes, *grk = gr + k * kLanes;
@@ -564,11 +568,12 @@ double pair_block(const Pairs<scalar_t, acc_t>& pairs, int64_t begin, int64_t en
     } else {  // softplus((E_r - E_c) / T), slope sigmoid(.) / T
       moments_tile(pc, pairs.c, bins, a, slope);
       moments_tile(pr, pairs.c, bins, b, slope);
-      for (int64_t l = 0; l < kLanes; ++l) {
-        x[l] = (b[l] - a[l]) * pairs.inverse_temperature;
+      const acc_t inverse_temperature = pairs.inverse_temperature;
+      DISTREWARD_LANES {
+        x[l] = (b[l] - a[l]) * inverse_temperature;
         const acc_t e = exp_nonpositive(-std::abs(x[l]));
-        loss[l] = std::max(x[l], acc_t(0)) + std::log1p(e);
-        slope[l] = (x[l] >= 0 ? 1 / (1 + e) : e / (1 + e)) * pairs.inverse_temperature * scale;
+        loss[l] = std::max(x[l], acc_t(0)) + log1p_nonnegative(e);
+        slope[l] = (x[l] >= 0 ? 1 : e) / (1 + e) * inverse_temperature * scale;
       }
       if (with_grad) {
         for (int64_t k = 0; k < bins; ++k) {

@@ -35,4 +35,46 @@ DISTREWARD_INLINE float exp_nonpositive(float x) {
 
 DISTREWARD_INLINE double exp_nonpositive(double x) { return std::exp(x); }
 
+// log(x) for x >= 0 (0 -> -inf, +inf -> +inf, NaN or x < 0 -> NaN), branch-free so loops over it vectorise:
+// x = 2^e m with m in [sqrt(1/2), sqrt(2)), Cephes' logf polynomial for log(m) (about 1 ulp); subnormal x
+// is scaled by 2^23 first.
+DISTREWARD_INLINE float log_nonnegative(float x) {
+  const bool subnormal = x < 1.17549435e-38f;
+  const float scaled = subnormal ? x * 8388608.f : x;
+  int32_t bits;
+  std::memcpy(&bits, &scaled, sizeof(bits));
+  int32_t e = ((bits >> 23) & 0xff) - 126;
+  const int32_t mantissa_bits = (bits & 0x007fffff) | 0x3f000000;  // m in [0.5, 1)
+  float m;
+  std::memcpy(&m, &mantissa_bits, sizeof(m));
+  const bool low = m < 0.707106781186547524f;
+  e -= low ? 1 : 0;
+  const float f = low ? m + m - 1.f : m - 1.f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  const float exponent = static_cast<float>(e) - (subnormal ? 23.f : 0.f);
+  y = y * f * z + exponent * -2.12194440e-4f - 0.5f * z;
+  const float result = f + y + exponent * 0.693359375f;
+  const float inf = __builtin_inff();
+  return x > 0 ? (x < inf ? result : inf) : (x == 0 ? -inf : __builtin_nanf(""));
+}
+
+DISTREWARD_INLINE double log_nonnegative(double x) { return std::log(x); }
+
+// log(1 + x) for x >= 0, to full precision for small x: log(u) corrected by (x - (u - 1)) / u, u = 1 + x.
+DISTREWARD_INLINE float log1p_nonnegative(float x) {
+  const float u = 1.f + x;
+  return log_nonnegative(u) + (x - (u - 1.f)) / u;
+}
+
+DISTREWARD_INLINE double log1p_nonnegative(double x) { return std::log1p(x); }
+
 }  // namespace distreward_cpu

@@ -114,6 +114,14 @@ def test_gaussian_kl_and_moments_match_eager(form):
     assert_close(both(lambda b: ops.dist_moments(z, backend=b)[0], z))  # std unused: no gradient for it
 
 
+def test_label_distributions_with_zero_and_subnormal_entries():
+    """log q of a given q through the kernels' own log: exact zeros (their terms count 0) and subnormals."""
+    z = logits(6, 4, seed=29)
+    q = torch.tensor([[0.0, 0.5, 0.5, 0.0], [1e-40, 1.0, 0.0, 0.0], [1e-30, 1e-20, 0.25, 0.75],
+                      [0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    assert_close(both(lambda b: ops.gaussian_kl(z, q, backend=b), z))
+
+
 def test_one_hot_rows_have_std_zero_and_a_finite_gradient():
     z = torch.tensor([[0.0, -1e4, -1e4], [1.0, 2.0, 3.0]], requires_grad=True)
     assert_close(both(lambda b: ops.dist_moments(z, backend=b), z))
