@@ -7,7 +7,6 @@
 // vectorises them (`omp simd` reductions, a branch-free exp), and are compiled for AVX-512, AVX2+FMA
 // and baseline x86-64 with the best clone picked at load time. Masked rows cost nothing; without a mask
 // (None) every row is live.
-#include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -346,15 +345,7 @@ void gather_logprobs_backward_(const at::Tensor& grad_logp, at::Tensor& logits, 
 
 }  // namespace
 
-extern "C" {
-// `import distreward._C` loads this library, whose static initialisers below register the ops with
-// PyTorch's dispatcher; they are called as torch.ops.distreward.* (distreward/ops/cpp.py).
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
-
+// Loaded with distreward._C (csrc/extension.cpp); called as torch.ops.distreward.* (distreward/ops/cpp.py).
 TORCH_LIBRARY(distreward, m) {
   m.def("gather_logprobs_forward(Tensor logits, Tensor ids, Tensor? mask) -> (Tensor, Tensor)");
   m.def("gather_logprobs_backward(Tensor grad_logp, Tensor logits, Tensor ids, Tensor? mask, Tensor lse) -> Tensor");

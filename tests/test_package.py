@@ -18,6 +18,23 @@ def test_cpp_extension_registers_its_ops_and_computes_a_log_prob():
     torch.testing.assert_close(out, torch.log(torch.tensor([[0.25]])))
 
 
+def test_the_extension_reports_the_openmp_threads_its_kernels_use():
+    """distreward._C (pybind11: its functions carry their signature) shares torch's OpenMP runtime, so
+    torch.set_num_threads sets the threads of the kernels' parallel loops."""
+    from distreward import _C
+
+    assert _C.omp_max_threads.__doc__.startswith("omp_max_threads() -> int")
+    threads = torch.get_num_threads()
+    try:
+        seen = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            seen.append(_C.omp_max_threads())
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 2, 3]
+
+
 def test_kernels_ship_inside_the_package_not_as_a_top_level_module():
     import distreward.kernels
 

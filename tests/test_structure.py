@@ -92,3 +92,11 @@ def test_data_loading_is_apart_from_its_config():
     assert not {name for name in distreward_imports("data") if "trainer" in name}
     config = ast.parse((ROOT / "distreward" / "data_config.py").read_text())
     assert [node.name for node in config.body if isinstance(node, ast.ClassDef)] == ["PreferenceTrainingConfig"]
+
+
+def test_the_extension_is_a_pybind11_module_that_registers_the_torch_library_ops():
+    """distreward._C is defined once with PYBIND11_MODULE (no hand-written PyInit); the ops stay TORCH_LIBRARY ops."""
+    sources = {path.name: path.read_text() for path in sorted((ROOT / "csrc").glob("*.cpp"))}
+    assert [name for name, text in sources.items() if "PYBIND11_MODULE(_C, " in text] == ["extension.cpp"]
+    assert not [name for name, text in sources.items() if "PyInit_" in text or "<Python.h>" in text]
+    assert [name for name, text in sources.items() if "TORCH_LIBRARY(distreward, " in text] == ["logprobs.cpp"]
