@@ -22,6 +22,7 @@ import torch
 from datasets import Dataset, DatasetDict, load_dataset
 
 from distreward import labels, synthetic, testbed
+from distreward.defaults import NUM_BINS, SIGMA
 from distreward.splits import SPLITS, check_split, prompt_split
 
 EMBEDDED = "embedded"
@@ -204,7 +205,7 @@ def held_out_pairs(num_pairs: int, eval_fraction: float) -> int:
 def load_preference_data(tokenizer, name_or_path: str = EMBEDDED, hub_split: str = "train", num_pairs: int = 4000,
                          score_min: float = 0.0, score_max: float = 4.0, eval_fraction: float = 0.1,
                          max_length: int = 256, seed: int = 0, task: str = "v2", label_kind: str = "gaussian",
-                         sigma: float = 0.1, num_bins: int = 10) -> DatasetDict:
+                         sigma: float = SIGMA, num_bins: int = NUM_BINS) -> DatasetDict:
     """Tokenised ``train`` / ``validation`` / ``test`` pairs for the reward model, split by prompt.
 
     Each row holds ``input_ids_chosen`` / ``input_ids_rejected`` (chat-templated prompt + answer),
@@ -227,7 +228,7 @@ def load_preference_data(tokenizer, name_or_path: str = EMBEDDED, hub_split: str
 
 
 def tokenize_pairs(tokenizer, raw: Dataset, score_min: float, score_max: float, max_length: int,
-                   label_kind: str = "gaussian", sigma: float = 0.1, num_bins: int = 10) -> Dataset:
+                   label_kind: str = "gaussian", sigma: float = SIGMA, num_bins: int = NUM_BINS) -> Dataset:
     """:func:`load_preference_data`'s rows from untokenised pairs (scores checked against the range). A panel
     ``label_kind`` (:mod:`distreward.labels`; ``auto`` resolves to one where the rows keep ratings) adds
     ``sigma_chosen`` / ``sigma_rejected`` (``gaussian_spread``) or ``q_chosen`` / ``q_rejected`` [K]

@@ -12,16 +12,14 @@ import sys
 from safetensors.torch import load_file
 
 from distreward.plots import plot_runs
-from distreward.rm_metrics import PREDICTIONS_NAME
+from distreward.run_files import EVAL_NAME, PREDICTIONS_NAME, RM_CONFIG_NAME, RUN_CONFIG_NAME
 from distreward.tables import markdown_table
-
-RM_CONFIG_NAME = "rm_config.json"  # an rm run's settings (runs before the Hugging Face model kept them in config.json)
 
 
 def run_settings_path(run_dir: str) -> str:
     """The settings file of an ``rm`` run: ``rm_config.json``, or a run's from before it, ``config.json``."""
     path = os.path.join(run_dir, RM_CONFIG_NAME)
-    legacy = os.path.join(run_dir, "config.json")
+    legacy = os.path.join(run_dir, RUN_CONFIG_NAME)  # runs before the Hugging Face model kept it in config.json
     return path if os.path.isfile(path) or not os.path.isfile(legacy) else legacy
 
 
@@ -31,7 +29,7 @@ def compare_runs(run_dirs: list, output_path: str) -> str:
     for run_dir in run_dirs:
         with open(run_settings_path(run_dir)) as handle:
             name = f"{json.load(handle)['loss_kind']} ({os.path.basename(os.path.normpath(run_dir))})"
-        with open(os.path.join(run_dir, "eval.json")) as handle:
+        with open(os.path.join(run_dir, EVAL_NAME)) as handle:
             metrics[name] = json.load(handle)
         runs[name] = load_file(os.path.join(run_dir, PREDICTIONS_NAME))
     plot_runs(runs, output_path)
@@ -45,7 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="rm_comparison.png", help="path of the side-by-side PNG")
     args = parser.parse_args(argv)
     for run_dir in args.run_dirs:
-        missing = [os.path.basename(path) for path in (run_settings_path(run_dir), os.path.join(run_dir, "eval.json"),
+        missing = [os.path.basename(path) for path in (run_settings_path(run_dir), os.path.join(run_dir, EVAL_NAME),
                                                        os.path.join(run_dir, PREDICTIONS_NAME))
                    if not os.path.isfile(path)]
         if missing:

@@ -15,14 +15,14 @@ import statistics
 from scipy.stats import t as student_t
 
 from distreward.plots import pyplot
+from distreward.run_files import (CURVE_NAME, EVAL_NAME, OVEROPTIMISATION_PLOT_NAME, RESULTS_MARKDOWN_NAME,
+                                  RESULTS_NAME, RL_DIR, RM_DIR, SFT_DIR, seed_dir)
 
 REFERENCE_ARM = "bt_kl/none"
 # a control of a std shaping -> that shaping, with which (not with none) it is compared
 CONTROL_SHAPINGS = {"std_scale_constant": "std_scale", "std_scale_shuffled": "std_scale",
                     "std_scale_shuffled_within": "std_scale", "std_penalty_shuffled_within": "std_penalty"}
-CURVE_NAME = "curve.jsonl"
 MATCHED_KL_FRACTIONS = (1 / 3, 2 / 3, 1.0)  # of the largest KL every run of a comparison reaches
-PLOT_NAME = "overoptimisation.png"
 
 
 def split_arm(arm: str) -> tuple:
@@ -36,9 +36,9 @@ def split_arm(arm: str) -> tuple:
 def run_dirs(output_dir: str, seed: int, arm: str) -> tuple:
     """(sft, rm, rl) directories of ``arm`` at ``seed``."""
     variant, shaping = split_arm(arm)
-    root = os.path.join(output_dir, f"seed{seed}")
-    return (os.path.join(root, "sft"), os.path.join(root, f"rm_{variant}"),
-            os.path.join(root, f"rl_{variant}_{shaping}"))
+    root = seed_dir(output_dir, seed)
+    return (os.path.join(root, SFT_DIR), os.path.join(root, f"{RM_DIR}_{variant}"),
+            os.path.join(root, f"{RL_DIR}_{variant}_{shaping}"))
 
 
 def read_json(path: str):
@@ -60,9 +60,9 @@ def gains(report: dict) -> dict:
 def load_run(output_dir: str, seed: int, arm: str):
     """The record of one finished run (RM metrics, gains, ``curve`` points; ``[]`` without curve.jsonl), or None."""
     _, rm_dir, rl_dir = run_dirs(output_dir, seed, arm)
-    if not os.path.isfile(os.path.join(rl_dir, "eval.json")):
+    if not os.path.isfile(os.path.join(rl_dir, EVAL_NAME)):
         return None
-    rm_report = read_json(os.path.join(rm_dir, "eval.json"))
+    rm_report = read_json(os.path.join(rm_dir, EVAL_NAME))
     curve_path = os.path.join(rl_dir, CURVE_NAME)
     curve = []
     if os.path.isfile(curve_path):
@@ -71,7 +71,7 @@ def load_run(output_dir: str, seed: int, arm: str):
     return {"arm": arm, "seed": seed, "rm_accuracy": rm_report["pairwise_accuracy"],
             "rm_truth_differs_accuracy": rm_report.get("truth_differs_accuracy"),
             "rm_calibration_ece": rm_report.get("calibration_ece"),
-            **gains(read_json(os.path.join(rl_dir, "eval.json"))), "curve": curve}
+            **gains(read_json(os.path.join(rl_dir, EVAL_NAME))), "curve": curve}
 
 
 def t_interval(values: list, confidence: float = 0.95) -> tuple:
@@ -279,12 +279,12 @@ def write_results(output_dir: str, seeds: list, arms: list) -> tuple:
             (runs.append(run) if run else missing.append(f"{arm} seed {seed}"))
     if not runs:
         raise ValueError(f"no finished run of {arms} x seeds {seeds} in {output_dir}")
-    with open(os.path.join(output_dir, "results.json"), "w") as handle:
+    with open(os.path.join(output_dir, RESULTS_NAME), "w") as handle:
         json.dump(runs, handle, indent=2)
     markdown = results_markdown(runs, arms)
     if missing:
         markdown += f"\nNot finished (left out): {', '.join(missing)}\n"
-    with open(os.path.join(output_dir, "results.md"), "w") as handle:
+    with open(os.path.join(output_dir, RESULTS_MARKDOWN_NAME), "w") as handle:
         handle.write(markdown)
-    plot_overoptimisation(runs, arms, os.path.join(output_dir, PLOT_NAME))
+    plot_overoptimisation(runs, arms, os.path.join(output_dir, OVEROPTIMISATION_PLOT_NAME))
     return runs, markdown

@@ -6,19 +6,22 @@ model per variant used and one REINFORCE run per arm, in ``output_dir/seed{s}/``
 ``rm_{variant}/``, ``rl_{variant}_{shaping}/``; finished stages are reused, so an interrupted experiment
 picks up where it stopped), each REINFORCE run logging ground truth and KL along training
 (``curve.jsonl``). ``--budget`` picks the stage settings (:data:`BUDGETS`; an explicit flag overrides
-one), ``--jobs`` runs seeds in parallel worker processes. The results (results.json, results.md,
-overoptimisation.png) come from the files on disk: :mod:`distreward.experiment_report`.
+one), ``--jobs`` runs seeds in parallel worker processes, each handed its seed's stage configs. The results
+(results.json, results.md, overoptimisation.png) come from the files on disk: :mod:`distreward.experiment_report`.
 """
+import multiprocessing
 import os
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import traceback
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import field, fields, make_dataclass, replace
 from typing import Optional
 
 from distreward.experiment_report import run_dirs, split_arm, write_results
 from distreward.pipeline import PipelineConfig, run_configured_stages, stage_configs
 from distreward.rl_trainer import ReinforceConfig
+from distreward.run_files import (OVEROPTIMISATION_PLOT_NAME, RESULTS_MARKDOWN_NAME, RESULTS_NAME, WORKER_LOG_NAME,
+                                  seed_dir)
 from distreward.train import USER_ERRORS, parse_config
 
 # name -> RewardConfig settings
@@ -49,7 +52,6 @@ BUDGETS = {
     "cpu": {"num_pairs": 1000, "sft_epochs": 3.0, "rm_epochs": 1.0, "rl_steps": 30, "num_eval_prompts": 128,
             "rl_batch_size": 8, "curve_eval_steps": 5, "curve_eval_prompts": 32},
 }
-WORKER_FLAGS = ("seeds", "jobs", "threads", "aggregate", "aggregate_only")  # set per worker
 
 
 def check_arm(arm: str) -> None:
@@ -83,41 +85,62 @@ def arm_stage_configs(config, seed: int, arm: str) -> tuple:
         rl, per_device_train_batch_size=config.rl_batch_size, **SHAPINGS[shaping], **curves)
 
 
-def run_seed(config, seed: int) -> None:
-    """Every arm at one seed, in this process (finished stages reused)."""
-    for arm in config.arms:
+def seed_plan(config, seed: int) -> list:
+    """[(arm, its (SFTConfig, RewardConfig, ReinforceConfig))] of every arm at ``seed`` (ValueError on a setting a
+    stage rejects)."""
+    return [(arm, arm_stage_configs(config, seed, arm)) for arm in config.arms]
+
+
+def run_seed(seed: int, plan: list, reuse: bool) -> None:
+    """Every arm of :func:`seed_plan` ``plan`` in this process (with ``reuse``, finished stages reused)."""
+    for arm, configs in plan:
         print(f"\n=== seed {seed}, arm {arm}", flush=True)
-        run_configured_stages(arm_stage_configs(config, seed, arm), config.reuse_finished_stages or config.resume)
+        run_configured_stages(configs, reuse)
 
 
-def worker_argv(config, seed: int, threads: int) -> list:
-    """The command line of the worker process that runs ``seed`` with ``config``'s settings."""
-    argv = ["--seeds", str(seed), "--threads", str(threads), "--aggregate", "false"]
-    for f in fields(config):
-        value = getattr(config, f.name)
-        if f.name not in WORKER_FLAGS and value is not None and value != []:  # an empty list is the default
-            values = value if isinstance(value, list) else [str(value).lower() if isinstance(value, bool) else value]
-            argv += [f"--{f.name}", *map(str, values)]
-    return argv
+def run_worker(seed: int, plan: list, reuse: bool, threads: int, log_path: str) -> int:
+    """A worker process's job: :func:`run_seed` on ``threads`` torch threads, its output (stdout and stderr) into
+    ``log_path``. Returns the exit status: 0, 2 after a user's error (one line), 1 after another (its traceback)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    with open(log_path, "w") as log:
+        os.dup2(log.fileno(), sys.stdout.fileno())
+        os.dup2(log.fileno(), sys.stderr.fileno())
+        try:
+            run_seed(seed, plan, reuse)
+        except USER_ERRORS as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except Exception:
+            traceback.print_exc()
+            return 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+    return 0
 
 
-def run_workers(config) -> list:
-    """Run the seeds in ``config.jobs`` worker processes (output in ``seed{s}/log.txt``); returns the failed seeds."""
+def worker_pool(jobs: int) -> ProcessPoolExecutor:
+    """``jobs`` worker processes, a fresh one (spawned: no copy of this process's state) per seed."""
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
+
+
+def run_workers(config, plans: dict) -> list:
+    """Run each seed's plan (seed -> :func:`seed_plan`) in one of ``config.jobs`` worker processes (output in
+    ``seed{s}/log.txt``); returns the failed seeds."""
     threads = config.threads or max(1, (os.cpu_count() or 1) // config.jobs)
-
-    def run_one(seed: int) -> int:
-        log_path = os.path.join(config.output_dir, f"seed{seed}", "log.txt")
-        os.makedirs(os.path.dirname(log_path), exist_ok=True)
-        print(f"seed {seed}: worker started ({threads} threads), log in {log_path}", flush=True)
-        with open(log_path, "w") as log:
-            command = [sys.executable, "-m", "distreward.experiments", *worker_argv(config, seed, threads)]
-            return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
-
-    with ThreadPoolExecutor(config.jobs) as pool:
-        codes = list(pool.map(run_one, config.seeds))
-    failed = [seed for seed, code in zip(config.seeds, codes) if code != 0]
+    reuse = config.reuse_finished_stages or config.resume
+    logs = {seed: os.path.join(seed_dir(config.output_dir, seed), WORKER_LOG_NAME) for seed in plans}
+    with worker_pool(config.jobs) as pool:
+        runs = {}
+        for seed, plan in plans.items():
+            os.makedirs(os.path.dirname(logs[seed]), exist_ok=True)
+            print(f"seed {seed}: worker started ({threads} threads), log in {logs[seed]}", flush=True)
+            runs[seed] = pool.submit(run_worker, seed, plan, reuse, threads, logs[seed])
+        failed = [seed for seed, run in runs.items() if run.result() != 0]
     for seed in failed:
-        print(f"seed {seed} failed, see {os.path.join(config.output_dir, f'seed{seed}', 'log.txt')}", file=sys.stderr)
+        print(f"seed {seed} failed, see {logs[seed]}", file=sys.stderr)
     return failed
 
 
@@ -125,20 +148,19 @@ def run_experiments(config) -> list:
     """Train what is not finished (unless ``aggregate_only``), then write the results; returns the failed seeds."""
     failed = []
     if not config.aggregate_only:
-        for seed in config.seeds:  # every setting checked before the first run starts
-            for arm in config.arms:
-                arm_stage_configs(config, seed, arm)
+        plans = {seed: seed_plan(config, seed) for seed in config.seeds}  # every setting checked before a run starts
         if config.jobs > 1 and len(config.seeds) > 1:
-            failed = run_workers(config)
+            failed = run_workers(config, plans)
         else:
             if config.threads:
                 import torch
                 torch.set_num_threads(config.threads)
-            for seed in config.seeds:
-                run_seed(config, seed)
+            for seed, plan in plans.items():
+                run_seed(seed, plan, config.reuse_finished_stages or config.resume)
     if config.aggregate or config.aggregate_only:
         _, markdown = write_results(config.output_dir, config.seeds, config.arms)
-        print(f"\n{markdown}\nwritten: results.json, results.md, overoptimisation.png in {config.output_dir}")
+        print(f"\n{markdown}\nwritten: {RESULTS_NAME}, {RESULTS_MARKDOWN_NAME}, {OVEROPTIMISATION_PLOT_NAME} in "
+              f"{config.output_dir}")
     return failed
 
 
@@ -190,7 +212,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if failed:
-        print(f"error: seeds {failed} failed, see their seed{{s}}/log.txt", file=sys.stderr)
+        print(f"error: seeds {failed} failed, see their seed{{s}}/{WORKER_LOG_NAME}", file=sys.stderr)
         return 1
     return 0
 

@@ -19,9 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from distreward.data import EMBEDDED, local_path_or_hub_id
 from distreward.modeling_distreward import (DistRewardConfig, DistRewardForSequenceClassification,  # noqa: F401
                                             RewardOutput, last_token_index)
+from distreward.run_files import (GENERATION_CONFIG_NAME, LEGACY_CONFIG_NAME, MODEL_CONFIG_NAME, SFT_CONFIG_NAME,
+                                  TOKENIZER_CONFIG_NAME, WEIGHTS_NAME)
 from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
 
-LEGACY_CONFIG_NAME = "reward_model_config.json"  # the format before the Hugging Face model: head and backbone settings
 MODEL_CARD = """---
 library_name: transformers
 tags: [reward-model, distributional-reward-model, distreward]
@@ -69,7 +70,7 @@ def reward_model_format(path: str):
     """``"hf"`` (a saved :class:`DistRewardForSequenceClassification`), ``"legacy"`` (``reward_model_config.json``
     beside ``model.safetensors``, the format before it) or None for a directory that holds no reward model."""
     path = os.path.expanduser(path)
-    config_path = os.path.join(path, "config.json")
+    config_path = os.path.join(path, MODEL_CONFIG_NAME)
     if os.path.isfile(config_path):
         with open(config_path) as handle:
             if json.load(handle).get("model_type") == DistRewardConfig.model_type:
@@ -83,7 +84,7 @@ def load_legacy_reward_model(path: str) -> DistRewardForSequenceClassification:
     keeps), in eval mode. Its ``save_pretrained`` then writes the current format."""
     with open(os.path.join(path, LEGACY_CONFIG_NAME)) as handle:
         model = DistRewardForSequenceClassification(DistRewardConfig(**json.load(handle)))
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    model.load_state_dict(load_file(os.path.join(path, WEIGHTS_NAME)))
     return model.eval()
 
 
@@ -93,7 +94,7 @@ def save_tokenizer(tokenizer, directory: str) -> None:
     ``PreTrainedTokenizerFast``) and writes the chat template to ``chat_template.jinja``, which goes into
     ``tokenizer_config.json`` here, where every version reads it."""
     tokenizer.save_pretrained(directory)
-    config_path = os.path.join(directory, "tokenizer_config.json")
+    config_path = os.path.join(directory, TOKENIZER_CONFIG_NAME)
     with open(config_path) as handle:
         settings = json.load(handle)
     if settings.get("tokenizer_class") == "TokenizersBackend":
@@ -134,7 +135,7 @@ def load_policy(model_name_or_path: str, seed: int = 0) -> tuple:
         tokenizer = build_tiny_tokenizer()
         return build_tiny_policy(tokenizer, seed=seed), tokenizer
     refuse_reward_model(model_name_or_path)
-    path = local_path_or_hub_id(model_name_or_path, "model directory", "config.json")
+    path = local_path_or_hub_id(model_name_or_path, "model directory", MODEL_CONFIG_NAME)
     return AutoModelForCausalLM.from_pretrained(path), load_tokenizer(path)
 
 
@@ -143,13 +144,13 @@ def load_reward_model(path: str, fallback_tokenizer) -> tuple:
     ``fallback_tokenizer``) from an rm stage's output directory, in the current or the legacy format."""
     kind = reward_model_format(path)
     if kind is None:
-        if os.path.isfile(os.path.join(path, "generation_config.json")) or os.path.isfile(
-                os.path.join(path, "sft_config.json")):
+        if os.path.isfile(os.path.join(path, GENERATION_CONFIG_NAME)) or os.path.isfile(
+                os.path.join(path, SFT_CONFIG_NAME)):
             raise ValueError(f"{path} holds a policy (a causal LM), not a reward model: give the rm stage's output "
                              f"directory as --reward_model_path")
         raise ValueError(f"no reward model in {path}: run `python -m distreward.train rm` first or set "
                          f"--reward_model_path")
-    has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+    has_tokenizer = os.path.isfile(os.path.join(path, TOKENIZER_CONFIG_NAME))
     tokenizer = load_tokenizer(path) if has_tokenizer else fallback_tokenizer
     if kind == "legacy":
         return load_legacy_reward_model(path), tokenizer
@@ -159,7 +160,7 @@ def load_reward_model(path: str, fallback_tokenizer) -> tuple:
 def load_policy_and_reference(path: str):
     """(policy, frozen reference copy, tokenizer) from an SFT output directory."""
     refuse_reward_model(path)
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if not os.path.isfile(os.path.join(path, MODEL_CONFIG_NAME)):
         raise ValueError(f"no policy in {path}: run `python -m distreward.train sft` first or set --policy_path")
     policy, tokenizer = load_policy(path)
     return policy, copy.deepcopy(policy), tokenizer

@@ -11,108 +11,123 @@ prints the write-up's table and verdict once, and the pipeline where the report 
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 
 from accelerate import PartialState
 
 from distreward.plots import pyplot
-from distreward.rl_trainer import EVAL_NAME, EVAL_SAMPLES_NAME, ReinforceConfig, run_reinforce
-from distreward.rm_trainer import DISTRIBUTIONS_NAME, RewardConfig, run_reward_training
+from distreward.rl_trainer import ReinforceConfig, run_reinforce
+from distreward.rm_trainer import RewardConfig, run_reward_training
+from distreward.run_files import (CURVES_NAME, EVAL_NAME, EVAL_SAMPLES_NAME, HISTOGRAM_NAME, METRICS_NAME, REPORT_NAME,
+                                  finished_mark, stage_dirs)
 from distreward.sft_trainer import SFTConfig, run_sft
-from distreward.trainer_utils import DEFAULT_RUN_DIR, METRICS_NAME, TrainingConfig, remove_checkpoints, save_run_config
+from distreward.trainer_utils import DEFAULT_RUN_DIR, remove_checkpoints, save_run_config
 
 STAGE_TITLES = ("SFT warm-up", "reward model", "REINFORCE")
-REPORT_NAME = "report.json"
-HISTOGRAM_NAME = "reward_histogram.png"
-CURVES_NAME = "training_curves.png"
+STAGE_CLASSES = {"sft": SFTConfig, "rm": RewardConfig, "rl": ReinforceConfig}
+EVERY_STAGE = tuple(STAGE_CLASSES)
+# Each pipeline setting -> the stage settings it is ("stage": the setting of the same name; "stage.name" another):
+# the one place where the pipeline's flags meet the stages'. A setting's default is its first stage setting's.
+STAGE_SETTINGS = {
+    "seed": EVERY_STAGE, "task": EVERY_STAGE, "num_pairs": ("sft", "rm"), "sft_epochs": ("sft.num_train_epochs",),
+    "rm_epochs": ("rm.num_train_epochs",), "loss_kind": ("rm",), "label_kind": ("rm",), "rl_steps": ("rl.max_steps",),
+    **{name: ("rl",) for name in ("shaping", "std_source", "quantile_level", "baseline", "beta", "alpha",
+                                  "num_eval_prompts", "eval_split", "temperature_baselines", "sharpening_baseline",
+                                  "sharpening_grid", "curve_eval_steps", "curve_eval_prompts")},
+    "keep_checkpoints": EVERY_STAGE, "resume": EVERY_STAGE,
+}
 CURVES = (("reward", "reward-model mean E"), ("reward_sd", "reward-model std"), ("kl", "KL to reference"),
           ("ground_truth", "ground-truth score (0-4)"))
 
 
+def stage_targets(name: str) -> list:
+    """[(stage, stage setting)] that the pipeline setting ``name`` sets."""
+    return [(target.split(".")[0], target.split(".")[-1] if "." in target else name) for target in STAGE_SETTINGS[name]]
+
+
+def stage_setting(name: str, help_text: str):
+    """The ``dataclasses.field`` of pipeline setting ``name``: its first stage setting's default, ``help_text``."""
+    stage, target = stage_targets(name)[0]
+    source = STAGE_CLASSES[stage].__dataclass_fields__[target]
+    if source.default_factory is not MISSING:
+        return field(default_factory=source.default_factory, metadata={"help": help_text})
+    return field(default=source.default, metadata={"help": help_text})
+
+
 @dataclass
 class PipelineConfig:
-    """Settings of the whole pipeline; their defaults and everything else are the stage configs' own, and
-    ``__post_init__`` builds the stage configs, so a setting a stage would reject cannot be built."""
+    """Settings of the whole pipeline; their defaults and everything else are the stage configs' own
+    (:data:`STAGE_SETTINGS`). ``__post_init__`` builds the stage configs once (``stages``: what
+    :func:`run_stages` runs), so a setting a stage would reject cannot be built."""
 
     output_dir: str = field(default=DEFAULT_RUN_DIR, metadata={"help": "Root directory: sft/, rm/ and rl/ "
                                                                        "sub-directories, report.json, plots."})
-    seed: int = field(default=TrainingConfig.seed, metadata={
-        "help": "Seed of every stage (data, initialisation, sampling)."})
-    task: str = field(default=SFTConfig.task, metadata={
-        "help": "Embedded task: v2 (demonstrations, a rater panel, regions; docs/testbed.md) or v1."})
-    num_pairs: int = field(default=SFTConfig.num_pairs, metadata={
-        "help": "Preference pairs of the embedded task (RM; and SFT's demonstrations, or chosen answers under v1)."})
-    sft_epochs: float = field(default=SFTConfig.num_train_epochs, metadata={
-        "help": "SFT passes over its data: the demonstrations (v2) or the chosen answers (v1) (the sft stage's "
-                "--num_train_epochs)."})
-    rm_epochs: float = field(default=RewardConfig.num_train_epochs, metadata={
-        "help": "Reward-model passes over the training pairs."})
-    loss_kind: str = field(default=RewardConfig.loss_kind, metadata={
-        "help": "Reward-model loss: bt_mean, bt_kl, dpl, or the scalar baselines scalar_bt and scalar_reg (which "
-                "need --shaping none)."})
-    label_kind: str = field(default=RewardConfig.label_kind, metadata={
-        "help": "Reward-model score labels: auto (mixture on data with per-rater ratings, else gaussian), gaussian, "
-                "gaussian_spread or mixture (docs/math.md §2)."})
-    rl_steps: int = field(default=ReinforceConfig.max_steps, metadata={"help": "REINFORCE optimizer steps."})
-    shaping: str = field(default=ReinforceConfig.shaping, metadata={
-        "help": "Reward shaping: none, std_penalty (H2.1), std_scale (H2.2) or quantile (a lower quantile of the "
-                "RM's distribution)."})
-    std_source: str = field(default=ReinforceConfig.std_source, metadata={
-        "help": "Std the std shapings read: model, or the controls constant (batch mean), shuffled and "
-                "shuffled_within_prompt."})
-    quantile_level: float = field(default=ReinforceConfig.quantile_level, metadata={
-        "help": "Level in (0, 1) of the quantile shaping."})
-    baseline: str = field(default=ReinforceConfig.baseline, metadata={"help": "REINFORCE baseline: ema, rloo or batch."})
-    beta: float = field(default=ReinforceConfig.beta, metadata={"help": "Weight of the KL to the reference."})
-    alpha: float = field(default=ReinforceConfig.alpha, metadata={"help": "Weight of the std penalty (std_penalty)."})
-    num_eval_prompts: int = field(default=ReinforceConfig.num_eval_prompts, metadata={
-        "help": "Held-out prompts on which the SFT and the trained policy are compared."})
-    eval_split: str = field(default=ReinforceConfig.eval_split, metadata={
-        "help": "Prompts of that comparison: test (reports) or validation (tuning settings)."})
-    temperature_baselines: list[float] = field(default_factory=list, metadata={
-        "help": "Also evaluate the SFT policy sampled at each of these temperatures, no reward model (the rl "
-                "stage's --temperature_baselines): the cheap baseline REINFORCE has to beat."})
-    sharpening_baseline: bool = field(default=ReinforceConfig.sharpening_baseline, metadata={
-        "help": "Compare the trained policy with the best sharpened SFT policy (--no_sharpening_baseline: off)."})
-    sharpening_grid: list[float] = field(default_factory=lambda: ReinforceConfig().sharpening_grid, metadata={
-        "help": "Temperatures (0: greedy) of the sharpened-SFT baseline, chosen on validation prompts (the rl "
-                "stage's --sharpening_grid)."})
-    curve_eval_steps: int = field(default=ReinforceConfig.curve_eval_steps, metadata={
-        "help": "Write rl/curve.jsonl (ground truth and KL to the reference along training) every this many "
-                "REINFORCE steps; 0: off."})
-    curve_eval_prompts: int = field(default=ReinforceConfig.curve_eval_prompts, metadata={
-        "help": "Held-out prompts of each curve.jsonl point (the first of the comparison's)."})
+    seed: int = stage_setting("seed", "Seed of every stage (data, initialisation, sampling).")
+    task: str = stage_setting("task", "Embedded task: v2 (demonstrations, a rater panel, regions; docs/testbed.md) "
+                                      "or v1.")
+    num_pairs: int = stage_setting("num_pairs", "Preference pairs of the embedded task (RM; and SFT's "
+                                                "demonstrations, or chosen answers under v1).")
+    sft_epochs: float = stage_setting("sft_epochs", "SFT passes over its data: the demonstrations (v2) or the chosen "
+                                                    "answers (v1) (the sft stage's --num_train_epochs).")
+    rm_epochs: float = stage_setting("rm_epochs", "Reward-model passes over the training pairs.")
+    loss_kind: str = stage_setting("loss_kind", "Reward-model loss: bt_mean, bt_kl, dpl, or the scalar baselines "
+                                                "scalar_bt and scalar_reg (which need --shaping none).")
+    label_kind: str = stage_setting("label_kind", "Reward-model score labels: auto (mixture on data with per-rater "
+                                                  "ratings, else gaussian), gaussian, gaussian_spread or mixture "
+                                                  "(docs/math.md §2).")
+    rl_steps: int = stage_setting("rl_steps", "REINFORCE optimizer steps.")
+    shaping: str = stage_setting("shaping", "Reward shaping: none, std_penalty (H2.1), std_scale (H2.2) or quantile "
+                                            "(a lower quantile of the RM's distribution).")
+    std_source: str = stage_setting("std_source", "Std the std shapings read: model, or the controls constant (batch "
+                                                  "mean), shuffled and shuffled_within_prompt.")
+    quantile_level: float = stage_setting("quantile_level", "Level in (0, 1) of the quantile shaping.")
+    baseline: str = stage_setting("baseline", "REINFORCE baseline: ema, rloo or batch.")
+    beta: float = stage_setting("beta", "Weight of the KL to the reference.")
+    alpha: float = stage_setting("alpha", "Weight of the std penalty (std_penalty).")
+    num_eval_prompts: int = stage_setting("num_eval_prompts", "Held-out prompts on which the SFT and the trained "
+                                                              "policy are compared.")
+    eval_split: str = stage_setting("eval_split", "Prompts of that comparison: test (reports) or validation (tuning "
+                                                  "settings).")
+    temperature_baselines: list[float] = stage_setting(
+        "temperature_baselines", "Also evaluate the SFT policy sampled at each of these temperatures, no reward model "
+                                 "(the rl stage's --temperature_baselines): the cheap baseline REINFORCE has to beat.")
+    sharpening_baseline: bool = stage_setting("sharpening_baseline", "Compare the trained policy with the best "
+                                                                     "sharpened SFT policy (--no_sharpening_baseline: "
+                                                                     "off).")
+    sharpening_grid: list[float] = stage_setting(
+        "sharpening_grid", "Temperatures (0: greedy) of the sharpened-SFT baseline, chosen on validation prompts (the "
+                           "rl stage's --sharpening_grid).")
+    curve_eval_steps: int = stage_setting("curve_eval_steps", "Write rl/curve.jsonl (ground truth and KL to the "
+                                                              "reference along training) every this many REINFORCE "
+                                                              "steps; 0: off.")
+    curve_eval_prompts: int = stage_setting("curve_eval_prompts", "Held-out prompts of each curve.jsonl point (the "
+                                                                  "first of the comparison's).")
     reuse_finished_stages: bool = field(default=False, metadata={
         "help": "Skip a stage whose finished output is already in its sub-directory."})
-    keep_checkpoints: bool = field(default=TrainingConfig.keep_checkpoints, metadata={
-        "help": "Keep each stage's checkpoint-{step}/ folders once it finishes (deleted otherwise)."})
-    resume: bool = field(default=False, metadata={
-        "help": "Continue a killed run: skip the finished stages and resume the stage it was in from its latest "
-                "checkpoint (the outputs are those of an uninterrupted run)."})
+    keep_checkpoints: bool = stage_setting("keep_checkpoints", "Keep each stage's checkpoint-{step}/ folders once it "
+                                                               "finishes (deleted otherwise).")
+    resume: bool = stage_setting("resume", "Continue a killed run: skip the finished stages and resume the stage it "
+                                           "was in from its latest checkpoint (the outputs are those of an "
+                                           "uninterrupted run).")
 
     def __post_init__(self) -> None:
-        _, rm, _ = stage_configs(self, *(os.path.join(self.output_dir, name) for name in ("sft", "rm", "rl")))
-        if rm.is_scalar and self.shaping != "none":  # refused now, not after training SFT and the reward model
+        self.stages = stage_configs(self, *stage_dirs(self.output_dir))  # (SFTConfig, RewardConfig, ReinforceConfig)
+        if self.stages[1].is_scalar and self.shaping != "none":  # refused now, not after training SFT and the RM
             raise ValueError(f"--loss_kind {self.loss_kind} trains a scalar reward model, which has no distribution "
                              f"for --shaping {self.shaping}: use --shaping none")
 
 
 def stage_configs(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str) -> tuple:
-    """(SFTConfig, RewardConfig, ReinforceConfig) of a pipeline run with the given stage directories."""
-    shared = dict(seed=config.seed, resume=config.resume, keep_checkpoints=config.keep_checkpoints, task=config.task)
-    sft = SFTConfig(output_dir=sft_dir, num_pairs=config.num_pairs, num_train_epochs=config.sft_epochs, **shared)
-    rm = RewardConfig(output_dir=rm_dir, model_name_or_path=sft_dir, num_pairs=config.num_pairs,
-                      num_train_epochs=config.rm_epochs, loss_kind=config.loss_kind, label_kind=config.label_kind,
-                      **shared)
-    rl = ReinforceConfig(output_dir=rl_dir, policy_path=sft_dir, reward_model_path=rm_dir,
-                         max_steps=config.rl_steps, shaping=config.shaping, baseline=config.baseline,
-                         beta=config.beta, alpha=config.alpha, std_source=config.std_source,
-                         quantile_level=config.quantile_level, num_eval_prompts=config.num_eval_prompts,
-                         eval_split=config.eval_split, temperature_baselines=config.temperature_baselines,
-                         sharpening_baseline=config.sharpening_baseline, sharpening_grid=config.sharpening_grid,
-                         curve_eval_steps=config.curve_eval_steps,
-                         curve_eval_prompts=config.curve_eval_prompts, **shared)
-    return sft, rm, rl
+    """(SFTConfig, RewardConfig, ReinforceConfig) of a pipeline run with the given stage directories: each stage
+    setting that :data:`STAGE_SETTINGS` names from ``config``, the rest the stage's defaults; each stage reads the
+    previous stages' outputs."""
+    settings = {stage: {} for stage in STAGE_CLASSES}
+    for name in STAGE_SETTINGS:
+        for stage, target in stage_targets(name):
+            settings[stage][target] = getattr(config, name)
+    return (SFTConfig(output_dir=sft_dir, **settings["sft"]),
+            RewardConfig(output_dir=rm_dir, model_name_or_path=sft_dir, **settings["rm"]),
+            ReinforceConfig(output_dir=rl_dir, policy_path=sft_dir, reward_model_path=rm_dir, **settings["rl"]))
 
 
 def forget_outputs(stages: tuple, index: int) -> None:
@@ -121,43 +136,44 @@ def forget_outputs(stages: tuple, index: int) -> None:
     (process 0 only)."""
     if not PartialState().is_main_process:
         return
-    for position, (stage_config, _, last_output) in enumerate(stages[index:]):
-        mark = os.path.join(stage_config.output_dir, last_output)
+    for position, (stage_config, _, mark) in enumerate(stages[index:]):
+        mark = os.path.join(stage_config.output_dir, mark)
         if os.path.isfile(mark):
             os.remove(mark)
         if position > 0:
             remove_checkpoints(stage_config.output_dir)
 
 
-def run_stages(config: PipelineConfig, sft_dir: str, rm_dir: str, rl_dir: str) -> dict:
-    """SFT -> RM -> REINFORCE into the given directories; returns the REINFORCE ``eval.json`` report.
+def run_stages(config: PipelineConfig) -> dict:
+    """SFT -> RM -> REINFORCE with ``config.stages``; returns the REINFORCE ``eval.json`` report.
 
-    With ``reuse_finished_stages`` or ``resume``, a stage whose last output exists is not run again (how the
-    experiment grid shares one SFT policy and one reward model between several REINFORCE runs); with
+    With ``reuse_finished_stages`` or ``resume``, a stage whose finished mark exists is not run again; with
     ``resume`` the other stages continue from their latest checkpoint, if any.
     """
-    return run_configured_stages(stage_configs(config, sft_dir, rm_dir, rl_dir),
-                                 config.reuse_finished_stages or config.resume)
+    return run_configured_stages(config.stages, config.reuse_finished_stages or config.resume)
 
 
 def run_configured_stages(configs: tuple, reuse: bool) -> dict:
     """SFT -> RM -> REINFORCE with the given ``(SFTConfig, RewardConfig, ReinforceConfig)``; with ``reuse`` a
-    stage whose last output exists is not run again. Returns the REINFORCE ``eval.json`` report."""
+    stage whose finished mark exists is not run again (how the experiment grid shares one SFT policy and one reward
+    model between several REINFORCE runs). Returns the REINFORCE ``eval.json`` report: as the rl stage returns it,
+    or read from its directory where that stage was reused."""
     sft, rm, rl = configs
-    # (settings, run function, the file a finished run writes last: sft's eval.json of the embedded task)
-    stages = ((sft, run_sft, EVAL_NAME), (rm, run_reward_training, DISTRIBUTIONS_NAME),
-              (rl, run_reinforce, EVAL_SAMPLES_NAME))
+    # (settings, run function, finished mark); the sft stage evaluates on the embedded task: eval.json is its last
+    stages = ((sft, run_sft, finished_mark("sft", evaluates=sft.num_eval_prompts > 0)),
+              (rm, run_reward_training, finished_mark("rm")), (rl, run_reinforce, finished_mark("rl")))
     main_process = PartialState().is_main_process
-    for index, (stage_config, run, last_output) in enumerate(stages):
+    for index, (stage_config, run, mark) in enumerate(stages):
         header = f"\n[{index + 1}/{len(stages)}] {STAGE_TITLES[index]} -> {stage_config.output_dir}"
-        done = os.path.isfile(os.path.join(stage_config.output_dir, last_output))
-        reused = reuse and done
+        reused = reuse and os.path.isfile(os.path.join(stage_config.output_dir, mark))
         if main_process:
             print(header + (": finished earlier, reused" if reused else ""), flush=True)
         if reused:
             continue
         forget_outputs(stages, index)
-        run(stage_config)
+        output = run(stage_config)
+    if not reused:  # the rl stage ran (a stage that runs forgets the later stages' marks, so rl runs after it)
+        return output
     with open(os.path.join(rl.output_dir, EVAL_NAME)) as handle:
         return json.load(handle)
 
@@ -218,11 +234,10 @@ def run_pipeline(config: PipelineConfig) -> dict:
     main_process = PartialState().is_main_process  # under torchrun only process 0 writes and prints
     if main_process:
         save_run_config(config, config.output_dir)
-    stage_dirs = [os.path.join(config.output_dir, name) for name in ("sft", "rm", "rl")]
-    report = run_stages(config, *stage_dirs)
+    report = run_stages(config)
     if not main_process:
         return report
-    rl_dir = stage_dirs[-1]
+    _, rm_dir, rl_dir = (stage_config.output_dir for stage_config in config.stages)
     with open(os.path.join(config.output_dir, REPORT_NAME), "w") as handle:
         json.dump(report, handle, indent=2)
     histogram, curves = (os.path.join(config.output_dir, name) for name in (HISTOGRAM_NAME, CURVES_NAME))
@@ -232,5 +247,5 @@ def run_pipeline(config: PipelineConfig) -> dict:
           f"{config.loss_kind}); the SFT vs trained numbers and the verdict are in "
           f"{os.path.join(config.output_dir, REPORT_NAME)}\n"
           f"plots: {histogram} (RM reward and ground truth of SFT vs trained responses), "
-          f"{curves} (REINFORCE metrics by step)\n{reward_model_uses(stage_dirs[1])}")
+          f"{curves} (REINFORCE metrics by step)\n{reward_model_uses(rm_dir)}")
     return report

@@ -24,8 +24,10 @@ import torch
 
 from distreward import ops, rm_metrics
 from distreward.data import EMBEDDED, PreferenceCollator, held_out_pairs
+from distreward.defaults import NUM_BINS, SIGMA
 from distreward.labels import check_label_kind
 from distreward.ops.validation import check_choice, check_positive
+from distreward.run_files import SFT_DIR
 from distreward.stage_trainer import StageArguments, StageTrainer
 
 
@@ -44,7 +46,7 @@ class RewardConfig(StageArguments):
                 "split by prompt hash, 10%% each)."})
     score_min: float = field(default=0.0, metadata={"help": "Lowest possible score (HelpSteer2 average_rating: 0)."})
     score_max: float = field(default=4.0, metadata={"help": "Highest possible score (HelpSteer2 average_rating: 4)."})
-    num_bins: int = field(default=10, metadata={"help": "Bins K of the reward distribution over [0, 1]."})
+    num_bins: int = field(default=NUM_BINS, metadata={"help": "Bins K of the reward distribution over [0, 1]."})
     loss_kind: str = field(default="bt_kl", metadata={
         "help": "bt_mean (H1.1: Bradley-Terry on E), bt_kl (H1.2: + KL to Gaussian labels), dpl, or the scalar "
                 "baselines scalar_bt (TRL Bradley-Terry) and scalar_reg (+ squared error to the labels)."})
@@ -53,7 +55,7 @@ class RewardConfig(StageArguments):
                 "(width sqrt(sigma^2 + the raters' sd^2)), mixture (the mean of one Gaussian per rater) or auto "
                 "(mixture where the data keep per-rater ratings, as the embedded task v2 does; gaussian elsewhere). "
                 "Scalar heads and bt_mean read only the mean."})
-    sigma: float = field(default=0.1, metadata={"help": "Width of the Gaussian label distribution (sigma0 of the "
+    sigma: float = field(default=SIGMA, metadata={"help": "Width of the Gaussian label distribution (sigma0 of the "
                                                         "panel label kinds)."})
     score_weight: float = field(default=1.0, metadata={
         "help": "Weight of the KL term (bt_kl, dpl) or of the squared error (scalar_reg)."})
@@ -113,7 +115,7 @@ class RewardConfig(StageArguments):
         return self.loss_kind in ops.SCALAR_LOSS_KINDS
 
     def default_backbone(self) -> str:
-        return os.path.join(self.run_dir, "sft")
+        return os.path.join(self.run_dir, SFT_DIR)
 
 
 def pair_labels(batch: dict, config: RewardConfig) -> tuple:

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from distreward.defaults import ALPHA, BETA, QUANTILE_LEVEL
 from distreward.ops import bin_edges
 from distreward.ops.validation import check_choice, check_logits, check_positive
 
@@ -23,7 +24,7 @@ BASELINES = ("ema", "rloo", "batch")
 
 
 def shape_rewards(reward: torch.Tensor, std: torch.Tensor, kl: torch.Tensor, shaping: str = "std_scale",
-                  beta: float = 0.05, alpha: float = 0.5, quantile: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  beta: float = BETA, alpha: float = ALPHA, quantile: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Total reward R [N] from reward-model mean ``reward`` [N], std ``std`` [N] and KL ``kl`` [N].
 
     - ``none``:        ``R = r - beta * kl``
@@ -49,7 +50,7 @@ def shape_rewards(reward: torch.Tensor, std: torch.Tensor, kl: torch.Tensor, sha
 
 
 def check_shaping(shaping: str, beta: float, alpha: float, prefix: str = "", std_source: str = "model",
-                  quantile_level: float = 0.25) -> None:
+                  quantile_level: float = QUANTILE_LEVEL) -> None:
     """Raise ValueError unless ``shaping`` is one of :data:`SHAPINGS`, ``beta``, ``alpha`` are >= 0,
     ``std_source`` is one of :data:`STD_SOURCES` (other than ``model`` only for a shaping that reads the std)
     and ``quantile_level`` lies in (0, 1) (``prefix`` goes before each name in the message, e.g. ``--``)."""

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from distreward.data import EMBEDDED, EMBEDDED_TASKS, HELD_OUT_SPLITS, embedded_task, load_prompts
+from distreward.defaults import ALPHA, BETA, QUANTILE_LEVEL
 from distreward.distributed import call_in_forward
 from distreward.modeling import load_policy_and_reference, load_reward_model
 from distreward.ops.validation import check_choice, check_positive
@@ -33,12 +34,8 @@ from distreward.rewards import check_shaping, make_baseline, replace_std, shape_
 from distreward.rollout import RolloutScorer, generate_rollouts, token_logprobs
 from distreward.tables import format_report
 from distreward.timing import PhaseTimer, timed
+from distreward.run_files import CURVE_NAME, EVAL_NAME, EVAL_SAMPLES_NAME, POLICY_DIR, RM_DIR, SFT_DIR
 from distreward.trainer_utils import MetricsLogger, TrainingConfig, make_accelerator, save_run_config, train_loop
-
-POLICY_DIR = "policy"
-EVAL_NAME = "eval.json"
-EVAL_SAMPLES_NAME = "eval_samples.jsonl"
-CURVE_NAME = "curve.jsonl"
 
 
 @dataclass
@@ -90,10 +87,10 @@ class ReinforceConfig(TrainingConfig):
         "help": "Std the std shapings read: model (the RM's), or a control: constant (each batch's mean std), "
                 "shuffled (the batch's stds randomly permuted) or shuffled_within_prompt (permuted among each "
                 "prompt's samples: the control that stays meaningful under rloo)."})
-    quantile_level: float = field(default=0.25, metadata={"help": "Level in (0, 1) of the quantile shaping."})
-    beta: float = field(default=0.1, metadata={"help": "Weight of the KL to the reference (tuned on validation "
+    quantile_level: float = field(default=QUANTILE_LEVEL, metadata={"help": "Level in (0, 1) of the quantile shaping."})
+    beta: float = field(default=BETA, metadata={"help": "Weight of the KL to the reference (tuned on validation "
                                                        "prompts: 0.02 let the RM be exploited, 0.3 held the policy)."})
-    alpha: float = field(default=0.5, metadata={"help": "Weight of the std penalty (std_penalty only)."})
+    alpha: float = field(default=ALPHA, metadata={"help": "Weight of the std penalty (std_penalty only)."})
     baseline: str = field(default="rloo", metadata={"help": "Baseline: rloo (leave-one-out over the samples of a "
                                                             "prompt), ema or batch (batch mean)."})
     ema_decay: float = field(default=0.9, metadata={"help": "Decay of the ema baseline."})
@@ -117,8 +114,8 @@ class ReinforceConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.policy_path = self.policy_path or os.path.join(self.run_dir, "sft")
-        self.reward_model_path = self.reward_model_path or os.path.join(self.run_dir, "rm")
+        self.policy_path = self.policy_path or os.path.join(self.run_dir, SFT_DIR)
+        self.reward_model_path = self.reward_model_path or os.path.join(self.run_dir, RM_DIR)
         check_shaping(self.shaping, self.beta, self.alpha, prefix="--", std_source=self.std_source,
                       quantile_level=self.quantile_level)
         make_baseline(self.baseline, self.samples_per_prompt, self.ema_decay)  # raises on a setting it cannot take

@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader
 
 from distreward import ops
 from distreward.data import PreferenceCollator
+from distreward.defaults import SIGMA
+from distreward.run_files import PREDICTIONS_NAME
 
-PREDICTIONS_NAME = "predictions.safetensors"
 METRIC_NAMES = ("pairwise_accuracy", "mean_std", "std_error_spearman", "label_kl", "calibration_ece")
 CALIBRATION_LEVELS = torch.arange(1, 20, dtype=torch.float64) / 20  # p = 0.05, 0.10, ..., 0.95
 PROMPT_GROUPS = {"add": "clear", "sort": "clear", "count": "clear", "ambiguous": "ambiguous"}  # embedded task
@@ -116,7 +117,7 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((rx * ry).sum() / denominator) if denominator > 0 else float("nan")
 
 
-def reward_metrics(predictions: dict, sigma: float = 0.1) -> dict:
+def reward_metrics(predictions: dict, sigma: float = SIGMA) -> dict:
     """docs/math.md §7 numbers from :func:`predict`'s output (over its ``centers``; ``linspace(0, 1, K)``
     without them).
 
@@ -220,7 +221,7 @@ def group_subsets(predictions: dict, groups: list) -> dict:
             for name in sorted(set(groups))}
 
 
-def metrics_by_group(predictions: dict, groups: list, sigma: float = 0.1) -> dict:
+def metrics_by_group(predictions: dict, groups: list, sigma: float = SIGMA) -> dict:
     """:func:`reward_metrics` for each value of ``groups`` (one label per pair, e.g. the prompt kind)."""
     return {name: reward_metrics(subset, sigma) for name, subset in group_subsets(predictions, groups).items()}
 

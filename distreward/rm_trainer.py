@@ -29,15 +29,11 @@ from accelerate import PartialState
 from transformers import set_seed
 from transformers.utils import logging as transformers_logging
 
-from distreward import evaluation, ops, plots, rm_metrics
+from distreward import ops, plots, rm_metrics
 from distreward.data import EMBEDDED, load_preference_data
 from distreward.modeling import DistRewardForSequenceClassification, load_policy, load_reward_model, save_reward_model
 from distreward.reward_trainer import DistRewardTrainer, RewardConfig, held_out_metrics
-
-RUN_CONFIG_NAME = evaluation.RM_CONFIG_NAME  # the model's config.json is the model's, as the sft stage's is
-DISTRIBUTIONS_NAME = "distributions.png"
-RELIABILITY_NAME = "reliability.png"
-ADAPTER_DIR = "adapter"  # --use_peft: the LoRA adapter and the head (PEFT's save_pretrained)
+from distreward.run_files import ADAPTER_DIR, DISTRIBUTIONS_NAME, EVAL_NAME, RELIABILITY_NAME, RM_CONFIG_NAME
 
 
 def load_backbone(config: RewardConfig, print_fn=print):
@@ -72,7 +68,7 @@ def run_reward_training(config: RewardConfig):
                                     config.seed, config.task, config.label_kind if config.reads_labels else "gaussian",
                                     config.sigma, config.num_bins)
     if state.is_main_process:
-        config.to_json_file(os.path.join(config.output_dir, RUN_CONFIG_NAME))
+        config.to_json_file(os.path.join(config.output_dir, RM_CONFIG_NAME))
     trainer = DistRewardTrainer(model, config, train_dataset=data["train"], eval_dataset=data["validation"],
                                 processing_class=tokenizer)  # evaluated during training with --eval_strategy
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
@@ -113,7 +109,7 @@ def evaluate_and_report(model, tokenizer, data, config: RewardConfig, print_fn=p
     (test pairs, a curve per prompt group where the pairs have kinds)."""
     report, predictions = held_out_metrics(model, tokenizer, data["test"], config)
     report["validation"], _ = held_out_metrics(model, tokenizer, data["validation"], config)
-    with open(os.path.join(config.output_dir, "eval.json"), "w") as handle:
+    with open(os.path.join(config.output_dir, EVAL_NAME), "w") as handle:
         json.dump(report, handle, indent=2)
     rm_metrics.save_predictions(predictions, config.output_dir)
     plots.plot_runs({config.loss_kind: predictions}, os.path.join(config.output_dir, DISTRIBUTIONS_NAME))

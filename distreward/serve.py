@@ -42,6 +42,7 @@ from jinja2 import TemplateError
 from transformers.utils import logging as transformers_logging
 
 from distreward.data import conversation_ids, padded_batch, to_messages
+from distreward.defaults import ALPHA, QUANTILE_LEVEL
 from distreward.integrations.openrlhf import openrlhf_reply
 from distreward.modeling import load_reward_model
 from distreward.rewards import SHAPINGS, check_level, check_shaping, distribution_quantile, shape_rewards
@@ -128,7 +129,8 @@ class BatchScorer:
     """
 
     def __init__(self, model, pad_token_id: int, max_batch_size: int = 32, max_wait_ms: float = 5.0,
-                 quantiles: tuple = (), shaping: str = "none", alpha: float = 0.5, quantile_level: float = 0.25):
+                 quantiles: tuple = (), shaping: str = "none", alpha: float = ALPHA,
+                 quantile_level: float = QUANTILE_LEVEL):
         check_shaping(shaping, 0.0, alpha, quantile_level=quantile_level)
         for level in quantiles:
             check_level("quantile", level)
@@ -384,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shaping", choices=SHAPINGS, default="none",
                         help="rewards: the mean (none), mean - alpha * std (std_penalty), mean / (std + 1) "
                              "(std_scale) or the --quantile_level quantile (quantile); docs/math.md §5")
-    parser.add_argument("--alpha", type=float, default=0.5, help="the std_penalty weight")
-    parser.add_argument("--quantile_level", type=float, default=0.25, help="the quantile shaping's level")
+    parser.add_argument("--alpha", type=float, default=ALPHA, help="the std_penalty weight")
+    parser.add_argument("--quantile_level", type=float, default=QUANTILE_LEVEL, help="the quantile shaping's level")
     parser.add_argument("--max_length", type=int, default=None,
                         help="longest sequence in tokens (default: the backbone's max_position_embeddings)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -26,9 +26,8 @@ from transformers.utils import logging as transformers_logging
 from distreward.data import EMBEDDED, CompletionCollator, embedded_task, load_sft_data
 from distreward.modeling import load_policy
 from distreward.rollout import generate_rollouts
+from distreward.run_files import EVAL_NAME, SFT_CONFIG_NAME
 from distreward.stage_trainer import StageArguments, StageTrainer
-
-RUN_CONFIG_NAME = "sft_config.json"
 
 
 @dataclass
@@ -86,7 +85,7 @@ def run_sft(config: SFTConfig):
         data = load_sft_data(tokenizer, config.dataset_name, config.dataset_split, config.num_pairs,
                              config.max_length, config.seed, config.task)
     if state.is_main_process:
-        config.to_json_file(os.path.join(config.output_dir, RUN_CONFIG_NAME))
+        config.to_json_file(os.path.join(config.output_dir, SFT_CONFIG_NAME))
     trainer = CompletionTrainer(model=policy, args=config, train_dataset=data, processing_class=tokenizer,
                                 data_collator=CompletionCollator(tokenizer.pad_token_id))
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
@@ -102,7 +101,7 @@ def run_sft(config: SFTConfig):
             policy = AutoModelForCausalLM.from_pretrained(config.output_dir).to(state.device)
         if config.dataset_name == EMBEDDED and config.num_eval_prompts > 0:
             report = evaluate_policy(policy, tokenizer, config.num_eval_prompts, config.seed, config.task)
-            with open(os.path.join(config.output_dir, "eval.json"), "w") as handle:
+            with open(os.path.join(config.output_dir, EVAL_NAME), "w") as handle:
                 json.dump(report, handle, indent=2)
             state.print(f"SFT policy, greedy answers to {config.num_eval_prompts} test prompts: mean ground "
                         f"truth {report['ground_truth']['mean']:.2f} / 4 (greedy decoding; REINFORCE's table "

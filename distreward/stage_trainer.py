@@ -16,10 +16,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from distreward.data_config import PreferenceTrainingConfig
 from distreward.distributed import has_accelerator
+from distreward.run_files import METRICS_WINDOW_NAME
 from distreward.trainer_utils import (MetricsLogger, StopRequest, TrainingInterrupted, list_checkpoints,
                                       remove_checkpoints, resolve_mixed_precision)
-
-METRICS_WINDOW_NAME = "metrics_window.json"  # in a checkpoint: the metrics of the steps not logged yet
 
 
 @dataclass

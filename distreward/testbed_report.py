@@ -15,6 +15,8 @@ import sys
 
 from scipy import stats
 
+from distreward.run_files import EVAL_NAME, STAGE_DIRS
+
 # (name, target, reader of (sft, rm, rl) eval.json, interval over seeds?)
 CRITERIA = (
     ("SFT greedy ground truth, careful region", ">= 3.6", lambda s, m, r: s["by_region"]["careful"]["mean"], False),
@@ -69,10 +71,10 @@ def meets(target: str, mean: float, low: float) -> str:
 
 def read_run(run_dir: str) -> tuple:
     runs = []
-    for stage in ("sft", "rm", "rl"):
-        path = os.path.join(run_dir, stage, "eval.json")
+    for stage in STAGE_DIRS:
+        path = os.path.join(run_dir, stage, EVAL_NAME)
         if not os.path.isfile(path):
-            raise ValueError(f"{run_dir} is not a finished pipeline run (no {stage}/eval.json)")
+            raise ValueError(f"{run_dir} is not a finished pipeline run (no {stage}/{EVAL_NAME})")
         with open(path) as handle:
             runs.append(json.load(handle))
     return tuple(runs)
@@ -96,9 +98,9 @@ def overoptimisation(rl_dirs: list, region: str) -> list:
     95% paired intervals) and ``over_optimised``: the reward rose while the ground truth fell."""
     rows = []
     for rl_dir in rl_dirs:
-        path = os.path.join(rl_dir, "eval.json")
+        path = os.path.join(rl_dir, EVAL_NAME)
         if not os.path.isfile(path):
-            raise ValueError(f"{rl_dir} is not a finished rl run (no eval.json)")
+            raise ValueError(f"{rl_dir} is not a finished rl run (no {EVAL_NAME})")
         with open(path) as handle:
             gains = json.load(handle)["comparison"]["by_region"][region]
         rows.append({"run": rl_dir, "reward": gains["reward"], "ground_truth": gains["ground_truth"],

@@ -10,10 +10,11 @@ import sys
 from accelerate import PartialState
 
 from distreward import pipeline
-from distreward.rl_trainer import EVAL_SAMPLES_NAME, ReinforceConfig, run_reinforce
-from distreward.rm_trainer import DISTRIBUTIONS_NAME, RewardConfig, run_reward_training
-from distreward.trainer_utils import TrainingInterrupted, list_checkpoints
+from distreward.rl_trainer import ReinforceConfig, run_reinforce
+from distreward.rm_trainer import RewardConfig, run_reward_training
+from distreward.run_files import finished_mark, stage_dirs
 from distreward.sft_trainer import SFTConfig, run_sft
+from distreward.trainer_utils import TrainingInterrupted, list_checkpoints
 
 # stage -> (config class, run function, one-line description)
 STAGES = {
@@ -24,9 +25,6 @@ STAGES = {
     "rl": (ReinforceConfig, run_reinforce, "REINFORCE with the uncertainty-shaped distributional reward"),
 }
 DEFAULT_STAGE = "pipeline"
-# stage -> the file its run writes last: with it there and no checkpoint left, --resume has nothing to do
-FINISHED_MARKS = {"pipeline": pipeline.REPORT_NAME, "sft": "model.safetensors", "rm": DISTRIBUTIONS_NAME,
-                  "rl": EVAL_SAMPLES_NAME}
 # A user's mistake: bad settings or data (ValueError), a model or data set that cannot be read (OSError: transformers
 # and datasets raise it for a directory without a model, or a hub id that does not exist or cannot be reached).
 USER_ERRORS = (ValueError, OSError)
@@ -123,11 +121,11 @@ def main(argv=None) -> int:
 
 
 def is_finished(stage: str, output_dir: str) -> bool:
-    """Whether ``output_dir`` holds a finished ``stage`` run (its last file, and no checkpoint to resume from)."""
-    if not os.path.isfile(os.path.join(output_dir, FINISHED_MARKS[stage])):
+    """Whether ``output_dir`` holds a finished ``stage`` run (its finished mark, and no checkpoint to resume from)."""
+    if not os.path.isfile(os.path.join(output_dir, finished_mark(stage))):
         return False
-    stage_dirs = [os.path.join(output_dir, name) for name in ("sft", "rm", "rl")] if stage == "pipeline" else []
-    return not any(list_checkpoints(directory) for directory in [output_dir, *stage_dirs])
+    directories = [output_dir, *(stage_dirs(output_dir) if stage == "pipeline" else ())]
+    return not any(list_checkpoints(directory) for directory in directories)
 
 
 def interrupt_on_sigterm() -> None:

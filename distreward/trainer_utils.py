@@ -27,11 +27,9 @@ from transformers import SchedulerType, get_scheduler
 from transformers.utils import logging as transformers_logging
 
 from distreward.distributed import check_data_parallel, has_accelerator
+from distreward.run_files import METRICS_NAME, RUN_CONFIG_NAME, TRAINER_STATE_NAME, WEIGHTS_NAME
 from distreward.timing import PhaseTimer, timed
 
-RUN_CONFIG_NAME = "config.json"
-METRICS_NAME = "metrics.jsonl"
-TRAINER_STATE_NAME = "trainer_state.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 DEFAULT_RUN_DIR = "runs/pipeline"  # where `python -m distreward.train` writes sft/, rm/ and rl/
@@ -153,7 +151,7 @@ def resolve_mixed_precision(mixed_precision: str) -> str:
 
 def load_pretrained_weights(model: torch.nn.Module, directory: str) -> None:
     """Load ``directory/model.safetensors`` into ``model``; only tied parameters may be absent from the file."""
-    state = load_file(os.path.join(directory, "model.safetensors"))
+    state = load_file(os.path.join(directory, WEIGHTS_NAME))
     missing, unexpected = model.load_state_dict(state, strict=False)
     current = model.state_dict()
     loaded = {current[name].data_ptr() for name in state}

@@ -1,16 +1,17 @@
-"""The over-optimisation experiment: arms, budgets, worker command lines, and its results from synthetic run
+"""The over-optimisation experiment: arms, budgets, the workers' stage configs, and its results from synthetic run
 directories (hand-checked paired intervals and matched-KL interpolation); one tiny real run."""
 import json
 import math
 import os
 import re
-import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
 
 from distreward import experiments
 from distreward.pipeline import PipelineConfig
+from distreward.run_files import finished_mark
 from distreward.experiment_report import (comparisons, gains, matched_kl_levels, t_interval, truth_at_kl, verdict,
                                           write_results)
 from distreward.train import parse_config
@@ -83,36 +84,44 @@ def test_arm_stage_configs_apply_the_arm_and_the_budget(tmp_path):
     assert (rl.shaping, rl.max_steps, rl.per_device_train_batch_size) == ("none", 3, 4)
 
 
-def test_worker_command_line_rebuilds_the_config(tmp_path):
-    config = config_from(["--output_dir", str(tmp_path), "--arms", "bt_kl/none", "bt_kl/std_scale", "--jobs", "2",
-                          "--no_reuse_finished_stages", "--beta", "0.2"])
-    argv = experiments.worker_argv(config, 3, threads=1)
-    worker = config_from(argv)
-    assert (worker.seeds, worker.threads, worker.aggregate, worker.jobs) == ([3], 1, False, 1)
-    assert {f: getattr(worker, f) for f in ("arms", "beta", "reuse_finished_stages", "rl_steps", "output_dir")} == {
-        "arms": ["bt_kl/none", "bt_kl/std_scale"], "beta": 0.2, "reuse_finished_stages": False,
-        "rl_steps": config.rl_steps, "output_dir": str(tmp_path)}
-    assert worker.temperature_baselines == []  # an empty list default is no flag at all
-    config = config_from(["--output_dir", str(tmp_path), "--temperature_baselines", "0.8", "0.7"])
-    assert config_from(experiments.worker_argv(config, 0, threads=1)).temperature_baselines == [0.8, 0.7]
+def test_each_worker_is_handed_its_seeds_stage_configs(tmp_path, monkeypatch, capsys):
+    """No command line between the grid and its workers: each gets the stage configs the grid built."""
+    calls = []
 
+    def fake_worker(seed, plan, reuse, threads, log_path):
+        calls.append((seed, plan, reuse, threads, log_path))
+        return 1 if seed == 2 else 0
 
-def test_workers_run_one_seed_each_and_report_failures(tmp_path, monkeypatch, capsys):
-    commands = []
-
-    def fake_run(command, stdout, stderr):
-        commands.append(command)
-        seed = int(command[command.index("--seeds") + 1])
-        return subprocess.CompletedProcess(command, returncode=1 if seed == 2 else 0)
-
-    monkeypatch.setattr(experiments.subprocess, "run", fake_run)
+    monkeypatch.setattr(experiments, "worker_pool", ThreadPoolExecutor)  # in this process, so the fake is seen
+    monkeypatch.setattr(experiments, "run_worker", fake_worker)
     config = config_from(["--output_dir", str(tmp_path), "--seeds", "1", "2", "--jobs", "2", "--threads", "1",
-                          "--arms", "bt_kl/none"])
-    assert experiments.run_workers(config) == [2]
-    assert sorted(command[command.index("--seeds") + 1] for command in commands) == ["1", "2"]
-    assert all(command[1:3] == ["-m", "distreward.experiments"] for command in commands)
-    assert os.path.isfile(tmp_path / "seed1" / "log.txt")
+                          "--arms", "bt_kl/none", "bt_kl/std_scale", "--no_reuse_finished_stages", "--beta", "0.2"])
+    plans = {seed: experiments.seed_plan(config, seed) for seed in config.seeds}
+    assert experiments.run_workers(config, plans) == [2]
+    assert [call[:4] for call in sorted(calls, key=lambda call: call[0])] == [(1, plans[1], False, 1),
+                                                                              (2, plans[2], False, 1)]
+    assert [arm for arm, _ in plans[2]] == ["bt_kl/none", "bt_kl/std_scale"]
+    _, (sft, rm, rl) = plans[2][1]
+    assert (sft.seed, rl.seed, rl.beta, rl.shaping, rl.output_dir) == (2, 2, 0.2, "std_scale",
+                                                                      str(tmp_path / "seed2" / "rl_bt_kl_std_scale"))
+    assert os.path.isdir(tmp_path / "seed1")
     assert capsys.readouterr().err == f"seed 2 failed, see {tmp_path / 'seed2' / 'log.txt'}\n"
+
+
+def test_a_worker_process_runs_its_seed_into_its_log(tmp_path):
+    """A spawned worker gets seed 2's stage configs: its sft and rm stages finished earlier (reused), its rl stage
+    finds no policy in the sft directory (one error line in the log, the seed failed)."""
+    config = config_from(["--output_dir", str(tmp_path), "--seeds", "2", "--threads", "1", "--arms", "bt_kl/none"])
+    plan = experiments.seed_plan(config, 2)
+    for stage_config, mark in zip(plan[0][1][:2], (finished_mark("sft", evaluates=True), finished_mark("rm"))):
+        os.makedirs(stage_config.output_dir)
+        with open(os.path.join(stage_config.output_dir, mark), "w") as handle:
+            handle.write("{}")
+    assert experiments.run_workers(config, {2: plan}) == [2]
+    log = (tmp_path / "seed2" / "log.txt").read_text()
+    assert log.count("finished earlier, reused") == 2 and "=== seed 2, arm bt_kl/none" in log
+    errors = [line for line in log.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: no policy in "), errors
 
 
 def test_t_interval_and_verdicts():

@@ -98,7 +98,7 @@ def test_pipeline_reuses_finished_stages(pipeline_run):
     output_dir, report = pipeline_run
     dirs = [str(output_dir / name) for name in ("sft", "rm", "rl")]
     stamps = [os.path.getmtime(os.path.join(d, "config.json" if "sft" not in d else "model.safetensors")) for d in dirs]
-    again = run_stages(PipelineConfig(output_dir=str(output_dir), reuse_finished_stages=True, **TINY), *dirs)
+    again = run_stages(PipelineConfig(output_dir=str(output_dir), reuse_finished_stages=True, **TINY))
     assert again == report
     assert stamps == [os.path.getmtime(os.path.join(d, "config.json" if "sft" not in d else "model.safetensors"))
                       for d in dirs]

@@ -24,12 +24,12 @@ from typing import Callable, Optional
 import torch
 
 from distreward.data import conversation_ids, padded_batch, to_messages
+from distreward.defaults import ALPHA, QUANTILE_LEVEL
 from distreward.modeling import load_reward_model
 from distreward.rewards import check_level, check_shaping, distribution_quantile, shape_rewards
 
 RM_PATH_ENV = "DISTREWARD_RM_PATH"
 QUANTILE_LEVEL_ENV = "DISTREWARD_QUANTILE_LEVEL"
-DEFAULT_QUANTILE_LEVEL = 0.25
 
 
 @dataclass
@@ -145,7 +145,7 @@ class DistributionalReward:
         self._check_distribution("the std reward")
         return self._reward_func("std", lambda scores: scores.std)
 
-    def quantile(self, level: float = DEFAULT_QUANTILE_LEVEL) -> Callable:
+    def quantile(self, level: float = QUANTILE_LEVEL) -> Callable:
         """Reward function: the ``level``-quantile Q(level) of each pair's predicted distribution
         (:func:`distreward.rewards.distribution_quantile`), named ``<prefix>_quantile_<level>``."""
         check_level("level", level)
@@ -154,7 +154,7 @@ class DistributionalReward:
         return self._reward_func(f"quantile_{level:g}",
                                  lambda scores: distribution_quantile(scores.bin_logits, level, low, high))
 
-    def shaped(self, shaping: str, alpha: float = 0.5, quantile_level: float = DEFAULT_QUANTILE_LEVEL) -> Callable:
+    def shaped(self, shaping: str, alpha: float = ALPHA, quantile_level: float = QUANTILE_LEVEL) -> Callable:
         """Reward function: :func:`distreward.rewards.shape_rewards` of docs/math.md §5 with ``kl = 0`` (TRL adds
         its own KL term), named ``<prefix>_<shaping>``. Exact under RLOO for ``none``, ``std_penalty`` and
         ``quantile``; ``std_scale`` divides the RM's reward only, not RLOO's KL (docs/integrations.md)."""
@@ -189,7 +189,7 @@ def shared_reward() -> DistributionalReward:
 
 def quantile_level_from_env() -> float:
     """``$DISTREWARD_QUANTILE_LEVEL`` as a level in (0, 1) (default 0.25)."""
-    text = os.environ.get(QUANTILE_LEVEL_ENV, str(DEFAULT_QUANTILE_LEVEL))
+    text = os.environ.get(QUANTILE_LEVEL_ENV, str(QUANTILE_LEVEL))
     try:
         level = float(text)
     except ValueError:
