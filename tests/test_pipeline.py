@@ -9,6 +9,7 @@ import torch
 from distreward import pipeline, testbed, train
 from distreward.pipeline import PipelineConfig, run_pipeline, run_stages
 from distreward.policy_comparison import compare_policies, paired_bootstrap
+from distreward.run_files import EVAL_NAME, finished_mark
 
 # The default task v2 with its sharpened-SFT baseline on two temperatures; 8 held-out prompts (two of each family,
 # so the taste region has the two prompts a per-region paired comparison needs).
@@ -154,3 +155,24 @@ def test_a_clear_ground_truth_gain_is_reported_as_improved():
                                               {"sft": [2.0] * 8, "trained": [3.0, 2.0, 4.0, 2.0] * 2}))
     assert not comparison["over_optimisation"] and comparison["ground_truth"]["ci95"][0] > 0
     assert comparison["verdict"].startswith("IMPROVED: ground truth 2.000 -> 2.750 (+0.750, 95% CI")
+
+
+def test_the_pipeline_takes_the_report_the_rl_stage_returns(tmp_path, monkeypatch):
+    """run_stages returns what run_reinforce returned, not eval.json read back; a reused rl stage's eval.json is
+    read (stage runs replaced by ones that write the finished marks only)."""
+    config = PipelineConfig(output_dir=str(tmp_path))
+    marks = ((0, "run_sft", finished_mark("sft", evaluates=True)), (1, "run_reward_training", finished_mark("rm")),
+             (2, "run_reinforce", finished_mark("rl")))
+    for index, name, mark in marks:
+        def run(stage_config, mark=mark, last=index == 2):
+            os.makedirs(stage_config.output_dir, exist_ok=True)
+            with open(os.path.join(stage_config.output_dir, mark), "w") as handle:
+                handle.write("{}")
+            if last:
+                with open(os.path.join(stage_config.output_dir, EVAL_NAME), "w") as handle:
+                    json.dump({"read": "from disk"}, handle)
+                return {"returned": "by run_reinforce"}
+
+        monkeypatch.setattr(pipeline, name, run)
+    assert run_stages(config) == {"returned": "by run_reinforce"}
+    assert run_stages(replace(config, reuse_finished_stages=True)) == {"read": "from disk"}

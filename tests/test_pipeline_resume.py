@@ -9,6 +9,7 @@ import pytest
 
 from distreward import pipeline, reward_trainer, rl_trainer, rm_trainer, sft_trainer, train, trainer_utils
 from distreward.pipeline import PipelineConfig, run_stages
+from distreward.run_files import EVAL_NAME, finished_mark
 from run_files import jsonl_without_timings
 
 TINY = {"num_pairs": 64, "sft_epochs": 2, "rm_epochs": 2, "rl_steps": 4, "num_eval_prompts": 2}  # 4 steps a stage
@@ -118,7 +119,7 @@ def test_a_stage_that_runs_anew_forgets_the_later_stages_of_an_earlier_run(tmp_p
     """A fresh run killed in rm, in a directory where an earlier run finished: the resume must neither skip rl (its
     finished mark is stale) nor continue it from the earlier run's checkpoint."""
     dirs = [tmp_path / stage for stage, _, _ in STAGES]
-    marks = [pipeline.EVAL_NAME, pipeline.DISTRIBUTIONS_NAME, pipeline.EVAL_SAMPLES_NAME]
+    marks = [finished_mark("sft", evaluates=True), finished_mark("rm"), finished_mark("rl")]
     for directory, mark in zip(dirs, marks):  # the earlier, finished run
         (directory / "checkpoint-2").mkdir(parents=True)
         (directory / mark).write_text("earlier run")
@@ -129,7 +130,7 @@ def test_a_stage_that_runs_anew_forgets_the_later_stages_of_an_earlier_run(tmp_p
             if stage == "rm" and not config.resume:
                 raise Killed
             (directory / mark).write_text("this run")
-            (directory / pipeline.EVAL_NAME).write_text("{}")
+            (directory / EVAL_NAME).write_text("{}")
             return {}  # the rl stage's report
 
         monkeypatch.setattr(pipeline, run_name, run)

@@ -121,3 +121,109 @@ def test_the_extension_is_a_pybind11_module_that_registers_the_torch_library_ops
     assert [name for name, text in sources.items() if "PYBIND11_MODULE(_C, " in text] == ["extension.cpp"]
     assert not [name for name, text in sources.items() if "PyInit_" in text or "<Python.h>" in text]
     assert [name for name, text in sources.items() if "TORCH_LIBRARY(distreward, " in text] == ["logprobs.cpp"]
+
+
+# The run files and the defaults (issue #26 item 3): each named once.
+RUN_FILES = ROOT / "distreward" / "run_files.py"
+DEFAULTED_PARAMETERS = {"sigma": "SIGMA", "num_bins": "NUM_BINS", "beta": "BETA", "alpha": "ALPHA",
+                        "quantile_level": "QUANTILE_LEVEL"}
+
+
+def run_file_names() -> set:
+    """The file names distreward/run_files.py defines (its ``*_NAME`` constants)."""
+    names = set()
+    for node in ast.parse(RUN_FILES.read_text()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            names.update(node.value.value for target in node.targets if target.id.endswith("_NAME"))
+    return names
+
+
+def test_run_files_are_named_in_run_files_only():
+    """No module but distreward/run_files.py writes a run file's name ("eval.json", "metrics.jsonl", ...) as a
+    string: each reads the name there."""
+    names = run_file_names()
+    assert {"eval.json", "metrics.jsonl", "report.json", "sft_config.json", "rm_config.json"} <= names
+    literals = [f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}"
+                for path in sorted((ROOT / "distreward").rglob("*.py")) if path != RUN_FILES
+                for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)
+                and node.value in names]
+    assert not literals
+
+
+def test_each_stage_has_one_finished_mark():
+    """The command line (--resume of a finished run) and the pipeline (reusing a stage) ask run_files."""
+    from distreward import pipeline, run_files, train
+
+    assert set(run_files.FINISHED_MARKS) == set(train.STAGES)
+    for module in (pipeline, train):
+        assert "finished_mark" in vars(module) and "FINISHED_MARKS" not in vars(module)
+
+
+def parameter_defaults(path: pathlib.Path):
+    """(line, parameter, default expression) of each defaulted function parameter and dataclass field of
+    :data:`DEFAULTED_PARAMETERS`' names in ``path`` (a field's ``field(default=...)`` counts as its default)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            arguments = node.args
+            positional = arguments.posonlyargs + arguments.args
+            pairs = list(zip(positional[len(positional) - len(arguments.defaults):], arguments.defaults))
+            pairs += [(arg, default) for arg, default in zip(arguments.kwonlyargs, arguments.kw_defaults) if default]
+            yield from ((node.lineno, arg.arg, default) for arg, default in pairs
+                        if arg.arg in DEFAULTED_PARAMETERS)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None \
+                and node.target.id in DEFAULTED_PARAMETERS:
+            value = node.value
+            if isinstance(value, ast.Call):
+                value = next((keyword.value for keyword in value.keywords if keyword.arg == "default"), None)
+            if value is not None:
+                yield node.lineno, node.target.id, value
+
+
+def test_every_default_has_one_home():
+    """sigma, num_bins, beta, alpha and quantile_level default to distreward/defaults.py's constants everywhere.
+    Only the self-contained files write them as numbers, and then the same numbers: modeling_distreward.py (shipped
+    with saved models: torch and transformers only) and the op layer (distreward/ops)."""
+    from distreward import defaults
+
+    wrong = []
+    for path in sorted((ROOT / "distreward").rglob("*.py")):
+        self_contained = path.name == "modeling_distreward.py" or path.parent.name == "ops"
+        for line, name, default in parameter_defaults(path):
+            expected = DEFAULTED_PARAMETERS[name]
+            if isinstance(default, ast.Name) and default.id == expected or ast.unparse(default) == "None":
+                continue  # the home's constant, or no default value (None: given elsewhere or not used)
+            if self_contained and isinstance(default, ast.Constant) and default.value == getattr(defaults, expected):
+                continue
+            wrong.append(f"{path.relative_to(ROOT)}:{line} {name}={ast.unparse(default)}")
+    assert not wrong
+
+
+def test_the_defaults_module_is_a_leaf():
+    """distreward/defaults.py and distreward/run_files.py import nothing from distreward: every layer may read them."""
+    for name in ("defaults", "run_files"):
+        assert not {module for module in imported_modules(ROOT / "distreward" / f"{name}.py")
+                    if module.split(".")[0] == "distreward"}, name
+
+
+def test_the_pipeline_settings_are_stage_settings():
+    """Every pipeline setting but its own two is a stage setting (pipeline.STAGE_SETTINGS), whose default it takes,
+    and stage_configs hands each one to its stage (a changed value arrives there)."""
+    from dataclasses import fields
+
+    from distreward import pipeline
+
+    own = {"output_dir", "reuse_finished_stages"}
+    assert {f.name for f in fields(pipeline.PipelineConfig)} - own == set(pipeline.STAGE_SETTINGS)
+    default = pipeline.PipelineConfig()
+    changed = {"seed": 7, "num_pairs": 500, "sft_epochs": 2.0, "rl_steps": 3, "beta": 0.3, "keep_checkpoints": True,
+               "temperature_baselines": [0.5], "curve_eval_prompts": 4}
+    stages = dict(zip(pipeline.STAGE_CLASSES, pipeline.PipelineConfig(**changed).stages))
+    for name in pipeline.STAGE_SETTINGS:
+        for stage, target in pipeline.stage_targets(name):
+            defaults = dict(zip(pipeline.STAGE_CLASSES, default.stages))
+            assert getattr(defaults[stage], target) == getattr(default, name), (name, stage, target)
+            assert getattr(stages[stage], target) == changed.get(name, getattr(default, name)), (name, stage, target)
+
+
+def test_the_experiment_grid_hands_its_workers_configs_not_a_command_line():
+    assert "subprocess" not in imported_modules(ROOT / "distreward" / "experiments.py")
