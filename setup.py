@@ -19,7 +19,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 ARCH_VARIABLE = "DISTREWARD_CPU_ARCH"
 # The compiler's predefined macros that name a vector instruction set, widest first (x86-64, then Arm).
 VECTOR_MACROS = ("__AVX512F__", "__AVX512BW__", "__AVX512BF16__", "__AVX2__", "__FMA__", "__AVX__", "__SSE4_2__",
-                 "__ARM_FEATURE_SVE", "__ARM_NEON")
+                 "__SSE2__", "__ARM_FEATURE_SVE", "__ARM_NEON")
 
 
 class BuildForThisCPU(BuildExtension):

@@ -6,6 +6,8 @@ the session prints one table per (op, device) and writes them to ``--bench-out``
 
     pytest benchmarks --bench-out benchmarks/results/cpu     # the tables of docs/performance.md
     pytest benchmarks --bench-quick                           # tiny sizes, 2 rounds, no thresholds: a smoke run
+
+CPU candidates run on ``--bench-threads`` threads (default 1).
 """
 import logging
 import os
@@ -27,12 +29,16 @@ def pytest_addoption(parser):
     group = parser.getgroup("distreward benchmarks")
     group.addoption("--bench-out", default=".benchmarks/latest",
                     help="write the tables to OUT.md and every sample to OUT.json (default .benchmarks/latest)")
+    group.addoption("--bench-threads", type=int, default=1,
+                    help="torch (and OpenMP) threads (default 1: on a shared 2-core machine two threads stall at every "
+                         "parallel region's barrier when one is descheduled, so eager's many ops took 3-10x longer)")
     group.addoption("--bench-quick", action="store_true",
                     help="tiny sizes and 2 rounds, thresholds not checked: proves the benchmarks run, measures nothing")
 
 
 def pytest_configure(config):
     logging.getLogger("torch.__trace").setLevel(logging.INFO)  # its DEBUG records flood failure reports
+    torch.set_num_threads(config.getoption("--bench-threads"))  # the C++ kernels share torch's OpenMP runtime
     REPORT.stem = config.getoption("--bench-out")  # rewritten after every row: a run cut short keeps its rows
 
 

@@ -4,7 +4,8 @@
 Candidates: ``public`` = ``ops.<op>(backend="auto")``; ``raw kernel`` = the implementation ``auto`` runs, called
 below the public call's checks (ops' dispatch table, ``validate=False``); ``eager`` = the plain-PyTorch reference
 (``distreward.ops.reference``) and ``torch.compile`` of it. No other library implements these losses: no peer.
-Forward ("fwd", no autograd) and forward+backward ("fwd_bwd").
+Forward ("fwd", no autograd) and forward+backward ("fwd_bwd"). On the CPU every case asserts the public call
+>= 3x eager and no slower than ``torch.compile`` (CPU_MIN_SPEEDUP).
 
 On CUDA, ``test_pair_loss`` also checks issue 23's targets on the public bt_kl fp32 forward+backward: under
 60 us at N = 65536, >= 80% of the card's peak bandwidth at N = 4M, no slower than ``torch.compile`` at any N,
@@ -24,7 +25,7 @@ K64, K256, M4 = 1 << 16, 1 << 18, 1 << 22
 # (kind, dtype, N, pass) per device; --bench-quick takes each list's first two cases at N = 256.
 PAIR_CASES = {
     "cpu": [("bt_kl", torch.float32, K64, "fwd"), ("bt_kl", torch.float32, K64, "fwd_bwd"),
-            ("bt_kl", torch.float32, K256, "fwd"), ("bt_kl", torch.float32, K256, "fwd_bwd"),
+            ("bt_kl", torch.float32, K256, "fwd_bwd"),
             ("bt_kl", torch.bfloat16, K64, "fwd_bwd"), ("bt_mean", torch.float32, K64, "fwd_bwd"),
             ("dpl", torch.float32, K64, "fwd_bwd")],
     "cuda": [("bt_kl", torch.float32, n, "fwd_bwd") for n in (1 << 10, 1 << 13, K64, 1 << 19, M4)]
@@ -36,8 +37,10 @@ ROW_CASES = {"cpu": [(torch.float32, K256, "fwd"), (torch.float32, K256, "fwd_bw
              "cuda": [(torch.float32, K64, "fwd_bwd"), (torch.float32, M4, "fwd_bwd")]}
 DEVICES = ["cpu", "cuda"]
 
-# CPU: public call >= this x eager, median of per-round ratios, N >= 65536 (docs/performance.md has the figures).
-CPU_MIN_SPEEDUP = {"fwd": 2.0, "fwd_bwd": 2.0}
+# CPU, N >= 65536, on the median of per-round ratios (docs/performance.md has the figures: 8x-40x eager and
+# 1.4x-13x torch.compile on one thread of a loaded 2-core AVX-512 machine): the public call >= 3x eager (1x when
+# the fused path is replaced by eager) and, issue 23 item 2, no slower than torch.compile of the same math.
+CPU_MIN_SPEEDUP = {"eager": 3.0, "torch.compile": 1.0}
 GPU_TARGETS = dict(n_fast=K64, max_seconds=60e-6, n_bandwidth=M4, min_bandwidth_share=0.8, max_public_over_raw=1.1)
 
 
@@ -74,9 +77,13 @@ def record(report, op: str, device, case: dict, candidates: dict, quick: bool, b
     return timings
 
 
-def cpu_failures(timings: dict, mode: str) -> list:
-    over_eager = speedup(timings, "eager", "public")[0]
-    return [f"public call {over_eager:.2f}x eager < {CPU_MIN_SPEEDUP[mode]}x"] if over_eager < CPU_MIN_SPEEDUP[mode] else []
+def cpu_failures(timings: dict) -> list:
+    failures = []
+    for baseline, target in CPU_MIN_SPEEDUP.items():
+        measured = speedup(timings, baseline, "public")[0]
+        if measured < target:
+            failures.append(f"public call {measured:.2f}x {baseline} < {target}x")
+    return failures
 
 
 def grad_step(forward, inputs: tuple, backward: bool, generator: torch.Generator):
@@ -127,7 +134,7 @@ def test_pair_loss(report, quick, check_thresholds, device, case, request):
                      {name: grad_step(fn, (chosen, rejected), backward, g) for name, fn in functions.items()},
                      quick, moved)
     if device.type == "cpu":
-        check_thresholds([f"pair_loss cpu {case}: {f}" for f in cpu_failures(timings, mode)])
+        check_thresholds([f"pair_loss cpu {case}: {f}" for f in cpu_failures(timings)])
     elif kind == "bt_kl" and dtype == torch.float32 and backward:
         check_thresholds([f"pair_loss cuda {case}: {f}" for f in gpu_failures(timings, n_rows, moved, request)])
 
@@ -180,4 +187,4 @@ def test_row_op(report, quick, check_thresholds, device, case, op):
     timings = record(report, op, device, case,
                      {name: grad_step(fn, (logits,), backward, g) for name, fn in functions.items()}, quick, moved)
     if device.type == "cpu":
-        check_thresholds([f"{op} cpu {case}: {f}" for f in cpu_failures(timings, mode)])
+        check_thresholds([f"{op} cpu {case}: {f}" for f in cpu_failures(timings)])

@@ -8,7 +8,7 @@ bf16. Candidates: ``public`` = ``ops.gather_logprobs`` (backend="auto": C++ on t
 (trl/trainer/utils.py: a per-row loop on the CPU, TRL's fused Triton kernel on CUDA) and on CUDA Liger-Kernel's
 cross-entropy (``reduction="none"``), each where installed.
 
-``sequence_logprobs`` forward+backward of a tiny Llama with SmolLM2's vocabulary (49152), T = 512 (1024 on CUDA): the public
+``sequence_logprobs`` forward+backward of a tiny Llama with SmolLM2's vocabulary (49152), T = 256 (1024 on CUDA): the public
 chunked call against the model's full logits (eager), eager chunks, and TRL's fused LM head
 (``trl.trainer.utils.add_fused_lm_head``: its chunked log-prob kernel, torch tiles on the CPU) and TRL's loop over
 the full logits.
@@ -39,11 +39,11 @@ SHAPES = {"cpu": (8, 256, 49152), "cuda": (8, 1024, 49152), "quick": (2, 16, 512
 DTYPES = [torch.float32, torch.bfloat16]
 DEVICES = ["cpu", "cuda"]
 
-# CPU thresholds, median of per-round ratios at 8x256x49152 (measured on the 2-core machines of docs/performance.md:
-# see its tables for the figures these leave a margin below). Each fails when the fused path is replaced by eager.
-CPU_MIN_SPEEDUP = {  # (dtype, pass) -> public call >= this x eager
-    ("float32", "fwd"): 2.5, ("float32", "fwd_bwd"): 1.8, ("bfloat16", "fwd"): 2.5, ("bfloat16", "fwd_bwd"): 1.8}
-MAX_PUBLIC_OVER_RAW = 1.1  # at 100M logits the checks must cost under 10% (CPU and CUDA, issue 23 item 6)
+# Thresholds on the median of per-round ratios, at 8x256x49152 (docs/performance.md has the figures they leave a
+# margin below; measured on one thread of a loaded 2-core machine: 3.5x to 9.3x eager). Each fails when the fused
+# path is replaced by eager (1x) or loses its single pass over the logits.
+CPU_MIN_SPEEDUP = 2.0  # public call >= this x eager, fp32 and bf16, fwd and fwd_bwd
+MAX_PUBLIC_OVER_RAW = {"cpu": 1.25, "cuda": 1.1}  # the checks' cost; an extra pass over the logits is 1.3x-2x
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -59,14 +59,10 @@ compiled = torch.compile(eager, dynamic=False)
 
 
 def raw(device: torch.device):
-    """The fused kernel pair of ``backend="auto"`` below every check (the mask made once, outside the timing)."""
-    backend = gather_table.resolve_backend("auto", device)
-    kernels = gather_table.gather_kernels(backend)
-
-    def gather(logits, ids, mask):
-        return gather_table.FusedGatherLogprobs.apply(logits, ids, mask, kernels)[0]
-
-    return gather
+    """What the public call runs for ``backend="auto"`` below its input checks (the gather's dispatch table,
+    no mask, no value check)."""
+    implementation = gather_table.GATHER[gather_table.resolve_backend("auto", device)]
+    return lambda logits, ids: implementation(logits, ids, None, False)
 
 
 def liger(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -77,11 +73,7 @@ def liger(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def gather_candidates(device: torch.device) -> tuple:
     """(candidates, peers): name -> f(logits, ids), and which names are peers."""
-    mask = {}
-    kernel = raw(device)
-    candidates = {"public": lambda logits, ids: ops.gather_logprobs(logits, ids),
-                  "raw kernel": lambda logits, ids: kernel(logits, ids, mask.setdefault(
-                      ids.shape, torch.ones(ids.shape, dtype=torch.bool, device=ids.device))),
+    candidates = {"public": lambda logits, ids: ops.gather_logprobs(logits, ids), "raw kernel": raw(device),
                   "eager": eager, "torch.compile": compiled}
     peers = []
     if TRL is None:
@@ -126,21 +118,19 @@ def test_gather(report, quick, check_thresholds, device, dtype, mode):
                 "allocated (CUDA) memory above the inputs during one call, outputs and gradient included")
 
     failures = []
-    public_over_raw = speedup(timings, "public", "raw kernel")[0]
-    if public_over_raw > MAX_PUBLIC_OVER_RAW:
-        failures.append(f"public call {public_over_raw:.2f}x the raw kernel > {MAX_PUBLIC_OVER_RAW}x")
-    if device.type == "cpu":
-        target = CPU_MIN_SPEEDUP[_name(dtype), mode]
-        over_eager = speedup(timings, "eager", "public")[0]
-        if over_eager < target:
-            failures.append(f"public call {over_eager:.2f}x eager < {target}x")
+    public_over_raw, bound = speedup(timings, "public", "raw kernel")[0], MAX_PUBLIC_OVER_RAW[device.type]
+    if public_over_raw > bound:
+        failures.append(f"public call {public_over_raw:.2f}x the raw kernel > {bound}x")
+    over_eager = speedup(timings, "eager", "public")[0]
+    if device.type == "cpu" and over_eager < CPU_MIN_SPEEDUP:
+        failures.append(f"public call {over_eager:.2f}x eager < {CPU_MIN_SPEEDUP}x")
     peak = timings["public"].peak_extra_bytes
     if not backward and peak is not None and peak > 64 * ids.numel() + (8 << 20):
         failures.append(f"public forward's peak extra memory {peak} bytes is not O(B*T)")
     check_thresholds([f"gather {device.type} {case}: {f}" for f in failures])
 
 
-SEQUENCE = {"cpu": dict(batch=2, steps=512, vocab=49152, prompt=64, chunk_size=256),
+SEQUENCE = {"cpu": dict(batch=2, steps=256, vocab=49152, prompt=32, chunk_size=64),
             "cuda": dict(batch=2, steps=1024, vocab=49152, prompt=128, chunk_size=256),
             "quick": dict(batch=2, steps=64, vocab=512, prompt=8, chunk_size=16)}
 
