@@ -135,27 +135,26 @@ struct Labels {
 template <typename acc_t>
 DISTREWARD_INLINE void label_tile(const Labels<acc_t>& labels, int64_t r0, int64_t n, const acc_t* c,
                                   bool centers_finite, int64_t bins, acc_t* log_q, acc_t* q) {
-  bool usable[kLanes];
-  acc_t total[kLanes];
-  DISTREWARD_LANES { usable[l] = true; total[l] = 0; }
+  acc_t usable[kLanes], total[kLanes];  // usable: 1 or 0
+  DISTREWARD_LANES { usable[l] = 1; total[l] = 0; }
   if (labels.given) {
     load_tile(labels.target, bins, int64_t(1), r0, n, bins, q);
     for (int64_t k = 0; k < bins; ++k) {
-      acc_t *qk = q + k * kLanes, *log_qk = log_q + k * kLanes;
+      const acc_t* qk = q + k * kLanes;
       DISTREWARD_LANES {
-        usable[l] &= qk[l] >= 0 && qk[l] <= std::numeric_limits<acc_t>::max();
+        usable[l] = qk[l] >= 0 && qk[l] <= std::numeric_limits<acc_t>::max() ? usable[l] : acc_t(0);
         total[l] += qk[l];
-        log_qk[l] = log_nonnegative(qk[l]);
       }
     }
-    DISTREWARD_LANES usable[l] &= std::abs(total[l] - 1) <= acc_t(kLabelSumTolerance);
+    for (int64_t i = 0; i < bins * kLanes; ++i) log_q[i] = log_nonnegative(q[i]);
+    DISTREWARD_LANES usable[l] = std::abs(total[l] - 1) <= acc_t(kLabelSumTolerance) ? usable[l] : acc_t(0);
   } else {
     acc_t t[kLanes], scale[kLanes], m[kLanes], log_total[kLanes];
     for (int64_t l = 0; l < kLanes; ++l) {
       const int64_t r = r0 + std::min(l, n - 1);
       t[l] = labels.target[r];
       const acc_t s = labels.row_sigma ? labels.row_sigma[r] : labels.sigma;
-      usable[l] = t[l] >= 0 && t[l] <= 1 && s > 0 && s <= std::numeric_limits<acc_t>::max() && centers_finite;
+      usable[l] = t[l] >= 0 && t[l] <= 1 && s > 0 && s <= std::numeric_limits<acc_t>::max() && centers_finite ? 1 : 0;
       scale[l] = acc_t(-0.5) / (s * s);
       m[l] = -kInf<acc_t>;
     }
@@ -187,8 +186,8 @@ DISTREWARD_INLINE void label_tile(const Labels<acc_t>& labels, int64_t r0, int64
   for (int64_t k = 0; k < bins; ++k) {
     acc_t *log_qk = log_q + k * kLanes, *qk = q + k * kLanes;
     DISTREWARD_LANES {
-      log_qk[l] = usable[l] ? log_qk[l] : kNaN<acc_t>;
-      qk[l] = usable[l] ? qk[l] : kNaN<acc_t>;
+      log_qk[l] = usable[l] != 0 ? log_qk[l] : kNaN<acc_t>;
+      qk[l] = usable[l] != 0 ? qk[l] : kNaN<acc_t>;
     }
   }
 }
