@@ -172,6 +172,24 @@ def test_opcheck():
         torch.library.opcheck(op, args)
 
 
+def test_torch_compile_traces_the_public_bin_ops_in_one_graph():
+    """fullgraph=True (aot_eager: the fakes and the registered backward, without inductor's compile time)."""
+    torch._dynamo.reset()
+    zc, zr = logits(33, 10, seed=30), logits(33, 10, seed=31)
+    tc, tr, sigma = labels(33, 10, "mixed")
+
+    def loss(a, b, backend):
+        mean, std = ops.dist_moments(a, backend=backend)
+        kl = ops.gaussian_kl(b, tr, backend=backend)
+        return ops.pair_loss(a, b, tc, tr, sigma=sigma, backend=backend) + kl.sum() + mean.sum() + std.sum()
+
+    compiled = torch.compile(lambda a, b: loss(a, b, "cpp"), fullgraph=True, backend="aot_eager")
+    actual, expected = compiled(zc, zr), loss(zc, zr, "eager")
+    torch.testing.assert_close(actual, expected)
+    for grad, ref in zip(torch.autograd.grad(actual, (zc, zr)), torch.autograd.grad(expected, (zc, zr))):
+        torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_auto_picks_cpp_on_cpu_and_the_result_does_not_depend_on_the_thread_count():
     n = 40000  # above the size the kernels go parallel at
     zc, zr = logits(n, 10, seed=24), logits(n, 10, seed=25)
