@@ -10,6 +10,7 @@ On the CPU a sample is ``perf_counter`` around ``number`` calls (``number`` chos
 lasts at least ``MIN_SAMPLE_S``). On CUDA every call is timed alone with CUDA events after an L2 flush and a
 synchronise, so the GPU starts idle and the host's launch overhead and syncs count, as a user sees them.
 """
+import ctypes
 import datetime
 import importlib.metadata
 import json
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 MIN_SAMPLE_S = 0.02
+M_MMAP_THRESHOLD, M_TRIM_THRESHOLD = -3, -1  # glibc mallopt parameters
 
 
 def rounds(device: torch.device, quick: bool) -> int:
@@ -81,11 +83,18 @@ def peak_extra_bytes(fn, device: torch.device) -> int:
         return torch.cuda.max_memory_allocated() - before
     if not os.path.exists("/proc/self/clear_refs"):
         return None
+    libc = ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else None
+    if libc:  # every allocation of 1 MiB or more mapped afresh, not served from freed heap memory already resident
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
     before = _status_bytes("VmRSS")
     fn()
-    return _status_bytes("VmHWM") - before
+    peak = _status_bytes("VmHWM") - before
+    if libc:  # back to glibc's dynamic scheme at its cap, for the timing
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+    return peak
 
 
 def _status_bytes(field_name: str) -> int:
