@@ -17,7 +17,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include "fast_math.h"
+#include "cpu_kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -30,6 +30,7 @@
 
 namespace {
 
+using distreward_cpu::advise_huge_pages;
 using distreward_cpu::exp_nonpositive;
 using distreward_cpu::log1p_nonnegative;
 using distreward_cpu::log_nonnegative;
@@ -392,6 +393,7 @@ at::Tensor bin_moments_backward(const c10::optional<at::Tensor>& grad_mean_in,
     keep.push_back(grad->has_value() ? as_acc(**grad, acc, rows, "grad") : at::Tensor());
   }
   auto grad = at::empty({rows, bins}, logits.options());
+  advise_huge_pages(grad.data_ptr(), grad.nbytes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "bin_moments_backward", [&] {
     using acc_t = acc_type<scalar_t>;
     const Rows<scalar_t> z(logits);
@@ -475,6 +477,7 @@ at::Tensor bin_gaussian_kl_backward(const at::Tensor& grad_kl_in, const at::Tens
   const auto centers = as_acc(centers_in, acc, bins, "centers");
   const auto grad_kl = as_acc(grad_kl_in, acc, rows, "grad");
   auto grad = at::empty({rows, bins}, logits.options());
+  advise_huge_pages(grad.data_ptr(), grad.nbytes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "bin_gaussian_kl_backward", [&] {
     using acc_t = acc_type<scalar_t>;
     std::vector<at::Tensor> keep;
@@ -638,6 +641,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bin_pair_loss_forward(
   auto loss = at::empty({}, options);
   auto grad_c = at::empty({with_grad ? rows : 0, bins}, options);
   auto grad_r = at::empty({with_grad ? rows : 0, bins}, options);
+  for (auto* grad : {&grad_c, &grad_r}) advise_huge_pages(grad->data_ptr(), grad->nbytes());
   std::vector<double> partial((rows + kBlockRows - 1) / kBlockRows);
   double mean_loss = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits_chosen.scalar_type(), "bin_pair_loss", [&] {
@@ -687,6 +691,7 @@ std::tuple<at::Tensor, at::Tensor> bin_pair_loss_backward(const at::Tensor& grad
   const double g = grad_loss.item<double>();
   auto out_c = at::empty(grad_chosen.sizes(), grad_chosen.options().dtype(dtype));
   auto out_r = at::empty_like(out_c);
+  for (auto* grad : {&out_c, &out_r}) advise_huge_pages(grad->data_ptr(), grad->nbytes());
   AT_DISPATCH_FLOATING_TYPES(grad_chosen.scalar_type(), "bin_pair_loss_backward", [&] {
     using acc_t = scalar_t;
     const acc_t *in_c = grad_chosen.const_data_ptr<acc_t>(), *in_r = grad_rejected.const_data_ptr<acc_t>();

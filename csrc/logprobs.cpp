@@ -11,7 +11,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include "fast_math.h"
+#include "cpu_kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -20,10 +20,6 @@
 #include <limits>
 #include <tuple>
 #include <type_traits>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define DISTREWARD_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -39,7 +35,7 @@ constexpr int64_t kChunk = 2048;  // logits per chunk: 8 KiB of fp32, stays in L
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-using distreward_cpu::exp_nonpositive;  // csrc/fast_math.h
+using distreward_cpu::exp_nonpositive;  // csrc/cpu_kernels.h
 
 template <typename acc_t>
 DISTREWARD_INLINE acc_t max_of(const acc_t* x, int64_t n) {
@@ -228,17 +224,7 @@ void check_rows_finite(const acc_t* lse, const bool* live, int64_t rows, int64_t
   }
 }
 
-// A fresh gradient is first touched by the kernel's writes; with 4 KiB pages those page faults cost more
-// than the math (~0.5 s for 400 MB here). On Linux, ask for transparent huge pages (one fault per 2 MiB),
-// as torch does for every allocation under THP_MEM_ALLOC_ENABLE=1. Advisory: a refusal changes nothing.
-void advise_huge_pages(void* data, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kPage = 4096, kHugePage = 2 << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kPage - 1) & ~(kPage - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kPage - 1);
-  if (end >= begin + kHugePage) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-}
+using distreward_cpu::advise_huge_pages;  // csrc/cpu_kernels.h
 
 // Calls fn(row_index, row_pointer) for every row, OpenMP-parallel from kParallelLogits logits on (below
 // that, waking the other threads costs more than the work, and far more on a loaded machine). fn must not throw.
