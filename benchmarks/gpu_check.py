@@ -1,4 +1,4 @@
-"""Issue 23's GPU check in one go (about 6-8 minutes on one H100/H200): build, run the CUDA benchmarks, record the
+"""Issue 23's GPU check in one go (about 8-11 minutes on one H100/H200): build, run the CUDA benchmarks, record the
 device, versions and date, and say which targets hold.
 
 1. ``pip install -e . --no-build-isolation --no-deps`` (the C++ extension against the machine's own torch);
@@ -8,7 +8,9 @@ device, versions and date, and say which targets hold.
    N = 1k to 4M (each N against ``torch.compile``), other kinds and bf16, ``dist_moments``, ``gaussian_kl``;
 3. appends the targets to the tables' .md: public ``pair_loss`` bt_kl fp32 fwd+bwd under 60 us at N = 65536, at
    least 80% of the card's bandwidth at N = 4M, no slower than ``torch.compile`` at any N; public gather fwd+bwd
-   within 1.1x of the raw kernel in fp32 and bf16.
+   within 1.1x of the raw kernel in fp32 and bf16;
+4. runs the default pipeline (``python -m distreward.train``) and appends its wall time and the REINFORCE step's
+   phase split (the ``seconds_*`` means of ``rl/metrics.jsonl``).
 
 Results: ``OUT.md`` (context, tables, targets) and ``OUT.json`` (every sample); ``--out`` defaults to
 benchmarks/results/gpu-<card>-<date>. TRL and Liger-Kernel are optional: carry their wheels to the GPU machine
@@ -25,6 +27,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIR_LOSS_TARGETS = dict(n_fast=1 << 16, max_seconds=60e-6, n_bandwidth=1 << 22, min_share=0.8)
@@ -72,6 +75,19 @@ def targets(rows: list, device: str, bandwidth: float, t: dict = PAIR_LOSS_TARGE
     return lines
 
 
+def pipeline_lines(run_dir: str, seconds: float, code: int) -> list:
+    """The .md lines of the pipeline's wall time and its REINFORCE phases (mean seconds per step)."""
+    lines = ["", "## The default pipeline", "", f"wall time {seconds:.0f} s (exit code {code})"]
+    metrics = os.path.join(run_dir, "rl", "metrics.jsonl")
+    if os.path.exists(metrics):
+        with open(metrics) as handle:
+            records = [json.loads(line) for line in handle]
+        phases = [key for key in records[0] if key.startswith("seconds_")]
+        lines += ["", "| REINFORCE phase | mean seconds per step |", "|---|---|"]
+        lines += [f"| {key[len('seconds_'):]} | {statistics.mean(r[key] for r in records):.4f} |" for key in phases]
+    return lines
+
+
 def run(command: list, env: dict, timeout: float) -> int:
     print("+", " ".join(command), flush=True)
     try:
@@ -87,7 +103,9 @@ def main() -> int:
                         help="CPU rows at tiny sizes (pytest --bench-quick): checks the script, measures nothing")
     parser.add_argument("--no-build", action="store_true", help="skip pip install -e . (the extension is built)")
     parser.add_argument("--out", help="results stem (OUT.md, OUT.json); default benchmarks/results/gpu-<card>-<date>")
-    parser.add_argument("--timeout", type=float, default=420, help="seconds for the benchmarks (default 420)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds for the benchmarks (default 300)")
+    parser.add_argument("--pipeline-timeout", type=float, default=150,
+                        help="seconds for the default pipeline (default 150)")
     args = parser.parse_args()
     env = dict(os.environ, TRITON_INTERPRET="1" if args.dry_run else "0", PYTHONUNBUFFERED="1")
 
@@ -121,6 +139,13 @@ def main() -> int:
               for name, measured, ok in targets(rows, device, bandwidth, sizes)]
     lines.append(f"\npytest exit code {code}" + (" (dry run on the CPU at tiny sizes: no figure here is a GPU "
                                                    "measurement)" if args.dry_run else ""))
+    run_dir = stem + "-pipeline"
+    tiny = ["--num_pairs", "40", "--sft_epochs", "1", "--rm_epochs", "1", "--rl_steps", "2", "--num_eval_prompts",
+            "4", "--sharpening_grid", "1.0", "0.0"] if args.dry_run else []
+    started = time.perf_counter()
+    pipeline_code = run([sys.executable, "-m", "distreward.train", "--output_dir", run_dir, *tiny], env,
+                        timeout=args.pipeline_timeout)
+    lines += pipeline_lines(run_dir, time.perf_counter() - started, pipeline_code)
     with open(stem + ".md", "a") as md:
         md.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
