@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from distreward import ops, sequence_logprobs
 from distreward.ops import logprobs as gather_table
+from distreward.ops import registry
 from interleave import interleave, peak_extra_bytes, rounds, speedup
 
 try:
@@ -63,7 +64,7 @@ compiled = torch.compile(eager, dynamic=False)
 def raw(device: torch.device):
     """What the public call runs for ``backend="auto"`` below its input checks (the gather's dispatch table,
     no mask, no value check)."""
-    implementation = gather_table.GATHER[gather_table.resolve_backend("auto", device)]
+    implementation = gather_table.GATHER[registry.resolve("gather_logprobs", "auto", device)]
     return lambda logits, ids: implementation(logits, ids, None, False)
 
 
@@ -208,7 +209,7 @@ AUTO_MIN_SPEEDUP = 1.5  # from 8x64x4096 on: C++ >= 1.5x eager forward+backward 
 @pytest.mark.parametrize("shape", AUTO_SIZES, ids=lambda s: "x".join(map(str, s)))
 def test_auto_choice(report, quick, check_thresholds, shape):
     """Public calls, backend "cpp" vs "eager", fp32 forward+backward: the evidence behind ``backend="auto"``
-    choosing C++ on the CPU (``distreward.ops.logprobs.AUTO``)."""
+    choosing C++ on the CPU (``distreward.ops.registry.AUTO``)."""
     if quick and shape[-1] > 512:
         pytest.skip("--bench-quick: small sizes only")
     device = torch.device("cpu")

@@ -26,6 +26,7 @@ from distreward import ops, rm_metrics
 from distreward.data import EMBEDDED, PreferenceCollator, held_out_pairs
 from distreward.defaults import NUM_BINS, SIGMA
 from distreward.labels import check_label_kind
+from distreward.ops import registry
 from distreward.ops.validation import check_choice, check_positive
 from distreward.run_files import SFT_DIR
 from distreward.stage_trainer import StageArguments, StageTrainer
@@ -61,7 +62,8 @@ class RewardConfig(StageArguments):
         "help": "Weight of the KL term (bt_kl, dpl) or of the squared error (scalar_reg)."})
     margin_temperature: float = field(default=1.0, metadata={
         "help": "The Bradley-Terry term is -log sigmoid((E_c - E_r) / T) (dpl: only 1)."})
-    ops_backend: str = field(default="auto", metadata={"help": "distreward.ops backend: auto, eager or triton."})
+    ops_backend: str = field(default="auto", metadata={"help": "distreward.ops backend: auto, eager, triton or cpp "
+                                                                "(docs/math.md §6)."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate (use ~1e-5 for SmolLM2)."})
     num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the training pairs "
                                                                    "(ignored when --max_steps > 0)."})
@@ -82,15 +84,16 @@ class RewardConfig(StageArguments):
             self.model_name_or_path = self.default_backbone()
         check_choice("--loss_kind", self.loss_kind, ops.REWARD_LOSS_KINDS)
         check_label_kind(self.label_kind)
-        check_choice("--ops_backend", self.ops_backend, ("auto", "eager", "triton"))
+        check_choice("--ops_backend", self.ops_backend, ops.BACKENDS)
         check_positive("--margin_temperature", self.margin_temperature)
         if self.loss_kind == "dpl" and self.margin_temperature != 1:
             raise ValueError("--margin_temperature applies to a Bradley-Terry margin: dpl has none (leave it 1)")
-        if self.is_scalar and self.ops_backend == "triton":
-            raise ValueError(f"--loss_kind {self.loss_kind} trains a scalar head, which has no triton backend")
-        if self.ops_backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("--ops_backend triton needs a CUDA GPU (or TRITON_INTERPRET=1 set before the start, "
-                             "which runs the kernels slowly on the CPU): use auto or eager")
+        if self.is_scalar and registry.unavailable(self.ops_backend, op="scalar_pair_loss"):  # eager only
+            raise ValueError(f"--loss_kind {self.loss_kind} trains a scalar head, which has no {self.ops_backend} "
+                             "backend")
+        reason = registry.unavailable(self.ops_backend)
+        if reason:
+            raise ValueError(f"--ops_backend {self.ops_backend} {reason}: use auto or eager")
         ops.bin_centers(self.num_bins)  # raises unless num_bins is an integer >= 2
         check_positive("--sigma", self.sigma)
         check_positive("--score_weight", self.score_weight, allow_zero=True)

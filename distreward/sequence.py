@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from distreward import ops
-from distreward.ops.logprobs import gather_kernels, resolve_backend
+from distreward.ops import registry
 from distreward.ops.validation import check_positive, first_position, validating
 
 
@@ -78,9 +78,9 @@ class LinearGatherLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, kernels):
-        forward_kernel, _ = kernels
+        """``kernels``: the fused gather's module (``gather_logprobs_forward`` / ``gather_logprobs_backward``)."""
         logits = F.linear(hidden, weight, bias).unsqueeze(0)
-        logp, lse = forward_kernel(logits, ids.unsqueeze(0), None)  # every row live
+        logp, lse = kernels.gather_logprobs_forward(logits, ids.unsqueeze(0), None)  # every row live
         ctx.save_for_backward(hidden, weight, bias, ids, lse)
         ctx.kernels = kernels
         return logp.squeeze(0)
@@ -89,9 +89,8 @@ class LinearGatherLogprobs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp):
         hidden, weight, bias, ids, lse = ctx.saved_tensors
-        _, backward_kernel = ctx.kernels
         logits = F.linear(hidden, weight, bias).unsqueeze(0)
-        grad_logits = backward_kernel(grad_logp.unsqueeze(0), logits, ids.unsqueeze(0), None, lse,
+        grad_logits = ctx.kernels.gather_logprobs_backward(grad_logp.unsqueeze(0), logits, ids.unsqueeze(0), None, lse,
                                       in_place=True).squeeze(0)
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         return (grad_logits @ weight if needs_hidden else None,
@@ -110,8 +109,8 @@ def chunk_logprobs_function(model, backend: str, temperature: float = 1.0, valid
     def tempered(tensor):  # no copy at the default temperature
         return tensor if temperature == 1.0 or tensor is None else tensor / temperature
 
-    if plain and backend != "eager":
-        kernels = gather_kernels(backend)
+    if plain and registry.is_fused(backend):
+        kernels = registry.kernels("gather_logprobs", backend)
         return lambda hidden, ids: LinearGatherLogprobs.apply(tempered(hidden), head.weight, tempered(head.bias), ids,
                                                               kernels)
 
@@ -166,7 +165,7 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     """
     _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size)
     check_positive("temperature", temperature)
-    backend = resolve_backend(backend, input_ids.device)
+    backend = registry.resolve("gather_logprobs", backend, input_ids.device)
     checking = validating(validate, input_ids.device)
     if checking:
         _check_values(model, input_ids, attention_mask, response_mask)

@@ -7,8 +7,8 @@ once more and writes ``grad * (onehot(y) - softmax(L))`` in the logits' dtype. M
 nothing and get 0; without a mask (``HAS_MASK`` off) every row is live. On request the forward sets
 a flag when a live row's id lies outside the vocabulary or its logsumexp is not finite (NaN or +inf
 logits, or none finite): the value check costs no pass of its own. Math is float32 (float64 for float64 logits) whatever the input dtype. The
-launchers have the C++ kernels' contract and know nothing of ``distreward.ops``, whose
-``FusedGatherLogprobs`` autograd Function and input checks wrap them.
+launchers have the C++ kernels' contract and know nothing of ``distreward.ops`` (whose input checks come
+first); :func:`gather_logprobs` is the differentiable op (``FusedGatherLogprobs``).
 """
 import torch
 import triton
@@ -134,3 +134,31 @@ def gather_logprobs_backward(grad_logp, logits, ids, mask, lse, in_place: bool =
             grad_logp, grad_logp.stride(0), out, logits.shape[1], VOCAB=logits.shape[2], HAS_MASK=mask is not None,
             ACC=acc, BLOCK_V=block_v, num_warps=num_warps)
     return out
+
+
+class FusedGatherLogprobs(torch.autograd.Function):
+    """logits [B, T, V] (any strides), ids [B, T] int64, mask [B, T] bool or None, optionally a zeroed int32
+    ``flag`` [] the forward kernel sets on a bad row -> (logp, lse) [B, T] fp32 (fp64 for fp64 logits), lse not
+    differentiable (no zero gradient is made for it). Saves only the [B, T] logsumexp besides the inputs, so the
+    backward is a single pass over the logits."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, mask, flag=None):
+        logp, lse = gather_logprobs_forward(logits, ids, mask, flag)
+        ctx.save_for_backward(logits, ids, mask, lse)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return logp, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, _grad_lse):
+        if grad_logp is None:
+            return None, None, None, None
+        logits, ids, mask, lse = ctx.saved_tensors
+        return gather_logprobs_backward(grad_logp, logits, ids, mask, lse), None, None, None
+
+
+def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask, flag=None):
+    """Differentiable :func:`gather_logprobs_forward`: (logp, lse) [B, T], the gradient flowing to the logits."""
+    return FusedGatherLogprobs.apply(logits, ids, mask, flag)

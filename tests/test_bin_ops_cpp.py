@@ -12,7 +12,7 @@ import torch
 from distreward import ops
 from distreward.ops import reference
 
-pytestmark = pytest.mark.skipif(ops._cpp_unavailable() is not None, reason="the C++ extension did not build")
+pytestmark = pytest.mark.skipif(ops.backends("cpu")["cpp"] is not None, reason="the C++ extension did not build")
 
 
 def _gen(seed):

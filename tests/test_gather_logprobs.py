@@ -13,6 +13,7 @@ from devices import TRITON_DEVICE
 from distreward import ops
 from distreward.ops import cpp as cpp_logprobs
 from distreward.ops import logprobs as fused_logprobs
+from distreward.ops import registry
 
 triton_logprobs = pytest.importorskip("distreward.kernels.logprobs")
 
@@ -334,9 +335,9 @@ def test_unknown_or_misplaced_backends_raise_value_error():
     logits, ids = torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.gather_logprobs(logits, ids, backend="cuda")
-    assert fused_logprobs.resolve_backend("cpp", torch.device("cpu")) == "cpp"
+    assert registry.resolve("gather_logprobs", "cpp", torch.device("cpu")) == "cpp"
     with pytest.raises(ValueError, match="needs CPU tensors"):
-        fused_logprobs.resolve_backend("cpp", torch.device("cuda"))
+        registry.resolve("gather_logprobs", "cpp", torch.device("cuda"))
 
 
 def run_script(script: str, interpret: str) -> None:
@@ -356,12 +357,13 @@ def test_triton_and_eager_work_without_the_cpp_extension():
 import sys, torch
 sys.modules["distreward._C"] = None  # what a missing build looks like: the import raises ImportError
 from distreward import ops, sequence_logprobs
-from distreward.ops.logprobs import resolve_backend
+from distreward.ops import registry
 logits, ids = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
 expected = ops.gather_logprobs(logits, ids, backend="eager")
 torch.testing.assert_close(ops.gather_logprobs(logits, ids, backend="triton"), expected)
 torch.testing.assert_close(ops.gather_logprobs(logits, ids, backend="auto"), expected)
-assert resolve_backend("auto", torch.device("cpu")) == "eager"
+assert registry.resolve("gather_logprobs", "auto", torch.device("cpu")) == "eager"
+assert "distreward._C" in ops.backends("cpu")["cpp"] and ops.backends("cpu")["triton"] is None
 try:
     ops.gather_logprobs(logits, ids, backend="cpp")
 except ValueError as error:
@@ -374,13 +376,13 @@ print("ok")
 
 
 def test_triton_on_cpu_tensors_without_the_interpreter_is_refused_before_any_work():
-    """Compiled Triton takes only CUDA tensors: resolve_backend refuses CPU ones up front, so
+    """Compiled Triton takes only CUDA tensors: the registry refuses CPU ones up front, so
     sequence_logprobs raises before its model forward (not from inside a checkpointed chunk)."""
     script = """
 import torch
-from distreward.ops.logprobs import resolve_backend
+from distreward.ops import registry
 try:
-    resolve_backend("triton", torch.device("cpu"))
+    registry.resolve("gather_logprobs", "triton", torch.device("cpu"))
 except ValueError as error:
     assert "needs CUDA tensors" in str(error), error
 else:

@@ -20,10 +20,10 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from distreward import ops  # noqa: E402
-from distreward.ops.logprobs import unavailable  # noqa: E402
+from distreward.ops.registry import unavailable  # noqa: E402
 
-TRITON = unavailable("triton") is None and os.environ.get("TRITON_INTERPRET") == "1"
-CPP = unavailable("cpp") is None
+TRITON = unavailable("triton", "cpu") is None
+CPP = unavailable("cpp", "cpu") is None
 SYNCS = {"_local_scalar_dense", "is_nonzero", "item", "equal", "nonzero", "masked_select", "allclose"}
 ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}  # uninitialised: no kernel
 

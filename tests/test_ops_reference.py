@@ -10,6 +10,7 @@ from scipy.special import log_softmax as np_log_softmax
 from scipy.special import logsumexp as np_logsumexp
 
 from distreward import ops
+from distreward.ops import registry
 
 
 def numpy_moments(z, c):
@@ -253,12 +254,11 @@ def test_bad_ids_at_masked_positions_are_ignored():
     assert out[0, 1] == 0
 
 
-def test_auto_keeps_rows_wider_than_the_fused_head_on_eager(monkeypatch):
+def test_auto_keeps_rows_wider_than_the_fused_head_on_eager():
     dist_head = pytest.importorskip("distreward.kernels.dist_head")
-    monkeypatch.setattr(ops, "_pick", lambda *args: "triton")  # as if the tensors were on CUDA
-    wide, widest = torch.zeros(1, dist_head.TRITON_MAX_BINS + 1), torch.zeros(1, dist_head.TRITON_MAX_BINS)
-    assert ops._dist_implementation(ops._PAIR_LOSS, "auto", wide) is ops._PAIR_LOSS["eager"]
-    assert ops._dist_implementation(ops._PAIR_LOSS, "auto", widest) is ops._PAIR_LOSS["triton"]
+    cuda = torch.device("cuda")  # what auto picks for CUDA tensors; none are made
+    assert registry.resolve("pair_loss", "auto", cuda, dist_head.TRITON_MAX_BINS + 1) == "eager"
+    assert registry.resolve("pair_loss", "auto", cuda, dist_head.TRITON_MAX_BINS) == "triton"
 
 
 @pytest.mark.parametrize("backend", ops.BACKENDS)

@@ -173,14 +173,13 @@ def test_bad_input_raises_value_error():
 def test_backend_is_resolved_like_ops_gather_logprobs(monkeypatch):
     """sequence_logprobs uses the gather's dispatch table: the fused pair of the backend asked for, the
     checkpointed ops.gather_logprobs with that backend otherwise, and the same errors."""
-    from distreward.ops import logprobs as gather_table
+    from distreward.ops import registry
 
-    asked = []
-    monkeypatch.setattr(distreward.sequence, "gather_kernels",
-                        lambda backend: asked.append(backend) or gather_table.gather_kernels(backend))
+    asked, kernels = [], registry.kernels
+    monkeypatch.setattr(registry, "kernels", lambda op, backend: asked.append((op, backend)) or kernels(op, backend))
     batch = rollout_batch()
     sequence_logprobs(tiny_llama(), *batch, backend="cpp")
-    assert asked == ["cpp"]
+    assert asked == [("gather_logprobs", "cpp")]
     with pytest.raises(ValueError, match="backend must be one of"):
         sequence_logprobs(tiny_llama(), *batch, backend="fast")
 

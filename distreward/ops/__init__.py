@@ -18,13 +18,13 @@ import math
 
 import torch
 
-from distreward.ops import logprobs, reference
+from distreward.ops import logprobs, reference, registry
 from distreward.ops import validation as check
 
 LOSS_KINDS = reference.LOSS_KINDS  # distributional heads: logits [N, K]
 SCALAR_LOSS_KINDS = reference.SCALAR_LOSS_KINDS  # scalar heads: logits [N, 1]
 REWARD_LOSS_KINDS = reference.REWARD_LOSS_KINDS
-BACKENDS = ("auto", "eager", "triton", "cpp")
+BACKENDS = registry.BACKENDS
 
 
 def bin_centers(num_bins: int = 10, low: float = 0.0, high: float = 1.0, device=None,
@@ -44,28 +44,14 @@ def bin_edges(num_bins: int = 10, low: float = 0.0, high: float = 1.0) -> torch.
     return torch.linspace(float(low) - width / 2, float(high) + width / 2, num_bins + 1, dtype=torch.float64)
 
 
-def _pick(backend: str, device: torch.device, available: tuple) -> str:
-    """Resolve ``backend`` to one of ``available`` (eager always is); raise on anything else."""
-    check.check_choice("backend", backend, BACKENDS)
-    if backend == "auto":
-        if device.type == "cuda" and "triton" in available:
-            return "triton"
-        if device.type == "cpu" and "cpp" in available:
-            return "cpp"
-        return "eager"
-    if backend not in ("eager",) + available:
-        raise ValueError(f"backend {backend!r} is not available for this op (choose from eager, {', '.join(available)})")
-    return backend
-
-
 def _head_kernel(name: str, flagged: bool):
     """The fused Triton op ``name`` of kernels/dist_head.py, imported on first call (Triton is optional), as a
     bin-op implementation: under ``validate`` it raises check.BadValues when a result is not finite, read from
     a flag the kernel writes (``flagged``) or from the scalar loss itself."""
     def run(*args, validate: bool, **kwargs):
-        from distreward.kernels import dist_head
         flag = torch.zeros((), dtype=torch.int32, device=args[0].device) if validate and flagged else None
-        results = getattr(dist_head, name)(*args, **kwargs, **({"flag": flag} if flagged else {}))
+        results = getattr(registry.kernels("pair_loss", "triton"), name)(
+            *args, **kwargs, **({"flag": flag} if flagged else {}))
         if validate and (bool(flag) if flagged else not math.isfinite(results.item())):
             raise check.BadValues(name)
         return results
@@ -85,65 +71,39 @@ def _eager(function):
     return run
 
 
-def _triton_max_bins() -> int:
-    """The widest row the fused head takes (0 where Triton is not installed)."""
-    try:
-        from distreward.kernels.dist_head import TRITON_MAX_BINS
-    except ImportError:
-        return 0
-    return TRITON_MAX_BINS
-
-
 def _cpp_kernel(name: str):
     """The fused C++ op ``name`` of distreward/ops/cpp_bins.py (csrc/bin_ops.cpp) as a bin-op implementation: the
     kernel itself raises check.BadValues under ``validate`` as it writes a non-finite result."""
     def run(*args, validate: bool, **kwargs):
-        from distreward.ops import cpp_bins
-        return getattr(cpp_bins, name)(*args, validate=validate, **kwargs)
+        return getattr(registry.kernels("pair_loss", "cpp"), name)(*args, validate=validate, **kwargs)
 
     return run
 
 
-_CPP_IMPORT_ERROR = []  # [None or why the C++ bin ops did not import], filled on first use
-
-
-def _cpp_unavailable():
-    """None when the C++ bin ops import, else why not (no build, or one older than csrc/bin_ops.cpp)."""
-    if not _CPP_IMPORT_ERROR:
-        try:
-            from distreward.ops import cpp_bins  # noqa: F401
-            _CPP_IMPORT_ERROR.append(None)
-        except (ImportError, RuntimeError) as error:
-            _CPP_IMPORT_ERROR.append(f"{type(error).__name__}: {error}")
-    return _CPP_IMPORT_ERROR[0]
-
-
 # One dispatch table per bin op: backend -> implementation with the reference's signature and a keyword
-# ``validate`` (raise check.BadValues on a non-finite result). backend="auto" on the CPU is "cpp": faster than
-# eager and than torch.compile of the reference at N >= 65536 (docs/performance.md, "CPU fused bin ops").
+# ``validate`` (raise check.BadValues on a non-finite result); which entry runs is the registry's choice
+# (distreward/ops/backends.py).
 _DIST_MOMENTS = {"eager": _eager(reference.dist_moments), "triton": _head_kernel("triton_dist_moments", True),
                  "cpp": _cpp_kernel("dist_moments")}
 _GAUSSIAN_KL = {"eager": _eager(reference.gaussian_kl), "triton": _head_kernel("triton_gaussian_kl", True),
                 "cpp": _cpp_kernel("gaussian_kl")}
 _PAIR_LOSS = {"eager": _eager(reference.pair_loss), "triton": _head_kernel("triton_pair_loss", False),
               "cpp": _cpp_kernel("pair_loss")}
-_SCALAR_PAIR_LOSS = _eager(reference.scalar_pair_loss)
+_SCALAR_PAIR_LOSS = {"eager": _eager(reference.scalar_pair_loss)}
+_TABLES = {"dist_moments": _DIST_MOMENTS, "gaussian_kl": _GAUSSIAN_KL, "pair_loss": _PAIR_LOSS,
+           "scalar_pair_loss": _SCALAR_PAIR_LOSS}
 
 
 def _dist_implementation(table: dict, backend: str, logits: torch.Tensor):
-    """``table``'s entry for ``backend``; ``auto`` keeps rows wider than the fused head takes on eager, and CPU
-    rows on eager where the C++ extension did not build."""
-    chosen = _pick(backend, logits.device, tuple(name for name in table if name != "eager"))
-    if backend == "auto" and chosen == "triton" and logits.shape[-1] > _triton_max_bins():
-        chosen = "eager"
-    if chosen == "cpp":
-        if backend == "auto" and _cpp_unavailable():
-            chosen = "eager"
-        elif logits.device.type != "cpu":
-            raise ValueError(f"backend='cpp' needs CPU tensors, got {logits.device}")
-        elif _cpp_unavailable():
-            raise ValueError(f"backend='cpp' is not available: {_cpp_unavailable()}")
-    return table[chosen]
+    """``table``'s entry for the backend the registry resolves ``backend`` to for its op on ``logits`` [N, K]."""
+    op = next(name for name, entries in _TABLES.items() if entries is table)
+    return table[registry.resolve(op, backend, logits.device, logits.shape[-1])]
+
+
+def backends(device="cpu") -> dict:
+    """{"eager" | "triton" | "cpp": None where that backend runs on tensors of ``device`` here, else why not}
+    (distreward/ops/registry.py; ``backend="auto"`` picks the fused one of the device when it is available)."""
+    return registry.report(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -246,11 +206,11 @@ def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target
         check.check_target("target_rejected", target_rejected, rows, device, num_bins)
     checking = check.validating(validate, device)
     if scalar:
-        _pick(backend, device, ())  # the scalar losses have only the eager backend
+        implementation = _dist_implementation(_SCALAR_PAIR_LOSS, backend, logits_chosen)
         centers = None
 
         def run():
-            return _SCALAR_PAIR_LOSS(logits_chosen[:, 0], logits_rejected[:, 0], target_chosen, target_rejected,
+            return implementation(logits_chosen[:, 0], logits_rejected[:, 0], target_chosen, target_rejected,
                                      kind, score_weight, temperature, validate=checking)
     else:
         centers = _centers_for(logits_chosen, centers)
@@ -279,8 +239,8 @@ def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None, backend:
     logits; without, such rows' log-probs are NaN. The C++ kernel (CPU) always checks.
     """
     ids, mask, checking = check.check_gather_inputs(logits, ids, mask, validate)
-    return logprobs.GATHER[logprobs.resolve_backend(backend, logits.device)](logits, ids, mask, checking)
+    return logprobs.GATHER[registry.resolve("gather_logprobs", backend, logits.device)](logits, ids, mask, checking)
 
 
 __all__ = ["bin_centers", "bin_edges", "dist_moments", "gaussian_kl", "pair_loss", "gather_logprobs", "reference",
-           "LOSS_KINDS", "SCALAR_LOSS_KINDS", "REWARD_LOSS_KINDS", "BACKENDS"]
+           "LOSS_KINDS", "SCALAR_LOSS_KINDS", "REWARD_LOSS_KINDS", "BACKENDS", "backends"]
