@@ -12,6 +12,7 @@ from distreward.reward_trainer import DistRewardTrainer, RewardConfig
 from distreward.rm_trainer import ADAPTER_DIR
 from distreward.tiny import build_tiny_policy
 from distreward.train import main
+from kills import Killed, killed_at
 
 peft = pytest.importorskip("peft")
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
@@ -82,10 +83,6 @@ def test_bad_lora_settings_are_refused(flags, message):
         RewardConfig(output_dir="unused", use_peft=True, **settings)
 
 
-class Killed(Exception):
-    """Stands in for the process being killed mid-run."""
-
-
 def test_a_killed_lora_run_resumes_to_the_uninterrupted_one(tmp_path, tokenizer):
     """Checkpoints of a PEFT model hold the adapter and head (and the RNG of LoRA's dropout): the resumed run ends
     with the weights and metrics.jsonl of an uninterrupted one."""
@@ -97,15 +94,7 @@ def test_a_killed_lora_run_resumes_to_the_uninterrupted_one(tmp_path, tokenizer)
                               resume=resume)
         trainer = DistRewardTrainer(reward_model(tokenizer, head_seed=0), config, train_dataset=pairs,
                                     processing_class=tokenizer)
-        compute_loss, calls = trainer.pair_loss, []
-
-        def maybe_killed(model, batch):
-            calls.append(1)
-            if len(calls) == kill_at:
-                raise Killed
-            return compute_loss(model, batch)
-
-        trainer.pair_loss = maybe_killed
+        trainer.pair_loss = killed_at(kill_at, trainer.pair_loss)
         trainer.train(resume_from_checkpoint=resume)
         return trainer.model, (tmp_path / name / "metrics.jsonl").read_text()
 

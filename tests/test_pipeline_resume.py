@@ -1,6 +1,5 @@
 """``python -m distreward.train --resume``: a killed pipeline skips its finished stages, continues the stage it
 was in from its latest checkpoint, and ends with every output of an uninterrupted run."""
-import itertools
 import json
 import os
 from dataclasses import replace
@@ -10,6 +9,7 @@ import pytest
 from distreward import pipeline, reward_trainer, rl_trainer, rm_trainer, sft_trainer, train, trainer_utils
 from distreward.pipeline import PipelineConfig, run_stages
 from distreward.run_files import EVAL_NAME, finished_mark
+from kills import Killed, killed_at
 from run_files import jsonl_without_timings
 
 TINY = {"num_pairs": 64, "sft_epochs": 2, "rm_epochs": 2, "rl_steps": 4, "num_eval_prompts": 2}  # 4 steps a stage
@@ -25,10 +25,6 @@ STAGES = (("sft", sft_trainer, "run_sft"), ("rm", rm_trainer, "run_reward_traini
           ("rl", rl_trainer, "run_reinforce"))
 
 
-class Killed(Exception):
-    """Raised inside a stage's training loop, as a killed job stops."""
-
-
 def argv(output_dir, *flags: str) -> list:
     return ["pipeline", "--output_dir", str(output_dir), *(f"--{k}={v}" for k, v in TINY.items()), *flags]
 
@@ -41,14 +37,7 @@ def small_stages(monkeypatch) -> None:
 
 def dying(compute_loss):
     """``compute_loss`` that raises :class:`Killed` at its ``KILL_AT``-th call (micro-batch)."""
-    calls = itertools.count(1)
-
-    def compute_loss_or_die(model, batch):
-        if next(calls) == KILL_AT:
-            raise Killed
-        return compute_loss(model, batch)
-
-    return compute_loss_or_die
+    return killed_at(KILL_AT, compute_loss)
 
 
 def kill_in(monkeypatch, module) -> None:

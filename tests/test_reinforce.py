@@ -20,6 +20,7 @@ from distreward.rollout import RolloutScorer, generate_rollouts, left_align, mas
 from distreward.splits import prompt_split
 from distreward.tables import format_report
 from distreward.tiny import build_tiny_policy
+from kills import Killed, killed_at
 from run_files import jsonl_without_timings
 
 SMALL = dict(hidden_size=32, num_layers=1, num_heads=2)
@@ -463,10 +464,6 @@ def test_a_scalar_reward_model_takes_only_shaping_none(saved_models, tmp_path, m
         run_reinforce(rl_config(saved_models, tmp_path, shaping=shaping))
 
 
-class Killed(Exception):
-    """Stands in for the process being killed mid-run."""
-
-
 @pytest.mark.parametrize("settings", [dict(baseline="ema"),
                                       dict(shaping="std_penalty", std_source="shuffled", curve_eval_steps=1)],
                          ids=["ema", "shuffled-std-curve"])
@@ -475,16 +472,9 @@ def test_resume_continues_exactly_where_a_killed_run_stopped(saved_models, tmp_p
     std draws from the RNG the checkpoint restores."""
     run_reinforce(rl_config(saved_models, tmp_path / "whole", **settings))
 
-    calls = {"n": 0}
     original = ReinforceTrainer.compute_loss
-
-    def dies_at_step_four(self, model, prompts):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise Killed  # killed after checkpoint-2 and one more logged step
-        return original(self, model, prompts)
-
-    monkeypatch.setattr(ReinforceTrainer, "compute_loss", dies_at_step_four)
+    # killed at step 4: after checkpoint-2 and one more logged step
+    monkeypatch.setattr(ReinforceTrainer, "compute_loss", killed_at(4, original))
     with pytest.raises(Killed):
         run_reinforce(rl_config(saved_models, tmp_path / "killed", **settings))
     assert os.path.isdir(tmp_path / "killed" / "checkpoint-2")

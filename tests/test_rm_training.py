@@ -19,6 +19,7 @@ from distreward.rm_metrics import (average_ranks, metrics_by_group, predict, rew
 from distreward.tables import markdown_table
 from distreward.tiny import build_tiny_policy
 from distreward.trainer_utils import TrainingInterrupted, list_checkpoints, make_accelerator, train_loop
+from kills import Killed, killed_at
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
 
@@ -38,10 +39,6 @@ def v1_pairs(tokenizer):
                                 label_kind="gaussian")["train"]
 
 
-class Killed(Exception):
-    """Stands in for the process being killed mid-run."""
-
-
 def small_model(config, tokenizer):
     """A fresh small reward model, the same at every call for a seed (the head the loss kind needs)."""
     set_seed(config.seed)
@@ -53,15 +50,7 @@ def train(config, tokenizer, pairs, kill_at_micro_step=None):
     """DistRewardTrainer on a fresh small reward model (``--resume`` as ``config.resume`` says); raises Killed at
     micro-batch ``kill_at_micro_step``; returns the trained model."""
     trainer = DistRewardTrainer(small_model(config, tokenizer), config, train_dataset=pairs, processing_class=tokenizer)
-    compute_loss, calls = trainer.pair_loss, []
-
-    def maybe_killed(model, batch):
-        calls.append(batch["input_ids_chosen"])
-        if len(calls) == kill_at_micro_step:
-            raise Killed
-        return compute_loss(model, batch)
-
-    trainer.pair_loss = maybe_killed
+    trainer.pair_loss = killed_at(kill_at_micro_step, trainer.pair_loss)
     trainer.train(resume_from_checkpoint=config.resume)
     return trainer.accelerator.unwrap_model(trainer.model)
 

@@ -11,6 +11,7 @@ from distreward.data import IGNORE_INDEX, CompletionCollator, load_sft_data
 from distreward.sft_trainer import CompletionTrainer, SFTConfig
 from distreward.tiny import build_tiny_policy
 from distreward.trainer_utils import make_accelerator, train_loop
+from kills import Killed, killed_at
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
 
@@ -18,10 +19,6 @@ SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
 @pytest.fixture(scope="module")
 def demonstrations(tokenizer):
     return load_sft_data(tokenizer, num_pairs=40, seed=0)
-
-
-class Killed(Exception):
-    """Stands in for the process being killed mid-run."""
 
 
 def config_for(tmp_path, name, **overrides):
@@ -38,16 +35,7 @@ def small_policy(tokenizer):
 def train(config, tokenizer, data, kill_at_micro_step=None):
     trainer = CompletionTrainer(model=small_policy(tokenizer), args=config, train_dataset=data,
                                 processing_class=tokenizer, data_collator=CompletionCollator(tokenizer.pad_token_id))
-    calls = []
-    compute = trainer.loss_and_metrics
-
-    def maybe_killed(model, inputs):
-        calls.append(1)
-        if len(calls) == kill_at_micro_step:
-            raise Killed
-        return compute(model, inputs)
-
-    trainer.loss_and_metrics = maybe_killed
+    trainer.loss_and_metrics = killed_at(kill_at_micro_step, trainer.loss_and_metrics)
     trainer.train(resume_from_checkpoint=config.resume)
     return trainer.accelerator.unwrap_model(trainer.model)
 
