@@ -26,7 +26,7 @@ from distreward import ops, rm_metrics
 from distreward.data import EMBEDDED, PreferenceCollator, held_out_pairs
 from distreward.defaults import NUM_BINS, SIGMA
 from distreward.labels import check_label_kind
-from distreward.ops import registry
+from distreward.ops import loss_kinds, registry
 from distreward.ops.validation import check_choice, check_positive
 from distreward.run_files import SFT_DIR
 from distreward.stage_trainer import StageArguments, StageTrainer
@@ -86,8 +86,7 @@ class RewardConfig(StageArguments):
         check_label_kind(self.label_kind)
         check_choice("--ops_backend", self.ops_backend, ops.BACKENDS)
         check_positive("--margin_temperature", self.margin_temperature)
-        if self.loss_kind == "dpl" and self.margin_temperature != 1:
-            raise ValueError("--margin_temperature applies to a Bradley-Terry margin: dpl has none (leave it 1)")
+        loss_kinds.check_temperature(self.loss_kind, self.margin_temperature, "--margin_temperature")
         if self.is_scalar and registry.unavailable(self.ops_backend, op="scalar_pair_loss"):  # eager only
             raise ValueError(f"--loss_kind {self.loss_kind} trains a scalar head, which has no {self.ops_backend} "
                              "backend")
@@ -110,12 +109,12 @@ class RewardConfig(StageArguments):
     @property
     def reads_labels(self) -> bool:
         """Whether ``loss_kind`` reads the score labels' distribution (not bt_mean, not the scalar heads)."""
-        return self.loss_kind in ("bt_kl", "dpl")
+        return ops.LOSS_KIND_TABLE[self.loss_kind].reads_targets and not self.is_scalar
 
     @property
     def is_scalar(self) -> bool:
         """Whether ``loss_kind`` trains a scalar head (the baselines) rather than a distribution."""
-        return self.loss_kind in ops.SCALAR_LOSS_KINDS
+        return ops.LOSS_KIND_TABLE[self.loss_kind].scalar
 
     def default_backbone(self) -> str:
         return os.path.join(self.run_dir, SFT_DIR)

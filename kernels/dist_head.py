@@ -23,7 +23,6 @@ from triton.runtime.interpreter import InterpretedFunction
 
 
 TRITON_MAX_BINS = 64  # a row of K logits lives in registers: 2 <= K <= 64
-PAIR_LOSS_KINDS = ("bt_mean", "bt_kl", "dpl")  # the docs/math.md §3 losses the pair kernel knows
 # Elements of one [BLOCK_N, BLOCK_K] tile. The pair kernel keeps ~12 tiles live, so a GPU thread holds
 # ELEMENTS_PER_THREAD of each (~50 registers, no spills): 1024 elements = 64 rows of K <= 16 at 8 warps.
 # The CPU interpreter costs ~1 ms per program, so 2^20 there.
@@ -464,13 +463,9 @@ class PairLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight,
                 centers, with_grad, temperature):
-        if kind not in PAIR_LOSS_KINDS:
-            raise ValueError(f"kind must be one of {PAIR_LOSS_KINDS}, got {kind!r}")
-        if kind == "dpl" and temperature != 1:
-            raise ValueError(f"kind 'dpl' has no Bradley-Terry margin: temperature must be 1, got {temperature}")
         block_k = _check_launchable(logits_chosen)
         n_rows, n_bins = logits_chosen.shape
-        dpl, with_kl = kind == "dpl", kind != "bt_mean" and score_weight != 0
+        dpl, with_kl = not kind.margin, kind.reads_targets and score_weight != 0
         block_n, num_warps, grid = _launch_settings(logits_chosen, block_k * block_k if dpl else block_k)
         wider = logits_rejected if logits_rejected.dtype == torch.float64 else logits_chosen  # float64 if either is
         loss = torch.zeros((), dtype=_compute_dtype(wider), device=logits_chosen.device)
@@ -517,11 +512,12 @@ def triton_gaussian_kl(logits: torch.Tensor, target: torch.Tensor, sigma, center
 
 def triton_pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma, score_weight,
                      centers, temperature=1.0):
-    """Mean over N pairs of the docs/math.md §3 loss ``kind`` ("bt_mean", "bt_kl", "dpl"): logits [N, K] each,
-    targets [N] or [N, K] each (None for "bt_mean"), ``sigma`` a float or tensor [N] for both sides or a tuple
-    (sigma_chosen, sigma_rejected) of those -> scalar fp32 (fp64), NaN when a pair's inputs are bad (its own
-    flag); ``temperature`` divides the Bradley-Terry margin. Inputs are validated by ``ops.pair_loss``; an
-    unknown ``kind`` (or dpl with temperature != 1) raises ValueError here too."""
+    """Mean over N pairs of the docs/math.md §3 loss ``kind``, a row of distreward/ops/loss_kinds.py's table
+    (``kind.margin``: Bradley-Terry on the means, else the distributional preference (dpl); ``kind.reads_targets``:
+    plus the KL to the labels): logits [N, K] each, targets [N] or [N, K] each (None when not read), ``sigma`` a
+    float or tensor [N] for both sides or a tuple (sigma_chosen, sigma_rejected) of those -> scalar fp32 (fp64),
+    NaN when a pair's inputs are bad (its own flag); ``temperature`` divides the Bradley-Terry margin (unused
+    without one). Inputs, the kind and its temperature are validated by ``ops.pair_loss``."""
     with_grad = torch.is_grad_enabled() and (logits_chosen.requires_grad or logits_rejected.requires_grad)
     return PairLossFunction.apply(logits_chosen, logits_rejected, target_chosen, target_rejected, kind, sigma,
                                   score_weight, centers, with_grad, temperature)

@@ -18,12 +18,11 @@ import math
 
 import torch
 
-from distreward.ops import logprobs, reference, registry
+from distreward.ops import logprobs, loss_kinds, reference, registry
 from distreward.ops import validation as check
+from distreward.ops.loss_kinds import LOSS_KINDS, REWARD_LOSS_KINDS, SCALAR_LOSS_KINDS
 
-LOSS_KINDS = reference.LOSS_KINDS  # distributional heads: logits [N, K]
-SCALAR_LOSS_KINDS = reference.SCALAR_LOSS_KINDS  # scalar heads: logits [N, 1]
-REWARD_LOSS_KINDS = reference.REWARD_LOSS_KINDS
+LOSS_KIND_TABLE = loss_kinds.TABLE  # kind -> LossKind(scalar, reads_targets, margin)
 BACKENDS = registry.BACKENDS
 
 
@@ -87,8 +86,16 @@ _DIST_MOMENTS = {"eager": _eager(reference.dist_moments), "triton": _head_kernel
                  "cpp": _cpp_kernel("dist_moments")}
 _GAUSSIAN_KL = {"eager": _eager(reference.gaussian_kl), "triton": _head_kernel("triton_gaussian_kl", True),
                 "cpp": _cpp_kernel("gaussian_kl")}
-_PAIR_LOSS = {"eager": _eager(reference.pair_loss), "triton": _head_kernel("triton_pair_loss", False),
-              "cpp": _cpp_kernel("pair_loss")}
+def _triton_pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected, kind, *args, **kwargs):
+    """The Triton pair loss, given ``kind``'s row of the loss-kind table (ValueError for an unknown kind or a
+    temperature the kind does not take)."""
+    loss = loss_kinds.row(kind, LOSS_KINDS)
+    loss_kinds.check_temperature(kind, kwargs.get("temperature", 1.0))
+    return _head_kernel("triton_pair_loss", False)(logits_chosen, logits_rejected, target_chosen, target_rejected,
+                                                  loss, *args, **kwargs)
+
+
+_PAIR_LOSS = {"eager": _eager(reference.pair_loss), "triton": _triton_pair_loss, "cpp": _cpp_kernel("pair_loss")}
 _SCALAR_PAIR_LOSS = {"eager": _eager(reference.scalar_pair_loss)}
 _TABLES = {"dist_moments": _DIST_MOMENTS, "gaussian_kl": _GAUSSIAN_KL, "pair_loss": _PAIR_LOSS,
            "scalar_pair_loss": _SCALAR_PAIR_LOSS}
@@ -183,9 +190,8 @@ def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target
     """
     check.check_choice("kind", kind, REWARD_LOSS_KINDS)
     check.check_positive("temperature", temperature)
-    if kind == "dpl" and temperature != 1:
-        raise ValueError(f"kind 'dpl' has no Bradley-Terry margin: temperature must be 1, got {temperature}")
-    scalar = kind in SCALAR_LOSS_KINDS
+    loss_kinds.check_temperature(kind, temperature)
+    scalar, reads_targets = LOSS_KIND_TABLE[kind].scalar, LOSS_KIND_TABLE[kind].reads_targets
     for name, logits in (("logits_chosen", logits_chosen), ("logits_rejected", logits_rejected)):
         check.check_logits(name, logits, num_bins=1 if scalar else None)
     if logits_chosen.shape != logits_rejected.shape:
@@ -198,7 +204,6 @@ def pair_loss(logits_chosen: torch.Tensor, logits_rejected: torch.Tensor, target
     rows, device = logits_chosen.shape[0], logits_chosen.device
     sigma_names = check.check_sigma_sides(sigma, rows, device)
     check.check_positive("score_weight", score_weight, allow_zero=True)
-    reads_targets = kind not in ("bt_mean", "scalar_bt")
     with_targets = reads_targets and score_weight != 0
     if reads_targets:
         num_bins = None if scalar else logits_chosen.shape[-1]  # the scalar kinds take label means [N] only
@@ -243,4 +248,4 @@ def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask=None, backend:
 
 
 __all__ = ["bin_centers", "bin_edges", "dist_moments", "gaussian_kl", "pair_loss", "gather_logprobs", "reference",
-           "LOSS_KINDS", "SCALAR_LOSS_KINDS", "REWARD_LOSS_KINDS", "BACKENDS", "backends"]
+           "LOSS_KINDS", "SCALAR_LOSS_KINDS", "REWARD_LOSS_KINDS", "LOSS_KIND_TABLE", "BACKENDS", "backends"]

@@ -11,6 +11,7 @@ kernel then raises, as it writes a non-finite result, and this module turns that
 import torch
 
 from distreward import _C  # noqa: F401  (loading the library registers the ops)
+from distreward.ops import loss_kinds
 from distreward.ops import validation as check
 from distreward.ops.reference import compute_dtype, label_sides
 
@@ -138,7 +139,7 @@ def pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected, ki
     if logits_chosen.dtype != logits_rejected.dtype:  # the kernel takes one dtype: the wider compute dtype
         dtype = torch.promote_types(compute_dtype(logits_chosen), compute_dtype(logits_rejected))
         logits_chosen, logits_rejected = logits_chosen.to(dtype), logits_rejected.to(dtype)
-    scored = kind != "bt_mean" and score_weight != 0
+    scored = loss_kinds.row(kind, loss_kinds.LOSS_KINDS).reads_targets and score_weight != 0
     (row_c, sigma_c), (row_r, sigma_r) = (_sigma_args(side) for side in label_sides(sigma))
     with_grad = torch.is_grad_enabled() and (logits_chosen.requires_grad or logits_rejected.requires_grad)
     loss, _, _ = _checked("pair_loss", _ops.bin_pair_loss_forward, logits_chosen, logits_rejected,

@@ -7,9 +7,8 @@ against these.
 import torch
 import torch.nn.functional as F
 
-LOSS_KINDS = ("bt_mean", "bt_kl", "dpl")  # losses of a distributional head (logits [N, K])
-SCALAR_LOSS_KINDS = ("scalar_bt", "scalar_reg")  # losses of a scalar head (rewards [N])
-REWARD_LOSS_KINDS = LOSS_KINDS + SCALAR_LOSS_KINDS
+from distreward.ops import loss_kinds
+
 LABEL_SUM_TOLERANCE = 1e-3  # |sum_k q_k - 1| a given label distribution's row may have (docs/math.md §2)
 
 
@@ -105,17 +104,15 @@ def pair_loss(logits_chosen, logits_rejected, target_chosen, target_rejected,
     ``temperature`` divides the margin E_c - E_r of the Bradley-Terry term (bt_mean, bt_kl); dpl has
     no margin and takes only ``temperature=1``.
     """
-    if kind not in LOSS_KINDS:
-        raise ValueError(f"kind must be one of {LOSS_KINDS}, got {kind!r}")
-    if kind == "dpl":
-        if temperature != 1:
-            raise ValueError(f"kind 'dpl' has no Bradley-Terry margin: temperature must be 1, got {temperature}")
-        pref = -dpl_log_prob(logits_chosen, logits_rejected)
-    else:
+    loss = loss_kinds.row(kind, loss_kinds.LOSS_KINDS)
+    loss_kinds.check_temperature(kind, temperature)
+    if loss.margin:
         mean_c, _ = dist_moments(logits_chosen, centers)
         mean_r, _ = dist_moments(logits_rejected, centers)
         pref = bt_loss(mean_c, mean_r, temperature)
-    if kind == "bt_mean" or score_weight == 0:
+    else:
+        pref = -dpl_log_prob(logits_chosen, logits_rejected)
+    if not loss.reads_targets or score_weight == 0:
         return pref.mean()
     sigma_chosen, sigma_rejected = label_sides(sigma)
     score = 0.5 * (gaussian_kl(logits_chosen, target_chosen, sigma_chosen, centers)
@@ -131,12 +128,11 @@ def scalar_pair_loss(reward_chosen, reward_rejected, target_chosen=None, target_
     ``scalar_reg``: that plus ``score_weight * ((r_c - mu_c)^2 + (r_r - mu_r)^2) / 2`` with the labels
     mu [N] in [0, 1] (a label outside [0, 1] makes its row NaN, as the Gaussian labels do).
     """
-    if kind not in SCALAR_LOSS_KINDS:
-        raise ValueError(f"kind must be one of {SCALAR_LOSS_KINDS}, got {kind!r}")
+    loss = loss_kinds.row(kind, loss_kinds.SCALAR_LOSS_KINDS)
     dtype = torch.promote_types(compute_dtype(reward_chosen), compute_dtype(reward_rejected))
     r_c, r_r = reward_chosen.to(dtype), reward_rejected.to(dtype)
     pref = bt_loss(r_c, r_r, temperature)
-    if kind == "scalar_bt" or score_weight == 0:
+    if not loss.reads_targets or score_weight == 0:
         return pref.mean()
     squared = [(r - t.to(dtype).where((t >= 0) & (t <= 1), torch.nan)).square()
                for r, t in ((r_c, target_chosen), (r_r, target_rejected))]
