@@ -227,3 +227,92 @@ def test_the_pipeline_settings_are_stage_settings():
 
 def test_the_experiment_grid_hands_its_workers_configs_not_a_command_line():
     assert "subprocess" not in imported_modules(ROOT / "distreward" / "experiments.py")
+
+
+# Issue #26 items 2-3: one registry of backends, each fast op with its autograd, one table of loss kinds.
+BACKEND_NAMES = {"auto", "eager", "triton", "cpp"}
+LOSS_KIND_NAMES = {"bt_mean", "bt_kl", "dpl", "scalar_bt", "scalar_reg"}
+# The code that runs or configures the ops: the op layer, the kernels, sequence_logprobs, the reward model's config.
+OP_CODE = sorted([*(ROOT / "distreward" / "ops").glob("*.py"), *(ROOT / "kernels").glob("*.py"),
+                  ROOT / "distreward" / "sequence.py", ROOT / "distreward" / "reward_trainer.py"])
+FUSED_MODULES = ("distreward.kernels", "distreward.ops.cpp", "distreward.ops.cpp_bins", "distreward._C")
+
+
+def string_tests(path: pathlib.Path, names: set) -> list:
+    """Lines of ``path`` that compare with one of the string ``names`` (``==``, ``!=``, ``in``) or list several
+    of them in a tuple, list or set."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+        elif isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            operands = node.elts
+            if sum(isinstance(item, ast.Constant) and item.value in names for item in operands) < 2:
+                continue
+        else:
+            continue
+        if any(isinstance(item, ast.Constant) and item.value in names for item in operands):
+            found.append(node.lineno)
+    return found
+
+
+@pytest.mark.parametrize("path", OP_CODE, ids=lambda path: str(path.relative_to(ROOT)))
+def test_only_the_backend_registry_tests_backend_names_or_imports_fused_backends(path):
+    """distreward/ops/registry.py alone names the backends in a test or a list, imports a fused backend's module
+    (the Triton kernels, the C++ extension and its wrappers) and catches that import's failure."""
+    if path == ROOT / "distreward" / "ops" / "registry.py":
+        return
+    assert not string_tests(path, BACKEND_NAMES), f"{path.name} tests backend names itself"
+    fused = {name for name in imported_modules(path) if name.startswith(FUSED_MODULES)}
+    if path.name in ("cpp.py", "cpp_bins.py"):  # the C++ wrappers load the extension they wrap
+        fused.discard("distreward._C")
+    assert not fused, f"{path.name} imports {sorted(fused)}: ask distreward.ops.registry.kernels"
+    tree = ast.parse(path.read_text())
+    assert not [node.lineno for node in ast.walk(tree) if isinstance(node, ast.ExceptHandler)
+                and "ImportError" in ast.unparse(node.type or ast.Constant(None))], f"{path.name} decides availability"
+    assert "environ" not in path.read_text() or path.parent.name == "kernels", f"{path.name} reads the environment"
+
+
+def test_the_registry_answers_for_every_op_and_backend():
+    """ops.backends() names eager, triton and cpp with None or a reason; every op's table holds eager and only the
+    registry's fused backends of that op; auto falls back to eager for an op without kernels."""
+    import torch
+
+    from distreward import ops
+    from distreward.ops import logprobs, registry
+    report = ops.backends("cpu")
+    assert set(report) == {"eager", "triton", "cpp"} and report["eager"] is None
+    assert all(reason is None or isinstance(reason, str) and reason for reason in report.values())
+    assert ops.BACKENDS is registry.BACKENDS
+    tables = {**ops._TABLES, "gather_logprobs": logprobs.GATHER}
+    assert set(tables) == set(registry.KERNELS)
+    for op, table in tables.items():
+        assert set(table) == {"eager", *registry.KERNELS[op]}, op
+    assert registry.resolve("scalar_pair_loss", "auto", torch.device("cpu"), 1) == "eager"
+    with pytest.raises(ValueError, match="is not available for scalar_pair_loss"):
+        registry.resolve("scalar_pair_loss", "cpp", torch.device("cpu"))
+
+
+def test_autograd_functions_live_with_their_kernels():
+    """The dispatch modules (the public ops, the gather's table, the registry) hold no autograd Function and
+    register no autograd formula: each fast op's Function sits in the file of its kernels and launcher."""
+    for name in ("__init__.py", "logprobs.py", "registry.py", "loss_kinds.py", "reference.py", "validation.py"):
+        source = (ROOT / "distreward" / "ops" / name).read_text()
+        assert "autograd.Function" not in source and "register_autograd" not in source, name
+
+
+@pytest.mark.parametrize("path", OP_CODE, ids=lambda path: str(path.relative_to(ROOT)))
+def test_every_loss_kind_list_and_test_comes_from_the_table(path):
+    """Only distreward/ops/loss_kinds.py lists loss kinds or compares with one; the kinds' tuples are its."""
+    if path.name == "loss_kinds.py":
+        return
+    assert not string_tests(path, LOSS_KIND_NAMES), f"{path.name} lists or tests loss kinds itself"
+
+
+def test_the_loss_kind_tuples_are_the_tables():
+    from distreward import ops
+    from distreward.ops import loss_kinds
+    assert set(loss_kinds.TABLE) == LOSS_KIND_NAMES and ops.LOSS_KIND_TABLE is loss_kinds.TABLE
+    assert ops.REWARD_LOSS_KINDS == tuple(loss_kinds.TABLE)
+    assert ops.LOSS_KINDS == tuple(kind for kind, row in loss_kinds.TABLE.items() if not row.scalar)
+    assert ops.SCALAR_LOSS_KINDS == tuple(kind for kind, row in loss_kinds.TABLE.items() if row.scalar)

@@ -49,7 +49,7 @@ def _head_kernel(name: str, flagged: bool):
     a flag the kernel writes (``flagged``) or from the scalar loss itself."""
     def run(*args, validate: bool, **kwargs):
         flag = torch.zeros((), dtype=torch.int32, device=args[0].device) if validate and flagged else None
-        results = getattr(registry.kernels("pair_loss", "triton"), name)(
+        results = getattr(registry.kernels(name.removeprefix("triton_"), "triton"), name)(
             *args, **kwargs, **({"flag": flag} if flagged else {}))
         if validate and (bool(flag) if flagged else not math.isfinite(results.item())):
             raise check.BadValues(name)
@@ -74,7 +74,7 @@ def _cpp_kernel(name: str):
     """The fused C++ op ``name`` of distreward/ops/cpp_bins.py (csrc/bin_ops.cpp) as a bin-op implementation: the
     kernel itself raises check.BadValues under ``validate`` as it writes a non-finite result."""
     def run(*args, validate: bool, **kwargs):
-        return getattr(registry.kernels("pair_loss", "cpp"), name)(*args, validate=validate, **kwargs)
+        return getattr(registry.kernels(name, "cpp"), name)(*args, validate=validate, **kwargs)
 
     return run
 
