@@ -3,7 +3,9 @@
 ``eager`` is the plain-PyTorch reference (:mod:`distreward.ops.reference`). ``auto`` picks the
 fused path for the tensor's device: the Triton kernels for CUDA tensors, the C++ extension for CPU
 tensors (:mod:`distreward.ops.cpp_bins` for the bin ops; :mod:`distreward.ops.logprobs` holds the
-gather's dispatch table), and the reference otherwise (the scalar losses; no C++ build).
+gather's dispatch table), and the reference otherwise (the scalar losses; no C++ build). Which backend
+exists, runs here and is picked is :mod:`distreward.ops.registry`'s answer (:func:`backends` reports it);
+the loss kinds are :mod:`distreward.ops.loss_kinds`' table.
 
 Every op also takes ``validate`` (docs/performance.md, "Value checks"): shapes, dtypes and devices are
 always checked on the host; values (NaN / inf logits, targets outside [0, 1], bad widths or label
