@@ -4,13 +4,13 @@ table of their ``eval.json`` and one PNG of their predictions).
 The metrics are :mod:`distreward.rm_metrics`'s, the figure :mod:`distreward.plots`', the table
 :mod:`distreward.tables`'.
 """
-import argparse
 import json
 import os
 import sys
 
 from safetensors.torch import load_file
 
+from distreward.cli import argument_parser, user_error
 from distreward.plots import plot_runs
 from distreward.run_files import EVAL_NAME, PREDICTIONS_NAME, RM_CONFIG_NAME, RUN_CONFIG_NAME
 from distreward.tables import markdown_table
@@ -37,8 +37,8 @@ def compare_runs(run_dirs: list, output_path: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distreward.evaluation", allow_abbrev=False,
-                                     description="Compare finished reward-model runs (e.g. bt_mean vs bt_kl).")
+    parser = argument_parser("python -m distreward.evaluation",
+                             "Compare finished reward-model runs (e.g. bt_mean vs bt_kl).")
     parser.add_argument("run_dirs", nargs="+", help="output_dir of each `python -m distreward.train rm` run")
     parser.add_argument("--output", default="rm_comparison.png", help="path of the side-by-side PNG")
     args = parser.parse_args(argv)
@@ -47,9 +47,8 @@ def main(argv=None) -> int:
                                                        os.path.join(run_dir, PREDICTIONS_NAME))
                    if not os.path.isfile(path)]
         if missing:
-            print(f"error: {run_dir} is not a finished `python -m distreward.train rm` run (no {', '.join(missing)})",
-                  file=sys.stderr)
-            return 2
+            return user_error(f"{run_dir} is not a finished `python -m distreward.train rm` run "
+                              f"(no {', '.join(missing)})")
     print(compare_runs(args.run_dirs, args.output))
     return 0
 

@@ -22,7 +22,7 @@ from distreward.pipeline import PipelineConfig, run_configured_stages, stage_con
 from distreward.rl_trainer import ReinforceConfig
 from distreward.run_files import (OVEROPTIMISATION_PLOT_NAME, RESULTS_MARKDOWN_NAME, RESULTS_NAME, WORKER_LOG_NAME,
                                   seed_dir)
-from distreward.train import USER_ERRORS, parse_config
+from distreward.cli import USER_ERRORS, parse_config, user_error
 
 # name -> RewardConfig settings
 RM_VARIANTS = {"bt_mean": {"loss_kind": "bt_mean"}, "bt_mean_t0.1": {"loss_kind": "bt_mean", "margin_temperature": 0.1},
@@ -110,8 +110,7 @@ def run_worker(seed: int, plan: list, reuse: bool, threads: int, log_path: str) 
         try:
             run_seed(seed, plan, reuse)
         except USER_ERRORS as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+            return user_error(error)
         except Exception:
             traceback.print_exc()
             return 1
@@ -205,14 +204,12 @@ def main(argv=None) -> int:
         config, unknown = parse_config(ExperimentConfig, list(sys.argv[1:] if argv is None else argv),
                                        prog="python -m distreward.experiments")
         if unknown:
-            print(f"error: unknown argument(s): {' '.join(unknown)} (see --help)", file=sys.stderr)
-            return 2
+            return user_error(f"unknown argument(s): {' '.join(unknown)} (see --help)")
         failed = run_experiments(config)
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return user_error(error)
     if failed:
-        print(f"error: seeds {failed} failed, see their seed{{s}}/{WORKER_LOG_NAME}", file=sys.stderr)
+        user_error(f"seeds {failed} failed, see their seed{{s}}/{WORKER_LOG_NAME}")
         return 1
     return 0
 

@@ -41,6 +41,7 @@ import torch
 from jinja2 import TemplateError
 from transformers.utils import logging as transformers_logging
 
+from distreward.cli import argument_parser
 from distreward.data import conversation_ids, padded_batch, to_messages
 from distreward.defaults import ALPHA, QUANTILE_LEVEL
 from distreward.integrations.openrlhf import openrlhf_reply
@@ -371,7 +372,7 @@ def parse_levels(text: str) -> tuple:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m distreward.serve", description=(
+    parser = argument_parser("python -m distreward.serve", (
         "Serve a saved distributional reward model over HTTP: POST /score, POST /openrlhf, GET /health "
         "(docs/integrations.md, 'Reward server')."))
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="a reward model directory (the rm stage's output)")

@@ -7,7 +7,6 @@ is met; ``--output`` writes it as JSON too. With ``--overoptimisation REGION``, 
 stage's output instead, and the table says per seed whether, in REGION, the RM reward rose while the
 ground truth fell (trained vs SFT, paired by prompt).
 """
-import argparse
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import sys
 
 from scipy import stats
 
+from distreward.cli import argument_parser, user_error
 from distreward.run_files import EVAL_NAME, STAGE_DIRS
 
 # (name, target, reader of (sft, rm, rl) eval.json, interval over seeds?)
@@ -131,8 +131,8 @@ def markdown(rows: list) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distreward.testbed_report", allow_abbrev=False,
-                                     description="Task v2 acceptance over finished pipeline runs, one per seed.")
+    parser = argument_parser("python -m distreward.testbed_report",
+                             "Task v2 acceptance over finished pipeline runs, one per seed.")
     parser.add_argument("run_dirs", nargs="+", help="output_dir of each `python -m distreward.train` run")
     parser.add_argument("--output", help="also write the rows as JSON here")
     parser.add_argument("--overoptimisation", metavar="REGION", help="RUN_DIRs are rl outputs: over-optimisation "
@@ -146,8 +146,7 @@ def main(argv=None) -> int:
             rows = acceptance(args.run_dirs)
             text = markdown(rows)
     except (ValueError, KeyError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return user_error(error)
     print(text)
     if args.output:
         with open(args.output, "w") as handle:

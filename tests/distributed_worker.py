@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from distreward import train
+from distreward import cli
 from distreward.rl_trainer import ReinforceTrainer
 
 
@@ -88,7 +88,7 @@ def main(runs_path: str) -> int:
         with instrumented_reinforce(run.get("record_dir"), run.get("kill_at")), \
                 recorded_gradients(run.get("grads_dir")):
             try:
-                code = train.main(run["argv"])
+                code = cli.main(run["argv"])
             except Killed:
                 continue
         if code:

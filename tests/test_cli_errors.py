@@ -11,7 +11,7 @@ import torch
 from distreward import evaluation, experiments
 from distreward.data import local_path_or_hub_id
 from distreward.rm_trainer import RewardConfig
-from distreward.train import STAGES, join_negative_values, main
+from distreward.cli import STAGES, join_negative_values, main
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from distreward.modeling import DistRewardForSequenceClassification
 from distreward.rm_trainer import RewardConfig
 from distreward.sft_trainer import SFTConfig
 from distreward.synthetic import make_preference_dataset
-from distreward.train import main
+from distreward.cli import main
 
 TINY_RUN = ["--max_steps", "3", "--num_pairs", "40", "--per_device_train_batch_size", "4", "--save_steps", "2"]
 

@@ -25,7 +25,7 @@ from run_files import jsonl_without_timings
 from distreward.distributed import call_in_forward, check_data_parallel
 from distreward.modeling import DistRewardForSequenceClassification, save_reward_model
 from distreward.tiny import build_tiny_policy, build_tiny_tokenizer
-from distreward.train import main
+from distreward.cli import main
 
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available in this torch build")

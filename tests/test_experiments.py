@@ -14,7 +14,7 @@ from distreward.pipeline import PipelineConfig
 from distreward.run_files import finished_mark
 from distreward.experiment_report import (comparisons, gains, matched_kl_levels, t_interval, truth_at_kl, verdict,
                                           write_results)
-from distreward.train import parse_config
+from distreward.cli import parse_config
 
 T_2DF = 4.302652729911275  # scipy.stats.t.ppf(0.975, 2)
 

@@ -11,7 +11,7 @@ from distreward.modeling import DistRewardForSequenceClassification
 from distreward.reward_trainer import DistRewardTrainer, RewardConfig
 from distreward.rm_trainer import ADAPTER_DIR
 from distreward.tiny import build_tiny_policy
-from distreward.train import main
+from distreward.cli import main
 from kills import Killed, killed_at
 
 peft = pytest.importorskip("peft")

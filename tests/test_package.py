@@ -43,12 +43,12 @@ def test_kernels_ship_inside_the_package_not_as_a_top_level_module():
     assert top_level == ["distreward"]
 
 
-def test_the_distreward_console_script_runs_the_train_entry_point():
-    from distreward import train
+def test_the_distreward_console_script_runs_the_command_line():
+    from distreward import cli, train
 
     (script,) = importlib.metadata.distribution("distreward").entry_points.select(group="console_scripts",
                                                                                    name="distreward")
-    assert script.load() is train.main
+    assert script.load() is cli.main and train.main is cli.main  # python -m distreward.train runs the same
 
 
 @pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from distreward import pipeline, testbed, train
+from distreward import cli, pipeline, testbed
 from distreward.pipeline import PipelineConfig, run_pipeline, run_stages
 from distreward.policy_comparison import compare_policies, paired_bootstrap
 from distreward.run_files import EVAL_NAME, finished_mark
@@ -108,7 +108,7 @@ def test_pipeline_reuses_finished_stages(pipeline_run):
 def test_rl_alone_finds_the_pipelines_policy_and_reward_model(pipeline_run, tmp_path):
     output_dir, _ = pipeline_run
     rl_dir = tmp_path / "rl"
-    assert train.main(["rl", "--run_dir", str(output_dir), "--output_dir", str(rl_dir), "--max_steps", "1",
+    assert cli.main(["rl", "--run_dir", str(output_dir), "--output_dir", str(rl_dir), "--max_steps", "1",
                        "--num_train_prompts", "8", "--per_device_train_batch_size", "4", "--num_eval_prompts", "2",
                        "--samples_per_prompt", "2", "--sharpening_grid", "1.0", "0.0",
                        "--sharpening_prompts", str(SHARPENING_PROMPTS)]) == 0
@@ -117,12 +117,12 @@ def test_rl_alone_finds_the_pipelines_policy_and_reward_model(pipeline_run, tmp_
 
 
 def test_cli_rejects_a_bad_setting(capsys):
-    assert train.main(["pipeline", "--shaping", "sqrt"]) == 2
+    assert cli.main(["pipeline", "--shaping", "sqrt"]) == 2
     assert "shaping" in capsys.readouterr().err
 
 
 def test_cli_rl_stage_explains_a_missing_policy(tmp_path, capsys):
-    assert train.main(["rl", "--policy_path", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path)]) == 2
+    assert cli.main(["rl", "--policy_path", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path)]) == 2
     assert "run `python -m distreward.train sft` first" in capsys.readouterr().err
 
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from distreward import pipeline, reward_trainer, rl_trainer, rm_trainer, sft_trainer, train, trainer_utils
+from distreward import cli, pipeline, reward_trainer, rl_trainer, rm_trainer, sft_trainer, trainer_utils
 from distreward.pipeline import PipelineConfig, run_stages
 from distreward.run_files import EVAL_NAME, finished_mark
 from kills import Killed, killed_at
@@ -78,7 +78,7 @@ def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
     with pytest.MonkeyPatch.context() as monkeypatch:
         small_stages(monkeypatch)
-        assert train.main(argv(root)) == 0
+        assert cli.main(argv(root)) == 0
     return outputs(root)
 
 
@@ -90,13 +90,13 @@ def test_a_killed_pipeline_resumes_to_the_outputs_of_an_uninterrupted_run(uninte
     with monkeypatch.context() as patch:
         kill_in(patch, module)
         with pytest.raises(Killed):
-            train.main(argv(tmp_path))
+            cli.main(argv(tmp_path))
     assert os.listdir(tmp_path / name).count("checkpoint-2") == 1
     ran = []
     for stage, _, run_name in STAGES:
         run = getattr(pipeline, run_name)
         monkeypatch.setattr(pipeline, run_name, lambda config, stage=stage, run=run: ran.append(stage) or run(config))
-    assert train.main(argv(tmp_path, "--resume")) == 0
+    assert cli.main(argv(tmp_path, "--resume")) == 0
     assert ran == [stage for stage, _, _ in STAGES[killed:]]  # the finished stages were skipped
     resumed = outputs(tmp_path)
     assert sorted(resumed) == sorted(uninterrupted) and os.path.join("rl", "curve.jsonl") in resumed

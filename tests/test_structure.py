@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The training code: stages, their data and configs, evaluation, serving. The op layer (distreward.ops,
 # distreward.kernels) must load none of it.
 TRAINING_MODULES = tuple(f"distreward.{name}" for name in (
-    "data", "data_config", "pipeline", "train", "experiments", "experiment_report", "evaluation", "rm_metrics",
+    "data", "data_config", "pipeline", "cli", "train", "experiments", "experiment_report", "evaluation", "rm_metrics",
     "policy_comparison", "plots", "tables", "rollout", "rl_trainer", "rm_trainer", "reward_trainer", "sft_trainer",
     "stage_trainer", "trainer_utils", "serve", "testbed", "integrations"))
 
@@ -93,7 +93,8 @@ def test_evaluation_is_split_by_job():
         assert not {name for name in imports if name.startswith(("matplotlib", "argparse", "distreward.plots",
                                                                  "distreward.evaluation"))}, (numbers, imports)
     assert not {name for name in distreward_imports("policy_comparison") if name.startswith("distreward")}
-    assert "matplotlib" in distreward_imports("plots") and "argparse" in distreward_imports("evaluation")
+    assert "matplotlib" in distreward_imports("plots")
+    assert "distreward.cli.argument_parser" in distreward_imports("evaluation")
     tree = ast.parse((ROOT / "distreward" / "evaluation.py").read_text())
     functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
     assert functions == {"run_settings_path", "compare_runs", "main"}
@@ -152,10 +153,10 @@ def test_run_files_are_named_in_run_files_only():
 
 def test_each_stage_has_one_finished_mark():
     """The command line (--resume of a finished run) and the pipeline (reusing a stage) ask run_files."""
-    from distreward import pipeline, run_files, train
+    from distreward import cli, pipeline, run_files
 
-    assert set(run_files.FINISHED_MARKS) == set(train.STAGES)
-    for module in (pipeline, train):
+    assert set(run_files.FINISHED_MARKS) == set(cli.STAGES)
+    for module in (pipeline, cli):
         assert "finished_mark" in vars(module) and "FINISHED_MARKS" not in vars(module)
 
 
@@ -316,3 +317,13 @@ def test_the_loss_kind_tuples_are_the_tables():
     assert ops.REWARD_LOSS_KINDS == tuple(loss_kinds.TABLE)
     assert ops.LOSS_KINDS == tuple(kind for kind, row in loss_kinds.TABLE.items() if not row.scalar)
     assert ops.SCALAR_LOSS_KINDS == tuple(kind for kind, row in loss_kinds.TABLE.items() if row.scalar)
+
+
+def test_the_command_line_module_owns_parsing_and_user_errors():
+    """Every command (train, experiments, evaluation, testbed_report, serve) parses with distreward.cli's parsers
+    and says a user's mistake with cli.user_error: no other module builds a parser or prints ``error: ...``."""
+    for path in sorted((ROOT / "distreward").rglob("*.py")):
+        if path.name == "cli.py":
+            continue
+        text = path.read_text()
+        assert "ArgumentParser(" not in text and 'print(f"error: ' not in text, path
