@@ -93,7 +93,7 @@ def interval_text(values: list, spec: str = "+.3f") -> str:
     return f"{mean:{spec}} (one seed)" if len(values) == 1 else f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]"
 
 
-def verdict(differences: list, family_size: int = 1) -> str:
+def claim_verdict(differences: list, family_size: int = 1) -> str:
     """Plain words for a claim that the paired ``differences`` are positive, one of ``family_size`` claims judged
     together: the t-interval at confidence ``1 - 0.05 / family_size`` (Bonferroni), so that all the claims of a
     table together are wrongly "supported" with probability at most 5%."""
@@ -183,7 +183,7 @@ def comparison_table(runs: list, pairs: list) -> list:
                        for key in ("ground_truth_gain", "kl_to_ref", "rm_truth_differs_accuracy")}
         lines.append(f"| {better} − {other} | {len(matched)} | " + " | ".join(
             interval_text(values) for values in differences.values())
-            + f" | {claim} | {verdict(differences['ground_truth_gain'], len(pairs))} |")
+            + f" | {claim} | {claim_verdict(differences['ground_truth_gain'], len(pairs))} |")
     return lines
 
 
@@ -200,7 +200,7 @@ def matched_kl_table(runs: list, pairs: list) -> list:
             differences = [a - b for a, b in truths]
             cells = [interval_text([pair[side] for pair in truths], ".3f") for side in (0, 1)]
             lines.append(f"| {better} − {other} | {len(matched)} | {level:.3f} | {' | '.join(cells)} | "
-                         f"{interval_text(differences)} | {verdict(differences, family_size)} |")
+                         f"{interval_text(differences)} | {claim_verdict(differences, family_size)} |")
     return lines if len(lines) > 2 else ["No pair of runs with curve.jsonl on both sides (--curve_eval_steps 0?)."]
 
 

@@ -12,8 +12,8 @@ import pytest
 from distreward import experiments
 from distreward.pipeline import PipelineConfig
 from distreward.run_files import finished_mark
-from distreward.experiment_report import (comparisons, gains, matched_kl_levels, t_interval, truth_at_kl, verdict,
-                                          write_results)
+from distreward.experiment_report import (claim_verdict, comparisons, gains, matched_kl_levels, t_interval,
+                                          truth_at_kl, write_results)
 from distreward.cli import parse_config
 
 T_2DF = 4.302652729911275  # scipy.stats.t.ppf(0.975, 2)
@@ -128,12 +128,12 @@ def test_t_interval_and_verdicts():
     mean, low, high = t_interval([0.1, 0.2, 0.3])
     half = T_2DF * 0.1 / math.sqrt(3)  # sample std 0.1
     assert (mean, low, high) == pytest.approx((0.2, 0.2 - half, 0.2 + half))
-    assert verdict([0.1, 0.2, 0.3]) == "not separated from 0"  # 0.2 - 0.248 < 0
-    assert verdict([0.2, 0.21, 0.22]) == "supported"
-    assert verdict([-0.2, -0.21, -0.22]) == "contradicted (the interval lies below 0)"
-    assert verdict([0.5]) == "not separated from 0 (one seed: no interval)"
+    assert claim_verdict([0.1, 0.2, 0.3]) == "not separated from 0"  # 0.2 - 0.248 < 0
+    assert claim_verdict([0.2, 0.21, 0.22]) == "supported"
+    assert claim_verdict([-0.2, -0.21, -0.22]) == "contradicted (the interval lies below 0)"
+    assert claim_verdict([0.5]) == "not separated from 0 (one seed: no interval)"
     # one of 1000 claims: the interval at 1 - 0.05 / 1000 (t quantile ~141 at 2 degrees of freedom) holds 0
-    assert verdict([0.2, 0.21, 0.22], family_size=1000) == "not separated from 0"
+    assert claim_verdict([0.2, 0.21, 0.22], family_size=1000) == "not separated from 0"
     assert t_interval([0.2, 0.21, 0.22], 0.99)[1] < t_interval([0.2, 0.21, 0.22])[1]
 
 
