@@ -1,5 +1,5 @@
 """Hypothesis fuzz of the public bin ops (``dist_moments``, ``gaussian_kl``, ``pair_loss`` of every kind)
-on the eager and Triton (interpreter) backends: random shapes (empty ones included), strides, dtypes,
+on the eager, C++ and Triton (interpreter) backends: random shapes (empty ones included), strides, dtypes,
 NaN and +-inf, targets outside [0, 1], a "meta" tensor standing for a wrong device, wrong bin counts and
 centers, bad settings. Every call must either return finite values equal to the float64 reference on
 the same values, or raise ValueError/IndexError where the input is invalid; never another exception.
@@ -7,7 +7,6 @@ the same values, or raise ValueError/IndexError where the input is invalid; neve
 A short, derandomised sample runs by default; ``DISTREWARD_FUZZ_EXAMPLES=10000`` sets the cases per
 op and backend.
 """
-import importlib.util
 import math
 import os
 
@@ -29,10 +28,11 @@ GRAD_RTOL = BIN_GRAD_RTOL
 
 
 def _backends():
-    """eager and, where Triton is installed, triton (under TRITON_INTERPRET=1 on a CPU)."""
-    triton = pytest.param("triton", marks=pytest.mark.skipif(
-        importlib.util.find_spec("triton") is None, reason="the fused kernels need triton"))
-    return [backend if backend == "eager" else triton for backend in ops.BACKENDS if backend in ("eager", "triton")]
+    """Every backend of the bin ops that runs on CPU tensors here: eager, cpp (the C++ extension) and triton (under
+    TRITON_INTERPRET=1); the others are skipped with the registry's reason."""
+    reasons = ops.backends("cpu")
+    return [pytest.param(backend, marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
+            for backend, reason in reasons.items()]
 
 
 # ---------------------------------------------------------------- inputs
