@@ -150,39 +150,19 @@ DISTREWARD_INLINE void label_tile(const Labels<acc_t>& labels, int64_t r0, int64
     for (int64_t i = 0; i < bins * kLanes; ++i) log_q[i] = log_nonnegative(q[i]);
     DISTREWARD_LANES usable[l] = std::abs(total[l] - 1) <= acc_t(kLabelSumTolerance) ? usable[l] : acc_t(0);
   } else {
-    acc_t t[kLanes], scale[kLanes], m[kLanes], log_total[kLanes];
+    acc_t t[kLanes], scale[kLanes];
     for (int64_t l = 0; l < kLanes; ++l) {
       const int64_t r = r0 + std::min(l, n - 1);
       t[l] = labels.target[r];
       const acc_t s = labels.row_sigma ? labels.row_sigma[r] : labels.sigma;
       usable[l] = t[l] >= 0 && t[l] <= 1 && s > 0 && s <= std::numeric_limits<acc_t>::max() && centers_finite ? 1 : 0;
       scale[l] = acc_t(-0.5) / (s * s);
-      m[l] = -kInf<acc_t>;
     }
     for (int64_t k = 0; k < bins; ++k) {
       acc_t* log_qk = log_q + k * kLanes;
-      DISTREWARD_LANES {
-        log_qk[l] = (c[k] - t[l]) * (c[k] - t[l]) * scale[l];
-        m[l] = log_qk[l] > m[l] ? log_qk[l] : m[l];
-      }
+      DISTREWARD_LANES log_qk[l] = (c[k] - t[l]) * (c[k] - t[l]) * scale[l];
     }
-    for (int64_t k = 0; k < bins; ++k) {
-      acc_t *log_qk = log_q + k * kLanes, *qk = q + k * kLanes;
-      DISTREWARD_LANES {
-        log_qk[l] -= m[l];
-        qk[l] = exp_nonpositive(log_qk[l]);
-        total[l] += qk[l];
-      }
-    }
-    DISTREWARD_LANES log_total[l] = log_nonnegative(total[l]);
-    DISTREWARD_LANES total[l] = acc_t(1) / total[l];
-    for (int64_t k = 0; k < bins; ++k) {
-      acc_t *log_qk = log_q + k * kLanes, *qk = q + k * kLanes;
-      DISTREWARD_LANES {
-        log_qk[l] -= log_total[l];
-        qk[l] *= total[l];
-      }
-    }
+    log_softmax_tile(log_q, q, bins);  // the Gaussian label: softmax over the bins of -(c_k - t)^2 / (2 sigma^2)
   }
   for (int64_t k = 0; k < bins; ++k) {
     acc_t *log_qk = log_q + k * kLanes, *qk = q + k * kLanes;
