@@ -5,20 +5,18 @@ ending with the files of an uninterrupted run, a checkpoint on SIGINT / SIGTERM,
 run (unless ``--keep_checkpoints``), a one-line error on a non-finite loss.
 """
 import json
-import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from distreward.data_config import PreferenceTrainingConfig
 from distreward.distributed import has_accelerator
 from distreward.run_files import METRICS_WINDOW_NAME
 from distreward.trainer_utils import (MetricsLogger, StopRequest, TrainingInterrupted, list_checkpoints,
-                                      remove_checkpoints, resolve_mixed_precision)
+                                      reduce_micro_batch, remove_checkpoints, resolve_mixed_precision)
 
 
 @dataclass
@@ -120,17 +118,12 @@ class StageTrainer(Trainer):
         """:meth:`loss_and_metrics`; records the loss, the metrics and the stop request, averaged over processes in
         the one reduction a micro-batch (read on the host, where a non-finite loss raises)."""
         loss, metrics = self.loss_and_metrics(model, inputs)
-        stop = torch.tensor(float(self.stop_request.requested), device=loss.device)
-        *values, stop = self.accelerator.reduce(torch.stack([loss.detach(), *metrics.values(), stop]).float(),
-                                                "mean").tolist()
-        if not math.isfinite(values[0]):
-            raise ValueError(f"the training loss is {values[0]} at step {self.state.global_step + 1} (bad input such "
-                             "as NaN logits or targets outside [0, 1], or a diverged model; the ops name the bad "
-                             "input when called with validate=True)")
+        values, stop = reduce_micro_batch(self.accelerator, loss, metrics, self.stop_request,
+                                          f"step {self.state.global_step + 1}")
         if model.training:
             for name, value in zip(["loss", *metrics], values):
                 self._metrics[name].append(value)
-            self.stop_seen = self.stop_seen or stop > 0
+            self.stop_seen = self.stop_seen or stop
         return (loss, metrics) if return_outputs else loss
 
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:

@@ -280,6 +280,21 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
+def reduce_micro_batch(accelerator: Accelerator, loss: torch.Tensor, metrics: dict, stop: StopRequest,
+                       where: str) -> tuple:
+    """(the loss and ``metrics``' values averaged over processes, whether any process was asked to stop): one
+    reduction and one host read a micro-batch, where a non-finite loss raises ValueError (``where``: the step it
+    names), as ops called without ``validate`` report bad input."""
+    requested = torch.tensor(float(stop.requested), device=loss.device)
+    *values, stopping = accelerator.reduce(torch.stack([loss.detach(), *metrics.values(), requested]).float(),
+                                           "mean").tolist()
+    if not math.isfinite(values[0]):
+        raise ValueError(f"the training loss is {values[0]} at {where} (bad input such as NaN logits or targets "
+                         "outside [0, 1], or a diverged model; the ops name the bad input when called with "
+                         "validate=True)")
+    return values, stopping > 0
+
+
 def total_optimizer_steps(config: TrainingConfig, batches_per_epoch: int) -> int:
     """``max_steps`` when set, else ``num_train_epochs`` passes of ``batches_per_epoch`` micro-batches."""
     if config.max_steps > 0:
@@ -352,13 +367,7 @@ def run_steps(config: TrainingConfig, accelerator: Accelerator, model, optimizer
                     scheduler.step()
                     optimizer.zero_grad()
             state.micro_step += 1
-            stopping = torch.tensor(float(stop.requested), device=loss.device)
-            *values, stopping = accelerator.reduce(torch.stack([loss.detach(), *metrics.values(), stopping]).float(),
-                                                   "mean").tolist()
-            if not math.isfinite(values[0]):  # the step's one host read: where ops called without validate report
-                raise ValueError(f"the training loss is {values[0]} at micro-step {state.micro_step} (bad input "
-                                 "such as NaN logits or targets outside [0, 1], or a diverged model; the ops name "
-                                 "the bad input when called with validate=True)")
+            values, stopping = reduce_micro_batch(accelerator, loss, metrics, stop, f"micro-step {state.micro_step}")
             seconds = {f"seconds_{phase}": value for phase, value in (timer.pop() if timer else {}).items()}
             for name, value in [*zip(["loss", *metrics], values), *seconds.items()]:
                 state.metrics_window.setdefault(name, []).append(value)
@@ -374,9 +383,9 @@ def run_steps(config: TrainingConfig, accelerator: Accelerator, model, optimizer
                 state.metrics_window = {}
             if on_step is not None:
                 on_step(state.global_step, total, model)
-            if stopping > 0 or (state.global_step % config.save_steps == 0 and state.global_step < total):
+            if stopping or (state.global_step % config.save_steps == 0 and state.global_step < total):
                 path = save_checkpoint(accelerator, state, config.output_dir, tokenizer, config.save_total_limit)
-                if stopping > 0:
+                if stopping:
                     progress.close()
                     raise TrainingInterrupted(path)
             if state.global_step >= total:
