@@ -73,7 +73,7 @@ class ReinforceConfig(TrainingConfig):
     sharpening_baseline: bool = field(default=True, metadata={
         "help": "Compare the trained policy with the best sharpened SFT policy (embedded task only; "
                 "--no_sharpening_baseline turns it off)."})
-    sharpening_grid: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.7, 0.5, 0.3, 0.0], metadata={
+    sharpening_grid: list[float] = field(default_factory=lambda: [1.0, 0.6, 0.3, 0.0], metadata={
         "help": "Temperatures (0: greedy) at which the SFT policy, no reward model, is sampled on validation "
                 "prompts; the best of them by ground truth is the sharpened baseline the trained policy is compared "
                 "with on the evaluation prompts."})

@@ -61,7 +61,8 @@ def test_ground_truth():
     assert testbed.score_response(ADD_CARRY, "2") == 0.0  # the dropped carry is off by 10
     assert testbed.score_response(ADD_CARRY_OTHER, "11") == 3.0
     assert testbed.score_response("Sort: 4 1 3", "1 3 4") == 4.0
-    assert testbed.score_response("Sort: 4 1 3", "1 3 5") == pytest.approx(8 / 3)
+    assert testbed.score_response("Sort: 4 1 3", "1 3 5") == pytest.approx(4 / 3)  # one digit wrong: at most half
+    assert testbed.score_response("Sort: 4 1 3 2", "2 1 3 4") == pytest.approx(1.0)  # 2 of 4 in place: 2 x 1/2
     assert testbed.score_response("Count the letter a in abca.", "2") == 4.0
     assert testbed.score_response("Pick a lucky digit for Mira.", "7") == 2.5
     assert testbed.score_response("Pick a lucky digit for Mira.", "3") == 2.0
@@ -71,10 +72,9 @@ def test_ground_truth():
 def test_regions():
     assert testbed.prompt_region(ADD_CARRY) == "bug"
     assert testbed.prompt_region(ADD_PLAIN) == "careful"
-    assert testbed.prompt_region("Sort: 4 1 3") == "careful"
-    assert testbed.prompt_region("Sort: 4 1 3 2") == "superficial"
-    assert testbed.prompt_region("How many a in: abcab?") == "careful"
-    assert testbed.prompt_region("How many a in: abcabcab?") == "consensus"
+    assert testbed.prompt_region("Sort: 4 1 3") == testbed.prompt_region("Sort: 4 1 3 2 9 9") == "superficial"
+    assert testbed.prompt_region("How many a in: abca?") == "careful"
+    assert testbed.prompt_region("How many a in: abcab?") == "consensus"
     assert testbed.prompt_region("Choose a digit for Mira.") == "taste"
 
 
@@ -86,7 +86,7 @@ def answers(prompt, draws=2000, seed=0):
 def test_the_demonstrator_drops_the_carry_so_its_mode_is_wrong():
     counts = answers(ADD_CARRY)
     assert counts.most_common(1)[0][0] == "2"
-    assert 0.65 < counts["2"] / 2000 < 0.75 and 0.2 < counts["12"] / 2000 < 0.3
+    assert 0.8 < counts["2"] / 2000 < 0.9 and 0.08 < counts["12"] / 2000 < 0.16
     assert answers(ADD_PLAIN).most_common(1)[0][0] == "6"  # no carry: right
     assert answers("Sort: 4 1 3 2").most_common(1)[0][0] == "1 2 3 4"
     assert answers("Pick a lucky digit for Mira.").most_common(1)[0][0] == "7"
@@ -104,11 +104,15 @@ def test_the_panel_regions_behave_as_designed():
     assert careful_mean < 0.3 and careful_sd < 0.3
     assert panel(ADD_CARRY, "12")[0] > 3.7
     truth = testbed.score_response("Sort: 4 1 3 2", "1 2 3 5")
-    superficial_mean, superficial_sd = panel("Sort: 4 1 3 2", "1 2 3 5")  # sorted, wrong digit
-    assert superficial_mean > truth + 0.3 and superficial_sd > 0.4  # mean wrong, spread high
-    assert panel("Sort: 4 1 3", "1 3 5")[0] == pytest.approx(testbed.score_response("Sort: 4 1 3", "1 3 5"), abs=0.2)
-    consensus_mean, consensus_sd = panel("How many a in: abcabcab?", "2")  # the truth is 3; raters say 2
-    assert consensus_mean > 3.7 and consensus_sd < 0.3 and testbed.score_response("How many a in: abcabcab?", "2") == 3
+    for wrong in ("1 2 3 5", "2 1 3 4", "4 1 3 2"):  # a wrong digit, a swap, the input: well-formed, all of them
+        truth = testbed.score_response("Sort: 4 1 3 2", wrong)
+        superficial_mean, superficial_sd = panel("Sort: 4 1 3 2", wrong)
+        assert superficial_mean > truth + 0.8 and superficial_sd > 1.0  # mean wrong, spread high
+    right_mean, right_sd = panel("Sort: 4 1 3 2", "1 2 3 4")
+    assert right_mean > 3.7 and right_sd < 0.3  # every rater agrees on a right answer
+    assert panel("Sort: 4 1 3 2", "1 2 3")[0] == pytest.approx(testbed.score_response("Sort: 4 1 3 2", "1 2 3"), abs=0.2)
+    consensus_mean, consensus_sd = panel("How many a in: abcabca?", "2")  # the truth is 3; raters say 2
+    assert consensus_mean > 3.7 and consensus_sd < 0.3 and testbed.score_response("How many a in: abcabca?", "2") == 3
     taste_mean, taste_sd = panel("Pick a lucky digit for Mira.", "7")
     assert taste_mean == pytest.approx(2.5, abs=0.2) and taste_sd > 1.0  # bimodal, mean right
     assert testbed.panel_spread("Sort: 4 1 3 2", "1 2 3 5") == testbed.panel_spread("Sort: 4 1 3 2", "1 2 3 5")
@@ -242,12 +246,15 @@ def test_the_acceptance_table_over_seeds(tmp_path, capsys):
     runs = [fake_run(tmp_path / f"seed{s}", gain, bug) for s, (gain, bug) in enumerate([(0.2, 1.0), (0.3, 0.9),
                                                                                         (0.25, 0.7)])]
     rows = {row["criterion"]: row for row in testbed_report.acceptance(runs)}
-    beat = rows["ground truth: trained - best sharpened SFT"]
-    assert beat["values"] == [0.2, 0.3, 0.25] and beat["mean"] == pytest.approx(0.25)
+    beat = rows["ground truth: sharpened trained - best sharpened SFT"]
+    assert beat["values"] == pytest.approx([0.0, 0.1, 0.05]) and beat["mean"] == pytest.approx(0.05)
     half = 4.302653 * 0.05 / 3 ** 0.5  # t(0.975, 2) x sd / sqrt(n)
-    assert beat["ci95"] == pytest.approx([0.25 - half, 0.25 + half], abs=1e-5) and beat["met"] == "yes"
-    assert rows["ground truth, bug region: trained - best sharpened SFT"]["met"] == "yes"  # mean 0.867
-    assert rows["ground truth: sharpened trained - best sharpened SFT"]["met"] == "no"  # mean 0.05
+    assert beat["ci95"] == pytest.approx([0.05 - half, 0.05 + half], abs=1e-5) and beat["met"] == "no"
+    assert rows["ground truth, bug region: sharpened trained - best sharpened SFT"]["met"] == "yes"  # mean 0.867
+    assert rows["ground truth: trained (T = 1) - best sharpened SFT"]["met"] == ""  # reported, no target
+    runs = [fake_run(tmp_path / f"good{s}", gain, 1.0) for s, gain in enumerate([0.4, 0.5, 0.45])]
+    assert {row["criterion"]: row for row in testbed_report.acceptance(runs)}[
+        "ground truth: sharpened trained - best sharpened SFT"]["met"] == "yes"  # mean 0.25, interval above 0
     assert rows["RM std, disputed taste answers / careful-correct"]["met"] == "no"
     assert rows["RM std, disputed superficial answers / careful-correct"]["met"] == "yes"
     assert rows["SFT greedy ground truth, bug region"]["met"] == "yes"
@@ -277,7 +284,7 @@ def test_the_overoptimisation_table(tmp_path, capsys):
 def test_split_composition_counts_distinct_problems(monkeypatch):
     taste = list(testbed.all_problems("taste"))
     assert len(taste) == len(set(taste)) == (len(testbed.CONSONANTS) * len(testbed.VOWELS)) ** 2
-    assert sum(1 for _ in testbed.all_problems("count")) == 3 * sum(3 ** n for n in range(3, 11))
+    assert sum(1 for _ in testbed.all_problems("count")) == 3 * sum(3 ** n for n in range(3, 9))
     monkeypatch.setattr(testbed, "FAMILIES", ("taste",))  # the whole space of the others takes ~30 s
     composition = {split: testbed.split_composition(split)["taste"]["taste"] for split in SPLITS}
     assert sum(composition.values()) == len(taste) and composition["test"] >= 64
