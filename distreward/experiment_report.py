@@ -68,10 +68,13 @@ def load_run(output_dir: str, seed: int, arm: str):
     if os.path.isfile(curve_path):
         with open(curve_path) as handle:
             curve = sorted((json.loads(line) for line in handle if line.strip()), key=lambda point: point["step"])
+    report = read_json(os.path.join(rl_dir, EVAL_NAME))
     return {"arm": arm, "seed": seed, "rm_accuracy": rm_report["pairwise_accuracy"],
             "rm_truth_differs_accuracy": rm_report.get("truth_differs_accuracy"),
-            "rm_calibration_ece": rm_report.get("calibration_ece"),
-            **gains(read_json(os.path.join(rl_dir, EVAL_NAME))), "curve": curve}
+            "rm_calibration_ece": rm_report.get("calibration_ece"), **gains(report), "curve": curve,
+            "by_region": {region: scores["ground_truth"]["trained"]
+                          for region, scores in report["comparison"].get("by_region", {}).items()
+                          if "ground_truth" in scores}}
 
 
 def t_interval(values: list, confidence: float = 0.95) -> tuple:
@@ -144,6 +147,37 @@ def matched_kl_levels(curves: list) -> list:
     return [fraction * reach for fraction in MATCHED_KL_FRACTIONS] if reach > 0 else []
 
 
+def region_curve(curve: list, region: str) -> list:
+    """A run's curve with ``region``'s ground truth as its ``ground_truth`` ([] unless every point has it)."""
+    points = [{"kl_to_ref": point["kl_to_ref"], "ground_truth": point.get("ground_truth_by_region", {}).get(region)}
+              for point in curve]
+    return points if points and all(point["ground_truth"] is not None for point in points) else []
+
+
+def region_table(runs: list, pairs: list) -> list:
+    """Per region (the embedded task v2's), each pair's final ground-truth difference and the difference at the
+    largest KL every run of the pair reaches (from the curves' per-region points), paired by seed."""
+    regions = sorted({region for run in runs for region in run["by_region"]})
+    lines = ["| comparison (paired by seed) | region | seeds | final ground-truth difference [95% CI] | matched KL | "
+             "ground-truth difference there [95% CI] | verdict at matched KL |", "|---|---|---:|---:|---:|---:|---|"]
+    family_size = len(pairs) * len(regions)
+    for better, other, _ in pairs:
+        matched = paired(runs, better, other)
+        for region in regions:
+            final = [a["by_region"][region] - b["by_region"][region] for a, b in matched
+                     if region in a["by_region"] and region in b["by_region"]]
+            curves = [(region_curve(a["curve"], region), region_curve(b["curve"], region)) for a, b in matched]
+            curves = [pair for pair in curves if pair[0] and pair[1]]
+            level, at_level = None, []
+            if curves and len(curves) == len(matched):
+                level = matched_kl_levels([curve for pair in curves for curve in pair])[-1]
+                at_level = [truth_at_kl(a, level) - truth_at_kl(b, level) for a, b in curves]
+            lines.append(f"| {better} − {other} | {region} | {len(final)} | {interval_text(final)} | "
+                         + (f"{level:.3f} | {interval_text(at_level)} | {claim_verdict(at_level, family_size)} |"
+                            if at_level else "n/a | n/a | no per-region curves |"))
+    return lines if regions else []
+
+
 def arm_table(runs: list, arms: list) -> list:
     lines = ["| arm | seeds | RM accuracy, truth differs | RM calibration ECE | ground-truth gain [95% CI] | "
              "RM reward gain [95% CI] | KL to ref [95% CI] |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -206,7 +240,7 @@ def matched_kl_table(runs: list, pairs: list) -> list:
 
 def results_markdown(runs: list, arms: list) -> str:
     """results.md: (a) per arm, (b) paired comparisons of the final gains, (c) ground truth at matched KL,
-    (d) one row per run."""
+    (d) where the task has regions, (b) and (c) per region, (e) one row per run."""
     pairs = comparisons([arm for arm in arms if any(run["arm"] == arm for run in runs)])
     sections = [
         "## Per arm (mean over seeds [95% t-interval])", *arm_table(runs, arms), "",
@@ -218,6 +252,10 @@ def results_markdown(runs: list, arms: list) -> str:
         "supported with probability at most 5%; the intervals shown are the plain 95% ones); \"not separated "
         "from 0\": it holds 0, which does not show the arms equal.", "",
         "## Paired by seed: ground truth at matched KL", *matched_kl_table(runs, pairs), "",
+        *(["## Paired by seed, per region: final and at matched KL", *regions, "",
+           "Each region's ground truth of the trained policy (final: eval.json; at matched KL: the run's curve.jsonl "
+           "points of that region, at the largest KL every run of the pair reaches). Verdicts are Bonferroni-widened "
+           "over every pair and region of the table.", ""] if (regions := region_table(runs, pairs)) else []),
         "Each run's ground truth where its curve.jsonl first reaches the KL (linear between evaluation points), at "
         "a third, two thirds and all of the largest KL every run of the comparison reaches: an arm that moves "
         "less gets no credit for it here.", "", "## Per run", *runs_table(runs)]

@@ -252,8 +252,9 @@ class CurveRecorder:
     """The ``on_step`` hook of :func:`~distreward.trainer_utils.train_loop` that writes ``curve.jsonl``: at step 0,
     every ``config.curve_eval_steps`` steps and at the last, :meth:`ReinforceTrainer.evaluate` of the current
     policy on ``prompts`` (the same seeded samples each time, so the points are paired) as one line
-    ``{"step", "kl_to_ref", "ground_truth" (where known), "reward", "reward_std", "num_prompts"}``: means over
-    the samples of the KL, the ground truth, the RM mean and the RM std. A resumed run keeps the lines up to
+    ``{"step", "kl_to_ref", "ground_truth" (where known), "ground_truth_by_region" (where the task has regions),
+    "reward", "reward_std", "num_prompts"}``: means over the samples of the KL, the ground truth (overall and per
+    region), the RM mean and the RM std. A resumed run keeps the lines up to
     its checkpoint's step (written before that checkpoint) and drops the rest."""
 
     def __init__(self, trainer: "ReinforceTrainer", prompts: list):
@@ -268,10 +269,15 @@ class CurveRecorder:
                 return
         elif step % config.curve_eval_steps and step < total:
             return
-        summary, _ = self.trainer.evaluate(model, self.prompts)
+        summary, records = self.trainer.evaluate(model, self.prompts)
         point = {"kl_to_ref": summary["kl_to_ref"]}
         if "ground_truth" in summary:
             point["ground_truth"] = summary["ground_truth"]["mean"]
+        if records and "region" in records[0] and "ground_truth" in records[0]:
+            by_region = {}
+            for record in records:
+                by_region.setdefault(record["region"], []).append(record["ground_truth"])
+            point["ground_truth_by_region"] = {region: sum(v) / len(v) for region, v in sorted(by_region.items())}
         self.logger.log(step, **point, reward=summary["reward"]["mean"], reward_std=summary["mean_sd"],
                         num_prompts=len(self.prompts))
 

@@ -207,6 +207,31 @@ def test_results_from_synthetic_runs(tmp_path):
         "| bt_mean/none | 3 | 0.690 [0.665, 0.715] | 0.050 [0.050, 0.050] | -0.100 [")
 
 
+def test_results_per_region(tmp_path):
+    # std_penalty beats its within-prompt shuffle by 0.4 + 0.02 s on superficial, by nothing on consensus, at the end
+    # and along the curves (both arms reach KL 1; superficial truth 2 + (gain) k along the way)
+    for seed in range(3):
+        for shaping, edge in (("std_penalty", 0.4 + 0.02 * seed), ("std_penalty_shuffled_within", 0.0)):
+            rl_dir = tmp_path / f"seed{seed}" / f"rl_bt_kl_{shaping}"
+            write_run(tmp_path, seed, "bt_kl", shaping, 0.1, 1.0, 0.8)
+            report = json.loads((rl_dir / "eval.json").read_text())
+            report["comparison"]["by_region"] = {"superficial": {"ground_truth": {"trained": 2.0 + edge}},
+                                                 "consensus": {"ground_truth": {"trained": 3.0}}}
+            (rl_dir / "eval.json").write_text(json.dumps(report))
+            (rl_dir / "curve.jsonl").write_text("".join(json.dumps({
+                "step": step, "kl_to_ref": k, "ground_truth": 2.0, "reward": 0.5, "reward_std": 0.1, "num_prompts": 8,
+                "ground_truth_by_region": {"superficial": 2.0 + edge * k, "consensus": 3.0}}) + "\n"
+                for step, k in enumerate((0.0, 0.5, 1.0))))
+    _, markdown = write_results(str(tmp_path), [0, 1, 2], ["bt_kl/std_penalty", "bt_kl/std_penalty_shuffled_within"])
+    rows = [line for line in markdown.splitlines() if line.startswith("| bt_kl/std_penalty − bt_kl/std_penalty_")]
+    superficial = next(line for line in rows if "| superficial |" in line)
+    half = T_2DF * 0.02 / math.sqrt(3)
+    assert f"| 3 | +0.420 [{0.42 - half:+.3f}, {0.42 + half:+.3f}] | 1.000 | +0.420 [{0.42 - half:+.3f}" in superficial
+    assert superficial.endswith("| supported |")
+    consensus = next(line for line in rows if "| consensus |" in line)
+    assert "| +0.000 [+0.000, +0.000] | 1.000 | +0.000 [+0.000, +0.000] | not separated from 0 |" in consensus
+
+
 def test_aggregate_only_trains_nothing(tmp_path, capsys):
     write_run(tmp_path, 0, "bt_kl", "none", 0.1, 1.0, 0.8)
     assert experiments.main(["--output_dir", str(tmp_path), "--arms", "bt_kl/none", "--seeds", "0",

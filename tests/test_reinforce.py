@@ -441,8 +441,12 @@ def test_curve_records_ground_truth_against_kl_and_leaves_training_alone(saved_m
     curve = read_jsonl(tmp_path / "curve" / "curve.jsonl")
     assert [point["step"] for point in curve] == [0, 2, 4, 5]
     for point in curve:
-        assert list(point) == ["step", "kl_to_ref", "ground_truth", "reward", "reward_std", "num_prompts"]
+        assert list(point) == ["step", "kl_to_ref", "ground_truth", "ground_truth_by_region", "reward", "reward_std",
+                               "num_prompts"]
         assert point["num_prompts"] == 3 and 0 <= point["reward"] <= 1 and 0 <= point["ground_truth"] <= 4
+        by_region = point["ground_truth_by_region"]  # the 3 prompts' regions: their means bracket the overall one
+        assert set(by_region) <= set(testbed.REGIONS) and len(by_region) >= 2
+        assert min(by_region.values()) - 1e-9 <= point["ground_truth"] <= max(by_region.values()) + 1e-9
         assert 0 < point["reward_std"] < 0.5
     assert abs(curve[0]["kl_to_ref"]) < 1e-6 and abs(curve[-1]["kl_to_ref"]) > 1e-3
     for name in ("eval.json", "eval_samples.jsonl"):
