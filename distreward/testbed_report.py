@@ -4,9 +4,12 @@ Each RUN_DIR is a finished ``python -m distreward.train --seed S --output_dir RU
 ``rm/`` and ``rl/`` ``eval.json``), one per seed. The table gives, per criterion of docs/results.md, each
 seed's value, the mean and (for the policy gains) the 95% t-interval over seeds, and whether the target
 is met (T3's rows compare the trained policy decoded as the SFT policy is, at the temperature chosen on
-validation problems, with the best sharpened SFT policy; the trained policy at T = 1 is reported beside them); ``--output`` writes it as JSON too. With ``--overoptimisation REGION``, each RUN_DIR is an ``rl``
-stage's output instead, and the table says per seed whether, in REGION, the RM reward rose while the
-ground truth fell (trained vs SFT, paired by prompt).
+validation problems, with the best sharpened SFT policy; the trained policy at T = 1 is reported beside
+them), then T3 per region; ``--output`` writes it as JSON too. With ``--overoptimisation REGION``, each
+RUN_DIR is an ``rl`` stage's output instead, and the table says per seed whether, in REGION, the RM
+reward rose while the ground truth fell (trained vs SFT, paired by prompt). With ``--answers REGION``,
+the table says what the reward model sees of each policy's right and wrong answers in REGION (mean RM
+reward, RM std, raters' sd).
 """
 import json
 import math
@@ -16,7 +19,7 @@ import sys
 from scipy import stats
 
 from distreward.cli import argument_parser, user_error
-from distreward.run_files import EVAL_NAME, STAGE_DIRS
+from distreward.run_files import EVAL_NAME, EVAL_SAMPLES_NAME, STAGE_DIRS
 
 # (name, target, reader of (sft, rm, rl) eval.json, interval over seeds?)
 CRITERIA = (
@@ -94,6 +97,47 @@ def acceptance(run_dirs: list) -> list:
     return rows
 
 
+def region_rows(run_dirs: list) -> list:
+    """T3 per region: one dict per region with the sharpened trained policy's ground-truth gain over the best
+    sharpened SFT policy per run (``values``), their mean and 95% t-interval, and the test problems per run."""
+    reports = [read_run(run_dir)[2]["sharpened_sft"]["trained_sharpened"]["by_region"] for run_dir in run_dirs]
+    rows = []
+    for region in sorted(set().union(*reports)):
+        values = [report[region]["ground_truth"]["gain"] for report in reports if region in report]
+        rows.append({"region": region, "values": values, "mean": sum(values) / len(values),
+                     "ci95": list(t_interval(values)), "num_prompts": [r[region]["num_prompts"] for r in reports
+                                                                        if region in r]})
+    return rows
+
+
+def answer_rows(run_dirs: list, region: str) -> list:
+    """In ``region``, per policy of ``rl/eval_samples.jsonl`` and per right (ground truth 4) or wrong answer, pooled
+    over the runs: the number of answers and their mean RM reward, RM std and raters' sd (what the reward model
+    sees of each policy's right and wrong answers)."""
+    groups = {}
+    for run_dir in run_dirs:
+        path = os.path.join(run_dir, STAGE_DIRS[2], EVAL_SAMPLES_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(f"{run_dir} is not a finished pipeline run (no {STAGE_DIRS[2]}/{EVAL_SAMPLES_NAME})")
+        with open(path) as handle:
+            for record in map(json.loads, handle):
+                if record["region"] == region:
+                    key = (record["policy"], "right" if record["ground_truth"] == 4.0 else "wrong")
+                    groups.setdefault(key, []).append(record)
+    if not groups:
+        raise ValueError(f"no answer in region {region!r} in these runs")
+    return [{"policy": policy, "answers": kind, "num": len(records),
+             **{name: sum(r[name] for r in records) / len(records) for name in ("reward", "std", "rater_spread")}}
+            for (policy, kind), records in sorted(groups.items())]
+
+
+def answers_markdown(rows: list, region: str) -> str:
+    lines = [f"| policy | {region} answers | number | RM reward E | RM std | raters' sd |", "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {row['policy']} | {row['answers']} | {row['num']} | {row['reward']:.3f} | {row['std']:.3f} | "
+              f"{row['rater_spread']:.2f} |" for row in rows]
+    return "\n".join(lines)
+
+
 def overoptimisation(rl_dirs: list, region: str) -> list:
     """One dict per ``rl`` output dir: ``region``'s RM reward and ground-truth gains (trained - SFT, with their
     95% paired intervals) and ``over_optimised``: the reward rose while the ground truth fell."""
@@ -122,12 +166,17 @@ def overoptimisation_markdown(rows: list, region: str) -> str:
     return "\n".join(lines)
 
 
-def markdown(rows: list) -> str:
+def markdown(rows: list, regions: list) -> str:
     lines = ["| criterion | target | per seed | mean [95% t-interval] | met |", "|---|---|---|---|---|"]
     for row in rows:
         interval = f" [{row['ci95'][0]:+.3f}, {row['ci95'][1]:+.3f}]" if row["ci95"] else ""
         lines.append(f"| {row['criterion']} | {row['target']} | {' '.join(f'{v:.3g}' for v in row['values'])} | "
                      f"{row['mean']:.3f}{interval} | {row['met']} |")
+    lines += ["", "| region | test problems per seed | ground truth: sharpened trained - best sharpened SFT, per seed | "
+                  "mean [95% t-interval] |", "|---|---|---|---|"]
+    lines += [f"| {row['region']} | {min(row['num_prompts'])}-{max(row['num_prompts'])} | "
+              f"{' '.join(f'{v:+.2f}' for v in row['values'])} | {row['mean']:+.3f} [{row['ci95'][0]:+.3f}, "
+              f"{row['ci95'][1]:+.3f}] |" for row in regions]
     return "\n".join(lines)
 
 
@@ -138,14 +187,20 @@ def main(argv=None) -> int:
     parser.add_argument("--output", help="also write the rows as JSON here")
     parser.add_argument("--overoptimisation", metavar="REGION", help="RUN_DIRs are rl outputs: over-optimisation "
                                                                      "in REGION (e.g. superficial) per run")
+    parser.add_argument("--answers", metavar="REGION", help="RM reward, RM std and raters' sd of each policy's right "
+                                                            "and wrong answers in REGION, pooled over the runs")
     args = parser.parse_args(argv)
     try:
         if args.overoptimisation:
             rows = overoptimisation(args.run_dirs, args.overoptimisation)
             text = overoptimisation_markdown(rows, args.overoptimisation)
+        elif args.answers:
+            rows = answer_rows(args.run_dirs, args.answers)
+            text = answers_markdown(rows, args.answers)
         else:
-            rows = acceptance(args.run_dirs)
-            text = markdown(rows)
+            rows, regions = acceptance(args.run_dirs), region_rows(args.run_dirs)
+            text = markdown(rows, regions)
+            rows = {"criteria": rows, "regions": regions}
     except (ValueError, KeyError) as error:
         return user_error(error)
     print(text)

@@ -233,10 +233,18 @@ def fake_run(root, gain, bug_gain, careful=3.7):
           "sharpened_sft": {"temperature": 0.5, "ground_truth": {"gain": gain},
                             "by_region": {"bug": {"ground_truth": {"gain": bug_gain}}},
                             "trained_sharpened": {"temperature": 0.0, "ground_truth": {"gain": gain - 0.2},
-                                                  "by_region": {"bug": {"ground_truth": {"gain": bug_gain}}}}}}
+                                                  "by_region": {"bug": {"ground_truth": {"gain": bug_gain},
+                                                                        "num_prompts": 30},
+                                                                "superficial": {"ground_truth": {"gain": -gain},
+                                                                                "num_prompts": 64}}}}}
     for stage, report in (("sft", {"by_region": region}), ("rm", {"panel": panel}), ("rl", rl)):
         (root / stage).mkdir(parents=True)
         (root / stage / "eval.json").write_text(json.dumps(report))
+    samples = [{"policy": "sft", "region": "superficial", "ground_truth": truth, "reward": reward, "std": std,
+                "rater_spread": spread} for truth, reward, std, spread in ((4.0, 0.8, 0.2, 0.0), (1.0, 0.6, 0.4, 1.2),
+                                                                         (1.5, 0.7, 0.3, 1.0))]
+    samples.append({**samples[0], "region": "bug"})  # another region: left out
+    (root / "rl" / "eval_samples.jsonl").write_text("".join(json.dumps(sample) + "\n" for sample in samples))
     return str(root)
 
 
@@ -260,6 +268,16 @@ def test_the_acceptance_table_over_seeds(tmp_path, capsys):
     assert rows["SFT greedy ground truth, bug region"]["met"] == "yes"
     assert testbed_report.main(runs) == 0 and "| criterion |" in capsys.readouterr().out
     assert testbed_report.main([str(tmp_path / "missing")]) == 2
+    regions = {row["region"]: row for row in testbed_report.region_rows(runs)}
+    assert regions["superficial"]["values"] == [-0.4, -0.5, -0.45] and regions["bug"]["num_prompts"] == [30] * 3
+    assert regions["superficial"]["ci95"] == pytest.approx([-0.45 - half, -0.45 + half], abs=1e-5)
+    answers = {(row["policy"], row["answers"]): row for row in testbed_report.answer_rows(runs, "superficial")}
+    assert answers["sft", "right"]["num"] == 3 and answers["sft", "wrong"]["num"] == 6  # pooled over 3 runs
+    assert answers["sft", "wrong"]["reward"] == pytest.approx(0.65) and answers["sft", "wrong"]["std"] == 0.35
+    assert answers["sft", "wrong"]["rater_spread"] == pytest.approx(1.1)
+    assert testbed_report.main([*runs, "--answers", "superficial"]) == 0
+    assert "| sft | wrong | 6 | 0.650 | 0.350 | 1.10 |" in capsys.readouterr().out
+    assert testbed_report.main([*runs, "--answers", "taste"]) == 2  # no answer there
 
 
 def test_the_overoptimisation_table(tmp_path, capsys):
