@@ -273,7 +273,7 @@ def test_the_acceptance_table_over_seeds(tmp_path, capsys):
     assert regions["superficial"]["ci95"] == pytest.approx([-0.45 - half, -0.45 + half], abs=1e-5)
     answers = {(row["policy"], row["answers"]): row for row in testbed_report.answer_rows(runs, "superficial")}
     assert answers["sft", "right"]["num"] == 3 and answers["sft", "wrong"]["num"] == 6  # pooled over 3 runs
-    assert answers["sft", "wrong"]["reward"] == pytest.approx(0.65) and answers["sft", "wrong"]["std"] == 0.35
+    assert answers["sft", "wrong"]["reward"] == pytest.approx(0.65) and answers["sft", "wrong"]["std"] == pytest.approx(0.35)
     assert answers["sft", "wrong"]["rater_spread"] == pytest.approx(1.1)
     assert testbed_report.main([*runs, "--answers", "superficial"]) == 0
     assert "| sft | wrong | 6 | 0.650 | 0.350 | 1.10 |" in capsys.readouterr().out
