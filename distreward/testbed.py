@@ -136,8 +136,8 @@ def _taste_quality(answer: str, rater_likes_seven: bool) -> float:
 
 def score_response(prompt: str, response: str) -> float:
     """Ground-truth quality of ``response`` in [0, 4]: add / count ``max(0, 4 - |answer - truth|)``, sort
-    4 when right, else 2 x the share of positions holding the right digit, taste the raters' population mean (7: 2.5, another
-    digit: 2, anything else: 0)."""
+    4 when right, else 2 x the share of positions holding the right digit, taste the raters' population mean (7: 2.5,
+    another digit: 2, anything else: 0)."""
     family, fields = parse(prompt)
     answer = response.strip()
     if family == "taste":
@@ -226,7 +226,8 @@ def _draw_problem(rng: random.Random, family: str) -> dict:
     if family == "sort":
         return {"digits": " ".join(str(rng.randint(0, 9)) for _ in range(rng.randint(3, 6)))}
     if family == "count":
-        return {"c": rng.choice(LETTERS), "text": "".join(rng.choice(LETTERS) for _ in range(rng.randint(*COUNT_LENGTHS)))}
+        letter = rng.choice(LETTERS)  # drawn before the length: the order of the draws fixes the data
+        return {"c": letter, "text": "".join(rng.choice(LETTERS) for _ in range(rng.randint(*COUNT_LENGTHS)))}
     return {"name": _name(rng)}
 
 
@@ -256,7 +257,8 @@ def all_problems(family: str):
                     for n in range(3, 7) for digits in itertools.product("0123456789", repeat=n))
     else:
         yield from (PHRASINGS["count"][0].format(c=c, text="".join(text)) for c in LETTERS
-                    for n in range(COUNT_LENGTHS[0], COUNT_LENGTHS[1] + 1) for text in itertools.product(LETTERS, repeat=n))
+                    for n in range(COUNT_LENGTHS[0], COUNT_LENGTHS[1] + 1)
+                    for text in itertools.product(LETTERS, repeat=n))
 
 
 def split_composition(split: str = "test") -> dict:

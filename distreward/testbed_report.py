@@ -132,7 +132,8 @@ def answer_rows(run_dirs: list, region: str) -> list:
 
 
 def answers_markdown(rows: list, region: str) -> str:
-    lines = [f"| policy | {region} answers | number | RM reward E | RM std | raters' sd |", "|---|---|---:|---:|---:|---:|"]
+    lines = [f"| policy | {region} answers | number | RM reward E | RM std | raters' sd |",
+             "|---|---|---:|---:|---:|---:|"]
     lines += [f"| {row['policy']} | {row['answers']} | {row['num']} | {row['reward']:.3f} | {row['std']:.3f} | "
               f"{row['rater_spread']:.2f} |" for row in rows]
     return "\n".join(lines)
@@ -172,8 +173,8 @@ def markdown(rows: list, regions: list) -> str:
         interval = f" [{row['ci95'][0]:+.3f}, {row['ci95'][1]:+.3f}]" if row["ci95"] else ""
         lines.append(f"| {row['criterion']} | {row['target']} | {' '.join(f'{v:.3g}' for v in row['values'])} | "
                      f"{row['mean']:.3f}{interval} | {row['met']} |")
-    lines += ["", "| region | test problems per seed | ground truth: sharpened trained - best sharpened SFT, per seed | "
-                  "mean [95% t-interval] |", "|---|---|---|---|"]
+    lines += ["", "| region | test problems per seed | ground truth: sharpened trained - best sharpened SFT, per "
+                  "seed | mean [95% t-interval] |", "|---|---|---|---|"]
     lines += [f"| {row['region']} | {min(row['num_prompts'])}-{max(row['num_prompts'])} | "
               f"{' '.join(f'{v:+.2f}' for v in row['values'])} | {row['mean']:+.3f} [{row['ci95'][0]:+.3f}, "
               f"{row['ci95'][1]:+.3f}] |" for row in regions]

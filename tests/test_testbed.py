@@ -110,7 +110,8 @@ def test_the_panel_regions_behave_as_designed():
         assert superficial_mean > truth + 0.8 and superficial_sd > 1.0  # mean wrong, spread high
     right_mean, right_sd = panel("Sort: 4 1 3 2", "1 2 3 4")
     assert right_mean > 3.7 and right_sd < 0.3  # every rater agrees on a right answer
-    assert panel("Sort: 4 1 3 2", "1 2 3")[0] == pytest.approx(testbed.score_response("Sort: 4 1 3 2", "1 2 3"), abs=0.2)
+    short = testbed.score_response("Sort: 4 1 3 2", "1 2 3")  # not well-formed: every rater is careful
+    assert panel("Sort: 4 1 3 2", "1 2 3")[0] == pytest.approx(short, abs=0.2)
     consensus_mean, consensus_sd = panel("How many a in: abcabca?", "2")  # the truth is 3; raters say 2
     assert consensus_mean > 3.7 and consensus_sd < 0.3 and testbed.score_response("How many a in: abcabca?", "2") == 3
     taste_mean, taste_sd = panel("Pick a lucky digit for Mira.", "7")
@@ -273,7 +274,8 @@ def test_the_acceptance_table_over_seeds(tmp_path, capsys):
     assert regions["superficial"]["ci95"] == pytest.approx([-0.45 - half, -0.45 + half], abs=1e-5)
     answers = {(row["policy"], row["answers"]): row for row in testbed_report.answer_rows(runs, "superficial")}
     assert answers["sft", "right"]["num"] == 3 and answers["sft", "wrong"]["num"] == 6  # pooled over 3 runs
-    assert answers["sft", "wrong"]["reward"] == pytest.approx(0.65) and answers["sft", "wrong"]["std"] == pytest.approx(0.35)
+    assert answers["sft", "wrong"]["reward"] == pytest.approx(0.65)
+    assert answers["sft", "wrong"]["std"] == pytest.approx(0.35)
     assert answers["sft", "wrong"]["rater_spread"] == pytest.approx(1.1)
     assert testbed_report.main([*runs, "--answers", "superficial"]) == 0
     assert "| sft | wrong | 6 | 0.650 | 0.350 | 1.10 |" in capsys.readouterr().out
