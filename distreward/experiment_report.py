@@ -252,13 +252,14 @@ def results_markdown(runs: list, arms: list) -> str:
         "supported with probability at most 5%; the intervals shown are the plain 95% ones); \"not separated "
         "from 0\": it holds 0, which does not show the arms equal.", "",
         "## Paired by seed: ground truth at matched KL", *matched_kl_table(runs, pairs), "",
+        "Each run's ground truth where its curve.jsonl first reaches the KL (linear between evaluation points), at "
+        "a third, two thirds and all of the largest KL every run of the comparison reaches: an arm that moves "
+        "less gets no credit for it here.", "",
         *(["## Paired by seed, per region: final and at matched KL", *regions, "",
            "Each region's ground truth of the trained policy (final: eval.json; at matched KL: the run's curve.jsonl "
            "points of that region, at the largest KL every run of the pair reaches). Verdicts are Bonferroni-widened "
            "over every pair and region of the table.", ""] if (regions := region_table(runs, pairs)) else []),
-        "Each run's ground truth where its curve.jsonl first reaches the KL (linear between evaluation points), at "
-        "a third, two thirds and all of the largest KL every run of the comparison reaches: an arm that moves "
-        "less gets no credit for it here.", "", "## Per run", *runs_table(runs)]
+        "## Per run", *runs_table(runs)]
     return "\n".join(sections) + "\n"
 
 
