@@ -84,9 +84,9 @@ def read_run(run_dir: str) -> tuple:
     return tuple(runs)
 
 
-def acceptance(run_dirs: list) -> list:
-    """One dict per criterion: name, target, values (one per run), mean, ci95 (gains only), met."""
-    runs = [read_run(run_dir) for run_dir in run_dirs]
+def acceptance(runs: list) -> list:
+    """One dict per criterion over ``runs`` (:func:`read_run` of each): name, target, values (one per run), mean,
+    ci95 (gains only), met."""
     rows = []
     for name, target, read, interval in CRITERIA:
         values = [read(*run) for run in runs]
@@ -97,10 +97,11 @@ def acceptance(run_dirs: list) -> list:
     return rows
 
 
-def region_rows(run_dirs: list) -> list:
-    """T3 per region: one dict per region with the sharpened trained policy's ground-truth gain over the best
-    sharpened SFT policy per run (``values``), their mean and 95% t-interval, and the test problems per run."""
-    reports = [read_run(run_dir)[2]["sharpened_sft"]["trained_sharpened"]["by_region"] for run_dir in run_dirs]
+def region_rows(runs: list) -> list:
+    """T3 per region over ``runs`` (:func:`read_run` of each): one dict per region with the sharpened trained
+    policy's ground-truth gain over the best sharpened SFT policy per run (``values``), their mean and 95%
+    t-interval, and the test problems per run."""
+    reports = [rl["sharpened_sft"]["trained_sharpened"]["by_region"] for _, _, rl in runs]
     rows = []
     for region in sorted(set().union(*reports)):
         values = [report[region]["ground_truth"]["gain"] for report in reports if region in report]
@@ -199,7 +200,8 @@ def main(argv=None) -> int:
             rows = answer_rows(args.run_dirs, args.answers)
             text = answers_markdown(rows, args.answers)
         else:
-            rows, regions = acceptance(args.run_dirs), region_rows(args.run_dirs)
+            runs = [read_run(run_dir) for run_dir in args.run_dirs]
+            rows, regions = acceptance(runs), region_rows(runs)
             text = markdown(rows, regions)
             rows = {"criteria": rows, "regions": regions}
     except (ValueError, KeyError) as error:

@@ -254,7 +254,7 @@ def test_the_acceptance_table_over_seeds(tmp_path, capsys):
 
     runs = [fake_run(tmp_path / f"seed{s}", gain, bug) for s, (gain, bug) in enumerate([(0.2, 1.0), (0.3, 0.9),
                                                                                         (0.25, 0.7)])]
-    rows = {row["criterion"]: row for row in testbed_report.acceptance(runs)}
+    rows = {row["criterion"]: row for row in testbed_report.acceptance(list(map(testbed_report.read_run, runs)))}
     beat = rows["ground truth: sharpened trained - best sharpened SFT"]
     assert beat["values"] == pytest.approx([0.0, 0.1, 0.05]) and beat["mean"] == pytest.approx(0.05)
     half = 4.302653 * 0.05 / 3 ** 0.5  # t(0.975, 2) x sd / sqrt(n)
@@ -262,14 +262,14 @@ def test_the_acceptance_table_over_seeds(tmp_path, capsys):
     assert rows["ground truth, bug region: sharpened trained - best sharpened SFT"]["met"] == "yes"  # mean 0.867
     assert rows["ground truth: trained (T = 1) - best sharpened SFT"]["met"] == ""  # reported, no target
     runs = [fake_run(tmp_path / f"good{s}", gain, 1.0) for s, gain in enumerate([0.4, 0.5, 0.45])]
-    assert {row["criterion"]: row for row in testbed_report.acceptance(runs)}[
+    assert {row["criterion"]: row for row in testbed_report.acceptance(list(map(testbed_report.read_run, runs)))}[
         "ground truth: sharpened trained - best sharpened SFT"]["met"] == "yes"  # mean 0.25, interval above 0
     assert rows["RM std, disputed taste answers / careful-correct"]["met"] == "no"
     assert rows["RM std, disputed superficial answers / careful-correct"]["met"] == "yes"
     assert rows["SFT greedy ground truth, bug region"]["met"] == "yes"
     assert testbed_report.main(runs) == 0 and "| criterion |" in capsys.readouterr().out
     assert testbed_report.main([str(tmp_path / "missing")]) == 2
-    regions = {row["region"]: row for row in testbed_report.region_rows(runs)}
+    regions = {row["region"]: row for row in testbed_report.region_rows(list(map(testbed_report.read_run, runs)))}
     assert regions["superficial"]["values"] == [-0.4, -0.5, -0.45] and regions["bug"]["num_prompts"] == [30] * 3
     assert regions["superficial"]["ci95"] == pytest.approx([-0.45 - half, -0.45 + half], abs=1e-5)
     answers = {(row["policy"], row["answers"]): row for row in testbed_report.answer_rows(runs, "superficial")}
