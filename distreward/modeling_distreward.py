@@ -156,6 +156,12 @@ class DistRewardForSequenceClassification(PreTrainedModel):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         if attention_mask is None:
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        output = self.reward_from_hidden(hidden, attention_mask)
+        return output.to_tuple() if return_dict is False else output
+
+    def reward_from_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> RewardOutput:
+        """The head on the backbone's hidden states [B, T, H] at each row's last real token (attention_mask
+        [B, T]) -> :class:`RewardOutput`."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         last_hidden = hidden[rows, last_token_index(attention_mask.to(hidden.device))]  # [B, H]
         bin_logits = self.head(last_hidden.to(self.head.weight.dtype)).float()
@@ -163,8 +169,7 @@ class DistRewardForSequenceClassification(PreTrainedModel):
             mean, std = bin_logits[:, 0], torch.zeros_like(bin_logits[:, 0])
         else:
             mean, std = self.moments(bin_logits, self.centers)
-        output = RewardOutput(logits=mean.unsqueeze(-1), bin_logits=bin_logits, mean=mean, std=std)
-        return output.to_tuple() if return_dict is False else output
+        return RewardOutput(logits=mean.unsqueeze(-1), bin_logits=bin_logits, mean=mean, std=std)
 
 
 DistRewardConfig.register_for_auto_class()

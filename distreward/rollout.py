@@ -16,6 +16,7 @@ from distreward.data import conversation_ids, padded_batch, render, to_messages
 from distreward.ops.validation import check_positive
 from distreward.rewards import check_level, distribution_quantile
 from distreward.sequence import sequence_logprobs
+from distreward.shared_prefix import cache_argument, new_cache, trunk_hidden_states
 from distreward.timing import PhaseTimer, timed
 
 
@@ -25,7 +26,8 @@ class Rollout:
 
     input_ids [B, T] int64, attention_mask [B, T] int64 (1 on prompt and response tokens),
     response_mask [B, T] bool (True on response tokens, up to and including the EOS that ended
-    the response), prompts: the B user prompts, responses: the B decoded response strings.
+    the response), prompts: the B user prompts, responses: the B decoded response strings, group_size: the
+    samples per prompt (a prompt's samples are adjacent rows; forward passes run each prompt once).
     """
 
     input_ids: torch.Tensor
@@ -33,6 +35,7 @@ class Rollout:
     response_mask: torch.Tensor
     prompts: list
     responses: list
+    group_size: int = 1
 
     def to(self, device) -> "Rollout":
         return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
@@ -93,7 +96,6 @@ def generate_rollouts(model, tokenizer, prompts: list, samples_per_prompt: int =
                          f"and {max_new_tokens}")
     if temperature < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
-    prompts = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
     device = next(model.parameters()).device
     encoded = tokenizer([prompt_text(tokenizer, prompt) for prompt in prompts], return_tensors="pt", padding=True,
                         padding_side="left", add_special_tokens=False).to(device)
@@ -101,7 +103,10 @@ def generate_rollouts(model, tokenizer, prompts: list, samples_per_prompt: int =
         do_sample=False, temperature=None, top_p=None, top_k=None)
     was_training = model.training
     model.eval()
-    sequences = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+    cache = prompt_cache(model, encoded, samples_per_prompt)
+    prompts = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
+    encoded = {name: tensor.repeat_interleave(samples_per_prompt, 0) for name, tensor in encoded.items()}
+    sequences = model.generate(**encoded, **cache, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                eos_token_id=tokenizer.eos_token_id, **sampling)
     model.train(was_training)
     width = encoded["input_ids"].shape[1]
@@ -115,7 +120,25 @@ def generate_rollouts(model, tokenizer, prompts: list, samples_per_prompt: int =
     input_ids, keep, response_mask = input_ids[:, :last], keep[:, :last], response_mask[:, :last]
     responses = tokenizer.batch_decode([row[mask] for row, mask in zip(input_ids, response_mask)],
                                        skip_special_tokens=True)
-    return Rollout(input_ids, keep.long(), response_mask, prompts, responses)
+    return Rollout(input_ids, keep.long(), response_mask, prompts, responses, samples_per_prompt)
+
+
+def prompt_cache(model, encoded, samples_per_prompt: int) -> dict:
+    """``generate``'s cache argument holding the left-padded prompts' keys and values but the last column's, each
+    prompt run once and repeated ``samples_per_prompt`` times ({} when there is nothing to share or ``model`` takes
+    no cache). Positions as ``generate`` gives left-padded rows: the count of real tokens before."""
+    trunk, name = model.base_model, cache_argument(model)
+    if samples_per_prompt == 1 or trunk is model or name is None or cache_argument(trunk) is None:
+        return {}
+    input_ids, attention_mask = encoded["input_ids"][:, :-1], encoded["attention_mask"][:, :-1]
+    if input_ids.shape[1] == 0:
+        return {}
+    cache = new_cache(trunk.config)
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+          **{cache_argument(trunk): cache})
+    cache.batch_repeat_interleave(samples_per_prompt)
+    return {name: cache}
 
 
 def token_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
@@ -123,7 +146,7 @@ def token_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torch.T
     (:func:`distreward.sequence_logprobs`): ``out[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`` on
     response tokens, 0 elsewhere. Differentiable when grad is enabled."""
     return sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.response_mask,
-                             temperature=temperature)
+                             temperature=temperature, group_size=rollout.group_size)
 
 
 class RolloutScorer:
@@ -157,7 +180,11 @@ class RolloutScorer:
                      for prompt, response in zip(rollout.prompts, rollout.responses)]
         input_ids, attention_mask = padded_batch(sequences, self.reward_tokenizer.pad_token_id)
         device = rollout.input_ids.device
-        return self.reward_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        if not hasattr(self.reward_model, "reward_from_hidden"):
+            return self.reward_model(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = trunk_hidden_states(self.reward_model.backbone, input_ids, attention_mask, rollout.group_size)
+        return self.reward_model.reward_from_hidden(hidden, attention_mask)
 
     @torch.no_grad()
     def score(self, rollout: Rollout, policy_logprobs: torch.Tensor,

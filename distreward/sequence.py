@@ -18,9 +18,10 @@ from torch.utils.checkpoint import checkpoint
 from distreward import ops
 from distreward.ops import registry
 from distreward.ops.validation import check_positive, first_position, validating
+from distreward.shared_prefix import trunk_hidden_states
 
 
-def _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size) -> None:
+def _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size, group_size) -> None:
     if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
         raise ValueError(f"model must be a causal LM with an output embedding (LM head), got {type(model).__name__}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
@@ -37,6 +38,10 @@ def _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size) -
             raise ValueError(f"{name} is on {mask.device} but input_ids are on {input_ids.device}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or (
+            input_ids.shape[0] % group_size):
+        raise ValueError(f"group_size must be a positive integer that divides the batch of {input_ids.shape[0]} "
+                         f"rows, got {group_size!r}")
 
 
 def _check_values(model, input_ids, attention_mask, response_mask) -> None:
@@ -53,12 +58,14 @@ def _check_values(model, input_ids, attention_mask, response_mask) -> None:
             raise IndexError(f"input_ids[{b}, {t}] = {int(input_ids[b, t])} is outside the model's vocabulary [0, {vocab})")
 
 
-def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        group_size: int = 1) -> torch.Tensor:
     """The hidden states [B, T, H] that ``model``'s LM head reads: from its base model (``model.model``,
-    ``model.transformer``, ...), or from a full forward's ``output_hidden_states`` if it has none."""
+    ``model.transformer``, ...), each group's shared prefix run once (:mod:`distreward.shared_prefix`), or from a
+    full forward's ``output_hidden_states`` if it has none."""
     trunk = model.base_model
     if trunk is not model:
-        return trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return trunk_hidden_states(trunk, input_ids, attention_mask, group_size)
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                  output_hidden_states=True).hidden_states[-1]
 
@@ -140,7 +147,7 @@ def check_finite(logprobs: torch.Tensor) -> None:
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
                       chunk_size: int = 256, backend: str = "auto", temperature: float = 1.0,
-                      validate=None) -> torch.Tensor:
+                      validate=None, group_size: int = 1) -> torch.Tensor:
     """Per-token log-probs of ``input_ids`` under ``model``, on the response tokens only.
 
     Args:
@@ -158,12 +165,16 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         validate: check the ids against the vocabulary and the log-probs for NaN / inf at once, raising
             IndexError / ValueError (host syncs); None, the default, on CPU only (:mod:`distreward.ops`).
             Without, a NaN in the model's logits gives NaN log-probs (bad ids fail in the embedding).
+        group_size: the rows come in groups of this many adjacent rows that share their leading tokens (several
+            samples of one prompt): the trunk runs each group's common prefix once (one host read to find it;
+            :mod:`distreward.shared_prefix`). Any grouping gives the same log-probs; 1 (the default) runs every
+            row whole.
 
     Returns:
         [B, T] float32 (float64 for a float64 model): ``out[b, t] = log pi(input_ids[b, t] | input_ids[b, :t])``
         where ``response_mask[b, t]`` is true and t >= 1, else 0. Differentiable w.r.t. the model's parameters.
     """
-    _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size)
+    _check_inputs(model, input_ids, attention_mask, response_mask, chunk_size, group_size)
     check_positive("temperature", temperature)
     backend = registry.resolve("gather_logprobs", backend, input_ids.device)
     checking = validating(validate, input_ids.device)
@@ -178,7 +189,7 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     targets = input_ids[scored].long()  # [N]
     if checking:
         check_targets(targets, getattr(model.get_output_embeddings(), "out_features", None))
-    hidden = final_hidden_states(model, input_ids, attention_mask)
+    hidden = final_hidden_states(model, input_ids, attention_mask, group_size)
     # Position t - 1 predicts token t: keep only the hidden states that predict a scored token.
     predictors = hidden[:, :-1][scored[:, 1:]]  # [N, H]
 
