@@ -280,8 +280,8 @@ def run_context() -> dict:
             flags = set(next((line for line in cpuinfo if line.startswith("flags")), ":").split(":", 1)[1].split())
     context = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "commit": _git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if _git("status", "--porcelain",
-                                                                                              "--untracked-files=no") else ""),
+        "commit": _git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if _git(  # besides the tables
+            "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude,top)benchmarks/results") else ""),
         "cpu": _cpu_model(), "cpu_vector_flags": sorted(flags & {"avx2", "avx512f", "avx512bw", "avx512_bf16", "fma"}),
         "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "build": build,
