@@ -31,6 +31,7 @@ EVERY_STAGE = tuple(STAGE_CLASSES)
 STAGE_SETTINGS = {
     "seed": EVERY_STAGE, "task": EVERY_STAGE, "num_pairs": ("sft", "rm"), "sft_epochs": ("sft.num_train_epochs",),
     "rm_epochs": ("rm.num_train_epochs",), "loss_kind": ("rm",), "label_kind": ("rm",), "rl_steps": ("rl.max_steps",),
+    "rl_learning_rate": ("rl.learning_rate",),
     **{name: ("rl",) for name in ("shaping", "std_source", "quantile_level", "baseline", "beta", "alpha",
                                   "num_eval_prompts", "eval_split", "temperature_baselines", "sharpening_baseline",
                                   "sharpening_grid", "curve_eval_steps", "curve_eval_prompts")},
@@ -76,6 +77,8 @@ class PipelineConfig:
                                                   "ratings, else gaussian), gaussian, gaussian_spread or mixture "
                                                   "(docs/math.md §2).")
     rl_steps: int = stage_setting("rl_steps", "REINFORCE optimizer steps.")
+    rl_learning_rate: float = stage_setting("rl_learning_rate", "REINFORCE's AdamW learning rate (the rl stage's "
+                                                                "--learning_rate).")
     shaping: str = stage_setting("shaping", "Reward shaping: none, std_penalty (H2.1), std_scale (H2.2) or quantile "
                                             "(a lower quantile of the RM's distribution).")
     std_source: str = stage_setting("std_source", "Std the std shapings read: model, or the controls constant (batch "

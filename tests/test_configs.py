@@ -45,8 +45,8 @@ def test_pipeline_defaults_are_the_stage_defaults():
     assert (pipeline.seed, pipeline.num_pairs) == (sft.seed, sft.num_pairs) == (rm.seed, rm.num_pairs)
     assert pipeline.sft_epochs == sft.num_train_epochs  # `train sft` alone trains as long as the pipeline's SFT
     assert (pipeline.rm_epochs, pipeline.loss_kind) == (rm.num_train_epochs, rm.loss_kind)
-    assert (pipeline.rl_steps, pipeline.shaping, pipeline.baseline, pipeline.beta, pipeline.alpha) == (
-        rl.max_steps, rl.shaping, rl.baseline, rl.beta, rl.alpha)
+    assert (pipeline.rl_steps, pipeline.rl_learning_rate, pipeline.shaping, pipeline.baseline, pipeline.beta,
+            pipeline.alpha) == (rl.max_steps, rl.learning_rate, rl.shaping, rl.baseline, rl.beta, rl.alpha)
     assert (pipeline.num_eval_prompts, pipeline.eval_split) == (rl.num_eval_prompts, rl.eval_split)
     assert (pipeline.std_source, pipeline.quantile_level, pipeline.curve_eval_steps, pipeline.curve_eval_prompts) == (
         rl.std_source, rl.quantile_level, rl.curve_eval_steps, rl.curve_eval_prompts)
@@ -56,8 +56,8 @@ def test_pipeline_defaults_are_the_stage_defaults():
 def test_pipeline_passes_the_shaping_controls_and_the_curve_to_the_rl_stage():
     settings = dict(shaping="std_penalty", std_source="shuffled", quantile_level=0.1, curve_eval_steps=5,
                     curve_eval_prompts=8, temperature_baselines=[0.9, 0.7])
-    rl = stage_configs(PipelineConfig(**settings), "sft", "rm", "rl")[2]
-    assert {name: getattr(rl, name) for name in settings} == settings
+    rl = stage_configs(PipelineConfig(**settings, rl_learning_rate=3e-4), "sft", "rm", "rl")[2]
+    assert {name: getattr(rl, name) for name in settings} == settings and rl.learning_rate == 3e-4
 
 
 @pytest.mark.parametrize("run_dir", [None, "elsewhere/run"])
