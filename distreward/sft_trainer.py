@@ -42,9 +42,10 @@ class SFTConfig(StageArguments):
     learning_rate: float = field(default=1e-3, metadata={
         "help": "Peak AdamW learning rate (tuned on validation problems for the embedded tiny Llama: 2e-3 left "
                 "some seeds' policies unable to add; use ~2e-5 for SmolLM2)."})
-    num_train_epochs: float = field(default=8.0, metadata={
-        "help": "Passes over the SFT data (ignored when --max_steps > 0; a weaker SFT policy samples answers "
-                "unlike the reward model's training pairs, and REINFORCE then exploits the reward model)."})
+    num_train_epochs: float = field(default=12.0, metadata={
+        "help": "Passes over the SFT data (ignored when --max_steps > 0; at 8, the default before 2026-12-02, some "
+                "seeds' policies learned to add only in part; a weaker SFT policy samples answers unlike the reward "
+                "model's training pairs, and REINFORCE then exploits the reward model)."})
     num_pairs: int = field(default=4000, metadata={"help": "Conversations to train on: demonstrations of the "
                                                            "embedded task v2, pairs' chosen sides otherwise."})
     num_eval_prompts: int = field(default=256, metadata={"help": "Held-out prompts answered greedily for "

@@ -20,14 +20,17 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+ROLE_TOKENS = ("user", "assistant")
 CHARACTERS = string.printable  # digits, letters, punctuation, space and \t\n\r\x0b\x0c
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer (one id per printable ASCII character, ~103 ids) with a chat template.
+    """A character-level tokenizer (one id per printable ASCII character, 105 ids) with a chat template.
 
     It is a BPE model with no merges, so it splits text into characters and maps anything else
-    to ``<unk>``; ``decode`` concatenates characters back without spaces.
+    to ``<unk>``; ``decode`` concatenates characters back without spaces. The chat roles ``user`` and
+    ``assistant`` are one token each (added tokens, as SmolLM2's BPE has them), so the template costs 8 tokens
+    per exchange, not 22.
     """
     specials = [UNK_TOKEN, BOS_TOKEN, EOS_TOKEN]
     vocab = {token: index for index, token in enumerate(specials + sorted(set(CHARACTERS)))}
@@ -42,6 +45,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
         model_max_length=256,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.add_tokens(list(ROLE_TOKENS))
     return tokenizer
 
 
