@@ -81,6 +81,22 @@ def test_a_temperature_divides_the_logits(build, backend, temperature):
     check_against_a_full_forward_pass(build, 5, backend, temperature)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "eager"])
+def test_a_frozen_head_gets_no_gradient_and_the_trunk_the_full_passes(backend):
+    """The head frozen (as under LoRA): the fused backward skips the weight's GEMM; the trunk's gradients are the
+    materialised path's."""
+    model = tiny_llama_with_head_bias()
+    model.lm_head.requires_grad_(False)
+    batch = rollout_batch()
+    upstream = torch.randn(batch[0].shape, generator=torch.Generator().manual_seed(2))
+    expected = parameter_grads(model, full_forward_logprobs(model, *batch), upstream)
+    actual = parameter_grads(model, sequence_logprobs(model, *batch, chunk_size=5, backend=backend), upstream)
+    assert model.lm_head.weight.grad is None and not any(name.startswith("lm_head") for name in actual)
+    assert actual.keys() == expected.keys() and len(actual) > 0
+    for name, grad in expected.items():
+        torch.testing.assert_close(actual[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()) + 1e-12, msg=name)
+
+
 def check_against_a_full_forward_pass(build, chunk_size, backend, temperature=1.0):
     """Values and parameter gradients of sequence_logprobs against the materialised path."""
     device = TRITON_DEVICE if backend == "triton" else "cpu"
