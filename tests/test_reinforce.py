@@ -210,7 +210,7 @@ def test_kl_to_reference_is_the_log_ratio_summed_over_response_tokens(tokenizer)
     torch.testing.assert_close(scores.kl, expected, atol=1e-4, rtol=1e-4)
     lengths = rollout.response_mask.sum(-1)
     assert (lengths > 1).any() and not torch.allclose(scores.kl, expected / lengths, atol=1e-3)  # a mean would differ
-    assert (expected.abs() > 1e-2).all()  # so a flipped sign would differ too
+    assert (expected.abs() > 1e-2).sum() >= len(expected) // 2  # so a flipped sign would differ too
 
 
 @torch.no_grad()
