@@ -128,7 +128,8 @@ def prompt_cache(model, encoded, samples_per_prompt: int) -> dict:
     prompt run once and repeated ``samples_per_prompt`` times ({} when there is nothing to share or ``model`` takes
     no cache). Positions as ``generate`` gives left-padded rows: the count of real tokens before."""
     trunk, name = model.base_model, cache_argument(model)
-    if samples_per_prompt == 1 or trunk is model or name is None or cache_argument(trunk) is None:
+    trunk_name = cache_argument(trunk)
+    if samples_per_prompt == 1 or trunk is model or name is None or trunk_name is None:
         return {}
     input_ids, attention_mask = encoded["input_ids"][:, :-1], encoded["attention_mask"][:, :-1]
     if input_ids.shape[1] == 0:
@@ -136,7 +137,7 @@ def prompt_cache(model, encoded, samples_per_prompt: int) -> dict:
     cache = new_cache(trunk.config)
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
     trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-          **{cache_argument(trunk): cache})
+          **{trunk_name: cache})
     cache.batch_repeat_interleave(samples_per_prompt)
     return {name: cache}
 

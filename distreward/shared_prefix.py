@@ -55,13 +55,18 @@ def trunk_hidden_states(trunk, input_ids: torch.Tensor, attention_mask: torch.Te
     Positions are the columns' (0..T-1, as the trunk's own default), so left or right padding reads as it does in
     the plain forward. ``group_size`` 1, or a trunk that takes no cache: the plain forward.
     """
+    def whole_rows():
+        return trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
     cache_name = cache_argument(trunk)
     if group_size == 1 or cache_name is None or input_ids.shape[1] < 2:
-        return trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return whole_rows()
     lengths = common_prefix_lengths(input_ids, attention_mask, group_size)
     batch, steps = input_ids.shape
     device = input_ids.device
     prefix_width = max(lengths)
+    if prefix_width == 0:  # no group shares even its first column
+        return whole_rows()
     prefix_length = torch.tensor(lengths, device=device).repeat_interleave(group_size)  # [B]
     columns = torch.arange(steps, device=device)
     # The prefix pass: each group's first row, its columns past the group's common prefix masked out.
@@ -72,7 +77,7 @@ def trunk_hidden_states(trunk, input_ids: torch.Tensor, attention_mask: torch.Te
                    position_ids=columns[:prefix_width].expand(len(lengths), -1), use_cache=True,
                    **{cache_name: cache}).last_hidden_state  # [G, Lp, H]
     if cache.get_seq_length() != prefix_width:  # the trunk kept no cache (activation checkpointing in training)
-        return trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return whole_rows()
     cache.batch_repeat_interleave(group_size)
     # The suffix pass: row b's columns from its group's prefix length on, left-aligned; columns past T masked out.
     suffix_width = steps - min(lengths)

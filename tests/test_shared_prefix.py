@@ -81,6 +81,16 @@ def test_the_trunk_runs_each_prefix_once():
     torch.testing.assert_close(grouped[real], whole[real], atol=2e-5, rtol=1e-5)
 
 
+def test_groups_that_share_no_column_run_whole_rows():
+    model = tiny_llama()
+    input_ids, attention_mask, _ = grouped_batch()
+    input_ids[:, 0] = torch.arange(len(input_ids))  # every row's first id its own
+    with torch.no_grad():
+        grouped = trunk_hidden_states(model.model, input_ids, attention_mask, GROUP_SIZE)
+        whole = trunk_hidden_states(model.model, input_ids, attention_mask)
+    torch.testing.assert_close(grouped, whole, rtol=0, atol=0)
+
+
 def test_activation_checkpointing_falls_back_to_whole_rows():
     model = tiny_llama().train()  # no dropout in the tiny config: train mode only turns the checkpointing on
     model.gradient_checkpointing_enable()
