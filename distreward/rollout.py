@@ -16,7 +16,7 @@ from distreward.data import conversation_ids, padded_batch, render, to_messages
 from distreward.ops.validation import check_positive
 from distreward.rewards import check_level, distribution_quantile
 from distreward.sequence import sequence_logprobs
-from distreward.shared_prefix import cache_argument, new_cache, trunk_hidden_states
+from distreward.shared_prefix import cache_argument, prefill, trunk_hidden_states
 from distreward.timing import PhaseTimer, timed
 
 
@@ -134,12 +134,9 @@ def prompt_cache(model, encoded, samples_per_prompt: int) -> dict:
     input_ids, attention_mask = encoded["input_ids"][:, :-1], encoded["attention_mask"][:, :-1]
     if input_ids.shape[1] == 0:
         return {}
-    cache = new_cache(trunk.config)
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-    trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-          **{trunk_name: cache})
-    cache.batch_repeat_interleave(samples_per_prompt)
-    return {name: cache}
+    _, cache = prefill(trunk, trunk_name, input_ids, attention_mask, positions, samples_per_prompt)
+    return {} if cache is None else {name: cache}
 
 
 def token_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:

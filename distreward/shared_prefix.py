@@ -38,6 +38,18 @@ def new_cache(config=None):
     return DynamicCache()
 
 
+def prefill(trunk, cache_name: str, input_ids, attention_mask, position_ids, repeats: int):
+    """Run ``trunk`` over [G, L] rows with a fresh cache -> (last hidden state [G, L, H], the cache with each row
+    repeated ``repeats`` times, or None when the trunk kept no cache: activation checkpointing in training)."""
+    cache = new_cache(getattr(trunk, "config", None))
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                   **{cache_name: cache}).last_hidden_state
+    if cache.get_seq_length() != input_ids.shape[1]:
+        return hidden, None
+    cache.batch_repeat_interleave(repeats)
+    return hidden, cache
+
+
 def common_prefix_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor, group_size: int) -> list:
     """input_ids, attention_mask [B, T] with B a multiple of ``group_size`` -> per group of adjacent rows, the number
     of leading columns in which all its rows agree (ids and mask), at most T - 1. One host read."""
@@ -72,13 +84,10 @@ def trunk_hidden_states(trunk, input_ids: torch.Tensor, attention_mask: torch.Te
     # The prefix pass: each group's first row, its columns past the group's common prefix masked out.
     first_rows = slice(None, None, group_size)
     prefix_mask = attention_mask[first_rows, :prefix_width] * (columns[:prefix_width] < prefix_length[first_rows, None])
-    cache = new_cache(getattr(trunk, "config", None))
-    prefix = trunk(input_ids=input_ids[first_rows, :prefix_width], attention_mask=prefix_mask,
-                   position_ids=columns[:prefix_width].expand(len(lengths), -1), use_cache=True,
-                   **{cache_name: cache}).last_hidden_state  # [G, Lp, H]
-    if cache.get_seq_length() != prefix_width:  # the trunk kept no cache (activation checkpointing in training)
+    prefix, cache = prefill(trunk, cache_name, input_ids[first_rows, :prefix_width], prefix_mask,
+                            columns[:prefix_width].expand(len(lengths), -1), group_size)  # [G, Lp, H]
+    if cache is None:
         return whole_rows()
-    cache.batch_repeat_interleave(group_size)
     # The suffix pass: row b's columns from its group's prefix length on, left-aligned; columns past T masked out.
     suffix_width = steps - min(lengths)
     suffix_columns = prefix_length[:, None] + columns[:suffix_width]  # [B, Ls]
