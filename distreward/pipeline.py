@@ -31,9 +31,9 @@ EVERY_STAGE = tuple(STAGE_CLASSES)
 STAGE_SETTINGS = {
     "seed": EVERY_STAGE, "task": EVERY_STAGE, "num_pairs": ("sft", "rm"), "sft_epochs": ("sft.num_train_epochs",),
     "rm_epochs": ("rm.num_train_epochs",), "loss_kind": ("rm",), "label_kind": ("rm",), "rl_steps": ("rl.max_steps",),
-    "rl_learning_rate": ("rl.learning_rate",),
+    "rl_learning_rate": ("rl.learning_rate",), "eval_split": ("rl", "sft"),
     **{name: ("rl",) for name in ("shaping", "std_source", "quantile_level", "baseline", "beta", "alpha",
-                                  "num_eval_prompts", "eval_split", "temperature_baselines", "sharpening_baseline",
+                                  "num_eval_prompts", "temperature_baselines", "sharpening_baseline",
                                   "sharpening_grid", "curve_eval_steps", "curve_eval_prompts")},
     "keep_checkpoints": EVERY_STAGE, "resume": EVERY_STAGE,
 }
@@ -89,8 +89,8 @@ class PipelineConfig:
     alpha: float = stage_setting("alpha", "Weight of the std penalty (std_penalty).")
     num_eval_prompts: int = stage_setting("num_eval_prompts", "Held-out prompts on which the SFT and the trained "
                                                               "policy are compared.")
-    eval_split: str = stage_setting("eval_split", "Prompts of that comparison: test (reports) or validation (tuning "
-                                                  "settings).")
+    eval_split: str = stage_setting("eval_split", "Prompts of that comparison and of the SFT policy's greedy "
+                                                  "eval.json: test (reports) or validation (tuning settings).")
     temperature_baselines: list[float] = stage_setting(
         "temperature_baselines", "Also evaluate the SFT policy sampled at each of these temperatures, no reward model "
                                  "(the rl stage's --temperature_baselines): the cheap baseline REINFORCE has to beat.")

@@ -23,8 +23,9 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM, set_seed
 from transformers.utils import logging as transformers_logging
 
-from distreward.data import EMBEDDED, CompletionCollator, embedded_task, load_sft_data
+from distreward.data import EMBEDDED, HELD_OUT_SPLITS, CompletionCollator, embedded_task, load_sft_data
 from distreward.modeling import load_policy
+from distreward.ops.validation import check_choice
 from distreward.rollout import generate_rollouts
 from distreward.run_files import EVAL_NAME, SFT_CONFIG_NAME
 from distreward.stage_trainer import StageArguments, StageTrainer
@@ -50,19 +51,25 @@ class SFTConfig(StageArguments):
                                                            "embedded task v2, pairs' chosen sides otherwise."})
     num_eval_prompts: int = field(default=256, metadata={"help": "Held-out prompts answered greedily for "
                                                                  "eval.json (embedded task only; 0 skips it)."})
+    eval_split: str = field(default="test", metadata={
+        "help": "Prompts eval.json uses: test (reports) or validation (tuning settings)."})
+
+    def check(self) -> None:
+        check_choice("--eval_split", self.eval_split, HELD_OUT_SPLITS)
 
 
-def evaluate_policy(policy, tokenizer, num_prompts: int, seed: int, task: str = "v2") -> dict:
-    """Mean ground-truth score (0-4) of greedy answers to ``num_prompts`` distinct test prompts of the embedded
+def evaluate_policy(policy, tokenizer, num_prompts: int, seed: int, task: str = "v2", split: str = "test") -> dict:
+    """Mean ground-truth score (0-4) of greedy answers to ``num_prompts`` distinct ``split`` prompts of the embedded
     ``task``, overall and per region (``by_region``: mean and number of prompts)."""
     source = embedded_task(task)
-    prompts = source.make_prompts(num_prompts, seed=seed, split="test", unique=True)
+    prompts = source.make_prompts(num_prompts, seed=seed, split=split, unique=True)
     answers = generate_rollouts(policy, tokenizer, prompts, max_new_tokens=16, temperature=0).responses
     scores = [source.score_response(prompt, answer) for prompt, answer in zip(prompts, answers)]
     by_region = {}
     for prompt, score in zip(prompts, scores):
         by_region.setdefault(source.prompt_region(prompt), []).append(score)
-    return {"ground_truth": {"mean": sum(scores) / len(scores)}, "num_prompts": num_prompts, "decoding": "greedy",
+    return {"ground_truth": {"mean": sum(scores) / len(scores)}, "num_prompts": num_prompts, "split": split,
+            "decoding": "greedy",
             "by_region": {name: {"mean": sum(values) / len(values), "num_prompts": len(values)}
                           for name, values in sorted(by_region.items())},
             "examples": [{"prompt": p, "answer": a} for p, a in list(zip(prompts, answers))[:8]]}
@@ -103,11 +110,12 @@ def run_sft(config: SFTConfig):
         if sharded:  # process 0 holds a shard only: evaluate the policy as saved
             policy = AutoModelForCausalLM.from_pretrained(config.output_dir).to(state.device)
         if config.dataset_name == EMBEDDED and config.num_eval_prompts > 0:
-            report = evaluate_policy(policy, tokenizer, config.num_eval_prompts, config.seed, config.task)
+            report = evaluate_policy(policy, tokenizer, config.num_eval_prompts, config.seed, config.task,
+                                     config.eval_split)
             with open(os.path.join(config.output_dir, EVAL_NAME), "w") as handle:
                 json.dump(report, handle, indent=2)
-            state.print(f"SFT policy, greedy answers to {config.num_eval_prompts} test prompts: mean ground "
-                        f"truth {report['ground_truth']['mean']:.2f} / 4 (greedy decoding; REINFORCE's table "
+            state.print(f"SFT policy, greedy answers to {config.num_eval_prompts} {config.eval_split} prompts: mean "
+                        f"ground truth {report['ground_truth']['mean']:.2f} / 4 (greedy decoding; REINFORCE's table "
                         f"scores sampled answers, so its sft row differs); by region: "
                         + ", ".join(f"{name} {values['mean']:.2f}" for name, values in report["by_region"].items()))
     state.wait_for_everyone()

@@ -1,4 +1,5 @@
-"""The embedded offline model: a character-level tokenizer and a tiny Llama policy, built in seconds.
+"""The embedded offline model: a character-level tokenizer with whole-word tokens for the embedded task's phrasings,
+and a tiny Llama policy, built in seconds.
 
 They stand in for ``HuggingFaceTB/SmolLM2-135M-Instruct`` where there is no hub. The tokenizer
 copies SmolLM2's conventions that matter downstream: a ChatML chat template, ``<|im_start|>`` as
@@ -7,7 +8,7 @@ from the attention mask, never from the first pad id).
 """
 import string
 
-from tokenizers import Tokenizer, decoders
+from tokenizers import AddedToken, Tokenizer, decoders
 from tokenizers.models import BPE
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -21,16 +22,23 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 ROLE_TOKENS = ("user", "assistant")
+# The words of task v2's phrasings (distreward.testbed.PHRASINGS), one token each as a real BPE has them: with their
+# leading space where they follow one, bare (and matched as whole words only) where a prompt can start with them.
+# Names, digits, the letters of a count string and everything else stay characters.
+SPACED_WORDS = ("has", "gets", "more", "How", "many", "apples", "coins", "pens", "cards", "shells", "these", "digits",
+                "in", "order", "the", "letter", "of", "lucky", "digit", "for", "needs", "suits")
+SENTENCE_WORDS = ("Sort", "Put", "Count", "Number", "Pick", "Choose", "Which", "How")
 CHARACTERS = string.printable  # digits, letters, punctuation, space and \t\n\r\x0b\x0c
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer (one id per printable ASCII character, 105 ids) with a chat template.
+    """A character-level tokenizer (one id per printable ASCII character) with word tokens and a chat template.
 
     It is a BPE model with no merges, so it splits text into characters and maps anything else
-    to ``<unk>``; ``decode`` concatenates characters back without spaces. The chat roles ``user`` and
-    ``assistant`` are one token each (added tokens, as SmolLM2's BPE has them), so the template costs 8 tokens
-    per exchange, not 22.
+    to ``<unk>``; ``decode`` concatenates tokens back without spaces. Added tokens, as SmolLM2's BPE has them as
+    words: the chat roles ``user`` and ``assistant`` (the template costs 8 tokens per exchange, not 22) and the
+    words of task v2's phrasings (:data:`SPACED_WORDS`, :data:`SENTENCE_WORDS`), so a templated task v2 example is
+    27 tokens on average, not 40 (every stage's forward is that much cheaper). 135 ids.
     """
     specials = [UNK_TOKEN, BOS_TOKEN, EOS_TOKEN]
     vocab = {token: index for index, token in enumerate(specials + sorted(set(CHARACTERS)))}
@@ -46,6 +54,8 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.add_tokens(list(ROLE_TOKENS))
+    tokenizer.add_tokens([AddedToken(" " + word, normalized=False) for word in SPACED_WORDS]
+                         + [AddedToken(word, single_word=True, normalized=False) for word in SENTENCE_WORDS])
     return tokenizer
 
 

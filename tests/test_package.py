@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 import distreward
@@ -51,13 +50,10 @@ def test_the_distreward_console_script_runs_the_command_line():
     assert script.load() is cli.main and train.main is cli.main  # python -m distreward.train runs the same
 
 
-@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_importing_distreward_makes_idle_openmp_threads_sleep_unless_told_otherwise(given, expected):
-    """Two runs sharing the cores collapse when their OpenMP threads spin (docs/training.md, "Threads"): importing
-    distreward sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP, and leaves a value the user set."""
+def test_importing_distreward_leaves_the_openmp_wait_policy_to_the_user():
+    """A library import sets no process-wide OpenMP policy (docs/training.md, "Threads": the PASSIVE policy it once
+    set made a run alone at two threads half as fast)."""
     env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
-    if given is not None:
-        env["OMP_WAIT_POLICY"] = given
-    script = "import os, distreward; print(os.environ['OMP_WAIT_POLICY'])"
+    script = "import os, distreward; print(os.environ.get('OMP_WAIT_POLICY', 'unset'))"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == expected, done.stderr[-2000:]
+    assert done.returncode == 0 and done.stdout.strip() == "unset", done.stderr[-2000:]

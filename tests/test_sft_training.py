@@ -93,3 +93,19 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, tokenizer, d
     # logged at steps 5 and 6: step 5's means cover steps 1-4 too (their window, carried in checkpoint-4)
     assert read_metrics(killed.output_dir) == read_metrics(tmp_path / "straight")
     assert [m["step"] for m in read_metrics(killed.output_dir)] == [5, 6]
+
+
+def test_the_greedy_evaluation_reads_the_split_it_is_given(tmp_path, tokenizer):
+    """``--eval_split validation`` (the pipeline's, when tuning) answers validation prompts, never test ones: the
+    prompts in eval.json's examples lie in the split asked for; an unknown split is a one-line error."""
+    from distreward import testbed
+    from distreward.sft_trainer import evaluate_policy
+
+    policy = small_policy(tokenizer)
+    for split in ("validation", "test"):
+        report = evaluate_policy(policy, tokenizer, num_prompts=8, seed=0, split=split)
+        assert report["split"] == split and len(report["examples"]) == 8
+        assert {testbed.prompt_split(testbed.problem_key(example["prompt"])) for example in report["examples"]} == {
+            split}
+    with pytest.raises(ValueError, match="--eval_split"):
+        config_for(tmp_path, "bad", eval_split="train")
