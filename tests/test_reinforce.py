@@ -2,6 +2,7 @@
 controls and the quantile shaping, curve.jsonl, resume."""
 import collections
 import json
+import math
 import os
 
 import pytest
@@ -407,7 +408,9 @@ def test_temperature_baselines_sample_the_sft_policy_on_the_same_prompts(saved_m
         low, high = sharper[key]["ci95"]
         assert low <= sharper[key]["gain"] <= high
         assert sharper[key]["gain"] == pytest.approx(sharper[key]["tempered"] - sharper[key]["sft"])
-    assert same["kl_to_ref"] == 0.0 and sharper["kl_to_ref"] > 0.0  # KL(pi_T || pi) >= 0, > 0 unless T = 1
+    # the tempered samples are scored by softmax(logits / T): their log-ratio to the reference is no longer exactly 0
+    # (its sign is the Monte Carlo estimate's, on 16 samples of a barely trained model: not asserted)
+    assert same["kl_to_ref"] == 0.0 and sharper["kl_to_ref"] != 0.0 and math.isfinite(sharper["kl_to_ref"])
     assert json.load(open(tmp_path / "eval.json")) == report
     samples = read_jsonl(tmp_path / "eval_samples.jsonl")  # the temperature baselines' samples are not in it
     assert len(samples) == 4 * 4 and {s["policy"] for s in samples} == {"sft", "trained", "sharpened",
