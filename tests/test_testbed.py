@@ -309,3 +309,17 @@ def test_split_composition_counts_distinct_problems(monkeypatch):
     composition = {split: testbed.split_composition(split)["taste"]["taste"] for split in SPLITS}
     assert sum(composition.values()) == len(taste) and composition["test"] >= 64
     assert composition["test"] == sum(prompt_split(testbed.problem_key(p)) == "test" for p in taste)
+
+
+def test_the_tiny_tokenizer_has_one_token_per_phrasing_word_and_keeps_names_digits_and_letters_as_characters():
+    """Word tokens shorten task v2's prompts (distreward.tiny.SPACED_WORDS / SENTENCE_WORDS) without changing what
+    they encode: every prompt decodes back to itself; names, digits and a count string's letters stay characters."""
+    tokenizer = build_tiny_tokenizer()
+    for prompt in testbed.make_prompts(200, seed=0):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == prompt
+        assert len(ids) < len(prompt)  # every phrasing has a word token
+    tokens = tokenizer.convert_ids_to_tokens(
+        tokenizer("Mira has 7 apples, gets 5 more. How many a in: abca?", add_special_tokens=False)["input_ids"])
+    assert tokens == ["M", "i", "r", "a", " has", " ", "7", " apples", ",", " gets", " ", "5", " more", ".", " How",
+                      " many", " ", "a", " in", ":", " ", "a", "b", "c", "a", "?"]
