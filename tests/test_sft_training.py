@@ -7,8 +7,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import set_seed
 
+from distreward import testbed
 from distreward.data import IGNORE_INDEX, CompletionCollator, load_sft_data
-from distreward.sft_trainer import CompletionTrainer, SFTConfig
+from distreward.sft_trainer import CompletionTrainer, SFTConfig, evaluate_policy
 from distreward.tiny import build_tiny_policy
 from distreward.trainer_utils import make_accelerator, train_loop
 from kills import Killed, killed_at
@@ -98,9 +99,6 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, tokenizer, d
 def test_the_greedy_evaluation_reads_the_split_it_is_given(tmp_path, tokenizer):
     """``--eval_split validation`` (the pipeline's, when tuning) answers validation prompts, never test ones: the
     prompts in eval.json's examples lie in the split asked for; an unknown split is a one-line error."""
-    from distreward import testbed
-    from distreward.sft_trainer import evaluate_policy
-
     policy = small_policy(tokenizer)
     for split in ("validation", "test"):
         report = evaluate_policy(policy, tokenizer, num_prompts=8, seed=0, split=split)
